@@ -1,0 +1,75 @@
+//! The Redis key layout of one region. Both regions use the same names, so a copied
+//! entry or consumer group means the same thing on either side.
+//!
+//! Streams (copied by the replicator, entry ids preserved):
+//! - [`EVENTS`]: every domain event of the region, in commit order. It is the outbox and
+//!   the source of truth; it is never trimmed.
+//! - [`DLQ`]: entries a consumer group gave up on, with the reason.
+//!
+//! Region-local, never copied:
+//! - [`ROLE`], [`EPOCHS`]: who is active at which epoch and where each epoch began.
+//! - [`QUARANTINE`]: events of an old epoch that the new active never received.
+//! - [`REPLICATION_CHECKPOINT`]: what the replicator has copied into this region.
+//!
+//! Derived state (rebuildable from [`EVENTS`], see [`DERIVED_PATTERNS`]): orders,
+//! products, shipments, idempotency keys, event indexes, counters.
+
+pub const PREFIX: &str = "tandem:";
+
+pub const EVENTS: &str = "tandem:events";
+pub const DLQ: &str = "tandem:dlq";
+pub const QUARANTINE: &str = "tandem:quarantine";
+
+/// Hash: `role`, `epoch`, `paused` (set while state is rebuilt), `fencing`.
+pub const ROLE: &str = "tandem:role";
+/// Hash: epoch number -> JSON `{"region","startOffsets":{stream: id},"at"}`.
+pub const EPOCHS: &str = "tandem:epochs";
+/// Hash: a promotion's intent, written before the new epoch begins (DESIGN.md 4).
+pub const PROMOTION_INTENT: &str = "tandem:promotion-intent";
+
+/// Hash: replicated stream -> last copied entry id, plus `groups:<stream>` -> JSON.
+pub const REPLICATION_CHECKPOINT: &str = "tandem:replication:checkpoint";
+
+/// Hash: eventId -> stream entry id in [`EVENTS`].
+pub const EVENT_INDEX: &str = "tandem:eventidx";
+/// String: id of the last [`EVENTS`] entry reflected in the derived state.
+pub const PROJECTION_CURSOR: &str = "tandem:projection:cursor";
+/// Hash: order status -> number of orders in it.
+pub const ORDER_COUNTS: &str = "tandem:stats:orders";
+/// Hash: consumer group -> entries parked in the dead-letter stream.
+pub const DLQ_COUNTS: &str = "tandem:stats:dlq";
+
+pub fn order(order_id: &str) -> String {
+    format!("tandem:order:{order_id}")
+}
+
+pub fn product(sku: &str) -> String {
+    format!("tandem:product:{sku}")
+}
+
+/// String: shipment id -> order id.
+pub fn shipment(shipment_id: &str) -> String {
+    format!("tandem:shipment:{shipment_id}")
+}
+
+/// String: Idempotency-Key -> JSON of the first answer.
+pub fn idempotency(key: &str) -> String {
+    format!("tandem:idem:{key}")
+}
+
+/// List: the [`EVENTS`] entry ids of one aggregate, oldest first.
+pub fn aggregate(aggregate_id: &str) -> String {
+    format!("tandem:agg:{aggregate_id}")
+}
+
+/// Every key pattern of derived state: what a rebuild deletes and writes anew.
+pub const DERIVED_PATTERNS: &[&str] = &[
+    "tandem:order:*",
+    "tandem:product:*",
+    "tandem:shipment:*",
+    "tandem:idem:*",
+    "tandem:agg:*",
+    EVENT_INDEX,
+    PROJECTION_CURSOR,
+    ORDER_COUNTS,
+];

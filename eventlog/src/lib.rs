@@ -1,0 +1,16 @@
+//! What the regional node and the replicator must agree on, and nothing else.
+//!
+//! # Layout
+//! - [`envelope`]: the canonical event envelope and how it is stored in a stream entry.
+//! - [`keys`]: the Redis key layout of one region (streams, role, derived state).
+//! - [`roles`]: regions, roles and epochs, and how they are stored.
+//! - [`time`]: RFC 3339 timestamps for `occurredAt`.
+#![forbid(unsafe_code)]
+
+pub mod envelope;
+pub mod keys;
+pub mod roles;
+pub mod time;
+
+pub use envelope::{Envelope, ENVELOPE_VERSION};
+pub use roles::{Epoch, RegionId, Role, RoleRecord};

@@ -1,0 +1,150 @@
+//! Regions, roles and epochs (DESIGN.md section 4).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// A region id such as `a`: short, lowercase letters, digits and dashes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RegionId(String);
+
+impl RegionId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for RegionId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 32
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if ok {
+            Ok(RegionId(s))
+        } else {
+            Err(format!("invalid region id {s:?}: use 1-32 of [a-z0-9-]"))
+        }
+    }
+}
+
+impl FromStr for RegionId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        RegionId::try_from(s.to_string())
+    }
+}
+
+impl From<RegionId> for String {
+    fn from(r: RegionId) -> String {
+        r.0
+    }
+}
+
+impl fmt::Display for RegionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A number that only grows: each promotion starts a new epoch, so a write stamped
+/// with an older epoch can be recognised and fenced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Epoch(pub u64);
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Accepts writes and runs the workflow handlers.
+    Active,
+    /// Applies replicated events to its state and serves reads.
+    Standby,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "active" => Ok(Role::Active),
+            "standby" => Ok(Role::Standby),
+            other => Err(format!("unknown role {other:?}: expected `active` or `standby`")),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The role record stored in the region's Redis under [`crate::keys::ROLE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoleRecord {
+    pub role: Role,
+    pub epoch: Epoch,
+    /// True while derived state is being rebuilt: commits wait.
+    pub paused: bool,
+}
+
+/// Field names of the role hash.
+pub mod fields {
+    pub const ROLE: &str = "role";
+    pub const EPOCH: &str = "epoch";
+    pub const PAUSED: &str = "paused";
+}
+
+impl RoleRecord {
+    /// Reads the record from `HMGET role epoch paused`; `None` when no role is stored.
+    pub fn from_hmget(values: &[Option<String>]) -> Result<Option<RoleRecord>, String> {
+        let (Some(role), epoch) = (values.first().cloned().flatten(), values.get(1).cloned().flatten())
+        else {
+            return Ok(None);
+        };
+        let role = role.parse()?;
+        let epoch = epoch
+            .unwrap_or_else(|| "0".into())
+            .parse::<u64>()
+            .map_err(|e| format!("stored epoch is not a number: {e}"))?;
+        let paused = values.get(2).cloned().flatten().is_some_and(|p| p == "1");
+        Ok(Some(RoleRecord { role, epoch: Epoch(epoch), paused }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_ids_are_validated() {
+        assert!("a".parse::<RegionId>().is_ok());
+        assert!("eu-west-1".parse::<RegionId>().is_ok());
+        assert!("".parse::<RegionId>().is_err());
+        assert!("A".parse::<RegionId>().is_err());
+    }
+
+    #[test]
+    fn role_record_parses_from_hash_values() {
+        let r = RoleRecord::from_hmget(&[Some("active".into()), Some("3".into()), None]).unwrap();
+        assert_eq!(r, Some(RoleRecord { role: Role::Active, epoch: Epoch(3), paused: false }));
+        assert_eq!(RoleRecord::from_hmget(&[None, None, None]).unwrap(), None);
+        assert!(RoleRecord::from_hmget(&[Some("boss".into()), None, None]).is_err());
+    }
+}
