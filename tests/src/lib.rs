@@ -1,1 +1,32 @@
+//! System-test harness: real `redis-server` processes and the real binaries of the
+//! workspace on free loopback ports, driven over HTTP. Never a mock, never port 6379.
+//!
+//! # Layout
+//! - [`ports`]: free loopback ports, never handed out twice in one test binary.
+//! - [`workdir`]: per-process temp dirs, kept when a test fails.
+//! - [`process`]: child processes with log files; locating the workspace binaries.
+//! - [`redis_server`]: a private `redis-server` per test, killable and restartable.
+//! - [`redis_state`]: dumps and snapshots of a Redis for "nothing written" and
+//!   "rebuild equals live" assertions.
+//! - [`http`]: a small reqwest client returning status, headers and JSON.
+//! - [`poll`]: waiting by polling with a deadline.
+//! - [`node`]: the `regional-node` binary.
+//! - [`api`]: the node's HTTP API (orders, products, events, admin) for tests.
+#![forbid(unsafe_code)]
 
+pub mod api;
+pub mod http;
+pub mod node;
+pub mod poll;
+pub mod ports;
+pub mod process;
+pub mod redis_server;
+pub mod redis_state;
+pub mod workdir;
+
+pub use api::{order_body, Api};
+pub use http::{HttpClient, Response};
+pub use node::{Node, NodeOptions, TEST_ADMIN_TOKEN};
+pub use poll::{eventually, wait_until};
+pub use ports::free_port;
+pub use redis_server::{RedisOptions, RedisServer};

@@ -1,0 +1,229 @@
+//! A private `redis-server` per test, on a free loopback port (never 6379).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+
+use crate::ports::free_port;
+use crate::process::Process;
+use crate::workdir::WorkDir;
+
+/// How long a starting Redis may take to answer PING.
+const START_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Default)]
+pub struct RedisOptions {
+    /// `appendonly yes` with `appendfsync always`, so data survives `kill()` and
+    /// `restart()`. Off by default: nothing is persisted and tests run faster.
+    pub appendonly: bool,
+    /// Data directory; a fresh temp dir when `None`.
+    pub dir: Option<PathBuf>,
+}
+
+/// A running `redis-server`, killed on drop.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    options: RedisOptions,
+    process: Option<Process>,
+    /// Holds logs and, unless `options.dir` is set, the data files.
+    workdir: WorkDir,
+    restarts: u32,
+}
+
+impl RedisServer {
+    /// An ephemeral Redis: `--save "" --appendonly no`.
+    pub async fn start() -> RedisServer {
+        Self::start_with(RedisOptions::default()).await
+    }
+
+    /// A Redis whose data survives `kill()`/`restart()` on the same port.
+    pub async fn start_persistent() -> RedisServer {
+        Self::start_with(RedisOptions {
+            appendonly: true,
+            dir: None,
+        })
+        .await
+    }
+
+    pub async fn start_with(options: RedisOptions) -> RedisServer {
+        let mut last_log = String::new();
+        // A port can be taken between free_port() and Redis's bind: retry on a new one.
+        for _ in 0..5 {
+            let port = free_port();
+            let workdir = WorkDir::new("redis");
+            let mut server = RedisServer {
+                port,
+                options: options.clone(),
+                process: None,
+                workdir,
+                restarts: 0,
+            };
+            match server.spawn_and_wait().await {
+                Ok(()) => return server,
+                Err(log) => {
+                    last_log = log;
+                    server.kill();
+                }
+            }
+        }
+        panic!("redis-server did not start after 5 attempts; last log:\n{last_log}");
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.options
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.workdir.path().to_path_buf())
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--port".into(),
+            self.port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            "".into(),
+            "--dir".into(),
+            self.data_dir().display().to_string(),
+            "--daemonize".into(),
+            "no".into(),
+        ];
+        if self.options.appendonly {
+            args.extend(["--appendonly", "yes", "--appendfsync", "always"].map(String::from));
+        } else {
+            args.extend(["--appendonly", "no"].map(String::from));
+        }
+        args
+    }
+
+    /// Spawns redis-server and waits for PING; `Err(log tail)` when it exits early or
+    /// never answers.
+    async fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let program = redis_server_binary();
+        std::fs::create_dir_all(self.data_dir()).expect("create redis data dir");
+        let name = format!("redis-{}-{}", self.port, self.restarts);
+        let process = Process::spawn(&name, &program, &self.args(), &[], &self.workdir);
+        self.process = Some(process);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.process.as_mut().and_then(|p| p.exited()) {
+                let log = self
+                    .process
+                    .as_ref()
+                    .map(|p| p.log_tail(30))
+                    .unwrap_or_default();
+                return Err(format!("redis-server exited with {status}:\n{log}"));
+            }
+            if self.ping().await {
+                return Ok(());
+            }
+            if start.elapsed() > START_DEADLINE {
+                let log = self
+                    .process
+                    .as_ref()
+                    .map(|p| p.log_tail(30))
+                    .unwrap_or_default();
+                self.process.take();
+                return Err(format!("no PONG within {START_DEADLINE:?}:\n{log}"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn ping(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return false;
+        };
+        let connect = client.get_multiplexed_async_connection();
+        let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_millis(500), connect).await
+        else {
+            return false;
+        };
+        let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+        matches!(pong.as_deref(), Ok("PONG"))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A fresh async connection for assertions.
+    pub async fn client(&self) -> MultiplexedConnection {
+        let client = redis::Client::open(self.url()).expect("valid redis url");
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url()))
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.process.as_mut().is_some_and(|p| p.is_running())
+    }
+
+    /// SIGKILL: the server vanishes as in a crash. With `appendonly` (fsync always) every
+    /// acknowledged write is still on disk for `restart()`.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit (Redis flushes its AOF on the way out).
+    pub async fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let status = p.terminate(Duration::from_secs(10)).await;
+            assert!(status.success(), "redis-server exited with {status}");
+        }
+    }
+
+    /// Starts Redis again on the same port and data dir (after `kill()` or `stop()`; a
+    /// running server is killed first). Waits until PING answers.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            self.restarts += 1;
+            match self.spawn_and_wait().await {
+                Ok(()) => return,
+                // The old socket can linger for a moment after SIGKILL.
+                Err(log) if Instant::now() < deadline => {
+                    let _ = log;
+                    self.process.take();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(log) => panic!("redis-server did not restart on port {}:\n{log}", self.port),
+            }
+        }
+    }
+}
+
+/// `redis-server` from `$REDIS_SERVER` or `PATH` (scripts/test.sh installs it).
+pub fn redis_server_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("REDIS_SERVER") {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join("redis-server");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    for candidate in ["/usr/bin/redis-server", "/usr/local/bin/redis-server"] {
+        if std::path::Path::new(candidate).is_file() {
+            return PathBuf::from(candidate);
+        }
+    }
+    panic!(
+        "redis-server not found (PATH or $REDIS_SERVER). Install it: \
+         `apt-get install -y redis-server`, or run scripts/test.sh which does."
+    );
+}

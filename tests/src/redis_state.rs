@@ -1,0 +1,255 @@
+//! What is in a region's Redis, read for assertions: "nothing was written" checks and
+//! "rebuilt state equals live state" comparisons.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncCommands, Value as RedisValue};
+
+/// The event stream (eventlog::keys::EVENTS).
+pub const EVENTS: &str = "tandem:events";
+/// The dead-letter stream (eventlog::keys::DLQ).
+pub const DLQ: &str = "tandem:dlq";
+
+/// Derived-state key patterns that a rebuild must reproduce exactly. The projection
+/// cursor is left out on purpose: it is bookkeeping, not state a client can see.
+pub const DERIVED_PATTERNS: &[&str] = &[
+    "tandem:order:*",
+    "tandem:product:*",
+    "tandem:shipment:*",
+    "tandem:idem:*",
+    "tandem:agg:*",
+    "tandem:eventidx",
+    "tandem:stats:orders",
+];
+
+/// One key's value, compared type-aware (hash fields and set members sorted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dumped {
+    String(Vec<u8>),
+    Hash(BTreeMap<String, Vec<u8>>),
+    List(Vec<Vec<u8>>),
+    Set(BTreeSet<Vec<u8>>),
+    ZSet(Vec<(Vec<u8>, String)>),
+    /// Entry ids and their fields.
+    Stream(Vec<(String, Vec<(String, Vec<u8>)>)>),
+    Other(String),
+}
+
+/// Every key matching `patterns` (glob, as for SCAN MATCH) with its value.
+pub async fn dump(conn: &mut MultiplexedConnection, patterns: &[&str]) -> BTreeMap<String, Dumped> {
+    let mut keys = BTreeSet::new();
+    for pattern in patterns {
+        keys.extend(scan_keys(conn, pattern).await);
+    }
+    let mut out = BTreeMap::new();
+    for key in keys {
+        if let Some(v) = dump_key(conn, &key).await {
+            out.insert(key, v);
+        }
+    }
+    out
+}
+
+/// Every key of the database with its value.
+pub async fn dump_all(conn: &mut MultiplexedConnection) -> BTreeMap<String, Dumped> {
+    dump(conn, &["*"]).await
+}
+
+/// Key names matching `pattern`, via SCAN (never KEYS on a busy server).
+pub async fn scan_keys(conn: &mut MultiplexedConnection, pattern: &str) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .expect("SCAN");
+        keys.extend(batch);
+        if next == 0 {
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
+/// One key's value, or `None` when it vanished in between.
+pub async fn dump_key(conn: &mut MultiplexedConnection, key: &str) -> Option<Dumped> {
+    let kind: String = redis::cmd("TYPE")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("TYPE");
+    let v = match kind.as_str() {
+        "none" => return None,
+        "string" => Dumped::String(conn.get(key).await.expect("GET")),
+        "hash" => {
+            let map: BTreeMap<String, Vec<u8>> = conn.hgetall(key).await.expect("HGETALL");
+            Dumped::Hash(map)
+        }
+        "list" => Dumped::List(conn.lrange(key, 0, -1).await.expect("LRANGE")),
+        "set" => Dumped::Set(conn.smembers(key).await.expect("SMEMBERS")),
+        "zset" => {
+            let items: Vec<(Vec<u8>, String)> = redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query_async(conn)
+                .await
+                .expect("ZRANGE");
+            Dumped::ZSet(items)
+        }
+        "stream" => Dumped::Stream(stream_entries(conn, key).await),
+        other => Dumped::Other(other.to_string()),
+    };
+    Some(v)
+}
+
+/// All entries of a stream: `(id, [(field, value)])`, oldest first.
+pub async fn stream_entries(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
+    let raw: RedisValue = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .expect("XRANGE");
+    let mut out = Vec::new();
+    let RedisValue::Array(entries) = raw else {
+        return out;
+    };
+    for entry in entries {
+        let RedisValue::Array(mut parts) = entry else {
+            continue;
+        };
+        if parts.len() != 2 {
+            continue;
+        }
+        let fields_v = parts.pop().unwrap();
+        let id: String = redis::from_redis_value(parts.pop().unwrap()).expect("stream id");
+        let flat: Vec<Vec<u8>> = redis::from_redis_value(fields_v).expect("stream fields");
+        let fields = flat
+            .chunks(2)
+            .filter(|c| c.len() == 2)
+            .map(|c| (String::from_utf8_lossy(&c[0]).into_owned(), c[1].clone()))
+            .collect();
+        out.push((id, fields));
+    }
+    out
+}
+
+/// The parsed `event` envelopes of `tandem:events`, oldest first, with entry ids.
+pub async fn events(conn: &mut MultiplexedConnection) -> Vec<(String, serde_json::Value)> {
+    stream_entries(conn, EVENTS)
+        .await
+        .into_iter()
+        .filter_map(|(id, fields)| {
+            let event = fields.iter().find(|(f, _)| f == "event")?;
+            Some((id, serde_json::from_slice(&event.1).ok()?))
+        })
+        .collect()
+}
+
+/// A cheap fingerprint of a database for "nothing was written" assertions: the set of
+/// key names, the event stream's length and every derived key's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub dbsize: u64,
+    pub keys: BTreeSet<String>,
+    pub events_len: u64,
+    pub derived: BTreeMap<String, Dumped>,
+}
+
+pub async fn snapshot(conn: &mut MultiplexedConnection) -> Snapshot {
+    let dbsize: u64 = redis::cmd("DBSIZE")
+        .query_async(conn)
+        .await
+        .expect("DBSIZE");
+    let keys = scan_keys(conn, "*").await;
+    let events_len: u64 = conn.xlen(EVENTS).await.expect("XLEN");
+    let derived = dump(conn, DERIVED_PATTERNS).await;
+    Snapshot {
+        dbsize,
+        keys,
+        events_len,
+        derived,
+    }
+}
+
+/// Panics with the differences when `after` differs from `before`.
+pub fn assert_unchanged(before: &Snapshot, after: &Snapshot, context: &str) {
+    if before == after {
+        return;
+    }
+    let added: Vec<_> = after.keys.difference(&before.keys).collect();
+    let removed: Vec<_> = before.keys.difference(&after.keys).collect();
+    let changed: Vec<_> = after
+        .derived
+        .iter()
+        .filter(|(k, v)| before.derived.get(*k).is_some_and(|b| b != *v))
+        .map(|(k, _)| k)
+        .collect();
+    panic!(
+        "{context}: Redis changed.\n events: {} -> {}\n dbsize: {} -> {}\n added keys: {added:?}\n removed keys: {removed:?}\n changed derived keys: {changed:?}",
+        before.events_len, after.events_len, before.dbsize, after.dbsize
+    );
+}
+
+/// Lists the first differing keys of two dumps (for readable failure messages).
+pub fn diff_dumps(
+    a: &BTreeMap<String, Dumped>,
+    b: &BTreeMap<String, Dumped>,
+    limit: usize,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for k in keys {
+        if out.len() >= limit {
+            break;
+        }
+        match (a.get(k), b.get(k)) {
+            (Some(x), Some(y)) if x == y => {}
+            (Some(x), Some(y)) => out.push(format!("{k}: {} != {}", show(x), show(y))),
+            (Some(_), None) => out.push(format!("{k}: only in the first")),
+            (None, Some(_)) => out.push(format!("{k}: only in the second")),
+            (None, None) => {}
+        }
+    }
+    out
+}
+
+fn show(d: &Dumped) -> String {
+    let s = match d {
+        Dumped::String(v) => String::from_utf8_lossy(v).into_owned(),
+        Dumped::Hash(m) => format!(
+            "{:?}",
+            m.iter()
+                .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                .collect::<BTreeMap<_, _>>()
+        ),
+        Dumped::List(l) => format!(
+            "{:?}",
+            l.iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect::<Vec<_>>()
+        ),
+        other => format!("{other:?}"),
+    };
+    if s.len() > 400 {
+        format!(
+            "{}...",
+            &s[..s.char_indices().nth(400).map(|(i, _)| i).unwrap_or(s.len())]
+        )
+    } else {
+        s
+    }
+}
