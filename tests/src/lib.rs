@@ -12,6 +12,7 @@
 //! - [`poll`]: waiting by polling with a deadline.
 //! - [`node`]: the `regional-node` binary.
 //! - [`api`]: the node's HTTP API (orders, products, events, admin) for tests.
+//! - [`region`]: a private Redis plus one active node, the usual test fixture.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -22,6 +23,7 @@ pub mod ports;
 pub mod process;
 pub mod redis_server;
 pub mod redis_state;
+pub mod region;
 pub mod workdir;
 
 pub use api::{order_body, Api};
@@ -30,3 +32,4 @@ pub use node::{Node, NodeOptions, TEST_ADMIN_TOKEN};
 pub use poll::{eventually, wait_until};
 pub use ports::free_port;
 pub use redis_server::{RedisOptions, RedisServer};
+pub use region::Region;

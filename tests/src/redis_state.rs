@@ -253,3 +253,74 @@ fn show(d: &Dumped) -> String {
         s
     }
 }
+
+/// Consumer groups of `tandem:events` and whether each has caught up.
+#[derive(Debug, Clone)]
+pub struct GroupsProgress {
+    pub last_generated_id: String,
+    /// `(group, last_delivered_id, pending)`
+    pub groups: Vec<(String, String, usize)>,
+}
+
+impl GroupsProgress {
+    /// Every group has been delivered the last entry and acknowledged everything.
+    pub fn idle(&self) -> bool {
+        !self.groups.is_empty()
+            && self
+                .groups
+                .iter()
+                .all(|(_, last, pending)| *last == self.last_generated_id && *pending == 0)
+    }
+}
+
+pub async fn groups_progress(conn: &mut MultiplexedConnection) -> GroupsProgress {
+    let exists: bool = conn.exists(EVENTS).await.expect("EXISTS");
+    if !exists {
+        return GroupsProgress {
+            last_generated_id: String::new(),
+            groups: Vec::new(),
+        };
+    }
+    let stream: redis::streams::StreamInfoStreamReply =
+        conn.xinfo_stream(EVENTS).await.expect("XINFO STREAM");
+    let groups: redis::streams::StreamInfoGroupsReply =
+        conn.xinfo_groups(EVENTS).await.expect("XINFO GROUPS");
+    GroupsProgress {
+        last_generated_id: stream.last_generated_id,
+        groups: groups
+            .groups
+            .into_iter()
+            .map(|g| (g.name, g.last_delivered_id, g.pending))
+            .collect(),
+    }
+}
+
+/// Waits until every consumer group of `tandem:events` has read and acknowledged every
+/// entry: the workflow has nothing left to do.
+pub async fn wait_workflow_idle(conn: &mut MultiplexedConnection, deadline: std::time::Duration) {
+    let conn = &*conn;
+    crate::poll::eventually(deadline, "every consumer group caught up", || {
+        let mut conn = conn.clone();
+        async move {
+            let p = groups_progress(&mut conn).await;
+            if p.idle() {
+                Ok(())
+            } else {
+                Err(p)
+            }
+        }
+    })
+    .await
+}
+
+/// The event types of `aggregate` as written in the raw stream (not through the API),
+/// oldest first: duplicates appended by a handler show up here even if an index hides
+/// them.
+pub async fn stream_event_types(conn: &mut MultiplexedConnection, aggregate: &str) -> Vec<String> {
+    events(conn)
+        .await
+        .into_iter()
+        .filter(|(_, e)| e["aggregateId"] == aggregate)
+        .map(|(_, e)| e["eventType"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
