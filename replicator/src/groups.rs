@@ -1,0 +1,430 @@
+//! Consumer groups, copied as positions (DESIGN.md 3): existence, last-delivered id,
+//! entries-read, and the pending entries list with each entry's consumer.
+//!
+//! Ids are the same on both sides, so a position is copied as it is. A position or a
+//! pending id is only written once the copier has written the entry it refers to:
+//! a standby must never hold a group that points past its own stream, or a takeover
+//! would skip the entries in between.
+//!
+//! Each round compares cheap summaries (XINFO GROUPS, the XPENDING summary) and only
+//! walks the full pending lists when a summary differs, plus once a second to catch a
+//! change that leaves the summaries equal.
+
+use crate::link::{Backoff, Link, LinkError};
+use crate::reply;
+use crate::status::Shared;
+use eventlog::envelope::StreamId;
+use redis::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One group as XINFO GROUPS reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub name: String,
+    pub last_delivered: StreamId,
+    /// `None` when Redis does not know it (reported as nil).
+    pub entries_read: Option<i64>,
+}
+
+/// One pending entry: id, owner, times delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub id: StreamId,
+    pub consumer: String,
+    pub deliveries: i64,
+}
+
+/// What must change locally for one group to equal the peer's.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PelPlan {
+    /// `(consumer, deliveries)` -> ids to claim for that consumer.
+    pub claim: BTreeMap<(String, i64), Vec<StreamId>>,
+    pub ack: Vec<StreamId>,
+}
+
+impl PelPlan {
+    pub fn is_empty(&self) -> bool {
+        self.claim.is_empty() && self.ack.is_empty()
+    }
+}
+
+/// Compares the pending lists. Ids not yet copied (above `top`) are not claimed: XCLAIM
+/// cannot create a pending entry for an entry the stream does not hold. Every id pending
+/// locally but not on the peer is acknowledged: the peer acknowledged it (or the entry
+/// was set aside on rejoin), and a pending entry never comes back once acknowledged.
+pub fn plan_pel(peer: &[Pending], local: &[Pending], top: StreamId) -> PelPlan {
+    let ours: HashMap<StreamId, &Pending> = local.iter().map(|p| (p.id, p)).collect();
+    let theirs: HashMap<StreamId, &Pending> = peer.iter().map(|p| (p.id, p)).collect();
+    let mut plan = PelPlan::default();
+    for p in peer {
+        if p.id > top {
+            continue;
+        }
+        let same = ours
+            .get(&p.id)
+            .is_some_and(|l| l.consumer == p.consumer && l.deliveries == p.deliveries);
+        if !same {
+            plan.claim
+                .entry((p.consumer.clone(), p.deliveries))
+                .or_default()
+                .push(p.id);
+        }
+    }
+    plan.ack = local
+        .iter()
+        .filter(|l| !theirs.contains_key(&l.id))
+        .map(|l| l.id)
+        .collect();
+    plan
+}
+
+async fn groups(link: &Link, stream: &str) -> Result<Vec<GroupInfo>, LinkError> {
+    let v = match link
+        .query(redis::cmd("XINFO").arg("GROUPS").arg(stream))
+        .await
+    {
+        Ok(v) => v,
+        Err(LinkError::Command { source, .. }) if crate::replication::is_no_such_key(&source) => {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(e),
+    };
+    let items = reply::array(&v).ok_or(LinkError::Reply {
+        side: link.side().as_str(),
+        what: "XINFO GROUPS",
+    })?;
+    let mut out = Vec::new();
+    for g in items {
+        let p = reply::pairs(g);
+        let (Some(name), Some(last)) = (
+            reply::field(&p, "name").and_then(reply::string),
+            reply::field(&p, "last-delivered-id").and_then(reply::stream_id),
+        ) else {
+            return Err(LinkError::Reply {
+                side: link.side().as_str(),
+                what: "XINFO GROUPS entry",
+            });
+        };
+        let entries_read = reply::field(&p, "entries-read").and_then(reply::int);
+        out.push(GroupInfo {
+            name,
+            last_delivered: last,
+            entries_read,
+        });
+    }
+    Ok(out)
+}
+
+const PEL_PAGE: usize = 10_000;
+
+async fn pending(link: &Link, stream: &str, group: &str) -> Result<Vec<Pending>, LinkError> {
+    let mut out = Vec::new();
+    let mut start = "-".to_string();
+    loop {
+        let v = link
+            .query(
+                redis::cmd("XPENDING")
+                    .arg(stream)
+                    .arg(group)
+                    .arg(&start)
+                    .arg("+")
+                    .arg(PEL_PAGE),
+            )
+            .await?;
+        let items = reply::array(&v).ok_or(LinkError::Reply {
+            side: link.side().as_str(),
+            what: "XPENDING",
+        })?;
+        for it in items {
+            let f = reply::array(it).unwrap_or_default();
+            let (Some(id), Some(consumer), Some(deliveries)) = (
+                f.first().and_then(reply::stream_id),
+                f.get(1).and_then(reply::string),
+                f.get(3).and_then(reply::int),
+            ) else {
+                return Err(LinkError::Reply {
+                    side: link.side().as_str(),
+                    what: "XPENDING entry",
+                });
+            };
+            out.push(Pending {
+                id,
+                consumer,
+                deliveries,
+            });
+        }
+        match out.last() {
+            Some(last) if items.len() == PEL_PAGE => start = format!("({}", last.id),
+            _ => return Ok(out),
+        }
+    }
+}
+
+/// The XPENDING summary (count, min, max, per-consumer counts) of each group, raw.
+async fn summaries(link: &Link, stream: &str, names: &[&str]) -> Result<Vec<Value>, LinkError> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for g in names {
+        pipe.cmd("XPENDING").arg(stream).arg(*g);
+    }
+    link.pipeline(&pipe).await
+}
+
+/// The group task.
+pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
+    let interval = Duration::from_millis(shared.config.group_interval_ms);
+    let mut backoff = Backoff::new(shared.config.max_backoff());
+    let mut gate = shared.gate.subscribe();
+    let mut stop = shared.shutdown_signal();
+    let mut last_full = Instant::now() - Duration::from_secs(10);
+    loop {
+        tokio::select! {
+            r = gate.wait_for(|g| g.is_copy()) => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let full = last_full.elapsed() >= Duration::from_secs(1);
+        let started = Instant::now();
+        let streams = shared.streams.borrow().clone();
+        let mut failed = false;
+        for s in &streams {
+            if let Err(e) = sync_stream(&shared, &local, &peer, s, full).await {
+                shared.failed("groups", &e);
+                if !e.is_unreachable() {
+                    tracing::warn!(stream = %s, error = %e, "consumer group sync failed");
+                }
+                failed = true;
+                break;
+            }
+        }
+        shared
+            .metrics
+            .group_sync_duration
+            .observe(started.elapsed().as_secs_f64());
+        let delay = if failed {
+            backoff.fail()
+        } else {
+            backoff.reset();
+            if full {
+                last_full = Instant::now();
+            }
+            interval
+        };
+        if !shared.sleep(delay).await {
+            return;
+        }
+    }
+}
+
+/// Waits (briefly) until the copier has written `id` into `stream`; returns the local top.
+async fn copied_up_to(shared: &Shared, stream: &str, id: StreamId) -> Option<StreamId> {
+    let mut rx = shared.copied.subscribe();
+    let wait = async {
+        let m = rx
+            .wait_for(|m| m.get(stream).is_some_and(|top| *top >= id))
+            .await
+            .ok()?;
+        m.get(stream).copied()
+    };
+    tokio::time::timeout(Duration::from_millis(100), wait)
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn sync_stream(
+    shared: &Shared,
+    local: &Link,
+    peer: &Link,
+    stream: &str,
+    full: bool,
+) -> Result<(), LinkError> {
+    // Peer state is read first: anything it refers to was written on the peer before,
+    // so the copier reaches it soon.
+    let theirs = groups(peer, stream).await?;
+    shared.reached(peer.side());
+    let ours = groups(local, stream).await?;
+    let ours_by_name: HashMap<&str, &GroupInfo> =
+        ours.iter().map(|g| (g.name.as_str(), g)).collect();
+    let names: Vec<&str> = theirs.iter().map(|g| g.name.as_str()).collect();
+    let local_names: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| ours_by_name.contains_key(n))
+        .collect();
+    let (peer_sum, local_sum) = tokio::try_join!(
+        summaries(peer, stream, &names),
+        summaries(local, stream, &local_names)
+    )?;
+    let local_sum: HashMap<&str, &Value> =
+        local_names.iter().copied().zip(local_sum.iter()).collect();
+
+    for (i, g) in theirs.iter().enumerate() {
+        let Some(top) = copied_up_to(shared, stream, g.last_delivered).await else {
+            // The copier has not written the entry this position refers to yet.
+            continue;
+        };
+        let mut changed = false;
+        match ours_by_name.get(g.name.as_str()) {
+            None => {
+                let mut cmd = redis::cmd("XGROUP");
+                cmd.arg("CREATE")
+                    .arg(stream)
+                    .arg(&g.name)
+                    .arg(g.last_delivered.to_string())
+                    .arg("MKSTREAM");
+                if let Some(n) = g.entries_read {
+                    cmd.arg("ENTRIESREAD").arg(n);
+                }
+                local.query(&cmd).await?;
+                tracing::info!(stream, group = %g.name, last_delivered = %g.last_delivered, "created consumer group");
+                changed = true;
+            }
+            Some(l) if l.last_delivered != g.last_delivered || l.entries_read != g.entries_read => {
+                let mut cmd = redis::cmd("XGROUP");
+                cmd.arg("SETID")
+                    .arg(stream)
+                    .arg(&g.name)
+                    .arg(g.last_delivered.to_string());
+                if let Some(n) = g.entries_read {
+                    cmd.arg("ENTRIESREAD").arg(n);
+                }
+                local.query(&cmd).await?;
+                changed = true;
+            }
+            Some(_) => {}
+        }
+        let same_summary = local_sum
+            .get(g.name.as_str())
+            .is_some_and(|l| Some(*l) == peer_sum.get(i));
+        if changed || full || !same_summary {
+            let (p, l) = tokio::try_join!(
+                pending(peer, stream, &g.name),
+                pending(local, stream, &g.name)
+            )?;
+            let plan = plan_pel(&p, &l, top);
+            if !plan.is_empty() {
+                apply(shared, local, stream, &g.name, &plan).await?;
+                changed = true;
+            }
+        }
+        if changed {
+            shared.metrics.group_syncs.inc();
+        }
+    }
+
+    // A group the peer no longer has was destroyed there.
+    for l in &ours {
+        if !names.contains(&l.name.as_str()) {
+            local
+                .query(redis::cmd("XGROUP").arg("DESTROY").arg(stream).arg(&l.name))
+                .await?;
+            tracing::info!(stream, group = %l.name, "destroyed consumer group the peer no longer has");
+            shared.metrics.group_syncs.inc();
+        }
+    }
+    shared.reached(local.side());
+    Ok(())
+}
+
+async fn apply(
+    shared: &Shared,
+    local: &Link,
+    stream: &str,
+    group: &str,
+    plan: &PelPlan,
+) -> Result<(), LinkError> {
+    let mut pipe = redis::pipe();
+    for ids in plan.ack.chunks(1000) {
+        let cmd = pipe.cmd("XACK").arg(stream).arg(group);
+        for id in ids {
+            cmd.arg(id.to_string());
+        }
+    }
+    for ((consumer, deliveries), ids) in &plan.claim {
+        for chunk in ids.chunks(1000) {
+            // FORCE creates the pending entry even though the entry was never delivered
+            // here; JUSTID with RETRYCOUNT keeps the peer's delivery count.
+            let cmd = pipe
+                .cmd("XCLAIM")
+                .arg(stream)
+                .arg(group)
+                .arg(consumer)
+                .arg(0);
+            for id in chunk {
+                cmd.arg(id.to_string());
+            }
+            cmd.arg("RETRYCOUNT")
+                .arg(*deliveries)
+                .arg("FORCE")
+                .arg("JUSTID");
+        }
+    }
+    for r in local.pipeline(&pipe).await? {
+        if let Value::ServerError(e) = r {
+            return Err(LinkError::Command {
+                side: "local",
+                source: e.into(),
+            });
+        }
+    }
+    let claimed: usize = plan.claim.values().map(Vec::len).sum();
+    shared
+        .metrics
+        .pending_entries_synced
+        .with_label_values(&["ack"])
+        .inc_by(plan.ack.len() as u64);
+    shared
+        .metrics
+        .pending_entries_synced
+        .with_label_values(&["claim"])
+        .inc_by(claimed as u64);
+    tracing::debug!(
+        stream,
+        group,
+        acked = plan.ack.len(),
+        claimed,
+        "pending entries synced"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(ms: u64, consumer: &str, deliveries: i64) -> Pending {
+        Pending {
+            id: StreamId { ms, seq: 0 },
+            consumer: consumer.into(),
+            deliveries,
+        }
+    }
+
+    #[test]
+    fn plan_claims_missing_and_moved_and_acks_gone() {
+        let peer = vec![p(1, "c1", 1), p(2, "c2", 1), p(3, "c1", 2), p(9, "c1", 1)];
+        let local = vec![p(1, "c1", 1), p(2, "c1", 1), p(4, "c1", 1)];
+        let plan = plan_pel(&peer, &local, StreamId { ms: 5, seq: 0 });
+        assert_eq!(plan.ack, vec![StreamId { ms: 4, seq: 0 }]);
+        assert_eq!(
+            plan.claim.get(&("c2".into(), 1)),
+            Some(&vec![StreamId { ms: 2, seq: 0 }])
+        );
+        assert_eq!(
+            plan.claim.get(&("c1".into(), 2)),
+            Some(&vec![StreamId { ms: 3, seq: 0 }])
+        );
+        // id 9 is not copied yet
+        assert_eq!(plan.claim.len(), 2);
+    }
+
+    #[test]
+    fn equal_lists_need_nothing() {
+        let l = vec![p(1, "c1", 1)];
+        assert!(plan_pel(&l, &l, StreamId { ms: 1, seq: 0 }).is_empty());
+    }
+}

@@ -1,0 +1,42 @@
+//! The replicator: one process per region that pulls the peer region's event streams,
+//! consumer-group positions and epoch history into the local region's Redis
+//! (DESIGN.md section 3; the MirrorMaker 2 pattern of running next to the target).
+//!
+//! Entry ids are copied verbatim (`XADD key <id> ...`). Because ids only grow in a
+//! stream, the local copy is always a prefix of the peer's stream, the local stream's
+//! top id is the resume point (the target is its own checkpoint), a retried batch is
+//! rejected by Redis as "already copied", and consumer-group positions need no offset
+//! translation.
+//!
+//! # Layout
+//! - [`config`]: the typed, layered configuration (TOML file, then `REPLICATOR_*` env vars).
+//! - [`app`]: [`app::Application`] builds the listener and runs every task until shutdown.
+//! - [`link`]: a reconnecting Redis connection with connect and response timeouts.
+//! - [`reply`]: parsing raw Redis replies (stream entries, XINFO maps) without copies.
+//! - [`gate`]: reads both role records and decides: copy, rejoin or idle.
+//! - [`replication`]: stream discovery and the entry copier (read peer, write local).
+//! - [`groups`]: consumer-group positions and pending entries, copied after their entries.
+//! - [`epochs`]: the epoch history (`tandem:epochs`) copied from the peer.
+//! - [`quarantine`]: rejoin of a region with a divergent tail: move it aside, then follow.
+//! - [`lag`]: per-stream replication lag in entries and seconds.
+//! - [`metrics`]: the Prometheus registry and every metric the replicator exports.
+//! - [`http`]: `/metrics`, `/health/live`, `/health/ready`.
+//! - [`status`]: what the tasks share: the gate, reachability, copied positions.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod epochs;
+pub mod gate;
+pub mod groups;
+pub mod http;
+pub mod lag;
+pub mod link;
+pub mod metrics;
+pub mod quarantine;
+pub mod replication;
+pub mod reply;
+pub mod status;
+
+pub use app::Application;
+pub use config::Config;
