@@ -1,0 +1,316 @@
+//! Typed configuration: defaults, then an optional TOML file, then `GATEWAY_*`
+//! environment variables (which win). Everything is validated here, before anything
+//! starts, so a bad value stops the process with a message that names its key.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration error; `main` prints it and exits with `EX_USAGE` (64).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Which regions may serve reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadPolicy {
+    /// Reads go to the active region, like writes (read-your-writes).
+    Active,
+    /// Reads may go to any healthy region; the standby's read models may lag.
+    Any,
+}
+
+/// The raw shape as deserialised; [`Config`] is the validated form.
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    listen: String,
+    regions: String,
+    primary: Option<String>,
+    state_dir: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    admin_token: Option<String>,
+    node_token: Option<String>,
+    health_interval_ms: u64,
+    health_timeout_ms: u64,
+    health_rise: u32,
+    health_fall: u32,
+    outlier_consecutive_failures: u32,
+    lease_ms: u64,
+    lease_margin_ms: u64,
+    request_timeout_ms: u64,
+    attempt_timeout_ms: u64,
+    connect_timeout_ms: u64,
+    max_body_bytes: u64,
+    max_header_bytes: u64,
+    rate_limit_per_sec: f64,
+    rate_limit_burst: f64,
+    read_policy: ReadPolicy,
+    retry_budget_percent: u32,
+    retry_min_concurrent: u32,
+    switchover_timeout_ms: u64,
+    shutdown_grace_ms: u64,
+}
+
+/// One upstream region as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionConfig {
+    /// Region id, e.g. `a`.
+    pub id: String,
+    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:8081`.
+    pub url: String,
+    /// `host:port` taken from `url`.
+    pub authority: hyper::http::uri::Authority,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub regions: Vec<RegionConfig>,
+    /// Made active at the first start when no region holds an epoch yet.
+    pub primary: String,
+    /// Where the epoch is persisted; `None` keeps it in memory only (tests, demos).
+    pub state_dir: Option<PathBuf>,
+    /// Certificate chain and key (PEM); both set means the listener speaks TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub admin_token: Option<String>,
+    pub node_token: Option<String>,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+    /// Consecutive successful probes that make an unhealthy region healthy again.
+    pub health_rise: u32,
+    /// Consecutive failed probes that make a healthy region unhealthy.
+    pub health_fall: u32,
+    /// Consecutive failed requests (connect errors, 5xx, timeouts) that eject a region
+    /// before its probes notice.
+    pub outlier_consecutive_failures: u32,
+    pub lease: Duration,
+    /// Added to the lease before a promotion, for clock-rate differences and scheduling.
+    pub lease_margin: Duration,
+    /// The whole request's deadline, across retries and waiting for a failover.
+    pub request_timeout: Duration,
+    /// One attempt's deadline; a hung region costs at most this before a safe retry.
+    pub attempt_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    /// Requests per second per client address; 0 disables the limit.
+    pub rate_limit_per_sec: f64,
+    pub rate_limit_burst: f64,
+    pub read_policy: ReadPolicy,
+    pub retry_budget_percent: u32,
+    pub retry_min_concurrent: u32,
+    /// How long a planned switchover waits for replication to catch up.
+    pub switchover_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Loads defaults, the optional file, then the environment (`GATEWAY_` prefix).
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder()
+            .set_default("listen", "127.0.0.1:8080")?
+            .set_default("regions", "")?
+            .set_default("health_interval_ms", 200)?
+            .set_default("health_timeout_ms", 100)?
+            .set_default("health_rise", 2)?
+            .set_default("health_fall", 2)?
+            .set_default("outlier_consecutive_failures", 5)?
+            .set_default("lease_ms", 600)?
+            .set_default("lease_margin_ms", 50)?
+            .set_default("request_timeout_ms", 10_000)?
+            .set_default("attempt_timeout_ms", 1_000)?
+            .set_default("connect_timeout_ms", 200)?
+            .set_default("max_body_bytes", 1_048_576)?
+            .set_default("max_header_bytes", 16_384)?
+            .set_default("rate_limit_per_sec", 1000.0)?
+            .set_default("rate_limit_burst", 2000.0)?
+            .set_default("read_policy", "active")?
+            .set_default("retry_budget_percent", 20)?
+            .set_default("retry_min_concurrent", 3)?
+            .set_default("switchover_timeout_ms", 5_000)?
+            .set_default("shutdown_grace_ms", 5_000)?;
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("GATEWAY")
+                .prefix_separator("_")
+                .separator("__"),
+        );
+        let raw: RawConfig = builder.build()?.try_deserialize()?;
+        Config::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = raw
+            .listen
+            .parse()
+            .map_err(|e| invalid("listen", format!("{:?} is not an address: {e}", raw.listen)))?;
+        let regions = parse_regions(&raw.regions)?;
+        let primary = match raw.primary {
+            Some(p) if !p.is_empty() => p,
+            _ => regions[0].id.clone(),
+        };
+        if !regions.iter().any(|r| r.id == primary) {
+            return Err(invalid(
+                "primary",
+                format!("{primary:?} is not one of the configured regions"),
+            ));
+        }
+        let tls = match (raw.tls_cert, raw.tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid("tls_key", "tls_cert is set but tls_key is not"))
+            }
+            (None, Some(_)) => {
+                return Err(invalid("tls_cert", "tls_key is set but tls_cert is not"))
+            }
+        };
+        let positive = |key: &'static str, v: u64| {
+            if v == 0 {
+                Err(invalid(key, "must be greater than 0"))
+            } else {
+                Ok(Duration::from_millis(v))
+            }
+        };
+        if raw.health_rise == 0 {
+            return Err(invalid("health_rise", "must be at least 1"));
+        }
+        if raw.health_fall == 0 {
+            return Err(invalid("health_fall", "must be at least 1"));
+        }
+        if raw.health_timeout_ms >= raw.lease_ms {
+            return Err(invalid(
+                "health_timeout_ms",
+                "must be shorter than lease_ms",
+            ));
+        }
+        if raw.health_interval_ms >= raw.lease_ms {
+            return Err(invalid(
+                "health_interval_ms",
+                "must be shorter than lease_ms, or the lease lapses between renewals",
+            ));
+        }
+        if raw.rate_limit_per_sec.is_nan() || raw.rate_limit_per_sec < 0.0 {
+            return Err(invalid("rate_limit_per_sec", "must be 0 (off) or positive"));
+        }
+        if raw.rate_limit_per_sec > 0.0
+            && (raw.rate_limit_burst.is_nan() || raw.rate_limit_burst < 1.0)
+        {
+            return Err(invalid("rate_limit_burst", "must be at least 1"));
+        }
+        if raw.retry_budget_percent > 100 {
+            return Err(invalid("retry_budget_percent", "must be between 0 and 100"));
+        }
+        let empty_is_none = |s: Option<String>| s.filter(|s| !s.is_empty());
+        Ok(Config {
+            listen,
+            regions,
+            primary,
+            state_dir: raw.state_dir.filter(|p| !p.as_os_str().is_empty()),
+            tls,
+            admin_token: empty_is_none(raw.admin_token),
+            node_token: empty_is_none(raw.node_token),
+            health_interval: positive("health_interval_ms", raw.health_interval_ms)?,
+            health_timeout: positive("health_timeout_ms", raw.health_timeout_ms)?,
+            health_rise: raw.health_rise,
+            health_fall: raw.health_fall,
+            outlier_consecutive_failures: raw.outlier_consecutive_failures.max(1),
+            lease: positive("lease_ms", raw.lease_ms)?,
+            lease_margin: Duration::from_millis(raw.lease_margin_ms),
+            request_timeout: positive("request_timeout_ms", raw.request_timeout_ms)?,
+            attempt_timeout: positive("attempt_timeout_ms", raw.attempt_timeout_ms)?,
+            connect_timeout: positive("connect_timeout_ms", raw.connect_timeout_ms)?,
+            max_body_bytes: raw.max_body_bytes,
+            max_header_bytes: usize::try_from(raw.max_header_bytes)
+                .map_err(|_| invalid("max_header_bytes", "too large"))?,
+            rate_limit_per_sec: raw.rate_limit_per_sec,
+            rate_limit_burst: raw.rate_limit_burst,
+            read_policy: raw.read_policy,
+            retry_budget_percent: raw.retry_budget_percent,
+            retry_min_concurrent: raw.retry_min_concurrent,
+            switchover_timeout: positive("switchover_timeout_ms", raw.switchover_timeout_ms)?,
+            shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
+        })
+    }
+}
+
+/// Parses `a=http://127.0.0.1:8081,b=http://127.0.0.1:8082`.
+fn parse_regions(s: &str) -> Result<Vec<RegionConfig>, ConfigError> {
+    let mut out: Vec<RegionConfig> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, url) = part
+            .split_once('=')
+            .ok_or_else(|| invalid("regions", format!("{part:?} is not id=url")))?;
+        let id = id.trim().to_string();
+        let url = url.trim().trim_end_matches('/').to_string();
+        let id_ok = !id.is_empty()
+            && id.len() <= 32
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !id_ok {
+            return Err(invalid(
+                "regions",
+                format!("region id {id:?}: use 1-32 of [a-z0-9-]"),
+            ));
+        }
+        let authority = url.strip_prefix("http://").ok_or_else(|| {
+            invalid(
+                "regions",
+                format!("{url:?}: only http:// upstream URLs are supported"),
+            )
+        })?;
+        if authority.is_empty() || authority.contains('/') {
+            return Err(invalid(
+                "regions",
+                format!("{url:?}: give scheme and host:port only, no path"),
+            ));
+        }
+        let authority = authority
+            .parse()
+            .map_err(|e| invalid("regions", format!("{url:?}: {e}")))?;
+        if out.iter().any(|r| r.id == id) {
+            return Err(invalid("regions", format!("region {id:?} appears twice")));
+        }
+        out.push(RegionConfig { id, url, authority });
+    }
+    if out.len() < 2 {
+        return Err(invalid(
+            "regions",
+            "need at least two regions, e.g. a=http://127.0.0.1:8081,b=http://127.0.0.1:8082",
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_parse_and_reject_duplicates() {
+        let r = parse_regions("a=http://127.0.0.1:1/, b=http://127.0.0.1:2").unwrap();
+        assert_eq!(r[0].url, "http://127.0.0.1:1");
+        assert_eq!(r[1].id, "b");
+        assert!(parse_regions("a=http://x:1,a=http://x:2").is_err());
+        assert!(parse_regions("a=https://x:1,b=http://x:2").is_err());
+        assert!(parse_regions("a=http://x:1").is_err());
+    }
+}

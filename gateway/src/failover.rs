@@ -1,0 +1,559 @@
+//! Failover control: the gateway is the witness that decides which region is active.
+//!
+//! Invariants:
+//! - An epoch is written to disk before any region is promoted to it, and the gateway
+//!   never promotes at an epoch at or below one it has written, also after a restart.
+//! - The active region holds a lease that the gateway renews after every successful
+//!   probe. A standby is promoted only once the old lease must have lapsed (the latest
+//!   bound of any renewal sent, plus a margin), because a lapsed lease is what makes the
+//!   old active fence itself: so two regions never act at once.
+//! - A region that reports itself active while another is active is demoted at the
+//!   current epoch as soon as it answers again.
+
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::metrics::Metrics;
+use crate::node_api::{NodeApi, NodeError, RoleReport};
+use crate::routing::Routing;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Timeout for promote, demote and role queries (they may touch both Redis servers).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+const STATE_FILE: &str = "epoch.json";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Persisted {
+    epoch: u64,
+    active: Option<String>,
+}
+
+/// The highest epoch this gateway has used, persisted so a restart never reuses one.
+pub struct EpochStore {
+    dir: Option<PathBuf>,
+    high: Mutex<u64>,
+}
+
+impl EpochStore {
+    /// Reads `epoch.json` from `dir`, creating the directory if needed.
+    pub fn open(dir: Option<&Path>) -> std::io::Result<EpochStore> {
+        let mut high = 0;
+        if let Some(dir) = dir {
+            std::fs::create_dir_all(dir)?;
+            match std::fs::read(dir.join(STATE_FILE)) {
+                Ok(bytes) => {
+                    let p: Persisted = serde_json::from_slice(&bytes).map_err(|e| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("{}: {e}", dir.join(STATE_FILE).display()),
+                        )
+                    })?;
+                    high = p.epoch;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(EpochStore {
+            dir: dir.map(Path::to_path_buf),
+            high: Mutex::new(high),
+        })
+    }
+
+    pub fn high(&self) -> u64 {
+        *self.high.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `epoch` (if higher than what is stored): temp file, fsync, rename, fsync
+    /// of the directory, so a crash leaves either the old or the new file.
+    pub fn record(&self, epoch: u64, active: &str) -> std::io::Result<()> {
+        let mut high = self.high.lock().unwrap_or_else(|e| e.into_inner());
+        if epoch <= *high {
+            return Ok(());
+        }
+        if let Some(dir) = &self.dir {
+            use std::io::Write;
+            let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+            let body = serde_json::to_vec(&Persisted {
+                epoch,
+                active: Some(active.to_string()),
+            })
+            .map_err(std::io::Error::other)?;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, dir.join(STATE_FILE))?;
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        *high = epoch;
+        Ok(())
+    }
+}
+
+/// The lease the gateway grants the active region.
+struct Lease {
+    region: Option<usize>,
+    epoch: u64,
+    /// The latest instant at which any lease this gateway sent may still run.
+    until: Instant,
+    /// Set when a failover begins: no renewal is sent after it.
+    stopped: bool,
+}
+
+/// Result of a planned switchover.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Switchover {
+    pub active: String,
+    pub epoch: u64,
+    pub previous: String,
+    pub lost_events: u64,
+}
+
+pub struct Controller {
+    config: Arc<Config>,
+    routing: Arc<Routing>,
+    api: NodeApi,
+    store: EpochStore,
+    metrics: Arc<Metrics>,
+    lease: Mutex<Lease>,
+    /// One failover or switchover at a time.
+    transition: tokio::sync::Mutex<()>,
+    /// Bootstrap finished: an active region is known.
+    ready: AtomicBool,
+    started: Instant,
+}
+
+impl Controller {
+    pub fn new(
+        config: Arc<Config>,
+        routing: Arc<Routing>,
+        api: NodeApi,
+        store: EpochStore,
+        metrics: Arc<Metrics>,
+    ) -> Controller {
+        Controller {
+            config,
+            routing,
+            api,
+            store,
+            metrics,
+            lease: Mutex::new(Lease {
+                region: None,
+                epoch: 0,
+                until: Instant::now(),
+                stopped: true,
+            }),
+            transition: tokio::sync::Mutex::new(()),
+            ready: AtomicBool::new(false),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn lease(&self) -> std::sync::MutexGuard<'_, Lease> {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs bootstrap, then watches the active region and fails over when it fails.
+    pub async fn run(self: Arc<Self>) {
+        self.bootstrap().await;
+        let mut changes = self.routing.subscribe();
+        loop {
+            changes.borrow_and_update();
+            self.check().await;
+            let _ = tokio::time::timeout(self.config.health_interval, changes.changed()).await;
+        }
+    }
+
+    /// One look at the active region: fail over if it is unhealthy and a standby is not.
+    async fn check(&self) {
+        let Some(active) = self.routing.active() else {
+            return;
+        };
+        if self.routing.region(active).is_healthy() {
+            let mut lease = self.lease();
+            if lease.stopped && lease.region == Some(active) && !self.routing.is_switching() {
+                // A failover was abandoned (no standby could be promoted) and the active
+                // region answers again: keep it.
+                tracing::info!(region = %self.routing.region(active).id, "resuming lease renewals");
+                lease.stopped = false;
+            }
+            return;
+        }
+        if let Some(to) = self.candidate(active) {
+            self.fail_over(active, to, "unhealthy").await;
+        }
+    }
+
+    /// A healthy, undrained region other than `except`.
+    fn candidate(&self, except: usize) -> Option<usize> {
+        self.routing
+            .regions()
+            .iter()
+            .find(|r| r.index != except && r.is_healthy() && !r.is_drained())
+            .map(|r| r.index)
+    }
+
+    /// The next epoch: above everything persisted and everything seen.
+    fn next_epoch(&self, seen: u64) -> u64 {
+        self.store.high().max(self.routing.epoch()).max(seen) + 1
+    }
+
+    async fn fail_over(&self, from: usize, mut to: usize, reason: &'static str) {
+        let _t = self.transition.lock().await;
+        if self.routing.active() != Some(from) || self.routing.region(from).is_healthy() {
+            return;
+        }
+        let from_id = self.routing.region(from).id.clone();
+        self.routing.set_switching(true);
+        let lapse = {
+            let mut lease = self.lease();
+            lease.stopped = true;
+            lease.until + self.config.lease_margin
+        };
+        tracing::warn!(
+            from = %from_id,
+            to = %self.routing.region(to).id,
+            wait_ms = lapse.saturating_duration_since(Instant::now()).as_millis() as u64,
+            "active region failed its checks; promoting the standby once the lease has lapsed"
+        );
+        tokio::time::sleep_until(lapse.into()).await;
+        if !self.routing.region(to).is_healthy() {
+            match self.candidate(from) {
+                Some(c) => to = c,
+                None => {
+                    tracing::error!("no healthy standby to promote; will try again");
+                    self.routing.set_switching(false);
+                    return;
+                }
+            }
+        }
+        match self.promote(to, 0).await {
+            Ok(epoch) => {
+                self.install_active(to, epoch);
+                let to_id = &self.routing.region(to).id;
+                self.metrics
+                    .failovers
+                    .with_label_values(&[from_id.as_str(), to_id.as_str(), reason])
+                    .inc();
+                tracing::warn!(from = %from_id, to = %to_id, epoch, reason, "failover done");
+            }
+            Err(e) => {
+                tracing::error!(to = %self.routing.region(to).id, error = %e, "promotion failed; will try again");
+            }
+        }
+        self.routing.set_switching(false);
+        if self.routing.active() == Some(to) {
+            self.renew(to).await;
+        }
+    }
+
+    /// Persists a new epoch and promotes `to` at it; on `stale_epoch` learns the
+    /// region's epoch and tries once more above it.
+    async fn promote(&self, to: usize, seen: u64) -> Result<u64, NodeError> {
+        let region = self.routing.region(to).clone();
+        let mut epoch = self.next_epoch(seen);
+        for attempt in 0..3 {
+            if let Err(e) = self.store.record(epoch, &region.id) {
+                tracing::error!(error = %e, "cannot persist the epoch; not promoting");
+                return Err(NodeError::Transport(format!("persist epoch: {e}")));
+            }
+            match self.api.promote(&region.url, epoch, CONTROL_TIMEOUT).await {
+                Ok(_) => return Ok(epoch),
+                Err(e) if e.code().as_deref() == Some("stale_epoch") && attempt < 2 => {
+                    let theirs = self
+                        .api
+                        .role(&region.url, CONTROL_TIMEOUT)
+                        .await
+                        .map(|r| r.epoch)
+                        .unwrap_or(epoch);
+                    epoch = self.next_epoch(theirs.max(epoch));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(NodeError::Transport("promotion kept failing".into()))
+    }
+
+    fn install_active(&self, index: usize, epoch: u64) {
+        {
+            let mut lease = self.lease();
+            lease.region = Some(index);
+            lease.epoch = epoch;
+            lease.stopped = false;
+        }
+        self.routing.set_active(index, epoch);
+    }
+
+    /// Called by a region's prober after each successful probe. Renews the active
+    /// region's lease; demotes a region that claims to be active but is not. Returns
+    /// false when the region refused its lease (it is not active at our epoch).
+    pub async fn after_probe(&self, index: usize, report: &RoleReport) -> bool {
+        if !self.is_ready() {
+            return true;
+        }
+        if self.routing.active() == Some(index) {
+            return self.renew(index).await;
+        }
+        if report.is_active() && !self.routing.is_switching() {
+            let epoch = self.routing.epoch();
+            let region = self.routing.region(index);
+            if report.epoch > epoch {
+                tracing::error!(region = %region.id, their_epoch = report.epoch, our_epoch = epoch,
+                    "a region is active at a higher epoch than ours; not touching it");
+                return true;
+            }
+            tracing::warn!(region = %region.id, epoch, "demoting a stale active region");
+            if let Err(e) = self.api.demote(&region.url, epoch, CONTROL_TIMEOUT).await {
+                tracing::warn!(region = %region.id, error = %e, "demote failed");
+            }
+        }
+        true
+    }
+
+    /// Sends one lease renewal to the active region, unless renewals are stopped.
+    async fn renew(&self, index: usize) -> bool {
+        let ttl = self.config.lease;
+        let timeout = self.config.health_timeout;
+        let epoch = {
+            let mut lease = self.lease();
+            if lease.stopped || lease.region != Some(index) {
+                return true;
+            }
+            // The node may act on this renewal as late as our timeout: count the lease
+            // from then. Never lowered, so a bound once given out holds.
+            lease.until = lease.until.max(Instant::now() + timeout + ttl);
+            lease.epoch
+        };
+        let region = self.routing.region(index);
+        match self.api.lease(&region.url, epoch, ttl, timeout).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(region = %region.id, epoch, error = %e, "lease renewal failed");
+                false
+            }
+        }
+    }
+
+    /// At start: adopt the highest active region, or make the primary active.
+    async fn bootstrap(&self) {
+        loop {
+            match self.try_bootstrap().await {
+                Ok(true) => {
+                    self.ready.store(true, Ordering::Release);
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "bootstrap step failed; retrying"),
+            }
+            tokio::time::sleep(self.config.health_interval).await;
+        }
+    }
+
+    async fn try_bootstrap(&self) -> Result<bool, NodeError> {
+        let regions = self.routing.regions().to_vec();
+        let mut reports: Vec<Option<RoleReport>> = Vec::with_capacity(regions.len());
+        for r in &regions {
+            match self.api.role(&r.url, self.config.health_timeout * 5).await {
+                Ok(rep) => reports.push(Some(rep)),
+                Err(e) => {
+                    tracing::debug!(region = %r.id, error = %e, "role query failed");
+                    reports.push(None);
+                }
+            }
+        }
+        let persisted = self.store.high();
+        let seen = reports.iter().flatten().map(|r| r.epoch).max().unwrap_or(0);
+        let best_active = reports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().filter(|r| r.is_active()).map(|r| (i, r)))
+            .max_by_key(|(_, r)| r.epoch);
+        if let Some((i, rep)) = best_active {
+            if rep.epoch >= persisted && rep.epoch > 0 {
+                self.store
+                    .record(rep.epoch, &regions[i].id)
+                    .map_err(|e| NodeError::Transport(format!("persist epoch: {e}")))?;
+                {
+                    let mut lease = self.lease();
+                    let remaining = Duration::from_millis(rep.lease_remaining_ms.unwrap_or(0));
+                    lease.until = Instant::now() + remaining.max(self.config.lease);
+                }
+                self.install_active(i, rep.epoch);
+                tracing::info!(region = %regions[i].id, epoch = rep.epoch, "adopted the active region");
+                return Ok(true);
+            }
+            tracing::warn!(region = %regions[i].id, epoch = rep.epoch, persisted,
+                "a region is active below the epoch this gateway persisted; promoting anew");
+        }
+        let Some(primary) = regions.iter().position(|r| r.id == self.config.primary) else {
+            return Ok(false);
+        };
+        if reports[primary].is_none() {
+            tracing::info!(region = %self.config.primary, "waiting for the primary region to answer");
+            return Ok(false);
+        }
+        if persisted > 0 {
+            // This gateway ran before and may have granted a lease it no longer knows
+            // about: let it lapse before anyone else is made active.
+            let lapse = self.started
+                + self.config.lease
+                + self.config.health_timeout
+                + self.config.lease_margin;
+            tokio::time::sleep_until(lapse.into()).await;
+        }
+        let epoch = self.promote(primary, seen).await?;
+        self.install_active(primary, epoch);
+        tracing::info!(region = %regions[primary].id, epoch, "made the primary region active");
+        Ok(true)
+    }
+
+    /// Planned switchover: stop writes, demote the active one, wait until the target
+    /// holds every event, promote it. Nothing acknowledged is lost.
+    pub async fn switchover(&self, to_id: &str) -> Result<Switchover, GatewayError> {
+        let _t = self.transition.lock().await;
+        let conflict = |code, message: String| GatewayError::Conflict { code, message };
+        let to = self
+            .routing
+            .find(to_id)
+            .ok_or_else(|| conflict("unknown_region", format!("no region {to_id:?}")))?
+            .clone();
+        let from = self
+            .routing
+            .active()
+            .ok_or_else(|| conflict("no_active_region", "no region is active yet".into()))?;
+        let from = self.routing.region(from).clone();
+        if from.index == to.index {
+            return Err(conflict(
+                "already_active",
+                format!("region {to_id} is already active"),
+            ));
+        }
+        if !to.is_healthy() {
+            return Err(conflict(
+                "region_unhealthy",
+                format!("region {to_id} fails its checks"),
+            ));
+        }
+        self.routing.set_switching(true);
+        self.lease().stopped = true;
+        let result = self.switch(&from, &to).await;
+        match &result {
+            Ok(s) => {
+                self.install_active(to.index, s.epoch);
+                self.metrics
+                    .failovers
+                    .with_label_values(&[from.id.as_str(), to.id.as_str(), "planned"])
+                    .inc();
+                tracing::info!(from = %from.id, to = %to.id, epoch = s.epoch, "switchover done");
+            }
+            Err(e) => {
+                tracing::error!(from = %from.id, to = %to.id, error = %e, "switchover failed")
+            }
+        }
+        self.routing.set_switching(false);
+        let active = self.routing.active();
+        if let Some(a) = active {
+            self.renew(a).await;
+        }
+        result
+    }
+
+    async fn switch(
+        &self,
+        from: &crate::routing::Region,
+        to: &crate::routing::Region,
+    ) -> Result<Switchover, GatewayError> {
+        let failed = |code, e: NodeError| GatewayError::ControlFailed {
+            code,
+            message: e.to_string(),
+        };
+        let epoch = self.next_epoch(0);
+        self.store
+            .record(epoch, &to.id)
+            .map_err(|e| failed("persist_failed", NodeError::Transport(e.to_string())))?;
+        if let Err(e) = self.api.demote(&from.url, epoch, CONTROL_TIMEOUT).await {
+            // `from` is still active at its epoch: keep renewing its lease.
+            self.lease().stopped = false;
+            return Err(failed("demote_failed", e));
+        }
+        let source = self
+            .api
+            .role(&from.url, CONTROL_TIMEOUT)
+            .await
+            .map_err(|e| failed("role_query_failed", e))?;
+        let deadline = Instant::now() + self.config.switchover_timeout;
+        loop {
+            let target = self.api.role(&to.url, CONTROL_TIMEOUT).await;
+            if let Ok(t) = &target {
+                if t.last_event_id == source.last_event_id {
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                // Give the old active its role back rather than lose events.
+                tracing::warn!(region = %to.id, "replication did not catch up; restoring the old active");
+                if let Ok(back) = self.promote(from.index, epoch).await {
+                    self.install_active(from.index, back);
+                } else {
+                    self.lease().stopped = false;
+                }
+                return Err(GatewayError::Conflict {
+                    code: "replication_lag",
+                    message: format!(
+                        "region {} did not reach the last event {:?} of region {} within {:?}",
+                        to.id, source.last_event_id, from.id, self.config.switchover_timeout
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let promoted = self
+            .api
+            .promote(&to.url, epoch, CONTROL_TIMEOUT)
+            .await
+            .map(|_| epoch);
+        let epoch = match promoted {
+            Ok(e) => e,
+            Err(e) => {
+                if let Ok(back) = self.promote(from.index, epoch).await {
+                    self.install_active(from.index, back);
+                }
+                return Err(failed("promote_failed", e));
+            }
+        };
+        Ok(Switchover {
+            active: to.id.clone(),
+            epoch,
+            previous: from.id.clone(),
+            lost_events: 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_survives_reopen_and_never_goes_down() {
+        let dir = std::env::temp_dir().join(format!("gw-epoch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = EpochStore::open(Some(&dir)).unwrap();
+        assert_eq!(s.high(), 0);
+        s.record(3, "a").unwrap();
+        s.record(2, "b").unwrap();
+        drop(s);
+        let s = EpochStore::open(Some(&dir)).unwrap();
+        assert_eq!(s.high(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,149 @@
+//! The Tandem gateway: the one endpoint clients use. It health-checks the regions,
+//! routes requests to them, retries when that is safe, and decides which region is
+//! active (DESIGN.md section 5).
+//!
+//! # Layout
+//! - [`config`]: typed configuration (defaults, TOML file, `GATEWAY_*` variables).
+//! - [`server`]: the listener, TLS handshakes, HTTP/1.1 and HTTP/2, graceful shutdown.
+//! - [`proxy`]: forwarding a request: header hygiene, retries, the request's deadline.
+//! - [`routing`]: the region table; which region gets a read or a write.
+//! - [`health`]: active probes with rise/fall thresholds.
+//! - [`failover`]: epochs, leases, promotion after the lease lapses, planned switchover.
+//! - [`node_api`]: the regional node's health and admin endpoints as the gateway calls them.
+//! - [`limits`]: per-client rate limit, header and body sizes, the retry budget.
+//! - [`admin`]: `/gateway/*` endpoints and `/metrics`.
+//! - [`metrics`]: Prometheus metrics and route templates.
+//! - [`tls`]: rustls server configuration from PEM files.
+//! - [`error`]: the gateway's own error answers and their stable codes.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod failover;
+pub mod health;
+pub mod limits;
+pub mod metrics;
+pub mod node_api;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod tls;
+
+use config::Config;
+use failover::{Controller, EpochStore};
+use limits::RateLimiter;
+use metrics::Metrics;
+use node_api::NodeApi;
+use proxy::Proxy;
+use routing::Routing;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// What every request handler and background task shares.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub routing: Arc<Routing>,
+    pub controller: Arc<Controller>,
+    pub metrics: Arc<Metrics>,
+    pub proxy: Proxy,
+    pub limiter: RateLimiter,
+    pub node_api: NodeApi,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("GATEWAY_STATE_DIR: {0}")]
+    State(std::io::Error),
+}
+
+/// A bound, not yet running gateway.
+pub struct Application {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl Application {
+    /// Binds the listener and loads TLS and the persisted epoch; nothing runs yet.
+    pub async fn build(config: Config) -> Result<Application, StartError> {
+        let config = Arc::new(config);
+        let tls = match &config.tls {
+            Some((cert, key)) => Some(tls::acceptor(cert, key)?),
+            None => None,
+        };
+        let store = EpochStore::open(config.state_dir.as_deref()).map_err(StartError::State)?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let ids: Vec<String> = config.regions.iter().map(|r| r.id.clone()).collect();
+        let metrics = Arc::new(Metrics::new(&ids));
+        let routing = Arc::new(Routing::new(&config, metrics.clone()));
+        let node_api = NodeApi::new(config.node_token.clone(), config.connect_timeout);
+        let controller = Arc::new(Controller::new(
+            config.clone(),
+            routing.clone(),
+            node_api.clone(),
+            store,
+            metrics.clone(),
+        ));
+        let shared = Arc::new(Shared {
+            proxy: Proxy::new(
+                config.connect_timeout,
+                config.retry_budget_percent,
+                config.retry_min_concurrent,
+            ),
+            limiter: RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst),
+            config,
+            routing,
+            controller,
+            metrics,
+            node_api,
+        });
+        Ok(Application {
+            listener,
+            shared,
+            tls,
+        })
+    }
+
+    /// The port actually bound (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Starts the probers and the failover controller, then serves until `shutdown`.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
+        let shared = self.shared;
+        let mut tasks = Vec::new();
+        for i in 0..shared.routing.regions().len() {
+            tasks.push(tokio::spawn(health::probe_loop(shared.clone(), i)));
+        }
+        tasks.push(tokio::spawn(shared.controller.clone().run()));
+        tracing::info!(
+            listen = %shared.config.listen,
+            tls = self.tls.is_some(),
+            regions = shared.config.regions.len(),
+            "gateway listening"
+        );
+        server::serve(self.listener, shared.clone(), self.tls, shutdown).await;
+        for t in tasks {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The gateway's Prometheus metrics (names and labels as API.md lists them) and the
+//! route templates that keep their label sets small.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// All gateway metrics, registered in their own registry.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub region_healthy: IntGaugeVec,
+    pub active_region: IntGaugeVec,
+    pub epoch: IntGauge,
+    pub failovers: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub rejected: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new(regions: &[String]) -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tandem_gateway_requests_total",
+                "Requests answered, by the region that served them ('none' when no region did).",
+            ),
+            &["region", "method", "route", "status"],
+        )
+        .expect("metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tandem_gateway_request_duration_seconds",
+                "Time from receiving a request to sending its response head.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["region", "route"],
+        )
+        .expect("metric");
+        let region_healthy = IntGaugeVec::new(
+            Opts::new(
+                "tandem_gateway_region_healthy",
+                "1 while the region passes its checks and is not ejected.",
+            ),
+            &["region"],
+        )
+        .expect("metric");
+        let active_region = IntGaugeVec::new(
+            Opts::new(
+                "tandem_gateway_active_region",
+                "1 for the region the gateway sends writes to.",
+            ),
+            &["region"],
+        )
+        .expect("metric");
+        let epoch =
+            IntGauge::new("tandem_gateway_epoch", "The active region's epoch.").expect("metric");
+        let failovers = IntCounterVec::new(
+            Opts::new(
+                "tandem_gateway_failovers_total",
+                "Promotions of another region, by reason (unhealthy, planned).",
+            ),
+            &["from", "to", "reason"],
+        )
+        .expect("metric");
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "tandem_gateway_retries_total",
+                "Requests sent again, by what made the previous attempt fail.",
+            ),
+            &["reason"],
+        )
+        .expect("metric");
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "tandem_gateway_rejected_total",
+                "Requests refused by the gateway itself, by error code.",
+            ),
+            &["code"],
+        )
+        .expect("metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(region_healthy.clone()),
+            Box::new(active_region.clone()),
+            Box::new(epoch.clone()),
+            Box::new(failovers.clone()),
+            Box::new(retries.clone()),
+            Box::new(rejected.clone()),
+        ] {
+            registry.register(c).expect("register metric");
+        }
+        for r in regions {
+            region_healthy.with_label_values(&[r.as_str()]).set(0);
+            active_region.with_label_values(&[r.as_str()]).set(0);
+        }
+        Metrics {
+            registry,
+            requests,
+            duration,
+            region_healthy,
+            active_region,
+            epoch,
+            failovers,
+            retries,
+            rejected,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(8192);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encode metrics");
+        buf
+    }
+}
+
+/// A route template for metric labels: ids are replaced so the label set stays bounded.
+pub fn route_template(path: &str) -> &'static str {
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    match segs.as_slice() {
+        [] | [""] => "/",
+        ["orders"] => "/orders",
+        ["orders", _] => "/orders/{orderId}",
+        ["orders", _, "cancel"] => "/orders/{orderId}/cancel",
+        ["api", "v1", "products", "check-availability"] => "/api/v1/products/check-availability",
+        ["api", "v1", "products", _] => "/api/v1/products/{sku}",
+        ["shipments", _, "dispatch"] => "/shipments/{shipmentId}/dispatch",
+        ["shipments", _, "deliver"] => "/shipments/{shipmentId}/deliver",
+        ["api", "events"] => "/api/events",
+        ["api", "events", _] => "/api/events/{eventId}",
+        ["health", "live"] => "/health/live",
+        ["health", "ready"] => "/health/ready",
+        ["metrics"] => "/metrics",
+        ["gateway", "health"] => "/gateway/health",
+        ["gateway", "regions"] => "/gateway/regions",
+        ["gateway", "failover"] => "/gateway/failover",
+        ["gateway", "regions", _, "drain"] => "/gateway/regions/{id}/drain",
+        ["gateway", "regions", _, "undrain"] => "/gateway/regions/{id}/undrain",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_template;
+
+    #[test]
+    fn ids_never_reach_labels() {
+        assert_eq!(route_template("/orders/123e4567"), "/orders/{orderId}");
+        assert_eq!(
+            route_template("/orders/x/cancel"),
+            "/orders/{orderId}/cancel"
+        );
+        assert_eq!(route_template("/orders"), "/orders");
+        assert_eq!(
+            route_template("/api/v1/products/W-1"),
+            "/api/v1/products/{sku}"
+        );
+        assert_eq!(
+            route_template("/api/v1/products/check-availability"),
+            "/api/v1/products/check-availability"
+        );
+        assert_eq!(route_template("/whatever/1/2/3"), "other");
+        assert_eq!(route_template("/"), "/");
+    }
+}

@@ -1,0 +1,200 @@
+//! The regional node's health and admin endpoints, as the gateway calls them:
+//! readiness probes, role queries, promote, demote and lease renewal.
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::http::{header, Method, Request, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use std::time::Duration;
+
+/// What went wrong talking to a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("could not connect: {0}")]
+    Connect(String),
+    #[error("request failed: {0}")]
+    Transport(String),
+    #[error("answered {status}: {body}")]
+    Status { status: StatusCode, body: String },
+    #[error("unexpected answer: {0}")]
+    Decode(String),
+}
+
+impl NodeError {
+    /// True when the node certainly never received the request (nothing was sent).
+    pub fn never_sent(&self) -> bool {
+        matches!(self, NodeError::Connect(_))
+    }
+
+    /// The stable error code of a refused request, e.g. `stale_epoch`.
+    pub fn code(&self) -> Option<String> {
+        match self {
+            NodeError::Status { body, .. } => serde_json::from_str::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v["error"]["code"].as_str().map(str::to_string)),
+            _ => None,
+        }
+    }
+}
+
+/// `GET /health/ready` and the admin endpoints' common shape.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleReport {
+    #[serde(default)]
+    pub region: Option<String>,
+    pub role: String,
+    pub epoch: u64,
+    #[serde(default)]
+    pub lease_remaining_ms: Option<u64>,
+    /// Last entry id of the region's event stream (admin/role only); compared between
+    /// regions to tell replication progress.
+    #[serde(default)]
+    pub last_event_id: Option<serde_json::Value>,
+}
+
+impl RoleReport {
+    pub fn is_active(&self) -> bool {
+        self.role == "active"
+    }
+}
+
+/// A small pooled client for the nodes' control endpoints, separate from the proxy's
+/// pool so probes never queue behind client traffic.
+#[derive(Clone)]
+pub struct NodeApi {
+    client: Client<HttpConnector, Full<Bytes>>,
+    token: Option<String>,
+}
+
+impl NodeApi {
+    pub fn new(token: Option<String>, connect_timeout: Duration) -> NodeApi {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(4)
+            .build(connector);
+        NodeApi { client, token }
+    }
+
+    /// `GET /health/ready`; a 503 is an error.
+    pub async fn ready(&self, base: &str, timeout: Duration) -> Result<RoleReport, NodeError> {
+        self.call(Method::GET, base, "/health/ready", None, timeout)
+            .await
+    }
+
+    /// `GET /admin/role`.
+    pub async fn role(&self, base: &str, timeout: Duration) -> Result<RoleReport, NodeError> {
+        self.call(Method::GET, base, "/admin/role", None, timeout)
+            .await
+    }
+
+    /// `POST /admin/promote {"epoch":N}`.
+    pub async fn promote(
+        &self,
+        base: &str,
+        epoch: u64,
+        timeout: Duration,
+    ) -> Result<RoleReport, NodeError> {
+        let body = serde_json::json!({ "epoch": epoch });
+        self.call(Method::POST, base, "/admin/promote", Some(body), timeout)
+            .await
+    }
+
+    /// `POST /admin/demote {"epoch":N}`.
+    pub async fn demote(
+        &self,
+        base: &str,
+        epoch: u64,
+        timeout: Duration,
+    ) -> Result<RoleReport, NodeError> {
+        let body = serde_json::json!({ "epoch": epoch });
+        self.call(Method::POST, base, "/admin/demote", Some(body), timeout)
+            .await
+    }
+
+    /// `POST /admin/lease {"epoch":N,"ttlMs":M}`.
+    pub async fn lease(
+        &self,
+        base: &str,
+        epoch: u64,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> Result<RoleReport, NodeError> {
+        let body = serde_json::json!({ "epoch": epoch, "ttlMs": ttl.as_millis() as u64 });
+        self.call(Method::POST, base, "/admin/lease", Some(body), timeout)
+            .await
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        base: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<RoleReport, NodeError> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(format!("{base}{path}"))
+            .header(header::ACCEPT, "application/json");
+        if let Some(token) = &self.token {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let bytes = match body {
+            Some(v) => {
+                builder = builder.header(header::CONTENT_TYPE, "application/json");
+                Bytes::from(v.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let req = builder
+            .body(Full::new(bytes))
+            .map_err(|e| NodeError::Transport(e.to_string()))?;
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    NodeError::Connect(error_chain(&e))
+                } else {
+                    NodeError::Transport(error_chain(&e))
+                }
+            })?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| NodeError::Transport(e.to_string()))?
+                .to_bytes();
+            Ok::<_, NodeError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| NodeError::Timeout(timeout))??;
+        if !status.is_success() {
+            return Err(NodeError::Status {
+                status,
+                body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| NodeError::Decode(e.to_string()))
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
