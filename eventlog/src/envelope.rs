@@ -80,7 +80,10 @@ impl StreamId {
 
     pub fn parse(s: &str) -> Option<StreamId> {
         let (ms, seq) = s.split_once('-')?;
-        Some(StreamId { ms: ms.parse().ok()?, seq: seq.parse().ok()? })
+        Some(StreamId {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
     }
 }
 

@@ -20,7 +20,8 @@ impl TryFrom<String> for RegionId {
     fn try_from(s: String) -> Result<Self, String> {
         let ok = !s.is_empty()
             && s.len() <= 32
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if ok {
             Ok(RegionId(s))
         } else {
@@ -50,7 +51,9 @@ impl fmt::Display for RegionId {
 
 /// A number that only grows: each promotion starts a new epoch, so a write stamped
 /// with an older epoch can be recognised and fenced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Epoch(pub u64);
 
@@ -84,7 +87,9 @@ impl FromStr for Role {
         match s {
             "active" => Ok(Role::Active),
             "standby" => Ok(Role::Standby),
-            other => Err(format!("unknown role {other:?}: expected `active` or `standby`")),
+            other => Err(format!(
+                "unknown role {other:?}: expected `active` or `standby`"
+            )),
         }
     }
 }
@@ -114,8 +119,10 @@ pub mod fields {
 impl RoleRecord {
     /// Reads the record from `HMGET role epoch paused`; `None` when no role is stored.
     pub fn from_hmget(values: &[Option<String>]) -> Result<Option<RoleRecord>, String> {
-        let (Some(role), epoch) = (values.first().cloned().flatten(), values.get(1).cloned().flatten())
-        else {
+        let (Some(role), epoch) = (
+            values.first().cloned().flatten(),
+            values.get(1).cloned().flatten(),
+        ) else {
             return Ok(None);
         };
         let role = role.parse()?;
@@ -124,7 +131,11 @@ impl RoleRecord {
             .parse::<u64>()
             .map_err(|e| format!("stored epoch is not a number: {e}"))?;
         let paused = values.get(2).cloned().flatten().is_some_and(|p| p == "1");
-        Ok(Some(RoleRecord { role, epoch: Epoch(epoch), paused }))
+        Ok(Some(RoleRecord {
+            role,
+            epoch: Epoch(epoch),
+            paused,
+        }))
     }
 }
 
@@ -143,7 +154,14 @@ mod tests {
     #[test]
     fn role_record_parses_from_hash_values() {
         let r = RoleRecord::from_hmget(&[Some("active".into()), Some("3".into()), None]).unwrap();
-        assert_eq!(r, Some(RoleRecord { role: Role::Active, epoch: Epoch(3), paused: false }));
+        assert_eq!(
+            r,
+            Some(RoleRecord {
+                role: Role::Active,
+                epoch: Epoch(3),
+                paused: false
+            })
+        );
         assert_eq!(RoleRecord::from_hmget(&[None, None, None]).unwrap(), None);
         assert!(RoleRecord::from_hmget(&[Some("boss".into()), None, None]).is_err());
     }

@@ -1,0 +1,221 @@
+//! Wiring: builds the node from its configuration and runs it until told to stop.
+
+use crate::api::{self, AppState};
+use crate::bus::{self, BusConfig};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::projector;
+use crate::roles::Roles;
+use crate::store::{Store, StoreError};
+use crate::workflow::Workflow;
+use eventlog::Role;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    config: Arc<Config>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Application {
+    /// Binds the listener (port 0 picks a free one, see [`Application::port`]).
+    pub async fn build(config: Config) -> Result<Application, StartError> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| StartError::Listen(config.listen, e))?;
+        let store = Store::connect(&config.redis_url, config.redis_timeout())?;
+        let peer = config
+            .peer_redis_url
+            .as_deref()
+            .map(|url| Store::connect(url, config.redis_timeout()))
+            .transpose()?;
+        let roles = Roles::new(store.clone(), peer.clone());
+        let consumer = format!(
+            "{}-{}-{}",
+            config.region,
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..6]
+        );
+        let wf = Workflow {
+            store,
+            roles,
+            metrics: Metrics::new(),
+            region: config.region.to_string(),
+            consumer,
+        };
+        let config = Arc::new(config);
+        let state = AppState {
+            wf,
+            config: config.clone(),
+            peer,
+        };
+        Ok(Application {
+            listener,
+            state,
+            config,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until `shutdown` resolves, then stops reading new entries, lets the
+    /// in-flight handlers finish (up to the grace period) and returns.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let Application {
+            listener,
+            state,
+            config,
+        } = self;
+        let wf = state.wf.clone();
+        let (stop_tx, stop_rx) = watch::channel(false);
+
+        seed_role(&wf.roles, config.role).await;
+        let mut background = tokio::task::JoinSet::new();
+        background.spawn(wf.roles.clone().watch(stop_rx.clone()));
+        background.spawn(refresh_gauges(wf.clone(), stop_rx.clone()));
+        let blocking = Store::connect(
+            &config.redis_url,
+            config.redis_timeout() + Duration::from_millis(600),
+        )
+        .expect("the URL was accepted above");
+        background.spawn(projector::run_standby(
+            wf.store.clone(),
+            blocking,
+            wf.roles.clone(),
+            stop_rx.clone(),
+        ));
+        let bus_config = BusConfig {
+            consumer: wf.consumer.clone(),
+            workers: config.handler_concurrency,
+            retry_base: Duration::from_millis(config.retry_base_ms),
+            reclaim_idle: Duration::from_millis(config.reclaim_idle_ms),
+            redis_url: config.redis_url.clone(),
+            redis_timeout: config.redis_timeout(),
+        };
+        let mut handlers = bus::start(wf.clone(), bus_config, stop_rx.clone());
+
+        tracing::info!(
+            region = %config.region, listen = %listener.local_addr()?, consumer = %wf.consumer,
+            durability = ?config.durability, "regional node started"
+        );
+        let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = http_stop_rx.await;
+                })
+                .await
+        });
+
+        shutdown.await;
+        tracing::info!("shutting down: no new entries are read; finishing in-flight work");
+        let _ = stop_tx.send(true);
+        let _ = http_stop_tx.send(());
+        let grace = Duration::from_millis(config.shutdown_grace_ms);
+        let drained = tokio::time::timeout(grace, async {
+            while handlers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(?grace, "in-flight handlers did not finish in time; their entries stay pending for another node");
+            handlers.abort_all();
+        }
+        let _ = tokio::time::timeout(grace, server).await;
+        background.abort_all();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Seeds the role from configuration, retrying while Redis is not there yet.
+async fn seed_role(roles: &Roles, role: Role) {
+    for attempt in 0u64.. {
+        match roles.seed(role).await {
+            Ok(()) => {
+                roles.refresh().await;
+                return;
+            }
+            Err(e) => {
+                if attempt % 20 == 0 {
+                    tracing::warn!(error = %e, "cannot reach Redis to read the role yet; retrying");
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        if attempt > 8 {
+            // Keep starting: readiness reports 503 until the watcher reads a role, and
+            // the seed is retried in the background.
+            let roles = roles.clone();
+            tokio::spawn(async move {
+                while roles.seed(role).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            });
+            return;
+        }
+    }
+}
+
+async fn refresh_gauges(wf: Workflow, mut stop: watch::Receiver<bool>) {
+    loop {
+        let role = wf.roles.current();
+        for r in [Role::Active, Role::Standby] {
+            wf.metrics
+                .role
+                .with_label_values(&[r.as_str()])
+                .set(if role.known && role.role == r {
+                    1.0
+                } else {
+                    0.0
+                });
+        }
+        wf.metrics.epoch.set(role.epoch as i64);
+        let ok = bus::refresh_gauges(&wf).await.is_ok();
+        wf.metrics.redis_up.set(if ok { 1.0 } else { 0.0 });
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,626 @@
+//! The consumer groups that choreograph the workflow over the region's event stream.
+//!
+//! Each module is one consumer group on `tandem:events`; each node process is one
+//! consumer in every group, so several nodes share the work. Per group, a reader takes
+//! batches (XREADGROUP) and hands each entry to one of N workers chosen by aggregate
+//! id, so one order's events are handled in order while different orders proceed in
+//! parallel. A handled entry is acknowledged in the same atomic step as the events it
+//! caused (see `store`), so a crash leaves it pending and a redelivery finds the effect
+//! already there. Failures are retried three times with jittered exponential backoff,
+//! then parked in the dead-letter stream. Entries left pending by a dead consumer are
+//! taken over with XAUTOCLAIM once idle for `reclaim_idle_ms`.
+
+use crate::events::DomainEvent;
+use crate::store::{Entry, Store, StoreError};
+use crate::workflow::{Committed, Retry, Workflow, WorkflowError};
+use crate::{inventory, orders, payments, shipments};
+use eventlog::{keys, Envelope};
+use redis::Value;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+/// Tries per entry before it is dead-lettered.
+pub const MAX_ATTEMPTS: u32 = 3;
+const BATCH: usize = 128;
+const BLOCK_MS: u64 = 500;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Group {
+    Inventory,
+    Payments,
+    Shipments,
+    Orders,
+}
+
+impl Group {
+    pub const ALL: [Group; 4] = [
+        Group::Inventory,
+        Group::Payments,
+        Group::Shipments,
+        Group::Orders,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::Inventory => "inventory",
+            Group::Payments => "payments",
+            Group::Shipments => "shipments",
+            Group::Orders => "orders",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Group> {
+        Group::ALL.into_iter().find(|g| g.name() == name)
+    }
+
+    /// The event types the group reacts to; it acknowledges the rest unread.
+    pub fn wants(self, event_type: &str) -> bool {
+        match self {
+            Group::Inventory => matches!(
+                event_type,
+                "OrderPlaced" | "OrderCancelled" | "OrderPaymentFailed"
+            ),
+            Group::Payments => matches!(event_type, "OrderConfirmed" | "OrderCancelled"),
+            Group::Shipments => event_type == "OrderPaid",
+            Group::Orders => matches!(
+                event_type,
+                "InventoryReserved"
+                    | "InventoryReservationFailed"
+                    | "PaymentProcessed"
+                    | "PaymentFailed"
+                    | "ShipmentCreated"
+                    | "ShipmentDelivered"
+            ),
+        }
+    }
+
+    pub async fn handle(
+        self,
+        wf: &Workflow,
+        env: &Envelope,
+        event: &DomainEvent,
+        attempt: u32,
+        ack: Option<(&str, &str)>,
+    ) -> Result<Option<Committed>, WorkflowError> {
+        match self {
+            Group::Inventory => inventory::on_event(wf, env, event, ack).await,
+            Group::Payments => payments::on_event(wf, env, event, attempt, ack).await,
+            Group::Shipments => shipments::on_event(wf, env, event, ack).await,
+            Group::Orders => orders::on_event(wf, env, event, ack).await,
+        }
+    }
+}
+
+/// Settings of the consumer groups.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    pub consumer: String,
+    pub workers: usize,
+    pub retry_base: Duration,
+    pub reclaim_idle: Duration,
+    pub redis_url: String,
+    pub redis_timeout: Duration,
+}
+
+/// Creates the group at the stream's start unless it exists (it may have been copied
+/// from the peer region, with its position: that one is kept).
+pub async fn ensure_group(store: &Store, group: Group) -> Result<(), StoreError> {
+    let created: Result<String, StoreError> = store
+        .query(
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(keys::EVENTS)
+                .arg(group.name())
+                .arg("0")
+                .arg("MKSTREAM"),
+        )
+        .await;
+    match created {
+        Ok(_) => Ok(()),
+        Err(StoreError::Redis(msg)) if msg.contains("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Starts every group's reader and workers; they stop when `stop` turns true, after
+/// finishing the entries already handed to workers.
+pub fn start(wf: Workflow, cfg: BusConfig, stop: watch::Receiver<bool>) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    for group in Group::ALL {
+        let mut senders = Vec::new();
+        for _ in 0..cfg.workers {
+            let (tx, rx) = mpsc::channel::<Entry>(BATCH);
+            senders.push(tx);
+            tasks.spawn(worker(wf.clone(), cfg.clone(), group, rx, stop.clone()));
+        }
+        tasks.spawn(reader(
+            wf.clone(),
+            cfg.clone(),
+            group,
+            senders,
+            stop.clone(),
+        ));
+    }
+    tasks
+}
+
+async fn reader(
+    wf: Workflow,
+    cfg: BusConfig,
+    group: Group,
+    workers: Vec<mpsc::Sender<Entry>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Blocking reads get their own connection: a blocked XREADGROUP would hold up
+    // every other command multiplexed on the shared one.
+    let blocking = match Store::connect(
+        &cfg.redis_url,
+        cfg.redis_timeout + Duration::from_millis(BLOCK_MS),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(group = group.name(), error = %e, "cannot create the reader's Redis connection");
+            return;
+        }
+    };
+    let mut roles = wf.roles.subscribe();
+    let mut group_ready = false;
+    // After (re)starting to read, this consumer's own pending entries come first:
+    // those it held before a restart, or took over at a promotion.
+    let mut backlog: Option<String> = Some("0".into());
+    let mut last_reclaim = Instant::now();
+    let mut failures = 0u32;
+    while !*stop.borrow() {
+        if !wf.roles.current().writable() {
+            group_ready = false;
+            backlog = Some("0".into());
+            tokio::select! {
+                _ = roles.changed() => {}
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            continue;
+        }
+        let step = async {
+            if !group_ready {
+                ensure_group(&wf.store, group).await?;
+                group_ready = true;
+            }
+            let mut entries = Vec::new();
+            if last_reclaim.elapsed() >= cfg.reclaim_idle / 2 {
+                last_reclaim = Instant::now();
+                entries.extend(reclaim(&wf.store, group, &cfg).await?);
+            }
+            if let Some(after) = &backlog {
+                // Paged by id: pending entries stay pending until handled, so reading
+                // from "0" again would hand them out twice.
+                let own = read_group(&blocking, group, &cfg.consumer, after).await?;
+                backlog = own.last().map(|e| e.id.clone());
+                entries.extend(own);
+            } else {
+                entries.extend(read_group(&blocking, group, &cfg.consumer, ">").await?);
+            }
+            Ok::<_, StoreError>(entries)
+        };
+        let entries = tokio::select! {
+            r = step => r,
+            _ = stop.changed() => break,
+        };
+        match entries {
+            Ok(entries) => {
+                failures = 0;
+                dispatch(&wf, group, entries, &workers).await;
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(50) {
+                    tracing::warn!(group = group.name(), error = %e, failures, "reading the event stream failed; retrying");
+                }
+                if matches!(&e, StoreError::Redis(m) if m.contains("NOGROUP")) {
+                    group_ready = false;
+                }
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(10)))).await;
+            }
+        }
+    }
+}
+
+/// XREADGROUP from `from`: `>` for new entries, `0` for this consumer's pending ones.
+async fn read_group(
+    blocking: &Store,
+    group: Group,
+    consumer: &str,
+    from: &str,
+) -> Result<Vec<Entry>, StoreError> {
+    let reply: Option<redis::streams::StreamReadReply> = blocking
+        .query(
+            redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(group.name())
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(BATCH)
+                .arg("BLOCK")
+                .arg(BLOCK_MS)
+                .arg("STREAMS")
+                .arg(keys::EVENTS)
+                .arg(from),
+        )
+        .await?;
+    Ok(reply
+        .map(|r| {
+            r.keys
+                .into_iter()
+                .flat_map(|k| k.ids)
+                .map(Entry::from)
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Takes over entries a consumer has held for longer than `reclaim_idle`.
+async fn reclaim(store: &Store, group: Group, cfg: &BusConfig) -> Result<Vec<Entry>, StoreError> {
+    let reply: redis::streams::StreamAutoClaimReply = store
+        .query(
+            redis::cmd("XAUTOCLAIM")
+                .arg(keys::EVENTS)
+                .arg(group.name())
+                .arg(&cfg.consumer)
+                .arg(cfg.reclaim_idle.as_millis() as u64)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(BATCH),
+        )
+        .await?;
+    if !reply.claimed.is_empty() {
+        tracing::info!(
+            group = group.name(),
+            count = reply.claimed.len(),
+            "reclaimed entries of an idle consumer"
+        );
+    }
+    Ok(reply.claimed.into_iter().map(Entry::from).collect())
+}
+
+async fn dispatch(
+    wf: &Workflow,
+    group: Group,
+    entries: Vec<Entry>,
+    workers: &[mpsc::Sender<Entry>],
+) {
+    let mut skipped = Vec::new();
+    for entry in entries {
+        let wanted = entry
+            .field_str(eventlog::envelope::FIELD_TYPE)
+            .is_none_or(|t| group.wants(t));
+        if !wanted {
+            skipped.push(entry.id);
+            continue;
+        }
+        // Route by aggregate so one order's events are handled in order.
+        let aggregate = entry.envelope().map(|e| e.aggregate_id).unwrap_or_default();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        aggregate.hash(&mut h);
+        let idx = (h.finish() as usize) % workers.len();
+        if workers[idx].send(entry).await.is_err() {
+            return;
+        }
+    }
+    if !skipped.is_empty() {
+        // Not acknowledged on failure: the entries are redelivered and skipped again.
+        let acked: Result<i64, _> = wf
+            .store
+            .query(
+                redis::cmd("XACK")
+                    .arg(keys::EVENTS)
+                    .arg(group.name())
+                    .arg(&skipped),
+            )
+            .await;
+        if let Err(e) = acked {
+            tracing::debug!(group = group.name(), error = %e, "could not acknowledge skipped entries");
+        }
+    }
+}
+
+async fn worker(
+    wf: Workflow,
+    cfg: BusConfig,
+    group: Group,
+    mut rx: mpsc::Receiver<Entry>,
+    stop: watch::Receiver<bool>,
+) {
+    while let Some(entry) = rx.recv().await {
+        handle_entry(&wf, &cfg, group, entry, &stop).await;
+    }
+}
+
+async fn handle_entry(
+    wf: &Workflow,
+    cfg: &BusConfig,
+    group: Group,
+    entry: Entry,
+    stop: &watch::Receiver<bool>,
+) {
+    let started = Instant::now();
+    let m = &wf.metrics;
+    let parsed = entry.envelope().map_err(|e| e.to_string()).and_then(|env| {
+        DomainEvent::from_envelope(&env)
+            .map(|ev| (env, ev))
+            .map_err(|e| e.to_string())
+    });
+    let (env, event) = match parsed {
+        Ok(p) => p,
+        Err(reason) => {
+            let ty = entry
+                .field_str(eventlog::envelope::FIELD_TYPE)
+                .unwrap_or("unknown")
+                .to_string();
+            park(wf, group, &entry, &ty, None, &reason, 0, stop).await;
+            return;
+        }
+    };
+    let ty = env.event_type.as_str();
+    let mut attempt = 1;
+    let outcome = loop {
+        let result = group
+            .handle(wf, &env, &event, attempt, Some((group.name(), &entry.id)))
+            .await;
+        let err = match result {
+            Ok(Some(_)) => break "ok",
+            Ok(None) => match wf
+                .store
+                .query::<i64>(
+                    redis::cmd("XACK")
+                        .arg(keys::EVENTS)
+                        .arg(group.name())
+                        .arg(&entry.id),
+                )
+                .await
+            {
+                Ok(_) => break "skipped",
+                Err(e) => WorkflowError::Store(e),
+            },
+            Err(e) => e,
+        };
+        match err.retry() {
+            Retry::Backoff if attempt < MAX_ATTEMPTS => {
+                m.events_handled
+                    .with_label_values(&[group.name(), ty, "retried"])
+                    .inc();
+                tracing::info!(group = group.name(), event_type = ty, order = %env.aggregate_id, attempt, error = %err, "handler failed; will retry");
+                tokio::time::sleep(backoff(cfg.retry_base, attempt)).await;
+                attempt += 1;
+            }
+            Retry::Backoff | Retry::Never => {
+                park(
+                    wf,
+                    group,
+                    &entry,
+                    ty,
+                    Some(&env),
+                    &err.to_string(),
+                    attempt,
+                    stop,
+                )
+                .await;
+                break "dead_lettered";
+            }
+            Retry::WhenRedisBack => {
+                if *stop.borrow() {
+                    break "abandoned";
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Retry::Abandon => break "abandoned",
+        }
+    };
+    m.events_handled
+        .with_label_values(&[group.name(), ty, outcome])
+        .inc();
+    m.handler_duration
+        .with_label_values(&[group.name()])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// Exponential backoff with ±50% jitter, so retries of many entries do not align.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1 << (attempt - 1).min(10));
+    exp.mul_f64(0.5 + rand::random::<f64>())
+}
+
+/// Moves an entry to the dead-letter stream and acknowledges it, atomically.
+#[allow(clippy::too_many_arguments)]
+async fn park(
+    wf: &Workflow,
+    group: Group,
+    entry: &Entry,
+    event_type: &str,
+    env: Option<&Envelope>,
+    reason: &str,
+    attempts: u32,
+    stop: &watch::Receiver<bool>,
+) {
+    tracing::warn!(group = group.name(), entry = %entry.id, event_type, reason, attempts, "dead-lettering entry");
+    let event = entry
+        .field_str(eventlog::envelope::FIELD_EVENT)
+        .unwrap_or("")
+        .to_string();
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .cmd("XADD")
+        .arg(keys::DLQ)
+        .arg("*")
+        .arg("group")
+        .arg(group.name())
+        .arg("entryId")
+        .arg(&entry.id)
+        .arg("eventId")
+        .arg(env.map(|e| e.event_id.as_str()).unwrap_or(""))
+        .arg("eventType")
+        .arg(event_type)
+        .arg("error")
+        .arg(reason)
+        .arg("attempts")
+        .arg(attempts)
+        .arg("at")
+        .arg(eventlog::time::rfc3339_ms(eventlog::time::now_ms()))
+        .arg("event")
+        .arg(event)
+        .ignore()
+        .cmd("XACK")
+        .arg(keys::EVENTS)
+        .arg(group.name())
+        .arg(&entry.id)
+        .ignore()
+        .cmd("HINCRBY")
+        .arg(keys::DLQ_COUNTS)
+        .arg(group.name())
+        .arg(1)
+        .ignore();
+    loop {
+        match wf.store.query_pipe::<()>(&pipe).await {
+            Ok(()) => return,
+            Err(e) if *stop.borrow() => {
+                tracing::warn!(error = %e, "could not dead-letter during shutdown; the entry stays pending");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not dead-letter yet; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// One dead-letter entry, as `GET /admin/dlq` shows it.
+pub fn dlq_view(entry: &Entry) -> serde_json::Value {
+    let event: serde_json::Value = entry
+        .field_str("event")
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or(serde_json::Value::Null);
+    serde_json::json!({
+        "id": entry.id,
+        "group": entry.field_str("group"),
+        "entryId": entry.field_str("entryId"),
+        "eventId": entry.field_str("eventId"),
+        "eventType": entry.field_str("eventType"),
+        "error": entry.field_str("error"),
+        "attempts": entry.field_str("attempts").and_then(|a| a.parse::<u32>().ok()),
+        "at": entry.field_str("at"),
+        "event": event,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("dead-letter entry {0} not found")]
+    NotFound(String),
+    #[error("dead-letter entry {0} cannot be replayed: {1}")]
+    Unreadable(String, String),
+    #[error("replay failed: {0}")]
+    Failed(WorkflowError),
+}
+
+/// Runs a parked entry's handler once more; on success the entry leaves the DLQ.
+pub async fn replay(wf: &Workflow, dlq_id: &str) -> Result<serde_json::Value, ReplayError> {
+    let entries = wf
+        .store
+        .xrange(keys::DLQ, dlq_id, dlq_id, 1)
+        .await
+        .map_err(|e| ReplayError::Failed(e.into()))?;
+    let entry = entries
+        .into_iter()
+        .next()
+        .ok_or_else(|| ReplayError::NotFound(dlq_id.to_string()))?;
+    let unreadable = |why: String| ReplayError::Unreadable(dlq_id.to_string(), why);
+    let group = entry
+        .field_str("group")
+        .and_then(Group::parse)
+        .ok_or_else(|| unreadable("unknown group".into()))?;
+    let env: Envelope = entry
+        .field_str("event")
+        .ok_or_else(|| unreadable("no event".into()))
+        .and_then(|s| serde_json::from_str(s).map_err(|e| unreadable(e.to_string())))?;
+    let event = DomainEvent::from_envelope(&env).map_err(|e| unreadable(e.to_string()))?;
+    let attempts = entry
+        .field_str("attempts")
+        .and_then(|a| a.parse::<u32>().ok())
+        .unwrap_or(0);
+    let outcome = group
+        .handle(wf, &env, &event, attempts + 1, None)
+        .await
+        .map_err(ReplayError::Failed)?;
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .cmd("XDEL")
+        .arg(keys::DLQ)
+        .arg(dlq_id)
+        .ignore()
+        .cmd("HINCRBY")
+        .arg(keys::DLQ_COUNTS)
+        .arg(group.name())
+        .arg(-1)
+        .ignore();
+    wf.store
+        .query_pipe::<()>(&pipe)
+        .await
+        .map_err(|e| ReplayError::Failed(e.into()))?;
+    wf.metrics
+        .events_handled
+        .with_label_values(&[group.name(), &env.event_type, "replayed"])
+        .inc();
+    Ok(serde_json::json!({
+        "id": dlq_id,
+        "group": group.name(),
+        "eventId": env.event_id,
+        "outcome": if outcome.is_some() { "handled" } else { "nothing_to_do" },
+    }))
+}
+
+/// Refreshes the gauges that are read from Redis: lag, dead letters, orders by status.
+pub async fn refresh_gauges(wf: &Workflow) -> Result<(), StoreError> {
+    let m = &wf.metrics;
+    let groups: Result<Vec<HashMap<String, Value>>, StoreError> = wf
+        .store
+        .query(redis::cmd("XINFO").arg("GROUPS").arg(keys::EVENTS))
+        .await;
+    if let Ok(groups) = groups {
+        for g in groups {
+            let name = g
+                .get("name")
+                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                .unwrap_or_default();
+            let num = |k: &str| {
+                g.get(k)
+                    .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
+                    .unwrap_or(0)
+            };
+            m.consumer_lag
+                .with_label_values(&[&name])
+                .set((num("lag") + num("pending")) as f64);
+        }
+    }
+    let dlq: HashMap<String, i64> = wf
+        .store
+        .query(redis::cmd("HGETALL").arg(keys::DLQ_COUNTS))
+        .await?;
+    for group in Group::ALL {
+        m.dead_letters
+            .with_label_values(&[group.name()])
+            .set(*dlq.get(group.name()).unwrap_or(&0) as f64);
+    }
+    let counts: HashMap<String, i64> = wf
+        .store
+        .query(redis::cmd("HGETALL").arg(keys::ORDER_COUNTS))
+        .await?;
+    for status in crate::orders::Status::ALL {
+        m.orders
+            .with_label_values(&[status.as_str()])
+            .set(*counts.get(status.as_str()).unwrap_or(&0) as f64);
+    }
+    Ok(())
+}

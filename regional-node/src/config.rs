@@ -1,0 +1,113 @@
+//! Typed configuration: defaults, then an optional TOML file, then `NODE_*` variables.
+
+use eventlog::{RegionId, Role};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledge after the local write (RPO = replication lag).
+    Async,
+    /// Acknowledge an order only once the standby holds it (RPO = 0 for acked orders).
+    Replicated,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// NODE_REGION: this region's id.
+    pub region: RegionId,
+    /// NODE_LISTEN
+    pub listen: SocketAddr,
+    /// NODE_REDIS_URL
+    pub redis_url: String,
+    /// NODE_PEER_REDIS_URL: the other region's Redis, read for fencing and durability.
+    pub peer_redis_url: Option<String>,
+    /// NODE_ROLE: seeds the role only when Redis holds none.
+    pub role: Role,
+    /// NODE_DURABILITY
+    pub durability: Durability,
+    /// NODE_ADMIN_TOKEN: bearer token for /admin/*; unset: admin only from loopback.
+    pub admin_token: Option<String>,
+    /// NODE_REDIS_TIMEOUT_MS: longest wait for one Redis call before answering 503.
+    pub redis_timeout_ms: u64,
+    /// NODE_RECLAIM_IDLE_MS: pending entries idle this long are taken from their
+    /// (presumably dead) consumer. Must exceed the longest handling incl. retries.
+    pub reclaim_idle_ms: u64,
+    /// NODE_RETRY_BASE_MS: first backoff of a failed handler attempt (doubles, jittered).
+    pub retry_base_ms: u64,
+    /// NODE_HANDLER_CONCURRENCY: workers per consumer group; one aggregate always goes
+    /// to the same worker, so its events are handled in order.
+    pub handler_concurrency: usize,
+    /// NODE_REPLICATED_TIMEOUT_MS: longest wait for the standby in `replicated` mode.
+    pub replicated_timeout_ms: u64,
+    /// NODE_SHUTDOWN_GRACE_MS: how long SIGTERM waits for in-flight work.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder()
+            .set_default("listen", "127.0.0.1:8081")
+            .and_then(|b| b.set_default("redis_url", "redis://127.0.0.1:6379"))
+            .and_then(|b| b.set_default("role", "standby"))
+            .and_then(|b| b.set_default("durability", "async"))
+            .and_then(|b| b.set_default("redis_timeout_ms", 1000))
+            .and_then(|b| b.set_default("reclaim_idle_ms", 10_000))
+            .and_then(|b| b.set_default("retry_base_ms", 100))
+            .and_then(|b| b.set_default("handler_concurrency", 8))
+            .and_then(|b| b.set_default("replicated_timeout_ms", 2000))
+            .and_then(|b| b.set_default("shutdown_grace_ms", 10_000))
+            .map_err(|e| ConfigError(e.to_string()))?;
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let cfg: Config = builder
+            .add_source(
+                config::Environment::with_prefix("NODE")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError(explain(e)))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.redis_url.starts_with("redis://") && !self.redis_url.starts_with("rediss://") {
+            return Err(ConfigError(format!(
+                "redis_url (NODE_REDIS_URL) must be a redis:// URL, got {:?}",
+                self.redis_url
+            )));
+        }
+        if self.handler_concurrency == 0 || self.handler_concurrency > 256 {
+            return Err(ConfigError(
+                "handler_concurrency (NODE_HANDLER_CONCURRENCY) must be 1-256".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+}
+
+/// Names the environment variable next to the key the `config` crate complains about.
+fn explain(e: config::ConfigError) -> String {
+    let msg = e.to_string();
+    if let Some(start) = msg.find("missing field `") {
+        let key = msg[start + 15..].split('`').next().unwrap_or("");
+        return format!("missing `{key}`: set NODE_{}", key.to_uppercase());
+    }
+    msg
+}

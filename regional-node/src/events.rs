@@ -1,0 +1,355 @@
+//! The domain events of the order workflow (DESIGN.md section 2) and how they sit in
+//! the canonical [`Envelope`].
+//!
+//! Every workflow event of one order (orders, inventory, payments, shipments) belongs to
+//! the order's aggregate: it carries the order id as `aggregateId` and the next number
+//! of the order's `sequence`, so one order's saga is totally ordered, also across a
+//! failover. `aggregateType` names the module that emitted it. Products are their own
+//! aggregate (`ProductUpserted`).
+//!
+//! Events are self-describing: each carries every id and item it affects, so the
+//! projection can apply it without reading anything but the keys it names.
+
+use eventlog::{Envelope, ENVELOPE_VERSION};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "eventType", content = "payload")]
+pub enum DomainEvent {
+    ProductUpserted(ProductUpserted),
+    OrderPlaced(OrderPlaced),
+    InventoryReserved(InventoryChange),
+    InventoryReservationFailed(InventoryReservationFailed),
+    OrderConfirmed(OrderRef),
+    OrderRejected(OrderReason),
+    PaymentProcessed(PaymentProcessed),
+    PaymentFailed(PaymentFailed),
+    OrderPaid(OrderPaid),
+    OrderPaymentFailed(OrderReason),
+    ShipmentCreated(ShipmentCreated),
+    OrderShipped(OrderShipped),
+    ShipmentDispatched(ShipmentRef),
+    ShipmentDelivered(ShipmentRef),
+    OrderDelivered(OrderRef),
+    OrderCancelled(OrderCancelled),
+    InventoryReleased(InventoryChange),
+    PaymentRefunded(PaymentProcessed),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProductUpserted {
+    pub sku: String,
+    pub name: String,
+    pub price: i64,
+    pub currency: String,
+    pub stock: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LineItem {
+    pub sku: String,
+    pub quantity: i64,
+    pub unit_price: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ItemQuantity {
+    pub sku: String,
+    pub quantity: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderPlaced {
+    pub order_id: String,
+    pub customer_id: String,
+    pub items: Vec<LineItem>,
+    pub amount: i64,
+    pub currency: String,
+    pub shipping_address: String,
+    pub payment_token: String,
+    /// Stored with the order so a retried POST finds its first answer, in either region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Fingerprint of the request body that used the key: same key, other body -> 409.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_hash: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InventoryChange {
+    pub order_id: String,
+    pub items: Vec<ItemQuantity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Shortage {
+    pub sku: String,
+    pub requested: i64,
+    pub available: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InventoryReservationFailed {
+    pub order_id: String,
+    pub reason: String,
+    pub items: Vec<Shortage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderRef {
+    pub order_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderReason {
+    pub order_id: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentProcessed {
+    pub order_id: String,
+    pub payment_id: String,
+    pub amount: i64,
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentFailed {
+    pub order_id: String,
+    pub payment_id: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderPaid {
+    pub order_id: String,
+    pub payment_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShipmentCreated {
+    pub order_id: String,
+    pub shipment_id: String,
+    pub tracking_number: String,
+    pub carrier: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderShipped {
+    pub order_id: String,
+    pub shipment_id: String,
+    pub tracking_number: String,
+    pub carrier: String,
+    /// Shipping moves these quantities out of stock and out of the reservation.
+    pub items: Vec<ItemQuantity>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShipmentRef {
+    pub order_id: String,
+    pub shipment_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderCancelled {
+    pub order_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub previous_status: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("event {event_id} ({event_type}) has an unreadable payload: {source}")]
+pub struct UnknownEvent {
+    pub event_id: String,
+    pub event_type: String,
+    #[source]
+    pub source: serde_json::Error,
+}
+
+impl DomainEvent {
+    pub fn event_type(&self) -> &'static str {
+        use DomainEvent::*;
+        match self {
+            ProductUpserted(_) => "ProductUpserted",
+            OrderPlaced(_) => "OrderPlaced",
+            InventoryReserved(_) => "InventoryReserved",
+            InventoryReservationFailed(_) => "InventoryReservationFailed",
+            OrderConfirmed(_) => "OrderConfirmed",
+            OrderRejected(_) => "OrderRejected",
+            PaymentProcessed(_) => "PaymentProcessed",
+            PaymentFailed(_) => "PaymentFailed",
+            OrderPaid(_) => "OrderPaid",
+            OrderPaymentFailed(_) => "OrderPaymentFailed",
+            ShipmentCreated(_) => "ShipmentCreated",
+            OrderShipped(_) => "OrderShipped",
+            ShipmentDispatched(_) => "ShipmentDispatched",
+            ShipmentDelivered(_) => "ShipmentDelivered",
+            OrderDelivered(_) => "OrderDelivered",
+            OrderCancelled(_) => "OrderCancelled",
+            InventoryReleased(_) => "InventoryReleased",
+            PaymentRefunded(_) => "PaymentRefunded",
+        }
+    }
+
+    /// The module that emits the event; it is the envelope's `aggregateType`.
+    pub fn aggregate_type(&self) -> &'static str {
+        use DomainEvent::*;
+        match self {
+            ProductUpserted(_) => "product",
+            InventoryReserved(_) | InventoryReservationFailed(_) | InventoryReleased(_) => {
+                "inventory"
+            }
+            PaymentProcessed(_) | PaymentFailed(_) | PaymentRefunded(_) => "payment",
+            ShipmentCreated(_) | ShipmentDispatched(_) | ShipmentDelivered(_) => "shipment",
+            _ => "order",
+        }
+    }
+
+    /// The aggregate the event belongs to: the sku for products, else the order id.
+    pub fn aggregate_id(&self) -> &str {
+        use DomainEvent::*;
+        match self {
+            ProductUpserted(p) => &p.sku,
+            OrderPlaced(e) => &e.order_id,
+            InventoryReserved(e) | InventoryReleased(e) => &e.order_id,
+            InventoryReservationFailed(e) => &e.order_id,
+            OrderConfirmed(e) | OrderDelivered(e) => &e.order_id,
+            OrderRejected(e) | OrderPaymentFailed(e) => &e.order_id,
+            PaymentProcessed(e) | PaymentRefunded(e) => &e.order_id,
+            PaymentFailed(e) => &e.order_id,
+            OrderPaid(e) => &e.order_id,
+            ShipmentCreated(e) => &e.order_id,
+            OrderShipped(e) => &e.order_id,
+            ShipmentDispatched(e) | ShipmentDelivered(e) => &e.order_id,
+            OrderCancelled(e) => &e.order_id,
+        }
+    }
+
+    /// Reads the payload of an envelope. Unknown event types are an error the caller
+    /// decides about (a projection skips them; schema changes are additive).
+    pub fn from_envelope(env: &Envelope) -> Result<DomainEvent, UnknownEvent> {
+        let tagged = serde_json::json!({ "eventType": env.event_type, "payload": env.payload });
+        serde_json::from_value(tagged).map_err(|source| UnknownEvent {
+            event_id: env.event_id.clone(),
+            event_type: env.event_type.clone(),
+            source,
+        })
+    }
+
+    fn payload(&self) -> serde_json::Value {
+        let mut tagged = serde_json::to_value(self).expect("events always serialise");
+        tagged
+            .get_mut("payload")
+            .map(serde_json::Value::take)
+            .unwrap_or_default()
+    }
+}
+
+/// Where an event came from: the request or the event that caused it.
+#[derive(Debug, Clone)]
+pub struct Cause {
+    pub correlation_id: String,
+    pub causation_id: String,
+    pub traceparent: Option<String>,
+}
+
+impl Cause {
+    /// A command from an HTTP request: the request id correlates the whole saga.
+    pub fn request(request_id: &str, traceparent: Option<String>) -> Cause {
+        Cause {
+            correlation_id: request_id.to_string(),
+            causation_id: request_id.to_string(),
+            traceparent,
+        }
+    }
+
+    /// A reaction to an event: same correlation, caused by that event.
+    pub fn event(env: &Envelope) -> Cause {
+        Cause {
+            correlation_id: env.correlation_id.clone(),
+            causation_id: env.event_id.clone(),
+            traceparent: env.traceparent.clone(),
+        }
+    }
+}
+
+/// Who writes: stamped into every envelope so a failover can tell epochs apart.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    pub region: String,
+    pub epoch: u64,
+}
+
+/// Wraps events for one aggregate whose last sequence is `last_sequence`.
+pub fn envelopes(
+    events: Vec<DomainEvent>,
+    last_sequence: u64,
+    cause: &Cause,
+    writer: &Writer,
+) -> Vec<(Envelope, DomainEvent)> {
+    let now = eventlog::time::rfc3339_ms(eventlog::time::now_ms());
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| {
+            let env = Envelope {
+                event_id: uuid::Uuid::new_v4().to_string(),
+                event_type: event.event_type().to_string(),
+                aggregate_id: event.aggregate_id().to_string(),
+                aggregate_type: event.aggregate_type().to_string(),
+                sequence: last_sequence + 1 + i as u64,
+                occurred_at: now.clone(),
+                version: ENVELOPE_VERSION,
+                correlation_id: cause.correlation_id.clone(),
+                causation_id: cause.causation_id.clone(),
+                region: writer.region.clone(),
+                epoch: writer.epoch,
+                traceparent: cause.traceparent.clone(),
+                payload: event.payload(),
+            };
+            (env, event)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_round_trips_through_the_envelope() {
+        let ev = DomainEvent::OrderConfirmed(OrderRef {
+            order_id: "o-1".into(),
+        });
+        let cause = Cause::request("r-1", None);
+        let writer = Writer {
+            region: "a".into(),
+            epoch: 2,
+        };
+        let (env, _) = envelopes(vec![ev.clone()], 1, &cause, &writer).remove(0);
+        assert_eq!(env.sequence, 2);
+        assert_eq!(env.event_type, "OrderConfirmed");
+        assert_eq!(env.payload, serde_json::json!({"orderId": "o-1"}));
+        assert_eq!(DomainEvent::from_envelope(&env).unwrap(), ev);
+    }
+}

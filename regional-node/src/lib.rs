@@ -1,0 +1,35 @@
+//! One region's order workflow on Redis Streams.
+//!
+//! # Layout
+//! - [`app`]: builds the node from its config and runs it until stopped.
+//! - [`config`]: typed configuration (`NODE_*`).
+//! - [`api`]: the HTTP API of API.md.
+//! - [`events`]: the domain events and their envelope.
+//! - [`orders`], [`inventory`], [`payments`], [`shipments`]: the modules of the
+//!   workflow: their state, commands and consumer-group handlers.
+//! - [`projections`]: the one pure `apply(state, event)` all derived state comes from.
+//! - [`workflow`]: decide -> apply -> commit, and the errors and retry policy.
+//! - [`store`]: Redis access and the atomic commit script.
+//! - [`bus`]: consumer groups, retries, dead letters, reclaiming.
+//! - [`projector`]: standby projection and rebuild from the event stream.
+//! - [`roles`], [`promotion`]: role, epoch, lease fencing and promotion.
+//! - [`metrics`], [`telemetry`]: Prometheus metrics and logs.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod bus;
+pub mod config;
+pub mod events;
+pub mod inventory;
+pub mod metrics;
+pub mod orders;
+pub mod payments;
+pub mod projections;
+pub mod projector;
+pub mod promotion;
+pub mod roles;
+pub mod shipments;
+pub mod store;
+pub mod telemetry;
+pub mod workflow;

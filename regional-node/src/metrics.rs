@@ -1,0 +1,123 @@
+//! The node's Prometheus metrics (names fixed by API.md).
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub events_appended: IntCounterVec,
+    pub events_handled: IntCounterVec,
+    pub handler_duration: HistogramVec,
+    pub consumer_lag: GaugeVec,
+    pub dead_letters: GaugeVec,
+    pub role: GaugeVec,
+    pub epoch: IntGauge,
+    pub orders: GaugeVec,
+    pub redis_up: Gauge,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                labels,
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let metrics = Metrics {
+            http_requests: counter(
+                "tandem_node_http_requests_total",
+                "HTTP requests by route template, method and status",
+                &["route", "method", "status"],
+            ),
+            http_duration: histogram(
+                "tandem_node_http_request_duration_seconds",
+                "HTTP request latency by route template",
+                &["route"],
+            ),
+            events_appended: counter(
+                "tandem_node_events_appended_total",
+                "Events appended to the region's event stream",
+                &["event_type"],
+            ),
+            events_handled: counter(
+                "tandem_node_events_handled_total",
+                "Stream entries handled by consumer groups; outcome: ok, skipped, retried, dead_lettered",
+                &["group", "event_type", "outcome"],
+            ),
+            handler_duration: histogram(
+                "tandem_node_handler_duration_seconds",
+                "Time to handle one stream entry, retries included",
+                &["group"],
+            ),
+            consumer_lag: gauge(
+                "tandem_node_consumer_lag",
+                "Entries of the event stream a group has not finished (undelivered + pending)",
+                &["group"],
+            ),
+            dead_letters: gauge(
+                "tandem_node_dead_letters",
+                "Entries parked in the dead-letter stream, by group",
+                &["group"],
+            ),
+            role: gauge("tandem_node_role", "1 for the region's current role", &["role"]),
+            epoch: IntGauge::new("tandem_node_epoch", "The region's current epoch").expect("valid metric"),
+            orders: gauge("tandem_node_orders", "Orders by status (derived state)", &["status"]),
+            redis_up: Gauge::new("tandem_node_redis_up", "1 when the region's Redis answered the last probe")
+                .expect("valid metric"),
+            registry,
+        };
+        metrics
+            .registry
+            .register(Box::new(metrics.epoch.clone()))
+            .expect("unique metric");
+        metrics
+            .registry
+            .register(Box::new(metrics.redis_up.clone()))
+            .expect("unique metric");
+        metrics
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding never fails");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

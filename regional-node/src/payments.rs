@@ -1,0 +1,116 @@
+//! Payments: the simulated payment provider and the `payments` consumer group that
+//! charges confirmed orders and refunds cancelled ones.
+//!
+//! The provider's outcome is decided by the test token (API.md), so every failure
+//! path is reachable from outside without mocks inside the code.
+
+use crate::events::*;
+use crate::orders::{load_order, PaymentState, Status};
+use crate::workflow::{Committed, Decision, Workflow, WorkflowError};
+use eventlog::{keys, Envelope};
+
+/// What the provider said about a charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Charge {
+    Approved,
+    Declined(&'static str),
+}
+
+/// The simulated provider. `attempt` counts from 1 for each delivery of the step.
+/// A real provider would be called with the order id as its idempotency key, so that
+/// a charge repeated after a crash (before our commit) is not taken twice.
+pub fn charge(token: &str, attempt: u32) -> Result<Charge, WorkflowError> {
+    match token {
+        "tok_ok" => Ok(Charge::Approved),
+        "tok_decline" => Ok(Charge::Declined("card_declined")),
+        "tok_flaky" if attempt <= 1 => Err(WorkflowError::Provider(
+            "provider timed out (tok_flaky, first attempt)".into(),
+        )),
+        "tok_flaky" => Ok(Charge::Approved),
+        "tok_error" => Err(WorkflowError::Provider("provider error (tok_error)".into())),
+        _ => Ok(Charge::Declined("invalid_token")),
+    }
+}
+
+/// Payment ids are derived from the order: one order, one payment, whichever node
+/// or region charges it.
+pub fn payment_id(order_id: &str) -> String {
+    format!("pay_{}", order_id.replace('-', ""))
+}
+
+/// The `payments` group.
+pub async fn on_event(
+    wf: &Workflow,
+    env: &Envelope,
+    event: &DomainEvent,
+    attempt: u32,
+    ack: Option<(&str, &str)>,
+) -> Result<Option<Committed>, WorkflowError> {
+    let order_id = event.aggregate_id().to_string();
+    wf.execute(
+        vec![keys::order(&order_id)],
+        &Cause::event(env),
+        ack,
+        |tx| {
+            let Some(order) = load_order(tx, &order_id)? else {
+                return Ok(Decision::Nothing);
+            };
+            let next = match event {
+                DomainEvent::OrderConfirmed(_)
+                    if order.status == Status::Confirmed && order.payment.is_none() =>
+                {
+                    let payment_id = payment_id(&order_id);
+                    match charge(&order.payment_token, attempt)? {
+                        Charge::Approved => DomainEvent::PaymentProcessed(PaymentProcessed {
+                            order_id: order_id.clone(),
+                            payment_id,
+                            amount: order.amount,
+                            currency: order.currency.clone(),
+                        }),
+                        Charge::Declined(reason) => DomainEvent::PaymentFailed(PaymentFailed {
+                            order_id: order_id.clone(),
+                            payment_id,
+                            reason: reason.into(),
+                        }),
+                    }
+                }
+                DomainEvent::OrderCancelled(_)
+                    if order.payment == Some(PaymentState::Processed) =>
+                {
+                    DomainEvent::PaymentRefunded(PaymentProcessed {
+                        order_id: order_id.clone(),
+                        payment_id: order
+                            .payment_id
+                            .clone()
+                            .unwrap_or_else(|| payment_id(&order_id)),
+                        amount: order.amount,
+                        currency: order.currency.clone(),
+                    })
+                }
+                _ => return Ok(Decision::Nothing),
+            };
+            Ok(Decision::Emit {
+                last_sequence: order.version,
+                events: vec![next],
+            })
+        },
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_decide_the_outcome() {
+        assert_eq!(charge("tok_ok", 1).unwrap(), Charge::Approved);
+        assert_eq!(
+            charge("tok_decline", 1).unwrap(),
+            Charge::Declined("card_declined")
+        );
+        assert!(charge("tok_flaky", 1).is_err());
+        assert_eq!(charge("tok_flaky", 2).unwrap(), Charge::Approved);
+        assert!(charge("tok_error", 3).is_err());
+    }
+}

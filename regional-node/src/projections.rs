@@ -1,0 +1,343 @@
+//! The one pure `apply(state, event)` that derives all state from events.
+//!
+//! It runs in three places and must give the same bytes in each: at command time in
+//! the active region (the new state is written with the event in one atomic step), on
+//! replicated events in the standby, and in `POST /admin/rebuild`. It therefore reads
+//! nothing but the event and the keys the event names ([`keys_for`]), and never the
+//! clock or randomness.
+
+use crate::events::DomainEvent;
+use crate::inventory::Product;
+use crate::orders::{HistoryEntry, InventoryHold, Order, PaymentState, ShipmentState, Status};
+use eventlog::{keys, Envelope};
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+/// Derived state as string keys and values, plus commutative counters.
+pub trait State {
+    /// The current value of a key. A key the caller did not load is a bug, reported as
+    /// [`ApplyError::NotLoaded`] rather than read as absent.
+    fn get(&self, key: &str) -> Result<Option<&str>, ApplyError>;
+    fn put(&mut self, key: &str, value: String);
+    /// Counters are added to, never compared, so concurrent commits need not conflict.
+    fn incr(&mut self, key: &str, field: &str, delta: i64);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("key {0} was not loaded before apply")]
+    NotLoaded(String),
+    #[error("stored value of {key} is not valid: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("event {event_type} refers to order {order_id}, which does not exist")]
+    MissingOrder {
+        event_type: &'static str,
+        order_id: String,
+    },
+}
+
+pub fn get_json<T: DeserializeOwned>(
+    state: &impl State,
+    key: &str,
+) -> Result<Option<T>, ApplyError> {
+    match state.get(key)? {
+        None => Ok(None),
+        Some(raw) => serde_json::from_str(raw)
+            .map(Some)
+            .map_err(|source| ApplyError::Corrupt {
+                key: key.to_string(),
+                source,
+            }),
+    }
+}
+
+fn put_json<T: Serialize>(state: &mut impl State, key: &str, value: &T) {
+    state.put(
+        key,
+        serde_json::to_string(value).expect("state always serialises"),
+    );
+}
+
+/// Every key `apply` reads or writes for this event (counters excluded).
+pub fn keys_for(event: &DomainEvent) -> Vec<String> {
+    use DomainEvent::*;
+    let mut keys = Vec::new();
+    if let ProductUpserted(p) = event {
+        keys.push(keys::product(&p.sku));
+        return keys;
+    }
+    keys.push(keys::order(event.aggregate_id()));
+    match event {
+        OrderPlaced(e) => {
+            if let Some(k) = &e.idempotency_key {
+                keys.push(keys::idempotency(k));
+            }
+        }
+        InventoryReserved(e) | InventoryReleased(e) => {
+            keys.extend(e.items.iter().map(|i| keys::product(&i.sku)));
+        }
+        OrderShipped(e) => keys.extend(e.items.iter().map(|i| keys::product(&i.sku))),
+        ShipmentCreated(e) => keys.push(keys::shipment(&e.shipment_id)),
+        _ => {}
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// Applies one event. Idempotence is the caller's business (commits are guarded by
+/// compare-and-set, projections by a cursor); apply itself just folds.
+pub fn apply(
+    state: &mut impl State,
+    env: &Envelope,
+    event: &DomainEvent,
+) -> Result<(), ApplyError> {
+    use DomainEvent::*;
+    if let ProductUpserted(p) = event {
+        let key = keys::product(&p.sku);
+        let reserved = get_json::<Product>(state, &key)?
+            .map(|old| old.reserved)
+            .unwrap_or(0);
+        let product = Product {
+            sku: p.sku.clone(),
+            name: p.name.clone(),
+            price: p.price,
+            currency: p.currency.clone(),
+            stock: p.stock,
+            reserved,
+            version: env.sequence,
+        };
+        put_json(state, &key, &product);
+        return Ok(());
+    }
+
+    let order_key = keys::order(event.aggregate_id());
+    let mut order = match event {
+        OrderPlaced(e) => {
+            if let Some(k) = &e.idempotency_key {
+                let first = serde_json::json!({
+                    "orderId": e.order_id,
+                    "requestHash": e.request_hash,
+                    "status": Status::Pending,
+                    "amount": e.amount,
+                    "currency": e.currency,
+                    "region": env.region,
+                });
+                put_json(state, &keys::idempotency(k), &first);
+            }
+            Order::placed(e, env)
+        }
+        _ => get_json::<Order>(state, &order_key)?.ok_or_else(|| ApplyError::MissingOrder {
+            event_type: event.event_type(),
+            order_id: event.aggregate_id().to_string(),
+        })?,
+    };
+    let before = if matches!(event, OrderPlaced(_)) {
+        None
+    } else {
+        Some(order.status)
+    };
+
+    match event {
+        ProductUpserted(_) | OrderPlaced(_) => {}
+        InventoryReserved(e) => {
+            order.inventory = Some(InventoryHold::Reserved);
+            adjust_products(state, &e.items, 0, 1)?;
+        }
+        InventoryReservationFailed(_) => order.inventory = Some(InventoryHold::Failed),
+        InventoryReleased(e) => {
+            order.inventory = Some(InventoryHold::Released);
+            adjust_products(state, &e.items, 0, -1)?;
+        }
+        OrderConfirmed(_) => order.status = Status::Confirmed,
+        OrderRejected(_) => order.status = Status::Rejected,
+        PaymentProcessed(e) => {
+            order.payment = Some(PaymentState::Processed);
+            order.payment_id = Some(e.payment_id.clone());
+        }
+        PaymentFailed(e) => {
+            order.payment = Some(PaymentState::Failed);
+            order.payment_id = Some(e.payment_id.clone());
+        }
+        PaymentRefunded(_) => order.payment = Some(PaymentState::Refunded),
+        OrderPaid(_) => order.status = Status::Paid,
+        OrderPaymentFailed(_) => order.status = Status::PaymentFailed,
+        ShipmentCreated(e) => {
+            order.shipment = Some(ShipmentState::Created);
+            order.shipment_id = Some(e.shipment_id.clone());
+            order.tracking_number = Some(e.tracking_number.clone());
+            order.carrier = Some(e.carrier.clone());
+            state.put(&keys::shipment(&e.shipment_id), e.order_id.clone());
+        }
+        OrderShipped(e) => {
+            order.status = Status::Shipped;
+            order.inventory = Some(InventoryHold::Shipped);
+            adjust_products(state, &e.items, -1, -1)?;
+        }
+        ShipmentDispatched(_) => order.shipment = Some(ShipmentState::Dispatched),
+        ShipmentDelivered(_) => order.shipment = Some(ShipmentState::Delivered),
+        OrderDelivered(_) => order.status = Status::Delivered,
+        OrderCancelled(_) => order.status = Status::Cancelled,
+    }
+
+    order.version = env.sequence;
+    order.updated_at = env.occurred_at.clone();
+    if before != Some(order.status) {
+        order.history.push(HistoryEntry {
+            status: order.status,
+            at: env.occurred_at.clone(),
+            event_id: env.event_id.clone(),
+        });
+        if let Some(old) = before {
+            state.incr(keys::ORDER_COUNTS, old.as_str(), -1);
+        }
+        state.incr(keys::ORDER_COUNTS, order.status.as_str(), 1);
+    }
+    put_json(state, &order_key, &order);
+    Ok(())
+}
+
+/// Moves quantities: `stock_sign` and `reserved_sign` say which way each count goes.
+fn adjust_products(
+    state: &mut impl State,
+    items: &[crate::events::ItemQuantity],
+    stock_sign: i64,
+    reserved_sign: i64,
+) -> Result<(), ApplyError> {
+    for item in items {
+        let key = keys::product(&item.sku);
+        // A product is only ever created by ProductUpserted; an inventory event for an
+        // unknown one can only come from a corrupted log, so it is skipped, not invented.
+        if let Some(mut p) = get_json::<Product>(state, &key)? {
+            p.stock += stock_sign * item.quantity;
+            p.reserved += reserved_sign * item.quantity;
+            put_json(state, &key, &p);
+        }
+    }
+    Ok(())
+}
+
+/// The whole derived state in memory: what a rebuild computes before writing it.
+#[derive(Debug, Default)]
+pub struct MemState {
+    pub values: BTreeMap<String, String>,
+    pub counters: BTreeMap<String, BTreeMap<String, i64>>,
+    /// eventId -> stream entry id (the event index).
+    pub event_index: HashMap<String, String>,
+    /// aggregate id -> its stream entry ids, oldest first.
+    pub aggregates: HashMap<String, Vec<String>>,
+    pub cursor: Option<String>,
+}
+
+impl State for MemState {
+    fn get(&self, key: &str) -> Result<Option<&str>, ApplyError> {
+        Ok(self.values.get(key).map(String::as_str))
+    }
+    fn put(&mut self, key: &str, value: String) {
+        self.values.insert(key.to_string(), value);
+    }
+    fn incr(&mut self, key: &str, field: &str, delta: i64) {
+        *self
+            .counters
+            .entry(key.to_string())
+            .or_default()
+            .entry(field.to_string())
+            .or_default() += delta;
+    }
+}
+
+impl MemState {
+    /// Folds one stream entry, indexing it the way the commit script does.
+    pub fn apply_entry(&mut self, id: &str, env: &Envelope) -> Result<(), ApplyError> {
+        self.event_index
+            .insert(env.event_id.clone(), id.to_string());
+        self.aggregates
+            .entry(env.aggregate_id.clone())
+            .or_default()
+            .push(id.to_string());
+        self.cursor = Some(id.to_string());
+        match DomainEvent::from_envelope(env) {
+            Ok(event) => apply(self, env, &event),
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping an event this version does not know");
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::*;
+
+    fn env_for(event: &DomainEvent, seq: u64) -> Envelope {
+        let cause = Cause::request("r", None);
+        let writer = Writer {
+            region: "a".into(),
+            epoch: 1,
+        };
+        envelopes(vec![event.clone()], seq - 1, &cause, &writer)
+            .remove(0)
+            .0
+    }
+
+    #[test]
+    fn reservation_and_shipping_move_stock() {
+        let mut s = MemState::default();
+        let up = DomainEvent::ProductUpserted(ProductUpserted {
+            sku: "W".into(),
+            name: "Widget".into(),
+            price: 1000,
+            currency: "USD".into(),
+            stock: 10,
+        });
+        apply(&mut s, &env_for(&up, 1), &up).unwrap();
+        let placed = DomainEvent::OrderPlaced(OrderPlaced {
+            order_id: "o".into(),
+            customer_id: "c".into(),
+            items: vec![LineItem {
+                sku: "W".into(),
+                quantity: 3,
+                unit_price: 1000,
+            }],
+            amount: 3000,
+            currency: "USD".into(),
+            shipping_address: "x".into(),
+            payment_token: "tok_ok".into(),
+            idempotency_key: None,
+            request_hash: None,
+        });
+        apply(&mut s, &env_for(&placed, 1), &placed).unwrap();
+        let items = vec![ItemQuantity {
+            sku: "W".into(),
+            quantity: 3,
+        }];
+        let reserved = DomainEvent::InventoryReserved(InventoryChange {
+            order_id: "o".into(),
+            items: items.clone(),
+            reason: None,
+        });
+        apply(&mut s, &env_for(&reserved, 2), &reserved).unwrap();
+        let p: Product = get_json(&s, "tandem:product:W").unwrap().unwrap();
+        assert_eq!((p.stock, p.reserved), (10, 3));
+        let shipped = DomainEvent::OrderShipped(OrderShipped {
+            order_id: "o".into(),
+            shipment_id: "s".into(),
+            tracking_number: "TRK1".into(),
+            carrier: "UPS".into(),
+            items,
+        });
+        apply(&mut s, &env_for(&shipped, 3), &shipped).unwrap();
+        let p: Product = get_json(&s, "tandem:product:W").unwrap().unwrap();
+        assert_eq!((p.stock, p.reserved), (7, 0));
+        let o: Order = get_json(&s, "tandem:order:o").unwrap().unwrap();
+        assert_eq!(o.status, Status::Shipped);
+        assert_eq!(o.version, 3);
+        assert_eq!(s.counters[keys::ORDER_COUNTS]["SHIPPED"], 1);
+        assert_eq!(s.counters[keys::ORDER_COUNTS]["PENDING"], 0);
+    }
+}

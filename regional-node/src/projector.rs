@@ -1,0 +1,237 @@
+//! Derived state from the event log: the standby's projector (applies replicated
+//! events as they arrive, so its read models stay warm) and the rebuild from scratch.
+
+use crate::events::DomainEvent;
+use crate::projections::{apply, keys_for, MemState};
+use crate::roles::Roles;
+use crate::store::{Entry, Store, StoreError, Tx};
+use eventlog::{keys, roles::fields, Role};
+use std::time::Duration;
+use tokio::sync::watch;
+
+const BATCH: usize = 256;
+
+/// While the region is standby, applies every new entry of the event stream to the
+/// derived state, once (the cursor is compared and moved in the same script).
+pub async fn run_standby(
+    store: Store,
+    blocking: Store,
+    roles: Roles,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut role_rx = roles.subscribe();
+    let mut failures = 0u32;
+    while !*stop.borrow() {
+        let role = roles.current();
+        if !role.known || role.role == Role::Active || role.paused {
+            tokio::select! {
+                _ = role_rx.changed() => {}
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            continue;
+        }
+        let step = tokio::select! {
+            r = project_batch(&store, &blocking) => r,
+            _ = stop.changed() => break,
+        };
+        match step {
+            Ok(_) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(50) {
+                    tracing::warn!(error = %e, "standby projection failed; retrying");
+                }
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(10)))).await;
+            }
+        }
+    }
+}
+
+/// Applies the next batch after the cursor; returns how many entries were applied.
+pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, StoreError> {
+    let cursor = store.get(keys::PROJECTION_CURSOR).await?;
+    let reply: Option<redis::streams::StreamReadReply> = blocking
+        .query(
+            redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(BATCH)
+                .arg("BLOCK")
+                .arg(500)
+                .arg("STREAMS")
+                .arg(keys::EVENTS)
+                .arg(cursor.as_deref().unwrap_or("0-0")),
+        )
+        .await?;
+    let entries: Vec<Entry> = reply
+        .map(|r| {
+            r.keys
+                .into_iter()
+                .flat_map(|k| k.ids)
+                .map(Entry::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut cursor = cursor;
+    let mut applied = 0;
+    for entry in entries {
+        let env = match entry.envelope() {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::error!(entry = %entry.id, error = %e, "unreadable entry in the event stream; skipping it");
+                let _: () = store
+                    .query(
+                        redis::cmd("SET")
+                            .arg(keys::PROJECTION_CURSOR)
+                            .arg(&entry.id),
+                    )
+                    .await?;
+                cursor = Some(entry.id);
+                continue;
+            }
+        };
+        let mut tx = Tx::new();
+        match DomainEvent::from_envelope(&env) {
+            Ok(event) => {
+                tx.load(store, keys_for(&event)).await?;
+                if let Err(e) = apply(&mut tx, &env, &event) {
+                    tracing::error!(entry = %entry.id, error = %e, "cannot apply a replicated event; skipping it");
+                    tx = Tx::new();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping an event type this version does not know")
+            }
+        }
+        if !store
+            .apply_entry(&tx, &entry.id, &env, cursor.as_deref())
+            .await?
+        {
+            // Another projector moved the cursor: start again from where it is now.
+            return Ok(applied);
+        }
+        cursor = Some(entry.id);
+        applied += 1;
+    }
+    Ok(applied)
+}
+
+/// Rebuilds all derived state from the event stream, byte for byte what the live
+/// commits produced. Writes are paused meanwhile (commits wait); reads may see the
+/// state disappear and come back while it runs.
+pub async fn rebuild(store: &Store) -> Result<RebuildReport, StoreError> {
+    let _: i64 = store
+        .query(
+            redis::cmd("HSET")
+                .arg(keys::ROLE)
+                .arg(fields::PAUSED)
+                .arg("1"),
+        )
+        .await?;
+    let result = rebuild_paused(store).await;
+    // Unpause even when the rebuild failed: a half-written state is no worse than a
+    // stuck region, and a second rebuild repairs it.
+    let unpaused: Result<i64, _> = store
+        .query(redis::cmd("HDEL").arg(keys::ROLE).arg(fields::PAUSED))
+        .await;
+    let report = result?;
+    unpaused?;
+    Ok(report)
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildReport {
+    pub events: usize,
+    pub keys: usize,
+}
+
+async fn rebuild_paused(store: &Store) -> Result<RebuildReport, StoreError> {
+    let mut state = MemState::default();
+    let mut start = "-".to_string();
+    let mut events = 0;
+    loop {
+        let batch = store.xrange(keys::EVENTS, &start, "+", 5000).await?;
+        let Some(last) = batch.last() else { break };
+        start = format!("({}", last.id);
+        for entry in &batch {
+            match entry.envelope() {
+                Ok(env) => state.apply_entry(&entry.id, &env)?,
+                Err(e) => {
+                    tracing::error!(entry = %entry.id, error = %e, "unreadable entry skipped by rebuild")
+                }
+            }
+            events += 1;
+        }
+    }
+
+    for pattern in keys::DERIVED_PATTERNS {
+        let mut cursor = 0u64;
+        loop {
+            let (next, found): (u64, Vec<String>) = store
+                .query(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(*pattern)
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await?;
+            if !found.is_empty() {
+                let _: i64 = store.query(redis::cmd("UNLINK").arg(&found)).await?;
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+    }
+
+    let mut cmds: Vec<redis::Cmd> = Vec::new();
+    for (key, value) in &state.values {
+        cmds.push(redis::cmd("SET").arg(key).arg(value).clone());
+    }
+    for (key, counters) in &state.counters {
+        for (field, n) in counters {
+            cmds.push(redis::cmd("HSET").arg(key).arg(field).arg(n).clone());
+        }
+    }
+    for (event_id, id) in &state.event_index {
+        cmds.push(
+            redis::cmd("HSET")
+                .arg(keys::EVENT_INDEX)
+                .arg(event_id)
+                .arg(id)
+                .clone(),
+        );
+    }
+    for (aggregate, ids) in &state.aggregates {
+        cmds.push(
+            redis::cmd("RPUSH")
+                .arg(keys::aggregate(aggregate))
+                .arg(ids)
+                .clone(),
+        );
+    }
+    if let Some(cursor) = &state.cursor {
+        cmds.push(
+            redis::cmd("SET")
+                .arg(keys::PROJECTION_CURSOR)
+                .arg(cursor)
+                .clone(),
+        );
+    }
+    let written = state.values.len() + state.counters.len() + state.aggregates.len() + 1;
+    for chunk in cmds.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for cmd in chunk {
+            pipe.add_command(cmd.clone()).ignore();
+        }
+        let _: () = store.query_pipe(&pipe).await?;
+    }
+    Ok(RebuildReport {
+        events,
+        keys: written,
+    })
+}

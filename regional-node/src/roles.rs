@@ -1,0 +1,269 @@
+//! The region's role and epoch as this node sees them, and the transitions an
+//! operator or the gateway asks for (DESIGN.md section 4).
+//!
+//! Redis holds the truth (`tandem:role`); the commit script checks it on every write.
+//! This module keeps a cached copy that is refreshed every [`POLL`] so handlers know
+//! when to run, and adds the lease: once the gateway has granted one, a node whose
+//! lease lapsed fences itself unless the peer's Redis confirms that no higher epoch
+//! exists or is about to begin.
+
+use crate::store::{Store, StoreError};
+use eventlog::{keys, roles::fields, Role};
+use redis::Script;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+const POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoleState {
+    /// False until Redis has been read once.
+    pub known: bool,
+    pub role: Role,
+    pub epoch: u64,
+    pub paused: bool,
+    /// Lease lapsed and the peer could not vouch for us: no writes, no handlers.
+    pub fenced: bool,
+}
+
+impl RoleState {
+    pub fn writable(&self) -> bool {
+        self.known && self.role == Role::Active && !self.fenced
+    }
+
+    pub fn describe(&self) -> String {
+        match (self.known, self.fenced) {
+            (false, _) => "unknown".into(),
+            (true, true) => format!("{} (fenced)", self.role),
+            (true, false) => self.role.to_string(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Lease {
+    /// Set once the gateway grants a lease; from then on the lease is enforced.
+    enforced: bool,
+    until: Option<Instant>,
+}
+
+#[derive(Clone)]
+pub struct Roles {
+    store: Store,
+    peer: Option<Store>,
+    tx: Arc<watch::Sender<RoleState>>,
+    lease: Arc<Mutex<Lease>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    #[error("epoch {requested} is stale: the region is at epoch {stored}")]
+    StaleEpoch { requested: u64, stored: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Roles {
+    pub fn new(store: Store, peer: Option<Store>) -> Roles {
+        let initial = RoleState {
+            known: false,
+            role: Role::Standby,
+            epoch: 0,
+            paused: false,
+            fenced: false,
+        };
+        let (tx, _) = watch::channel(initial);
+        Roles {
+            store,
+            peer,
+            tx: Arc::new(tx),
+            lease: Arc::new(Mutex::new(Lease {
+                enforced: false,
+                until: None,
+            })),
+        }
+    }
+
+    pub fn current(&self) -> RoleState {
+        *self.tx.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<RoleState> {
+        self.tx.subscribe()
+    }
+
+    /// Stores `role` (active at epoch 1, standby at epoch 0) unless a role is stored.
+    pub async fn seed(&self, role: Role) -> Result<(), StoreError> {
+        let epoch = if role == Role::Active { 1 } else { 0 };
+        let cmd = redis::cmd("EVAL")
+            .arg("if redis.call('HEXISTS', KEYS[1], 'role') == 0 then redis.call('HSET', KEYS[1], 'role', ARGV[1], 'epoch', ARGV[2]) end return 1")
+            .arg(1)
+            .arg(keys::ROLE)
+            .arg(role.as_str())
+            .arg(epoch)
+            .clone();
+        let _: i64 = self.store.query(&cmd).await?;
+        Ok(())
+    }
+
+    /// Reads the role from Redis now and publishes it.
+    pub async fn refresh(&self) -> RoleState {
+        let mut state = self.current();
+        match self.store.role().await {
+            Ok(Some(r)) => {
+                state.known = true;
+                state.role = r.role;
+                state.epoch = r.epoch.0;
+                state.paused = r.paused;
+                let enforced = self.lease.lock().expect("lease lock").enforced;
+                if !enforced {
+                    if let Ok(Some(_)) = self
+                        .store
+                        .query::<Option<String>>(redis::cmd("HGET").arg(keys::ROLE).arg("fencing"))
+                        .await
+                    {
+                        // A restarted node must not write on an old grant: wait for a lease.
+                        self.lease.lock().expect("lease lock").enforced = true;
+                    }
+                }
+            }
+            Ok(None) => state.known = false,
+            Err(e) => {
+                tracing::debug!(error = %e, "role refresh failed; keeping the last known role")
+            }
+        }
+        state.fenced = state.role == Role::Active
+            && self.lease_lapsed()
+            && !self.peer_vouches(state.epoch).await;
+        self.tx.send_if_modified(|old| {
+            let changed = *old != state;
+            if changed && (old.role != state.role || old.epoch != state.epoch || old.fenced != state.fenced) {
+                tracing::info!(role = %state.role, epoch = state.epoch, fenced = state.fenced, "role changed");
+            }
+            *old = state;
+            changed
+        });
+        state
+    }
+
+    /// Refreshes the role until `stop` is set.
+    pub async fn watch(self, mut stop: watch::Receiver<bool>) {
+        loop {
+            self.refresh().await;
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    fn lease_lapsed(&self) -> bool {
+        let lease = self.lease.lock().expect("lease lock");
+        lease.enforced && lease.until.is_none_or(|until| Instant::now() >= until)
+    }
+
+    /// True when the peer's Redis shows no epoch above ours and no promotion intent
+    /// above ours. Unreachable peer or no peer configured: no confirmation.
+    async fn peer_vouches(&self, epoch: u64) -> bool {
+        let Some(peer) = &self.peer else { return false };
+        let role = peer.role().await;
+        let intent: Result<Option<String>, _> = peer
+            .query(redis::cmd("HGET").arg(keys::PROMOTION_INTENT).arg("epoch"))
+            .await;
+        match (role, intent) {
+            (Ok(role), Ok(intent)) => {
+                let peer_epoch = role.map(|r| r.epoch.0).unwrap_or(0);
+                let intent_epoch = intent.and_then(|e| e.parse::<u64>().ok()).unwrap_or(0);
+                peer_epoch <= epoch && intent_epoch <= epoch
+            }
+            _ => false,
+        }
+    }
+
+    /// Renews the lease of the active region at `epoch` for `ttl`.
+    pub async fn grant_lease(&self, epoch: u64, ttl: Duration) -> Result<RoleState, RoleError> {
+        let stored = self.store.role().await?.ok_or(RoleError::StaleEpoch {
+            requested: epoch,
+            stored: 0,
+        })?;
+        if stored.epoch.0 != epoch || stored.role != Role::Active {
+            return Err(RoleError::StaleEpoch {
+                requested: epoch,
+                stored: stored.epoch.0,
+            });
+        }
+        let first = {
+            let mut lease = self.lease.lock().expect("lease lock");
+            lease.until = Some(Instant::now() + ttl);
+            let first = !lease.enforced;
+            lease.enforced = true;
+            first
+        };
+        if first {
+            let _: i64 = self
+                .store
+                .query(
+                    redis::cmd("HSET")
+                        .arg(keys::ROLE)
+                        .arg("fencing")
+                        .arg("lease"),
+                )
+                .await?;
+        }
+        Ok(self.refresh().await)
+    }
+
+    pub fn lease_remaining(&self) -> Option<Duration> {
+        let lease = self.lease.lock().expect("lease lock");
+        lease
+            .until
+            .map(|u| u.saturating_duration_since(Instant::now()))
+    }
+
+    /// Stores `role` at `epoch` if the epoch is allowed: a promotion needs an epoch above
+    /// the stored one (or the same, when already active: a repeated call), a demotion
+    /// one at least as high.
+    pub async fn transition(&self, role: Role, epoch: u64) -> Result<RoleState, RoleError> {
+        let mut inv = SET_ROLE.prepare_invoke();
+        inv.key(keys::ROLE).arg(role.as_str()).arg(epoch);
+        let reply: Vec<String> = self.store.invoke(&inv).await?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => {
+                if role == Role::Active {
+                    // A fresh promotion starts unfenced; the gateway's next probe renews.
+                    let mut lease = self.lease.lock().expect("lease lock");
+                    if lease.enforced {
+                        lease.until = Some(Instant::now() + Duration::from_secs(2));
+                    }
+                }
+                Ok(self.refresh().await)
+            }
+            _ => Err(RoleError::StaleEpoch {
+                requested: epoch,
+                stored: reply.get(1).and_then(|s| s.parse().ok()).unwrap_or(0),
+            }),
+        }
+    }
+}
+
+static SET_ROLE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+local cur = redis.call('HMGET', KEYS[1], '{role}', '{epoch}')
+local stored = tonumber(cur[2] or '0')
+local want = tonumber(ARGV[2])
+local ok
+if ARGV[1] == 'active' then
+  ok = want > stored or (want == stored and cur[1] == 'active')
+else
+  ok = want >= stored
+end
+if not ok then return {{'stale', tostring(stored)}} end
+redis.call('HSET', KEYS[1], '{role}', ARGV[1], '{epoch}', ARGV[2])
+return {{'ok'}}
+"#,
+        role = fields::ROLE,
+        epoch = fields::EPOCH
+    ))
+});

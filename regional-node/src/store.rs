@@ -1,0 +1,483 @@
+//! Redis access for one region: loading state, the atomic commit, the projector's
+//! apply step, and reads of the event log.
+//!
+//! Every write of the workflow goes through [`Store::commit`]: one Lua script that
+//! checks the region is active at the writer's epoch, checks that every key the
+//! decision was based on is unchanged (compare-and-set on the whole value), then
+//! appends the events, writes the state they imply, indexes them and acknowledges
+//! the consumed entry. The stream is the outbox, so there is no dual write; a
+//! concurrent writer's commit makes ours fail with [`CommitOutcome::Conflict`], and
+//! the caller decides again on fresh state.
+
+use crate::events::DomainEvent;
+use crate::projections::{ApplyError, State};
+use eventlog::{keys, roles::fields, Envelope, RoleRecord};
+use redis::aio::ConnectionManager;
+use redis::streams::StreamId as RedisEntry;
+use redis::{FromRedisValue, Script, Value};
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis cannot be reached or did not answer in time: retry later, answer 503.
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    /// Redis answered with an error: a bug or corrupted data, not worth retrying soon.
+    #[error("redis error: {0}")]
+    Redis(String),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        if e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+        {
+            StoreError::Unavailable(e.to_string())
+        } else {
+            StoreError::Redis(e.to_string())
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    /// Upper bound on any one call, so a request fails fast when Redis is gone.
+    timeout: Duration,
+}
+
+impl Store {
+    /// Connects lazily: the node starts (and reports not ready) while Redis is down,
+    /// and the manager reconnects by itself when it returns.
+    pub fn connect(url: &str, timeout: Duration) -> Result<Store, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| StoreError::Redis(e.to_string()))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout.min(Duration::from_millis(500))))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Store { conn, timeout })
+    }
+
+    /// Runs one command under the store's timeout.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    pub async fn query_pipe<T: FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    /// Runs a Lua script (EVALSHA, loading it on first use) under the store's timeout.
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, inv.invoke_async::<T>(&mut conn)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let _: String = self.query(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.query(redis::cmd("GET").arg(key)).await
+    }
+
+    pub async fn role(&self) -> Result<Option<RoleRecord>, StoreError> {
+        let values: Vec<Option<String>> = self
+            .query(
+                redis::cmd("HMGET")
+                    .arg(keys::ROLE)
+                    .arg(fields::ROLE)
+                    .arg(fields::EPOCH)
+                    .arg(fields::PAUSED),
+            )
+            .await?;
+        RoleRecord::from_hmget(&values).map_err(StoreError::Redis)
+    }
+
+    /// The id of the last entry of the event stream ("0-0" when empty).
+    pub async fn last_event_id(&self) -> Result<String, StoreError> {
+        let entries: Vec<(String, Value)> = self
+            .query(
+                redis::cmd("XREVRANGE")
+                    .arg(keys::EVENTS)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await?;
+        Ok(entries
+            .into_iter()
+            .next()
+            .map(|(id, _)| id)
+            .unwrap_or_else(|| "0-0".into()))
+    }
+
+    /// Appends events and the state they imply in one atomic step (see the module doc).
+    pub async fn commit(
+        &self,
+        tx: &Tx,
+        events: &[(Envelope, DomainEvent)],
+        epoch: u64,
+        ack: Option<(&str, &str)>,
+    ) -> Result<CommitOutcome, StoreError> {
+        let mut inv = COMMIT.prepare_invoke();
+        inv.key(keys::ROLE)
+            .key(keys::EVENTS)
+            .key(keys::EVENT_INDEX)
+            .key(keys::PROJECTION_CURSOR);
+        // Every key read is compared; a key only written (never read) is just set.
+        let mut guarded: Vec<(&String, Option<&Option<String>>)> =
+            tx.reads.iter().map(|(k, v)| (k, Some(v))).collect();
+        guarded.extend(
+            tx.writes
+                .keys()
+                .filter(|k| !tx.reads.contains_key(*k))
+                .map(|k| (k, None)),
+        );
+        let (group, ack_id) = ack.unwrap_or(("", ""));
+        inv.arg(epoch.to_string())
+            .arg(guarded.len())
+            .arg(events.len())
+            .arg(tx.incrs.len())
+            .arg(group)
+            .arg(ack_id);
+        for (key, expected) in &guarded {
+            inv.key(key.as_str());
+            match expected {
+                None => inv.arg("n").arg(""),
+                Some(None) => inv.arg("a").arg(""),
+                Some(Some(v)) => inv.arg("v").arg(v.as_str()),
+            };
+            match tx.writes.get(key.as_str()) {
+                Some(new) => inv.arg("1").arg(new.as_str()),
+                None => inv.arg("0").arg(""),
+            };
+        }
+        for (env, _) in events {
+            inv.key(keys::aggregate(&env.aggregate_id));
+            let [(_, ty), (_, json)] = env.to_fields();
+            inv.arg(env.event_id.as_str()).arg(ty).arg(json);
+        }
+        for (key, field, delta) in &tx.incrs {
+            inv.key(key.as_str());
+            inv.arg(field.as_str()).arg(*delta);
+        }
+        let reply: Vec<Value> = self.invoke(&inv).await?;
+        CommitOutcome::parse(reply)
+    }
+
+    /// The projector's step: writes the state one replicated entry implies, if the
+    /// cursor still stands where the caller read it (so two projectors never both apply).
+    pub async fn apply_entry(
+        &self,
+        tx: &Tx,
+        entry_id: &str,
+        env: &Envelope,
+        expected_cursor: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let mut inv = APPLY.prepare_invoke();
+        inv.key(keys::PROJECTION_CURSOR)
+            .key(keys::EVENT_INDEX)
+            .key(keys::aggregate(&env.aggregate_id));
+        inv.arg(expected_cursor.unwrap_or(""))
+            .arg(entry_id)
+            .arg(env.event_id.as_str());
+        inv.arg(tx.writes.len()).arg(tx.incrs.len());
+        for (key, value) in &tx.writes {
+            inv.key(key.as_str());
+            inv.arg(value.as_str());
+        }
+        for (key, field, delta) in &tx.incrs {
+            inv.key(key.as_str());
+            inv.arg(field.as_str()).arg(*delta);
+        }
+        let reply: Vec<Value> = self.invoke(&inv).await?;
+        Ok(
+            matches!(reply.first(), Some(Value::SimpleString(s)) if s == "ok")
+                || matches!(reply.first(), Some(Value::BulkString(b)) if b == b"ok"),
+        )
+    }
+
+    /// Reads entries `[start, end]` of a stream (ids or `-`/`+`/`(id`).
+    pub async fn xrange(
+        &self,
+        stream: &str,
+        start: &str,
+        end: &str,
+        count: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let reply: redis::streams::StreamRangeReply = self
+            .query(
+                redis::cmd("XRANGE")
+                    .arg(stream)
+                    .arg(start)
+                    .arg(end)
+                    .arg("COUNT")
+                    .arg(count),
+            )
+            .await?;
+        Ok(reply.ids.into_iter().map(Entry::from).collect())
+    }
+}
+
+/// What a commit did.
+#[derive(Debug, PartialEq)]
+pub enum CommitOutcome {
+    /// Appended; the stream ids of the events, in order.
+    Committed(Vec<String>),
+    /// A key changed since it was read: decide again on fresh state.
+    Conflict(String),
+    /// The region is not active at the writer's epoch: never write.
+    NotActive { role: String, epoch: String },
+    /// Derived state is being rebuilt: wait and try again.
+    Paused,
+}
+
+impl CommitOutcome {
+    fn parse(reply: Vec<Value>) -> Result<CommitOutcome, StoreError> {
+        let strings: Vec<String> = reply
+            .into_iter()
+            .map(|v| String::from_redis_value(v).map_err(|e| StoreError::Redis(e.to_string())))
+            .collect::<Result<_, _>>()?;
+        let mut it = strings.into_iter();
+        match it.next().as_deref() {
+            Some("ok") => Ok(CommitOutcome::Committed(it.collect())),
+            Some("conflict") => Ok(CommitOutcome::Conflict(it.next().unwrap_or_default())),
+            Some("not_active") => Ok(CommitOutcome::NotActive {
+                role: it.next().unwrap_or_default(),
+                epoch: it.next().unwrap_or_default(),
+            }),
+            Some("paused") => Ok(CommitOutcome::Paused),
+            other => Err(StoreError::Redis(format!(
+                "commit script answered {other:?}"
+            ))),
+        }
+    }
+}
+
+/// One stream entry with its fields.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: String,
+    pub fields: Vec<(String, Vec<u8>)>,
+}
+
+impl From<RedisEntry> for Entry {
+    fn from(e: RedisEntry) -> Entry {
+        let mut fields: Vec<(String, Vec<u8>)> = e
+            .map
+            .into_iter()
+            .map(|(k, v)| {
+                let bytes = match v {
+                    Value::BulkString(b) => b,
+                    Value::SimpleString(s) => s.into_bytes(),
+                    other => format!("{other:?}").into_bytes(),
+                };
+                (k, bytes)
+            })
+            .collect();
+        fields.sort();
+        Entry { id: e.id, fields }
+    }
+}
+
+impl Entry {
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    pub fn field_str(&self, name: &str) -> Option<&str> {
+        self.field(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    pub fn envelope(&self) -> Result<Envelope, eventlog::envelope::DecodeError> {
+        Envelope::from_fields(self.fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+}
+
+/// A unit of work: the values read (compared at commit) and the values to write.
+#[derive(Debug, Default)]
+pub struct Tx {
+    reads: BTreeMap<String, Option<String>>,
+    /// Values read for information only (the availability pre-check): not compared at
+    /// commit, so a place-order does not conflict with every reservation of its SKUs.
+    peeks: BTreeMap<String, Option<String>>,
+    writes: BTreeMap<String, String>,
+    incrs: Vec<(String, String, i64)>,
+}
+
+impl Tx {
+    pub fn new() -> Tx {
+        Tx::default()
+    }
+
+    /// Loads the keys not read yet, in one round trip.
+    pub async fn load<I, S>(&mut self, store: &Store, keys: I) -> Result<(), StoreError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let missing: Vec<String> = keys
+            .into_iter()
+            .map(Into::into)
+            .filter(|k| !self.reads.contains_key(k))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let values: Vec<Option<String>> = store.query(redis::cmd("MGET").arg(&missing)).await?;
+        self.reads.extend(missing.into_iter().zip(values));
+        Ok(())
+    }
+
+    /// Loads keys that the commit must not compare (see `peeks`).
+    pub async fn peek<I, S>(&mut self, store: &Store, keys: I) -> Result<(), StoreError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let missing: Vec<String> = keys
+            .into_iter()
+            .map(Into::into)
+            .filter(|k| !self.reads.contains_key(k) && !self.peeks.contains_key(k))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let values: Vec<Option<String>> = store.query(redis::cmd("MGET").arg(&missing)).await?;
+        self.peeks.extend(missing.into_iter().zip(values));
+        Ok(())
+    }
+
+    /// Values written so far, for the projector (which does not compare).
+    pub fn writes(&self) -> &BTreeMap<String, String> {
+        &self.writes
+    }
+}
+
+impl State for Tx {
+    fn get(&self, key: &str) -> Result<Option<&str>, ApplyError> {
+        if let Some(v) = self.writes.get(key) {
+            return Ok(Some(v));
+        }
+        match self.reads.get(key).or_else(|| self.peeks.get(key)) {
+            Some(v) => Ok(v.as_deref()),
+            None => Err(ApplyError::NotLoaded(key.to_string())),
+        }
+    }
+    fn put(&mut self, key: &str, value: String) {
+        self.writes.insert(key.to_string(), value);
+    }
+    fn incr(&mut self, key: &str, field: &str, delta: i64) {
+        self.incrs.push((key.to_string(), field.to_string(), delta));
+    }
+}
+
+/// KEYS: role, events, event index, cursor, then one per guarded key, one aggregate
+/// index per event, one per counter. ARGV: epoch, #guarded, #events, #counters,
+/// ack group, ack id, then (mode, expected, write?, value) per guarded key,
+/// (eventId, type, json) per event, (field, delta) per counter.
+static COMMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local role = redis.call('HMGET', KEYS[1], 'role', 'epoch', 'paused')
+if role[1] ~= 'active' or role[2] ~= ARGV[1] then
+  return {'not_active', tostring(role[1]), tostring(role[2])}
+end
+if role[3] == '1' then return {'paused'} end
+local ng, ne, nc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local a = 7
+for i = 1, ng do
+  local cur = redis.call('GET', KEYS[4 + i])
+  if ARGV[a] == 'a' then
+    if cur then return {'conflict', KEYS[4 + i]} end
+  elseif ARGV[a] == 'v' and cur ~= ARGV[a + 1] then
+    return {'conflict', KEYS[4 + i]}
+  end
+  a = a + 4
+end
+a = 7
+for i = 1, ng do
+  if ARGV[a + 2] == '1' then redis.call('SET', KEYS[4 + i], ARGV[a + 3]) end
+  a = a + 4
+end
+local out = {'ok'}
+for j = 1, ne do
+  local id = redis.call('XADD', KEYS[2], '*', 'type', ARGV[a + 1], 'event', ARGV[a + 2])
+  redis.call('HSET', KEYS[3], ARGV[a], id)
+  redis.call('RPUSH', KEYS[4 + ng + j], id)
+  out[#out + 1] = id
+  a = a + 3
+end
+for k = 1, nc do
+  redis.call('HINCRBY', KEYS[4 + ng + ne + k], ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+if ne > 0 then redis.call('SET', KEYS[4], out[#out]) end
+if ARGV[5] ~= '' then redis.call('XACK', KEYS[2], ARGV[5], ARGV[6]) end
+return out
+"#,
+    )
+});
+
+/// KEYS: cursor, event index, aggregate index, then one per write, one per counter.
+/// ARGV: expected cursor ('' = none), entry id, event id, #writes, #counters, then the
+/// values, then (field, delta) per counter.
+static APPLY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('GET', KEYS[1])
+if (ARGV[1] == '' and cur) or (ARGV[1] ~= '' and cur ~= ARGV[1]) then return {'moved'} end
+local nw, nc = tonumber(ARGV[4]), tonumber(ARGV[5])
+for i = 1, nw do redis.call('SET', KEYS[3 + i], ARGV[5 + i]) end
+local a = 6 + nw
+for k = 1, nc do
+  redis.call('HINCRBY', KEYS[3 + nw + k], ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+redis.call('RPUSH', KEYS[3], ARGV[2])
+redis.call('SET', KEYS[1], ARGV[2])
+return {'ok'}
+"#,
+    )
+});

@@ -1,0 +1,215 @@
+//! The decide -> apply -> commit loop every write goes through, commands and event
+//! handlers alike, and the errors it can end in.
+//!
+//! A decision is a pure function of the state it read ([`Tx`]). If the commit finds
+//! any of that state changed, the decision is taken again on fresh state, so two
+//! nodes (or two workers) can never both act on the same order step.
+
+use crate::events::{envelopes, Cause, DomainEvent, Writer};
+use crate::metrics::Metrics;
+use crate::projections::{apply, keys_for, ApplyError};
+use crate::roles::Roles;
+use crate::store::{CommitOutcome, Store, StoreError, Tx};
+use eventlog::Envelope;
+use std::time::Duration;
+
+/// What a decision asks for.
+pub enum Decision {
+    /// Append these events to an aggregate whose last sequence is `last_sequence`.
+    Emit {
+        last_sequence: u64,
+        events: Vec<DomainEvent>,
+    },
+    /// Nothing to do (the effect already happened, or the event is not for us).
+    Nothing,
+    /// Read these keys too, then decide again.
+    Load(Vec<String>),
+}
+
+/// Errors of the workflow. Whether one may be retried is decided here, once.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidState(String),
+    #[error("products unavailable")]
+    ProductsUnavailable(Vec<crate::inventory::Availability>),
+    #[error("unknown sku: {}", .0.join(", "))]
+    UnknownSku(Vec<String>),
+    #[error("{0}")]
+    Validation(String),
+    #[error("this Idempotency-Key was used with another request body")]
+    IdempotencyKeyReused,
+    /// The Idempotency-Key was used first by a concurrent request: answer from it.
+    #[error("idempotency key already used")]
+    IdempotencyKeyTaken,
+    #[error("this region is not active (role {role}, epoch {epoch})")]
+    NotActive { role: String, epoch: String },
+    #[error("payment provider: {0}")]
+    Provider(String),
+    #[error("gave up after {0} write conflicts")]
+    Contended(u32),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+/// How a failed handler attempt is retried (Pingora's `RetryType`, for our failures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// A transient failure of the step itself: counts as one of the 3 tries.
+    Backoff,
+    /// Redis is away: wait for it without spending a try; nothing was written.
+    WhenRedisBack,
+    /// Not our turn to write (standby or fenced): leave the entry pending.
+    Abandon,
+    /// Will fail the same way every time: straight to the dead-letter stream.
+    Never,
+}
+
+impl WorkflowError {
+    pub fn retry(&self) -> Retry {
+        match self {
+            WorkflowError::Provider(_) | WorkflowError::Contended(_) => Retry::Backoff,
+            WorkflowError::Store(StoreError::Unavailable(_)) => Retry::WhenRedisBack,
+            WorkflowError::NotActive { .. } => Retry::Abandon,
+            _ => Retry::Never,
+        }
+    }
+}
+
+/// What a committed decision produced. `tx` holds the state after the events.
+pub struct Committed {
+    pub tx: Tx,
+    pub events: Vec<(Envelope, DomainEvent)>,
+    pub ids: Vec<String>,
+}
+
+/// The shared pieces every command and handler writes with.
+#[derive(Clone)]
+pub struct Workflow {
+    pub store: Store,
+    pub roles: Roles,
+    pub metrics: Metrics,
+    pub region: String,
+    /// This process's consumer name in every group.
+    pub consumer: String,
+}
+
+/// Conflicts are not failures, but a hot key must not spin forever.
+const MAX_CONFLICTS: u32 = 200;
+
+impl Workflow {
+    /// Runs `decide` on fresh state until its events are committed. `ack` names the
+    /// consumed entry (group, id) to acknowledge in the same atomic step.
+    pub async fn execute<F>(
+        &self,
+        keys: Vec<String>,
+        cause: &Cause,
+        ack: Option<(&str, &str)>,
+        decide: F,
+    ) -> Result<Option<Committed>, WorkflowError>
+    where
+        F: FnMut(&Tx) -> Result<Decision, WorkflowError>,
+    {
+        self.run(keys, Vec::new(), cause, ack, decide).await
+    }
+
+    /// Like [`Workflow::execute`], also reading `peek` keys that the commit does not
+    /// compare: a decision that only informs (the availability pre-check).
+    pub async fn execute_with_peek<F>(
+        &self,
+        keys: Vec<String>,
+        peek: Vec<String>,
+        cause: &Cause,
+        decide: F,
+    ) -> Result<Option<Committed>, WorkflowError>
+    where
+        F: FnMut(&Tx) -> Result<Decision, WorkflowError>,
+    {
+        self.run(keys, peek, cause, None, decide).await
+    }
+
+    async fn run<F>(
+        &self,
+        keys: Vec<String>,
+        peek: Vec<String>,
+        cause: &Cause,
+        ack: Option<(&str, &str)>,
+        mut decide: F,
+    ) -> Result<Option<Committed>, WorkflowError>
+    where
+        F: FnMut(&Tx) -> Result<Decision, WorkflowError>,
+    {
+        let mut conflicts = 0;
+        loop {
+            let role = self.roles.current();
+            if !role.writable() {
+                return Err(WorkflowError::NotActive {
+                    role: role.describe(),
+                    epoch: role.epoch.to_string(),
+                });
+            }
+            let mut tx = Tx::new();
+            tx.load(&self.store, keys.iter().cloned()).await?;
+            tx.peek(&self.store, peek.iter().cloned()).await?;
+            let (last_sequence, events) = loop {
+                match decide(&tx)? {
+                    Decision::Load(more) => tx.load(&self.store, more).await?,
+                    Decision::Nothing => return Ok(None),
+                    Decision::Emit {
+                        last_sequence,
+                        events,
+                    } => break (last_sequence, events),
+                }
+            };
+            let writer = Writer {
+                region: self.region.clone(),
+                epoch: role.epoch,
+            };
+            let events = envelopes(events, last_sequence, cause, &writer);
+            tx.load(&self.store, events.iter().flat_map(|(_, e)| keys_for(e)))
+                .await?;
+            for (env, event) in &events {
+                apply(&mut tx, env, event)?;
+            }
+            match self.store.commit(&tx, &events, role.epoch, ack).await? {
+                CommitOutcome::Committed(ids) => {
+                    for (env, _) in &events {
+                        self.metrics
+                            .events_appended
+                            .with_label_values(&[env.event_type.as_str()])
+                            .inc();
+                    }
+                    return Ok(Some(Committed { tx, events, ids }));
+                }
+                CommitOutcome::Conflict(key) => {
+                    conflicts += 1;
+                    tracing::debug!(%key, conflicts, "write conflict, deciding again");
+                    if conflicts >= MAX_CONFLICTS {
+                        return Err(WorkflowError::Contended(conflicts));
+                    }
+                    if conflicts > 3 {
+                        tokio::time::sleep(Duration::from_micros(
+                            200 * u64::from(conflicts.min(20)),
+                        ))
+                        .await;
+                    }
+                }
+                CommitOutcome::NotActive { role, epoch } => {
+                    // Our view of the role may be stale (promoted a moment ago): look
+                    // again once; the script stays the authority either way.
+                    let before = self.roles.current();
+                    let now = self.roles.refresh().await;
+                    if now.writable() && now.epoch != before.epoch {
+                        continue;
+                    }
+                    return Err(WorkflowError::NotActive { role, epoch });
+                }
+                CommitOutcome::Paused => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+}
