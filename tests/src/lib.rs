@@ -24,6 +24,7 @@ pub mod process;
 pub mod redis_server;
 pub mod redis_state;
 pub mod region;
+pub mod replicator;
 pub mod workdir;
 
 pub use api::{order_body, Api};
