@@ -98,10 +98,22 @@ impl EpochStore {
 struct Lease {
     region: Option<usize>,
     epoch: u64,
-    /// The latest instant at which any lease this gateway sent may still run.
+    /// The latest instant at which a lease the node acknowledged may still run: the
+    /// node starts its lease before it answers, so answer time + ttl bounds it.
     until: Instant,
+    /// Renewals sent and not answered yet, and the latest bound among them (send time
+    /// + timeout + ttl: the node may act on a renewal until our timeout).
+    in_flight: u32,
+    pending_until: Option<Instant>,
     /// Set when a failover begins: no renewal is sent after it.
     stopped: bool,
+}
+
+impl Lease {
+    /// The latest instant at which any lease this gateway sent may still run.
+    fn bound(&self) -> Instant {
+        self.pending_until.map_or(self.until, |p| p.max(self.until))
+    }
 }
 
 /// Result of a planned switchover.
@@ -146,6 +158,8 @@ impl Controller {
                 region: None,
                 epoch: 0,
                 until: Instant::now(),
+                in_flight: 0,
+                pending_until: None,
                 stopped: true,
             }),
             transition: tokio::sync::Mutex::new(()),
@@ -217,7 +231,7 @@ impl Controller {
         let lapse = {
             let mut lease = self.lease();
             lease.stopped = true;
-            lease.until + self.config.lease_margin
+            lease.bound() + self.config.lease_margin
         };
         tracing::warn!(
             from = %from_id,
@@ -328,13 +342,30 @@ impl Controller {
             if lease.stopped || lease.region != Some(index) {
                 return true;
             }
-            // The node may act on this renewal as late as our timeout: count the lease
-            // from then. Never lowered, so a bound once given out holds.
-            lease.until = lease.until.max(Instant::now() + timeout + ttl);
+            let bound = Instant::now() + timeout + ttl;
+            lease.in_flight += 1;
+            lease.pending_until = Some(lease.pending_until.map_or(bound, |p| p.max(bound)));
             lease.epoch
         };
         let region = self.routing.region(index);
-        match self.api.lease(&region.url, epoch, ttl, timeout).await {
+        let result = self.api.lease(&region.url, epoch, ttl, timeout).await;
+        let mut lease = self.lease();
+        lease.in_flight -= 1;
+        match &result {
+            Ok(_) => lease.until = lease.until.max(Instant::now() + ttl),
+            // Never reached the node: it extends nothing.
+            Err(e) if e.extended_nothing() => {}
+            // The node may still act on it: keep the pessimistic bound for good.
+            Err(_) => {
+                let pending = lease.bound();
+                lease.until = pending;
+            }
+        }
+        if lease.in_flight == 0 {
+            lease.pending_until = None;
+        }
+        drop(lease);
+        match result {
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!(region = %region.id, epoch, error = %e, "lease renewal failed");

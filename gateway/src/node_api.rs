@@ -30,6 +30,11 @@ impl NodeError {
         matches!(self, NodeError::Connect(_))
     }
 
+    /// True when the request certainly extended nothing: never sent, or refused.
+    pub fn extended_nothing(&self) -> bool {
+        matches!(self, NodeError::Connect(_) | NodeError::Status { .. })
+    }
+
     /// The stable error code of a refused request, e.g. `stale_epoch`.
     pub fn code(&self) -> Option<String> {
         match self {

@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod gateway;
 pub mod http;
 pub mod node;
 pub mod poll;

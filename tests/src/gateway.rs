@@ -1,0 +1,653 @@
+//! The real `gateway` binary in front of two real regions, for the gateway's tests.
+//!
+//! - [`Gateway`]: the gateway process on a free port, with its own state directory.
+//! - [`RegionNode`]: a `regional-node` process whose pid the test can signal (SIGSTOP
+//!   for a hang) and which restarts on the same port.
+//! - [`TwoRegions`]: two Redis servers, a node in each (both standby: the gateway
+//!   decides who is active), optionally a replicator in each region.
+//! - [`Blackhole`]: a TCP proxy that can stop forwarding without closing anything, as
+//!   a network partition looks to the gateway.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::api::Api;
+use crate::http::HttpClient;
+use crate::node::TEST_ADMIN_TOKEN;
+use crate::poll::eventually;
+use crate::ports::free_port;
+use crate::process::{workspace_binary, Process};
+use crate::redis_server::RedisServer;
+use crate::replicator::Replicator;
+use crate::workdir::WorkDir;
+
+/// The gateway's own admin token in tests.
+pub const GATEWAY_TOKEN: &str = "test-gateway-token";
+const START_DEADLINE: Duration = Duration::from_secs(20);
+
+/// How to start a gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// `(id, base url)` of each region.
+    pub regions: Vec<(String, String)>,
+    pub primary: String,
+    /// `None`: a fresh directory inside the gateway's work dir.
+    pub state_dir: Option<PathBuf>,
+    /// `(cert, key)` PEM files: the listener speaks TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Further `GATEWAY_*` variables; they win over the ones above.
+    pub env: Vec<(String, String)>,
+}
+
+impl GatewayOptions {
+    pub fn new(regions: &[(&str, String)]) -> GatewayOptions {
+        GatewayOptions {
+            regions: regions
+                .iter()
+                .map(|(id, url)| (id.to_string(), url.clone()))
+                .collect(),
+            primary: regions[0].0.to_string(),
+            state_dir: None,
+            tls: None,
+            env: Vec::new(),
+        }
+    }
+
+    pub fn env(mut self, key: &str, value: impl ToString) -> Self {
+        self.env.push((key.into(), value.to_string()));
+        self
+    }
+
+    pub fn state_dir(mut self, dir: &Path) -> Self {
+        self.state_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    pub fn tls(mut self, cert: &Path, key: &Path) -> Self {
+        self.tls = Some((cert.to_path_buf(), key.to_path_buf()));
+        self
+    }
+}
+
+/// A running gateway; killed on drop.
+#[derive(Debug)]
+pub struct Gateway {
+    pub options: GatewayOptions,
+    port: u16,
+    process: Process,
+    workdir: WorkDir,
+}
+
+impl Gateway {
+    /// Spawns the gateway and waits until it answers `GET /gateway/regions`.
+    pub async fn start(options: GatewayOptions) -> Gateway {
+        let mut workdir = WorkDir::new("gateway");
+        let mut last = String::new();
+        for attempt in 0..3 {
+            let port = free_port();
+            let process = spawn_gateway(&options, port, attempt, &workdir);
+            let mut gw = Gateway {
+                options: options.clone(),
+                port,
+                process,
+                workdir,
+            };
+            match gw.wait_listening().await {
+                Ok(()) => return gw,
+                Err(why) => {
+                    last = why;
+                    gw.process.kill();
+                    workdir = gw.workdir;
+                }
+            }
+        }
+        panic!("gateway did not come up after 3 attempts:\n{last}");
+    }
+
+    /// Stops (SIGTERM) and starts it again on the same port with the same state dir.
+    pub async fn restart(&mut self) {
+        self.process.terminate(Duration::from_secs(10)).await;
+        for attempt in 10..30 {
+            self.process = spawn_gateway(&self.options, self.port, attempt, &self.workdir);
+            if self.wait_listening().await.is_ok() {
+                return;
+            }
+            self.process.kill();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("gateway did not restart:\n{}", self.process.log_tail(60));
+    }
+
+    async fn wait_listening(&mut self) -> Result<(), String> {
+        let http = self.http();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.process.exited() {
+                return Err(format!(
+                    "gateway exited with {status}; log:\n{}",
+                    self.process.log_tail(60)
+                ));
+            }
+            if let Ok(r) = http
+                .try_request(reqwest::Method::GET, "/gateway/regions", None, &[])
+                .await
+            {
+                if r.status == 200 {
+                    return Ok(());
+                }
+            }
+            if start.elapsed() > START_DEADLINE {
+                return Err(format!(
+                    "gateway not answering within {START_DEADLINE:?}; log:\n{}",
+                    self.process.log_tail(60)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        let scheme = if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// A plain client (no token). Over TLS use your own reqwest client.
+    pub fn http(&self) -> HttpClient {
+        HttpClient::new(format!("http://127.0.0.1:{}", self.port))
+    }
+
+    /// A client that sends the gateway's admin token.
+    pub fn admin(&self) -> HttpClient {
+        self.http().with_token(GATEWAY_TOKEN)
+    }
+
+    /// The node API (orders, products) through the gateway.
+    pub fn api(&self) -> Api {
+        Api::new(self.http())
+    }
+
+    pub async fn regions(&self) -> Value {
+        self.http().get("/gateway/regions").await.json
+    }
+
+    /// Waits until the gateway reports `region` active at an epoch of at least
+    /// `min_epoch` and can route writes there; returns the epoch.
+    pub async fn wait_active(&self, region: &str, min_epoch: u64, deadline: Duration) -> u64 {
+        let http = self.http();
+        eventually(deadline, &format!("gateway: {region} active"), || {
+            let http = http.clone();
+            async move {
+                let h = http.get("/gateway/health").await;
+                if h.status == 200
+                    && h.json["active"] == region
+                    && h.json["writes"] == true
+                    && h.json["epoch"].as_u64().unwrap_or(0) >= min_epoch
+                {
+                    Ok(h.json["epoch"].as_u64().unwrap_or(0))
+                } else {
+                    Err(h.json)
+                }
+            }
+        })
+        .await
+    }
+
+    /// Waits until the gateway reports every region in `ids` healthy.
+    pub async fn wait_healthy(&self, ids: &[&str], deadline: Duration) {
+        let http = self.http();
+        eventually(deadline, &format!("gateway: {ids:?} healthy"), || {
+            let http = http.clone();
+            async move {
+                let view = http.get("/gateway/regions").await.json;
+                let healthy = view["regions"]
+                    .as_array()
+                    .map(|rs| {
+                        ids.iter()
+                            .all(|id| rs.iter().any(|r| r["id"] == *id && r["healthy"] == true))
+                    })
+                    .unwrap_or(false);
+                if healthy {
+                    Ok(())
+                } else {
+                    Err(view)
+                }
+            }
+        })
+        .await
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http().get("/metrics").await.text
+    }
+
+    pub fn workdir(&self) -> &Path {
+        self.workdir.path()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.options
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| self.workdir.path().join("state"))
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.process.log_tail(lines)
+    }
+
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.process.exited()
+    }
+
+    pub async fn terminate(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        self.process.terminate(deadline).await
+    }
+}
+
+fn spawn_gateway(options: &GatewayOptions, port: u16, attempt: u32, workdir: &WorkDir) -> Process {
+    let regions = options
+        .regions
+        .iter()
+        .map(|(id, url)| format!("{id}={url}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let state = options
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| workdir.path().join("state"));
+    let mut env: Vec<(String, String)> = vec![
+        ("GATEWAY_LISTEN".into(), format!("127.0.0.1:{port}")),
+        ("GATEWAY_REGIONS".into(), regions),
+        ("GATEWAY_PRIMARY".into(), options.primary.clone()),
+        ("GATEWAY_STATE_DIR".into(), state.display().to_string()),
+        ("GATEWAY_ADMIN_TOKEN".into(), GATEWAY_TOKEN.into()),
+        ("GATEWAY_NODE_TOKEN".into(), TEST_ADMIN_TOKEN.into()),
+    ];
+    if let Some((cert, key)) = &options.tls {
+        env.push(("GATEWAY_TLS_CERT".into(), cert.display().to_string()));
+        env.push(("GATEWAY_TLS_KEY".into(), key.display().to_string()));
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        env.push(("RUST_LOG".into(), "info,gateway=debug".into()));
+    }
+    for (k, v) in &options.env {
+        env.retain(|(key, _)| key != k);
+        env.push((k.clone(), v.clone()));
+    }
+    Process::spawn(
+        &format!("gateway-{port}-{attempt}"),
+        &workspace_binary("gateway"),
+        &[],
+        &env,
+        workdir,
+    )
+}
+
+/// Runs the gateway binary with `env` only (no defaults) until it exits; returns the
+/// exit code and its output, for configuration errors.
+pub fn run_gateway_expecting_exit(env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = std::process::Command::new(workspace_binary("gateway"));
+    cmd.env_clear();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run gateway");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// A `regional-node` process whose pid is at hand and whose port survives a restart.
+#[derive(Debug)]
+pub struct RegionNode {
+    pub region: String,
+    port: u16,
+    env: Vec<(String, String)>,
+    process: Process,
+    restarts: u32,
+    workdir: WorkDir,
+}
+
+impl RegionNode {
+    /// A standby node of `region` on `redis_url`, with the peer's Redis for fencing.
+    pub async fn start(region: &str, redis_url: &str, peer_redis_url: Option<&str>) -> RegionNode {
+        let port = free_port();
+        let mut env: Vec<(String, String)> = vec![
+            ("NODE_REGION".into(), region.into()),
+            ("NODE_LISTEN".into(), format!("127.0.0.1:{port}")),
+            ("NODE_REDIS_URL".into(), redis_url.into()),
+            ("NODE_ROLE".into(), "standby".into()),
+            ("NODE_ADMIN_TOKEN".into(), TEST_ADMIN_TOKEN.into()),
+            ("NODE_REDIS_TIMEOUT_MS".into(), "300".into()),
+        ];
+        if let Some(peer) = peer_redis_url {
+            env.push(("NODE_PEER_REDIS_URL".into(), peer.into()));
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            env.push(("RUST_LOG".into(), "info".into()));
+        }
+        let workdir = WorkDir::new(&format!("gwnode-{region}"));
+        let process = spawn_node(&env, region, port, 0, &workdir);
+        let mut node = RegionNode {
+            region: region.into(),
+            port,
+            env,
+            process,
+            restarts: 0,
+            workdir,
+        };
+        node.wait_live().await.unwrap_or_else(|why| panic!("{why}"));
+        node
+    }
+
+    /// Starts it again on the same port (after [`kill`](Self::kill)).
+    pub async fn restart(&mut self) {
+        self.process.kill();
+        for _ in 0..30 {
+            self.restarts += 1;
+            self.process = spawn_node(
+                &self.env,
+                &self.region,
+                self.port,
+                self.restarts,
+                &self.workdir,
+            );
+            if self.wait_live().await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "node {} did not restart:\n{}",
+            self.region,
+            self.process.log_tail(60)
+        );
+    }
+
+    async fn wait_live(&mut self) -> Result<(), String> {
+        let http = HttpClient::new(self.url());
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.process.exited() {
+                return Err(format!(
+                    "node exited with {status}; log:\n{}",
+                    self.process.log_tail(60)
+                ));
+            }
+            if let Ok(r) = http
+                .try_request(reqwest::Method::GET, "/health/live", None, &[])
+                .await
+            {
+                if r.status == 200 {
+                    return Ok(());
+                }
+            }
+            if start.elapsed() > START_DEADLINE {
+                return Err(format!(
+                    "node not live in time; log:\n{}",
+                    self.process.log_tail(60)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A client with the node's admin token.
+    pub fn http(&self) -> HttpClient {
+        HttpClient::new(self.url()).with_token(TEST_ADMIN_TOKEN)
+    }
+
+    pub fn api(&self) -> Api {
+        Api::new(self.http())
+    }
+
+    pub async fn role(&self) -> Value {
+        self.http().get("/admin/role").await.json
+    }
+
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// SIGSTOP: the process hangs with its sockets open.
+    pub fn pause(&self) {
+        self.process.signal("STOP");
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.process.signal("CONT");
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.process.log_tail(lines)
+    }
+}
+
+fn spawn_node(env: &[(String, String)], region: &str, port: u16, n: u32, dir: &WorkDir) -> Process {
+    Process::spawn(
+        &format!("regional-node-{region}-{port}-{n}"),
+        &workspace_binary("regional-node"),
+        &[],
+        env,
+        dir,
+    )
+}
+
+/// One region: its Redis and its node.
+#[derive(Debug)]
+pub struct RegionUnderTest {
+    pub redis: RedisServer,
+    pub node: RegionNode,
+}
+
+/// Two regions `a` and `b`, both standby at first, each node with the other's Redis as
+/// its fencing peer; with `replicate`, a replicator in each region pulls from the other.
+#[derive(Debug)]
+pub struct TwoRegions {
+    pub a: RegionUnderTest,
+    pub b: RegionUnderTest,
+    pub replicators: Vec<Replicator>,
+}
+
+impl TwoRegions {
+    pub async fn start(replicate: bool) -> TwoRegions {
+        let redis_a = RedisServer::start().await;
+        let redis_b = RedisServer::start().await;
+        let node_a = RegionNode::start("a", &redis_a.url(), Some(&redis_b.url())).await;
+        let node_b = RegionNode::start("b", &redis_b.url(), Some(&redis_a.url())).await;
+        let mut replicators = Vec::new();
+        if replicate {
+            // In region b, pulling from a; in region a, pulling from b.
+            replicators.push(Replicator::start(&redis_b.url(), &redis_a.url(), &[]).await);
+            replicators.push(
+                Replicator::start(
+                    &redis_a.url(),
+                    &redis_b.url(),
+                    &[
+                        ("REPLICATOR_LOCAL_REGION", "a"),
+                        ("REPLICATOR_PEER_REGION", "b"),
+                    ],
+                )
+                .await,
+            );
+        }
+        TwoRegions {
+            a: RegionUnderTest {
+                redis: redis_a,
+                node: node_a,
+            },
+            b: RegionUnderTest {
+                redis: redis_b,
+                node: node_b,
+            },
+            replicators,
+        }
+    }
+
+    /// `[("a", url), ("b", url)]` for [`GatewayOptions::new`].
+    pub fn regions(&self) -> Vec<(&'static str, String)> {
+        vec![("a", self.a.node.url()), ("b", self.b.node.url())]
+    }
+}
+
+/// A TCP proxy on a free port to `target`. While [`cut`](Self::cut) is on, it stops
+/// moving bytes in both directions and accepts new connections without forwarding,
+/// so the peer sees timeouts, never a refusal or a reset — as a partition looks.
+pub struct Blackhole {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Blackhole {
+    pub async fn start(target_port: u16) -> Blackhole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let flag = cut.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let Ok(upstream) = TcpStream::connect(("127.0.0.1", target_port)).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (ur, uw) = upstream.into_split();
+                    tokio::spawn(pump(cr, uw, flag.clone()));
+                    pump(ur, cw, flag).await;
+                });
+            }
+        });
+        Blackhole { port, cut, task }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn cut(&self, on: bool) {
+        self.cut.store(on, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cut: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        // While cut, hold the bytes: read nothing, so the sender's writes stall.
+        while cut.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let n = match tokio::time::timeout(Duration::from_millis(20), from.read(&mut buf)).await {
+            Err(_) => continue,
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => n,
+        };
+        while cut.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, made with openssl(1) in
+/// `dir`; returns `(cert, key)` paths.
+pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run openssl (apt-get install openssl)");
+    assert!(status.success(), "openssl req failed");
+    (cert, key)
+}
+
+/// Sum of the samples of `metric` whose labels include all of `labels`. Unlike a
+/// split at the first `}`, this reads label values that contain braces, as route
+/// templates such as `/orders/{orderId}` do.
+pub fn metric(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(metric) else {
+            continue;
+        };
+        let (label_part, value) = if rest.starts_with('{') {
+            let Some(end) = rest.rfind('}') else { continue };
+            (&rest[1..end], rest[end + 1..].trim())
+        } else if rest.starts_with(' ') {
+            ("", rest.trim())
+        } else {
+            continue;
+        };
+        if labels
+            .iter()
+            .all(|(k, v)| label_part.contains(&format!("{k}=\"{v}\"")))
+        {
+            if let Ok(v) = value.parse::<f64>() {
+                *sum.get_or_insert(0.0) += v;
+            }
+        }
+    }
+    sum
+}
