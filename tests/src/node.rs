@@ -83,6 +83,8 @@ impl Node {
                 ("NODE_REDIS_URL".into(), options.redis_url.clone()),
                 ("NODE_ROLE".into(), options.role.clone()),
             ];
+            // Plain text in the log files.
+            env.push(("NO_COLOR".into(), "1".into()));
             if std::env::var_os("RUST_LOG").is_none() {
                 env.push(("RUST_LOG".into(), "info".into()));
             }

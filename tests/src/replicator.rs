@@ -13,7 +13,6 @@ use crate::http::{HttpClient, Response};
 use crate::ports::free_port;
 use crate::process::{workspace_binary, Process};
 use crate::redis_server::RedisServer;
-use crate::redis_state::stream_entries;
 use crate::workdir::WorkDir;
 
 const LIVE_DEADLINE: Duration = Duration::from_secs(20);
@@ -53,7 +52,13 @@ impl Replicator {
         }
         let workdir = WorkDir::new("replicator");
         let process = spawn(&env, port, 0, &workdir);
-        let mut r = Replicator { env, port, process, restarts: 0, workdir };
+        let mut r = Replicator {
+            env,
+            port,
+            process,
+            restarts: 0,
+            workdir,
+        };
         r.wait_live().await;
         r
     }
@@ -86,15 +91,24 @@ impl Replicator {
         let start = Instant::now();
         loop {
             if let Some(status) = self.process.exited() {
-                return Err(format!("replicator exited with {status}; log:\n{}", self.process.log_tail(60)));
+                return Err(format!(
+                    "replicator exited with {status}; log:\n{}",
+                    self.process.log_tail(60)
+                ));
             }
-            if let Ok(r) = http.try_request(reqwest::Method::GET, "/health/live", None, &[]).await {
+            if let Ok(r) = http
+                .try_request(reqwest::Method::GET, "/health/live", None, &[])
+                .await
+            {
                 if r.status == 200 {
                     return Ok(());
                 }
             }
             if start.elapsed() > LIVE_DEADLINE {
-                return Err(format!("replicator /health/live not 200 in time; log:\n{}", self.process.log_tail(60)));
+                return Err(format!(
+                    "replicator /health/live not 200 in time; log:\n{}",
+                    self.process.log_tail(60)
+                ));
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -141,7 +155,13 @@ impl Replicator {
 
 fn spawn(env: &[(String, String)], port: u16, n: u32, workdir: &WorkDir) -> Process {
     let binary = workspace_binary("replicator");
-    Process::spawn(&format!("replicator-{port}-{n}"), &binary, &[], env, workdir)
+    Process::spawn(
+        &format!("replicator-{port}-{n}"),
+        &binary,
+        &[],
+        env,
+        workdir,
+    )
 }
 
 /// Two regions' Redis servers: `peer` (region a, active) and `local` (region b, standby).
@@ -153,7 +173,10 @@ pub struct Pair {
 impl Pair {
     /// Ephemeral servers with roles a=active@1, b=standby@1.
     pub async fn start() -> Pair {
-        let pair = Pair { peer: RedisServer::start().await, local: RedisServer::start().await };
+        let pair = Pair {
+            peer: RedisServer::start().await,
+            local: RedisServer::start().await,
+        };
         set_role(&mut pair.peer.client().await, "active", 1).await;
         set_role(&mut pair.local.client().await, "standby", 1).await;
         pair
@@ -161,7 +184,10 @@ impl Pair {
 
     /// The peer keeps its data across kill/restart.
     pub async fn start_persistent_peer() -> Pair {
-        let pair = Pair { peer: RedisServer::start_persistent().await, local: RedisServer::start().await };
+        let pair = Pair {
+            peer: RedisServer::start_persistent().await,
+            local: RedisServer::start().await,
+        };
         set_role(&mut pair.peer.client().await, "active", 1).await;
         set_role(&mut pair.local.client().await, "standby", 1).await;
         pair
@@ -215,14 +241,25 @@ pub fn envelope(event_type: &str, n: u64) -> String {
 }
 
 /// XADD `count` events to `stream` with auto ids, pipelined in chunks; returns the ids.
-pub async fn add_events(conn: &mut MultiplexedConnection, stream: &str, first: u64, count: u64) -> Vec<String> {
+pub async fn add_events(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    first: u64,
+    count: u64,
+) -> Vec<String> {
     let mut ids = Vec::with_capacity(count as usize);
     let mut n = first;
     while n < first + count {
         let end = (n + 1000).min(first + count);
         let mut pipe = redis::pipe();
         for i in n..end {
-            pipe.cmd("XADD").arg(stream).arg("*").arg("type").arg("OrderPlaced").arg("event").arg(envelope("OrderPlaced", i));
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg("type")
+                .arg("OrderPlaced")
+                .arg("event")
+                .arg(envelope("OrderPlaced", i));
         }
         let chunk: Vec<String> = pipe.query_async(conn).await.expect("pipelined XADD");
         ids.extend(chunk);
@@ -252,11 +289,18 @@ fn s(v: &Value) -> String {
 
 /// Every group of `stream`, with its pending entries; empty when the stream is missing.
 pub async fn groups(conn: &mut MultiplexedConnection, stream: &str) -> Vec<GroupState> {
-    let v: Value = match redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(conn).await {
+    let v: Value = match redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+    {
         Ok(v) => v,
         Err(_) => return Vec::new(),
     };
-    let Value::Array(items) = v else { return Vec::new() };
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for g in items {
         let Value::Array(kv) = g else { continue };
@@ -287,16 +331,60 @@ pub async fn groups(conn: &mut MultiplexedConnection, stream: &str) -> Vec<Group
                 }
             }
         }
-        out.push(GroupState { name, last_delivered: s(&m["last-delivered-id"]), entries_read, pending });
+        out.push(GroupState {
+            name,
+            last_delivered: s(&m["last-delivered-id"]),
+            entries_read,
+            pending,
+        });
     }
     out
 }
 
-/// Entries of a stream, for equality checks.
-pub async fn entries(conn: &mut MultiplexedConnection, stream: &str) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
-    stream_entries(conn, stream).await
+/// Entries of a stream, `(id, [(field, value)])`, read in pages so that a stream of
+/// 100,000 entries does not exceed the client's response timeout.
+pub async fn entries(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
+    let mut out = Vec::new();
+    let mut start = "-".to_string();
+    loop {
+        let raw: Value = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(5000)
+            .query_async(conn)
+            .await
+            .expect("XRANGE");
+        let Value::Array(items) = raw else { return out };
+        let n = items.len();
+        for item in items {
+            let Value::Array(mut parts) = item else {
+                continue;
+            };
+            let fields_v = parts.pop().unwrap_or(Value::Nil);
+            let id = s(&parts.pop().unwrap_or(Value::Nil));
+            let flat: Vec<Vec<u8>> = redis::from_redis_value(fields_v).expect("stream fields");
+            let fields = flat
+                .chunks(2)
+                .map(|c| (String::from_utf8_lossy(&c[0]).into_owned(), c[1].clone()))
+                .collect();
+            out.push((id, fields));
+        }
+        match out.last() {
+            Some((id, _)) if n == 5000 => start = format!("({id}"),
+            _ => return out,
+        }
+    }
 }
 
 pub async fn xlen(conn: &mut MultiplexedConnection, stream: &str) -> u64 {
-    redis::cmd("XLEN").arg(stream).query_async(conn).await.expect("XLEN")
+    redis::cmd("XLEN")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .expect("XLEN")
 }
