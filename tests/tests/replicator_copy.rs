@@ -9,22 +9,34 @@ use system_tests::{eventually, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
-async fn wait_streams_equal(peer: &mut MultiplexedConnection, local: &mut MultiplexedConnection, stream: &str) {
-    eventually(DEADLINE, &format!("{stream} copied with identical ids and fields"), || {
-        let (mut p, mut l) = (peer.clone(), local.clone());
-        async move {
-            let (theirs, ours) = (entries(&mut p, stream).await, entries(&mut l, stream).await);
-            if !theirs.is_empty() && theirs == ours {
-                Ok(())
-            } else {
-                Err((theirs.len(), ours.len()))
+async fn wait_streams_equal(
+    peer: &mut MultiplexedConnection,
+    local: &mut MultiplexedConnection,
+    stream: &str,
+) {
+    eventually(
+        DEADLINE,
+        &format!("{stream} copied with identical ids and fields"),
+        || {
+            let (mut p, mut l) = (peer.clone(), local.clone());
+            async move {
+                let (theirs, ours) = (entries(&mut p, stream).await, entries(&mut l, stream).await);
+                if !theirs.is_empty() && theirs == ours {
+                    Ok(())
+                } else {
+                    Err((theirs.len(), ours.len()))
+                }
             }
-        }
-    })
+        },
+    )
     .await
 }
 
-async fn wait_groups_equal(peer: &mut MultiplexedConnection, local: &mut MultiplexedConnection, stream: &str) {
+async fn wait_groups_equal(
+    peer: &mut MultiplexedConnection,
+    local: &mut MultiplexedConnection,
+    stream: &str,
+) {
     eventually(DEADLINE, &format!("groups of {stream} equal"), || {
         let (mut p, mut l) = (peer.clone(), local.clone());
         async move {
@@ -39,7 +51,13 @@ async fn wait_groups_equal(peer: &mut MultiplexedConnection, local: &mut Multipl
     .await
 }
 
-async fn xreadgroup(conn: &mut MultiplexedConnection, stream: &str, group: &str, consumer: &str, count: usize) -> Vec<String> {
+async fn xreadgroup(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+) -> Vec<String> {
     let v: redis::Value = redis::cmd("XREADGROUP")
         .arg("GROUP")
         .arg(group)
@@ -52,8 +70,13 @@ async fn xreadgroup(conn: &mut MultiplexedConnection, stream: &str, group: &str,
         .query_async(conn)
         .await
         .expect("XREADGROUP");
-    let reply: redis::streams::StreamReadReply = redis::from_redis_value(v).expect("XREADGROUP reply");
-    reply.keys.into_iter().flat_map(|k| k.ids.into_iter().map(|i| i.id)).collect()
+    let reply: redis::streams::StreamReadReply =
+        redis::from_redis_value(v).expect("XREADGROUP reply");
+    reply
+        .keys
+        .into_iter()
+        .flat_map(|k| k.ids.into_iter().map(|i| i.id))
+        .collect()
 }
 
 async fn cmd(conn: &mut MultiplexedConnection, args: &[&str]) -> redis::Value {
@@ -61,7 +84,9 @@ async fn cmd(conn: &mut MultiplexedConnection, args: &[&str]) -> redis::Value {
     for a in &args[1..] {
         c.arg(*a);
     }
-    c.query_async(conn).await.unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    c.query_async(conn)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
 #[tokio::test]
@@ -84,15 +109,27 @@ async fn copies_entries_with_identical_ids_and_discovers_new_streams() {
     wait_streams_equal(&mut peer, &mut local, "tandem:dlq").await;
 
     // And the progress is checkpointed per stream
-    let top: String = redis::cmd("HGET").arg("tandem:replication:checkpoint").arg("tandem:dlq").query_async(&mut local).await.unwrap();
-    let peer_top = entries(&mut peer, "tandem:dlq").await.last().unwrap().0.clone();
+    let top: String = redis::cmd("HGET")
+        .arg("tandem:replication:checkpoint")
+        .arg("tandem:dlq")
+        .query_async(&mut local)
+        .await
+        .unwrap();
+    let peer_top = entries(&mut peer, "tandem:dlq")
+        .await
+        .last()
+        .unwrap()
+        .0
+        .clone();
     assert_eq!(top, peer_top);
 
     // And the readiness and copy counters say so
     let ready = rep.ready().await;
     assert_eq!(ready.status, 200, "{}", ready.text);
     assert_eq!(ready.json["copying"], true);
-    let copied = rep.metric("tandem_replicator_events_copied_total{stream=\"tandem:events\"}").await;
+    let copied = rep
+        .metric("tandem_replicator_events_copied_total{stream=\"tandem:events\"}")
+        .await;
     assert_eq!(copied, Some(300.0));
 }
 
@@ -104,7 +141,11 @@ async fn consumer_group_state_is_copied_and_acks_reach_the_standby() {
     let s = "tandem:events";
     add_events(&mut peer, s, 0, 40).await;
     cmd(&mut peer, &["XGROUP", "CREATE", s, "workflow", "0"]).await;
-    cmd(&mut peer, &["XGROUP", "CREATE", s, "projector", "$", "ENTRIESREAD", "40"]).await;
+    cmd(
+        &mut peer,
+        &["XGROUP", "CREATE", s, "projector", "$", "ENTRIESREAD", "40"],
+    )
+    .await;
     let c1 = xreadgroup(&mut peer, s, "workflow", "node-a-1", 10).await;
     let c2 = xreadgroup(&mut peer, s, "workflow", "node-a-2", 5).await;
     cmd(&mut peer, &["XACK", s, "workflow", &c1[0], &c1[1], &c1[2]]).await;
@@ -115,15 +156,25 @@ async fn consumer_group_state_is_copied_and_acks_reach_the_standby() {
     // Then last-delivered id, entries-read and the pending entries with their consumers match
     wait_groups_equal(&mut peer, &mut local, s).await;
     let g = groups(&mut local, s).await;
-    let workflow = g.iter().find(|g| g.name == "workflow").expect("workflow group copied");
+    let workflow = g
+        .iter()
+        .find(|g| g.name == "workflow")
+        .expect("workflow group copied");
     assert_eq!(workflow.last_delivered, c2[4]);
     assert_eq!(workflow.entries_read, Some(15));
     assert_eq!(workflow.pending.len(), 12);
-    assert!(workflow.pending.iter().any(|(id, c, _)| id == &c2[0] && c == "node-a-2"));
+    assert!(workflow
+        .pending
+        .iter()
+        .any(|(id, c, _)| id == &c2[0] && c == "node-a-2"));
 
     // When the peer acknowledges, moves an entry to another consumer and reads on
     cmd(&mut peer, &["XACK", s, "workflow", &c1[3], &c2[1]]).await;
-    cmd(&mut peer, &["XCLAIM", s, "workflow", "node-a-1", "0", &c2[0]]).await;
+    cmd(
+        &mut peer,
+        &["XCLAIM", s, "workflow", "node-a-1", "0", &c2[0]],
+    )
+    .await;
     add_events(&mut peer, s, 40, 5).await;
     xreadgroup(&mut peer, s, "workflow", "node-a-2", 10).await;
     xreadgroup(&mut peer, s, "projector", "node-a-1", 100).await;
@@ -133,7 +184,10 @@ async fn consumer_group_state_is_copied_and_acks_reach_the_standby() {
     wait_groups_equal(&mut peer, &mut local, s).await;
     let g = groups(&mut local, s).await;
     let workflow = g.iter().find(|g| g.name == "workflow").unwrap();
-    assert!(!workflow.pending.iter().any(|(id, _, _)| id == &c1[3] || id == &c2[1]));
+    assert!(!workflow
+        .pending
+        .iter()
+        .any(|(id, _, _)| id == &c1[3] || id == &c2[1]));
 
     // And a group destroyed on the peer disappears from the standby
     cmd(&mut peer, &["XGROUP", "DESTROY", s, "projector"]).await;
@@ -163,7 +217,13 @@ async fn stays_idle_while_the_roles_do_not_allow_copying() {
                     let http = http.clone();
                     async move { http.get("/health/ready").await }
                 },
-                |r| r.status == 200 && r.json["state"] == "idle" && r.json["reason"].as_str().is_some_and(|s| s.contains(reason_part)),
+                |r| {
+                    r.status == 200
+                        && r.json["state"] == "idle"
+                        && r.json["reason"]
+                            .as_str()
+                            .is_some_and(|s| s.contains(reason_part))
+                },
             )
             .await
         }
@@ -172,7 +232,11 @@ async fn stays_idle_while_the_roles_do_not_allow_copying() {
     // Several gate rounds (100 ms each) pass without a copy.
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(entries(&mut local, "tandem:events").await.len(), 0, "copied while local is active");
+        assert_eq!(
+            entries(&mut local, "tandem:events").await.len(),
+            0,
+            "copied while local is active"
+        );
     }
 
     // When the local region is standby but the peer is standby too
@@ -181,7 +245,11 @@ async fn stays_idle_while_the_roles_do_not_allow_copying() {
     idle("peer region is not active").await;
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(entries(&mut local, "tandem:events").await.len(), 0, "copied from a standby peer");
+        assert_eq!(
+            entries(&mut local, "tandem:events").await.len(),
+            0,
+            "copied from a standby peer"
+        );
     }
 
     // When the peer becomes active, copying starts: the gate was the only thing in the way
@@ -189,7 +257,13 @@ async fn stays_idle_while_the_roles_do_not_allow_copying() {
     wait_streams_equal(&mut peer, &mut local, "tandem:events").await;
 
     // And the roles themselves were never copied
-    let r: Vec<String> = redis::cmd("HMGET").arg("tandem:role").arg("role").arg("epoch").query_async(&mut local).await.unwrap();
+    let r: Vec<String> = redis::cmd("HMGET")
+        .arg("tandem:role")
+        .arg("role")
+        .arg("epoch")
+        .query_async(&mut local)
+        .await
+        .unwrap();
     assert_eq!(r, vec!["standby".to_string(), "1".to_string()]);
 }
 
@@ -198,7 +272,8 @@ async fn copies_the_epoch_history() {
     // Given a peer that records where its epochs began
     let pair = Pair::start().await;
     let (mut peer, local) = (pair.peer.client().await, pair.local.client().await);
-    let record = r#"{"region":"a","startOffsets":{"tandem:events":"0-0"},"at":"2026-11-21T00:00:00.000Z"}"#;
+    let record =
+        r#"{"region":"a","startOffsets":{"tandem:events":"0-0"},"at":"2026-11-21T00:00:00.000Z"}"#;
     cmd(&mut peer, &["HSET", "tandem:epochs", "1", record]).await;
 
     // When the replicator runs
@@ -208,8 +283,17 @@ async fn copies_the_epoch_history() {
     eventually(DEADLINE, "tandem:epochs copied", || {
         let mut l = local.clone();
         async move {
-            let v: Option<String> = redis::cmd("HGET").arg("tandem:epochs").arg("1").query_async(&mut l).await.unwrap();
-            if v.as_deref() == Some(record) { Ok(()) } else { Err(v) }
+            let v: Option<String> = redis::cmd("HGET")
+                .arg("tandem:epochs")
+                .arg("1")
+                .query_async(&mut l)
+                .await
+                .unwrap();
+            if v.as_deref() == Some(record) {
+                Ok(())
+            } else {
+                Err(v)
+            }
         }
     })
     .await;
@@ -235,7 +319,10 @@ async fn metrics_expose_the_contract_names() {
         "tandem_replicator_group_syncs_total",
         "tandem_replicator_quarantined_events_total",
     ] {
-        assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing from /metrics:\n{text}");
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} missing from /metrics:\n{text}"
+        );
     }
     let live = rep.http().get("/health/live").await;
     assert_eq!(live.status, 200);

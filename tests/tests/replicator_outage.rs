@@ -1,0 +1,92 @@
+//! The peer region's Redis goes away and comes back: the replicator keeps running,
+//! reports not-ready while the peer is gone, and resumes copying.
+
+use std::time::Duration;
+
+use system_tests::replicator::{add_events, entries, xlen, Pair, Replicator};
+use system_tests::{eventually, wait_until};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn peer_redis_killed_and_restarted_copying_resumes() {
+    // Given a replicator copying from a peer whose Redis persists its data
+    let mut pair = Pair::start_persistent_peer().await;
+    let (mut peer, mut local) = (pair.peer.client().await, pair.local.client().await);
+    let s = "tandem:events";
+    add_events(&mut peer, s, 0, 100).await;
+    let mut rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
+    eventually(DEADLINE, "first events copied", || {
+        let mut l = local.clone();
+        async move {
+            if xlen(&mut l, s).await == 100 {
+                Ok(())
+            } else {
+                Err(())
+            }
+        }
+    })
+    .await;
+    let http = rep.http();
+    wait_until(
+        DEADLINE,
+        "ready",
+        || http.get("/health/ready"),
+        |r| r.status == 200,
+    )
+    .await;
+
+    // When the peer's Redis is killed
+    pair.peer.kill();
+
+    // Then readiness turns 503 with a reason naming the peer, and the process keeps running
+    let r = wait_until(
+        DEADLINE,
+        "not ready while the peer is down",
+        || http.get("/health/ready"),
+        |r| r.status == 503,
+    )
+    .await;
+    assert!(
+        r.json["reason"].as_str().unwrap_or("").contains("peer"),
+        "{}",
+        r.text
+    );
+    assert_eq!(r.json["peer"]["redis"], "unreachable");
+    assert!(rep.is_running());
+    let up = rep
+        .metric("tandem_replicator_redis_up{side=\"peer\"}")
+        .await;
+    assert_eq!(up, Some(0.0));
+
+    // When it comes back with its data and takes new writes
+    pair.peer.restart().await;
+    let mut peer = pair.peer.client().await;
+    add_events(&mut peer, s, 100, 50).await;
+
+    // Then the replicator is ready again and copies what was written meanwhile
+    wait_until(
+        DEADLINE,
+        "ready again",
+        || http.get("/health/ready"),
+        |r| r.status == 200,
+    )
+    .await;
+    eventually(DEADLINE, "events written after the restart copied", || {
+        let (mut p, mut l) = (peer.clone(), local.clone());
+        async move {
+            let (a, b) = (entries(&mut p, s).await, entries(&mut l, s).await);
+            if a.len() == 150 && a == b {
+                Ok(())
+            } else {
+                Err((a.len(), b.len()))
+            }
+        }
+    })
+    .await;
+    assert!(
+        rep.is_running(),
+        "replicator exited; log:\n{}",
+        rep.log_tail(40)
+    );
+}

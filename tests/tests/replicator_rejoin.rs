@@ -1,0 +1,149 @@
+//! Failback: a region that was active and missed a failover rejoins as standby. What it
+//! wrote past the new epoch's start, and the new active never received, is moved to
+//! `tandem:quarantine`; its streams then equal the new active's.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use system_tests::eventually;
+use system_tests::replicator::{add_events, entries, envelope, role, set_role, Pair, Replicator};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Copies entries verbatim (same ids), as replication did before the failover.
+async fn copy_entries(
+    from: &mut MultiplexedConnection,
+    to: &mut MultiplexedConnection,
+    stream: &str,
+    ids: &[String],
+) {
+    let all = entries(from, stream).await;
+    for (id, fields) in all.into_iter().filter(|(id, _)| ids.contains(id)) {
+        let mut c = redis::cmd("XADD");
+        c.arg(stream).arg(&id);
+        for (k, v) in fields {
+            c.arg(k).arg(v);
+        }
+        let _: String = c.query_async(to).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn rejoin_quarantines_the_divergent_tail_and_follows_the_new_active() {
+    let pair = Pair::start().await;
+    // Region b (local) was active in epoch 1; region a (peer) was its standby.
+    let (mut a, mut b) = (pair.peer.client().await, pair.local.client().await);
+    let s = "tandem:events";
+    set_role(&mut b, "active", 1).await;
+    set_role(&mut a, "standby", 1).await;
+
+    // Given a common history that reached a before the failover
+    let common = add_events(&mut b, s, 0, 20).await;
+    copy_entries(&mut b, &mut a, s, &common).await;
+    let start = common.last().unwrap().clone();
+
+    // And a failover: a is promoted to epoch 2, starting at the common history's end
+    set_role(&mut a, "active", 2).await;
+    let record = format!(
+        r#"{{"region":"a","startOffsets":{{"tandem:events":"{start}"}},"at":"2026-11-21T00:00:00.000Z"}}"#
+    );
+    let _: i64 = redis::cmd("HSET")
+        .arg("tandem:epochs")
+        .arg("2")
+        .arg(&record)
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    // One of b's late writes reached a after the cut (same id and fields on both) ...
+    let late = add_events(&mut b, s, 20, 1).await;
+    copy_entries(&mut b, &mut a, s, &late).await;
+    // ... then a writes in epoch 2 ...
+    let newer = add_events(&mut a, s, 1000, 5).await;
+    // ... and b, cut off, kept writing in epoch 1: ids above a's newer entries.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let divergent = add_events(&mut b, s, 2000, 7).await;
+
+    // When b's replicator sees a active at the higher epoch
+    let rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
+
+    // Then b becomes standby at epoch 2
+    eventually(DEADLINE, "b demoted to standby@2", || {
+        let mut b = b.clone();
+        async move {
+            let r = role(&mut b).await;
+            if r == ("standby".to_string(), 2) {
+                Ok(())
+            } else {
+                Err(r)
+            }
+        }
+    })
+    .await;
+
+    // And b's stream equals a's: the new active's entries copied in, the divergent tail gone
+    eventually(DEADLINE, "b follows a", || {
+        let (mut a, mut b) = (a.clone(), b.clone());
+        async move {
+            let (x, y) = (entries(&mut a, s).await, entries(&mut b, s).await);
+            if x == y {
+                Ok(())
+            } else {
+                Err((x.len(), y.len()))
+            }
+        }
+    })
+    .await;
+    let ids: Vec<String> = entries(&mut b, s)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert!(newer.iter().all(|id| ids.contains(id)));
+    assert!(late.iter().all(|id| ids.contains(id)));
+    assert!(divergent.iter().all(|id| !ids.contains(id)));
+
+    // And the quarantine holds exactly the divergent entries, with their origin
+    let q = entries(&mut b, "tandem:quarantine").await;
+    let original: Vec<String> = q
+        .iter()
+        .map(|(_, f)| {
+            String::from_utf8(f.iter().find(|(k, _)| k == "originalId").unwrap().1.clone()).unwrap()
+        })
+        .collect();
+    assert_eq!(original, divergent);
+    for (i, (_, fields)) in q.iter().enumerate() {
+        let get = |k: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(get("stream").as_deref(), Some(s));
+        assert_eq!(get("epoch").as_deref(), Some("1"));
+        assert_eq!(get("type").as_deref(), Some("OrderPlaced"));
+        assert_eq!(get("event"), Some(envelope("OrderPlaced", 2000 + i as u64)), "fields kept as written");
+    }
+
+    // And the quarantine is counted and never copied to a
+    let n = rep
+        .metric("tandem_replicator_quarantined_events_total")
+        .await;
+    assert_eq!(n, Some(7.0));
+    assert!(entries(&mut a, "tandem:quarantine").await.is_empty());
+
+    // And later writes on a keep flowing
+    let more = add_events(&mut a, s, 3000, 3).await;
+    eventually(DEADLINE, "new entries after rejoin copied", || {
+        let mut b = b.clone();
+        let last = more.last().unwrap().clone();
+        async move {
+            let e = entries(&mut b, s).await;
+            if e.last().map(|(id, _)| id == &last).unwrap_or(false) {
+                Ok(())
+            } else {
+                Err(e.len())
+            }
+        }
+    })
+    .await;
+}
