@@ -176,6 +176,23 @@ async fn seed_role(roles: &Roles, role: Role) {
 }
 
 async fn refresh_gauges(wf: Workflow, mut stop: watch::Receiver<bool>) {
+    // Every series exists from the start, so dashboards and alerts see zeros, not gaps.
+    for group in bus::Group::ALL {
+        wf.metrics
+            .consumer_lag
+            .with_label_values(&[group.name()])
+            .set(0.0);
+        wf.metrics
+            .dead_letters
+            .with_label_values(&[group.name()])
+            .set(0.0);
+    }
+    for status in crate::orders::Status::ALL {
+        wf.metrics
+            .orders
+            .with_label_values(&[status.as_str()])
+            .set(0.0);
+    }
     loop {
         let role = wf.roles.current();
         for r in [Role::Active, Role::Standby] {

@@ -134,11 +134,8 @@ impl Order {
             version: env.sequence,
             created_at: env.occurred_at.clone(),
             updated_at: env.occurred_at.clone(),
-            history: vec![HistoryEntry {
-                status: Status::Pending,
-                at: env.occurred_at.clone(),
-                event_id: env.event_id.clone(),
-            }],
+            // `apply` records every status change, the first one included.
+            history: Vec::new(),
         }
     }
 
