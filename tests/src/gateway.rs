@@ -125,7 +125,14 @@ impl Gateway {
     }
 
     async fn wait_listening(&mut self) -> Result<(), String> {
-        let http = self.http();
+        // Over TLS, readiness is checked with a client that accepts the test's
+        // self-signed certificate; the tests themselves verify it properly.
+        let client = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("reqwest client");
+        let url = format!("{}/gateway/regions", self.url());
         let start = Instant::now();
         loop {
             if let Some(status) = self.process.exited() {
@@ -134,11 +141,8 @@ impl Gateway {
                     self.process.log_tail(60)
                 ));
             }
-            if let Ok(r) = http
-                .try_request(reqwest::Method::GET, "/gateway/regions", None, &[])
-                .await
-            {
-                if r.status == 200 {
+            if let Ok(r) = client.get(&url).send().await {
+                if r.status() == 200 {
                     return Ok(());
                 }
             }
@@ -187,19 +191,31 @@ impl Gateway {
     /// Waits until the gateway reports `region` active at an epoch of at least
     /// `min_epoch` and can route writes there; returns the epoch.
     pub async fn wait_active(&self, region: &str, min_epoch: u64, deadline: Duration) -> u64 {
-        let http = self.http();
+        let client = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("reqwest client");
+        let url = format!("{}/gateway/health", self.url());
         eventually(deadline, &format!("gateway: {region} active"), || {
-            let http = http.clone();
+            let client = client.clone();
+            let url = url.clone();
             async move {
-                let h = http.get("/gateway/health").await;
-                if h.status == 200
-                    && h.json["active"] == region
-                    && h.json["writes"] == true
-                    && h.json["epoch"].as_u64().unwrap_or(0) >= min_epoch
+                let resp = client
+                    .get(&url)
+                    .send()
+                    .await
+                    .map_err(|e| Value::String(e.to_string()))?;
+                let ok = resp.status() == 200;
+                let json: Value = resp.json().await.unwrap_or(Value::Null);
+                if ok
+                    && json["active"] == region
+                    && json["writes"] == true
+                    && json["epoch"].as_u64().unwrap_or(0) >= min_epoch
                 {
-                    Ok(h.json["epoch"].as_u64().unwrap_or(0))
+                    Ok(json["epoch"].as_u64().unwrap_or(0))
                 } else {
-                    Err(h.json)
+                    Err(json)
                 }
             }
         })
@@ -595,32 +611,94 @@ async fn pump(
     }
 }
 
-/// A self-signed certificate for `localhost` and 127.0.0.1, made with openssl(1) in
-/// `dir`; returns `(cert, key)` paths.
-pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("run openssl (apt-get install openssl)");
-    assert!(status.success(), "openssl req failed");
-    (cert, key)
+/// A test CA and a server certificate it signed for `localhost` and 127.0.0.1, made
+/// with openssl(1) in `dir`; returns `(ca_cert, server_cert, server_key)` paths. (A
+/// lone self-signed certificate is refused by webpki as a CA used as end entity.)
+pub fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = dir.join("ca.key");
+    let ca = dir.join("ca.pem");
+    let key = dir.join("server.key");
+    let csr = dir.join("server.csr");
+    let cert = dir.join("server.pem");
+    let ext = dir.join("server.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=critical,CA:FALSE\n\
+         keyUsage=critical,digitalSignature\n\
+         extendedKeyUsage=serverAuth\n\
+         subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .expect("write extfile");
+    let run = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run openssl (apt-get install openssl)");
+        assert!(status.success(), "openssl {args:?} failed");
+    };
+    let p = |p: &PathBuf| p.display().to_string();
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &p(&ca_key),
+    ]);
+    run(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        &p(&ca_key),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=tandem test CA",
+        "-out",
+        &p(&ca),
+    ]);
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &p(&key),
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        &p(&key),
+        "-subj",
+        "/CN=localhost",
+        "-out",
+        &p(&csr),
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &p(&csr),
+        "-CA",
+        &p(&ca),
+        "-CAkey",
+        &p(&ca_key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &p(&ext),
+        "-out",
+        &p(&cert),
+    ]);
+    (ca, cert, key)
 }
 
 /// Sum of the samples of `metric` whose labels include all of `labels`. Unlike a
