@@ -21,4 +21,5 @@ redis-server --version
 
 # One profile (dev) for both steps, so every crate is compiled once.
 cargo build --workspace --bins
-cargo test --workspace "$@"
+# --no-fail-fast: report every failing test binary, not just the first.
+cargo test --workspace --no-fail-fast "$@"
