@@ -9,6 +9,9 @@ use system_tests::redis_state;
 use system_tests::{eventually, Region};
 use tokio::task::JoinSet;
 
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 /// Generous bound for one order's asynchronous workflow on a loaded 2-core machine.
 const FLOW: Duration = Duration::from_secs(20);
 
@@ -57,7 +60,10 @@ async fn happy_path_order_is_shipped_then_delivered() {
         .post_with_headers(
             "/orders",
             &order_body("c-1", &[("WIDGET-001", 2)], "tok_ok"),
-            &[("X-Request-Id", "req-happy-1")],
+            &[
+                ("X-Request-Id", "req-happy-1"),
+                ("traceparent", TRACEPARENT),
+            ],
         )
         .await;
 
@@ -98,6 +104,27 @@ async fn happy_path_order_is_shipped_then_delivered() {
         history_statuses(&order),
         ["PENDING", "CONFIRMED", "PAID", "SHIPPED"]
     );
+    // And the whole saga can be followed from the request: same correlation and trace,
+    // each event caused by an earlier one
+    let saga = api.events(&id).await;
+    let mut seen_ids = vec!["req-happy-1".to_string()];
+    for e in &saga {
+        assert_eq!(e["correlationId"], "req-happy-1", "{e}");
+        assert!(
+            e["traceparent"]
+                .as_str()
+                .is_some_and(|t| t.contains(TRACE_ID)),
+            "trace not propagated: {e}"
+        );
+        let cause = e["causationId"].as_str().unwrap_or("");
+        if e["eventType"] != "OrderPlaced" {
+            assert!(
+                seen_ids.iter().any(|s| s == cause),
+                "causationId {cause}: {e}"
+            );
+        }
+        seen_ids.push(e["eventId"].as_str().unwrap().to_string());
+    }
     // Shipping moves the quantity out of both stock and reserved
     assert_eq!(api.stock("WIDGET-001").await, (8, 0, 8));
 

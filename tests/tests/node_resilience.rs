@@ -451,6 +451,30 @@ async fn rebuild_reproduces_live_state() {
         );
     }
 
+    // And derived state has been damaged: keys lost, one overwritten, one invented
+    // (a rebuild that does nothing must not pass)
+    let product_a = live
+        .get("tandem:product:SKU-A")
+        .expect("tandem:product:SKU-A in the live state")
+        .clone();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("tandem:order:{shipped}"))
+        .arg(format!("tandem:agg:{delivered}"))
+        .arg("tandem:stats:orders")
+        .arg("tandem:idem:rebuild-key")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg("tandem:product:SKU-A")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = conn.set("tandem:product:SKU-A", "{}").await.unwrap();
+    let _: () = conn.set("tandem:order:invented", "{}").await.unwrap();
+    let damaged = redis_state::dump(&mut conn, DERIVED_PATTERNS).await;
+    assert_ne!(damaged, live);
+
     // When the operator rebuilds the derived state from the events
     let r = api.rebuild().await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -463,6 +487,7 @@ async fn rebuild_reproduces_live_state() {
         "rebuilt state differs from live state (live first):\n{}",
         diff.join("\n")
     );
+    assert_eq!(rebuilt.get("tandem:product:SKU-A"), Some(&product_a));
 
     // And the node carries on: the keyed order is still recognised, new orders ship
     let again = api
