@@ -457,3 +457,159 @@ async fn sigterm_stops_the_node_cleanly() {
         .await;
     assert!(gone.is_err(), "still answering after exit: {gone:?}");
 }
+
+#[tokio::test]
+async fn role_stored_in_redis_wins_over_node_role() {
+    // Given a Redis whose role was seeded active by a first node
+    let redis = system_tests::RedisServer::start().await;
+    let mut first = system_tests::Node::start(system_tests::NodeOptions::new(redis.url())).await;
+    first.wait_ready().await;
+    let seeded = system_tests::Api::new(first.http()).role().await.json;
+    assert_eq!(seeded["role"], "active", "{seeded}");
+    first.kill();
+
+    // When a node starts on it with NODE_ROLE=standby
+    let second =
+        system_tests::Node::start(system_tests::NodeOptions::new(redis.url()).role("standby"))
+            .await;
+    second.wait_ready().await;
+    let api = system_tests::Api::new(second.http());
+
+    // Then the stored role and epoch stand, and it takes writes
+    let role = api.role().await.json;
+    assert_eq!(role["role"], "active", "{role}");
+    assert_eq!(role["epoch"], seeded["epoch"], "{role}");
+    api.put_product("WIDGET-001", 1000, 10).await;
+    let id = api
+        .place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok"))
+        .await;
+    api.wait_status(&id, &["SHIPPED"], FLOW).await;
+}
+
+#[tokio::test]
+async fn bad_product_inputs_are_refused_without_writing() {
+    // Given a node with one product
+    let region = Region::start().await;
+    let api = &region.api;
+    api.put_product("WIDGET-001", 1000, 50).await;
+    let mut redis = region.redis.client().await;
+    redis_state::wait_workflow_idle(&mut redis, FLOW).await;
+    let before = redis_state::snapshot(&mut redis).await;
+
+    let good = json!({"name": "Widget", "price": 1000, "currency": "USD", "stock": 10});
+    let with = |field: &str, value: Value| {
+        let mut body = good.clone();
+        body[field] = value;
+        serde_json::to_vec(&body).unwrap()
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("malformed JSON", b"{\"name\":".to_vec(), "malformed_json"),
+        (
+            "negative stock",
+            with("stock", json!(-1)),
+            "validation_failed",
+        ),
+        (
+            "price as text",
+            with("price", json!("ten")),
+            "validation_failed",
+        ),
+        (
+            "stock as float",
+            with("stock", json!(1.5)),
+            "validation_failed",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (case, body, code) in cases {
+        // When the client puts it
+        let r = api
+            .http
+            .request(
+                reqwest::Method::PUT,
+                "/api/v1/products/WIDGET-002",
+                Some(body),
+                &[],
+            )
+            .await;
+        // Then 400 with the stable code, and nothing was written
+        if r.status != 400 || r.error_code() != code {
+            failures.push(format!(
+                "{case}: expected 400 {code}, got {} {}",
+                r.status,
+                truncate(&r.text)
+            ));
+        }
+        if redis_state::snapshot(&mut redis).await != before {
+            failures.push(format!("{case}: Redis changed"));
+        }
+    }
+    // And availability checks of bad shape are refused the same way
+    let r = api
+        .http
+        .post(
+            "/api/v1/products/check-availability",
+            &json!({"items": [{"product_id": "WIDGET-001", "quantity": 0}]}),
+        )
+        .await;
+    if r.status != 400 || r.error_code() != "validation_failed" {
+        failures.push(format!(
+            "check-availability quantity 0: {} {}",
+            r.status,
+            truncate(&r.text)
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(api.product("WIDGET-001").await["stock"], 50);
+    let missing = api.http.get("/api/v1/products/WIDGET-002").await;
+    assert_eq!((missing.status, missing.error_code()), (404, "not_found"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_flow_loses_no_order() {
+    // Given a node with 30 orders just accepted and still in flight
+    let redis = system_tests::RedisServer::start().await;
+    let options = system_tests::NodeOptions::new(redis.url()).env("NODE_RECLAIM_IDLE_MS", 1000);
+    let mut first = system_tests::Node::start(options.clone()).await;
+    first.wait_ready().await;
+    let api = system_tests::Api::new(first.http());
+    api.put_product("WIDGET-001", 100, 1_000).await;
+    let mut set = JoinSet::new();
+    for i in 0..30 {
+        let api = api.clone();
+        set.spawn(async move {
+            api.place_ok(&order_body(
+                &format!("c-{i}"),
+                &[("WIDGET-001", 1)],
+                "tok_ok",
+            ))
+            .await
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(id) = set.join_next().await {
+        ids.push(id.unwrap());
+    }
+
+    // When it receives SIGTERM
+    let status = first.terminate(Duration::from_secs(12)).await;
+
+    // Then it exits 0, and a node started afterwards finishes every order exactly once
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    let second = system_tests::Node::start(options).await;
+    second.wait_ready().await;
+    let api = system_tests::Api::new(second.http());
+    for id in &ids {
+        api.wait_status(id, &["SHIPPED"], FLOW).await;
+    }
+    let mut conn = redis.client().await;
+    redis_state::wait_workflow_idle(&mut conn, FLOW).await;
+    for id in &ids {
+        assert_eq!(
+            redis_state::stream_event_types(&mut conn, id).await,
+            HAPPY_PATH_TO_SHIPPED,
+            "order {id}"
+        );
+    }
+    assert_eq!(api.stock("WIDGET-001").await, (970, 0, 970));
+}

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use system_tests::api::{order_body, HAPPY_PATH_TO_SHIPPED};
+use system_tests::api::{metric_sum, order_body, HAPPY_PATH_TO_SHIPPED};
 use system_tests::redis_state;
 use system_tests::{eventually, Region};
 use tokio::task::JoinSet;
@@ -395,6 +395,26 @@ async fn payment_error_ends_in_the_dead_letter_stream() {
     );
     assert_eq!(api.stock("WIDGET-001").await, (10, 2, 8));
 
+    // When the operator replays the entry while the provider still errors
+    let entry_id = entry["id"].as_str().unwrap();
+    let r = api.replay(entry_id).await;
+
+    // Then the replay reports the failure, and the entry and the order stay as they were
+    assert!(
+        !(200..300).contains(&r.status) && r.status != 500,
+        "replay of a still-failing entry: {} {}",
+        r.status,
+        r.text
+    );
+    let dlq = api.dlq().await.json;
+    assert_eq!(dlq["entries"].as_array().map(Vec::len), Some(1), "{dlq}");
+    assert_eq!(dlq["entries"][0]["id"], entry_id, "{dlq}");
+    assert_eq!(api.order(&id).await.json["status"], "CONFIRMED");
+    assert_eq!(
+        api.event_types(&id).await,
+        ["OrderPlaced", "InventoryReserved", "OrderConfirmed"]
+    );
+
     // And replaying an entry that does not exist is a 404
     let r = api.replay("0-1").await;
     assert_eq!(r.status, 404, "{}", r.text);
@@ -435,6 +455,64 @@ async fn cancelling_a_confirmed_order_releases_stock() {
     let again = api.cancel(&id).await;
     assert_eq!(again.status, 409, "{}", again.text);
     assert_eq!(again.error_code(), "invalid_state");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_replay_takes_the_entry_once() {
+    // Given a dead-lettered payment whose order was cancelled since
+    let region = Region::start().await;
+    let api = &region.api;
+    api.put_product("WIDGET-001", 1000, 10).await;
+    let (id, entry) = order_stuck_in_dlq(api, "WIDGET-001", 4).await;
+    let entry_id = entry["id"].as_str().unwrap().to_string();
+    assert_eq!(api.cancel(&id).await.status, 200);
+    api.wait_events(
+        &id,
+        &[
+            "OrderPlaced",
+            "InventoryReserved",
+            "OrderConfirmed",
+            "OrderCancelled",
+            "InventoryReleased",
+        ],
+        FLOW,
+    )
+    .await;
+
+    // When operators replay the parked payment, eight times at once
+    let mut set = JoinSet::new();
+    for _ in 0..8 {
+        let (api, entry_id) = (api.clone(), entry_id.clone());
+        set.spawn(async move { api.replay(&entry_id).await });
+    }
+    let mut answers = Vec::new();
+    while let Some(r) = set.join_next().await {
+        let r = r.unwrap();
+        answers.push((r.status, r.error_code().to_string()));
+    }
+
+    // Then one replay takes the entry (there is nothing to pay for any more), the others
+    // find it gone; the DLQ is empty and its gauge back at 0, not below
+    let taken = answers.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(taken, 1, "answers: {answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|(s, c)| *s == 200 || (*s == 404 && c == "not_found")),
+        "answers: {answers:?}"
+    );
+    assert_eq!(api.dlq().await.json["entries"], json!([]));
+    eventually(FLOW, "dead-letter gauge back to 0", || async {
+        let text = api.metrics().await;
+        match metric_sum(&text, "tandem_node_dead_letters", &[]) {
+            Some(v) if v == 0.0 => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    assert_eq!(api.order(&id).await.json["status"], "CANCELLED");
+    assert_eq!(api.event_types(&id).await.len(), 5);
+    assert_eq!(api.stock("WIDGET-001").await, (10, 0, 10));
 }
 
 /// Consumer-group name of the shipments module (also the `group` label of the node's
