@@ -64,3 +64,9 @@ async fn eventually_panics_with_the_last_observation() {
     })
     .await;
 }
+
+#[test]
+#[should_panic(expected = "cargo build --workspace --bins")]
+fn a_missing_binary_names_the_build_command() {
+    system_tests::process::workspace_binary("no-such-binary-in-this-workspace");
+}

@@ -358,6 +358,12 @@ async fn admin_endpoints_require_the_token() {
     assert_eq!(role.status, 200, "{}", role.text);
     assert_ne!(role.json["epoch"], 99);
     assert_eq!(region.api.dlq().await.status, 200);
+
+    // And without NODE_ADMIN_TOKEN, admin is open to loopback callers
+    let open = Region::start_with(Default::default(), |o| o.admin_token(None)).await;
+    let r = HttpClient::new(open.node.url()).get("/admin/role").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["role"], "active", "{}", r.text);
 }
 
 #[tokio::test]
