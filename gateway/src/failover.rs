@@ -107,6 +107,9 @@ struct Lease {
     pending_until: Option<Instant>,
     /// Set when a failover begins: no renewal is sent after it.
     stopped: bool,
+    /// The node has acknowledged a lease at this epoch. A node fences itself only
+    /// once it has been given a lease: until then, nothing but a demotion stops it.
+    leased: bool,
 }
 
 impl Lease {
@@ -161,6 +164,7 @@ impl Controller {
                 in_flight: 0,
                 pending_until: None,
                 stopped: true,
+                leased: false,
             }),
             transition: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
@@ -228,11 +232,15 @@ impl Controller {
         }
         let from_id = self.routing.region(from).id.clone();
         self.routing.set_switching(true);
-        let lapse = {
+        let (lapse, leased) = {
             let mut lease = self.lease();
             lease.stopped = true;
-            lease.bound() + self.config.lease_margin
+            (lease.bound() + self.config.lease_margin, lease.leased)
         };
+        if !leased && !self.demote_unleased(from).await {
+            self.routing.set_switching(false);
+            return;
+        }
         tracing::warn!(
             from = %from_id,
             to = %self.routing.region(to).id,
@@ -251,8 +259,8 @@ impl Controller {
             }
         }
         match self.promote(to, 0).await {
-            Ok(epoch) => {
-                self.install_active(to, epoch);
+            Ok((epoch, report)) => {
+                self.take_office(to, epoch, &report).await;
                 let to_id = &self.routing.region(to).id;
                 self.metrics
                     .failovers
@@ -265,14 +273,36 @@ impl Controller {
             }
         }
         self.routing.set_switching(false);
-        if self.routing.active() == Some(to) {
-            self.renew(to).await;
+    }
+
+    /// An active region that never acknowledged a lease will not fence itself when we
+    /// stop renewing, so waiting is no protection: it must be demoted explicitly
+    /// before anyone else is promoted. Returns true when it was.
+    async fn demote_unleased(&self, from: usize) -> bool {
+        let region = self.routing.region(from).clone();
+        let epoch = self.next_epoch(0);
+        if let Err(e) = self.store.record(epoch, &region.id) {
+            tracing::error!(error = %e, "cannot persist the epoch; not failing over");
+            return false;
+        }
+        match self
+            .api
+            .demote(&region.url, epoch, self.config.health_timeout * 5)
+            .await
+        {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(region = %region.id, error = %e,
+                    "the active region never acknowledged a lease and cannot be demoted; \
+                     not promoting another region while it may still act");
+                false
+            }
         }
     }
 
     /// Persists a new epoch and promotes `to` at it; on `stale_epoch` learns the
     /// region's epoch and tries once more above it.
-    async fn promote(&self, to: usize, seen: u64) -> Result<u64, NodeError> {
+    async fn promote(&self, to: usize, seen: u64) -> Result<(u64, RoleReport), NodeError> {
         let region = self.routing.region(to).clone();
         let mut epoch = self.next_epoch(seen);
         for attempt in 0..3 {
@@ -281,7 +311,7 @@ impl Controller {
                 return Err(NodeError::Transport(format!("persist epoch: {e}")));
             }
             match self.api.promote(&region.url, epoch, CONTROL_TIMEOUT).await {
-                Ok(_) => return Ok(epoch),
+                Ok(report) => return Ok((epoch, report)),
                 Err(e) if e.code().as_deref() == Some("stale_epoch") && attempt < 2 => {
                     let theirs = self
                         .api
@@ -297,13 +327,20 @@ impl Controller {
         Err(NodeError::Transport("promotion kept failing".into()))
     }
 
-    fn install_active(&self, index: usize, epoch: u64) {
+    /// Makes `index` the active region at `epoch`: takes over its lease (a node may
+    /// report a lease already running, e.g. a grace period after promotion), grants a
+    /// first lease at once so the node starts fencing itself, then routes writes to it.
+    async fn take_office(&self, index: usize, epoch: u64, report: &RoleReport) {
         {
             let mut lease = self.lease();
             lease.region = Some(index);
             lease.epoch = epoch;
             lease.stopped = false;
+            lease.leased = report.lease_remaining_ms.is_some();
+            let remaining = Duration::from_millis(report.lease_remaining_ms.unwrap_or(0));
+            lease.until = lease.until.max(Instant::now() + remaining);
         }
+        self.renew(index).await;
         self.routing.set_active(index, epoch);
     }
 
@@ -352,7 +389,11 @@ impl Controller {
         let mut lease = self.lease();
         lease.in_flight -= 1;
         match &result {
-            Ok(_) => lease.until = lease.until.max(Instant::now() + ttl),
+            Ok(report) => {
+                let remaining = Duration::from_millis(report.lease_remaining_ms.unwrap_or(0));
+                lease.until = lease.until.max(Instant::now() + ttl.max(remaining));
+                lease.leased = true;
+            }
             // Never reached the node: it extends nothing.
             Err(e) if e.extended_nothing() => {}
             // The node may still act on it: keep the pessimistic bound for good.
@@ -413,12 +454,11 @@ impl Controller {
                 self.store
                     .record(rep.epoch, &regions[i].id)
                     .map_err(|e| NodeError::Transport(format!("persist epoch: {e}")))?;
-                {
-                    let mut lease = self.lease();
-                    let remaining = Duration::from_millis(rep.lease_remaining_ms.unwrap_or(0));
-                    lease.until = Instant::now() + remaining.max(self.config.lease);
-                }
-                self.install_active(i, rep.epoch);
+                // A previous life of this gateway may have granted a lease we no
+                // longer know about: count it as running for a full lease from now.
+                self.lease().until =
+                    Instant::now() + self.config.lease + self.config.health_timeout;
+                self.take_office(i, rep.epoch, rep).await;
                 tracing::info!(region = %regions[i].id, epoch = rep.epoch, "adopted the active region");
                 return Ok(true);
             }
@@ -441,8 +481,8 @@ impl Controller {
                 + self.config.lease_margin;
             tokio::time::sleep_until(lapse.into()).await;
         }
-        let epoch = self.promote(primary, seen).await?;
-        self.install_active(primary, epoch);
+        let (epoch, report) = self.promote(primary, seen).await?;
+        self.take_office(primary, epoch, &report).await;
         tracing::info!(region = %regions[primary].id, epoch, "made the primary region active");
         Ok(true)
     }
@@ -478,8 +518,8 @@ impl Controller {
         self.lease().stopped = true;
         let result = self.switch(&from, &to).await;
         match &result {
-            Ok(s) => {
-                self.install_active(to.index, s.epoch);
+            Ok((s, report)) => {
+                self.take_office(to.index, s.epoch, report).await;
                 self.metrics
                     .failovers
                     .with_label_values(&[from.id.as_str(), to.id.as_str(), "planned"])
@@ -491,18 +531,14 @@ impl Controller {
             }
         }
         self.routing.set_switching(false);
-        let active = self.routing.active();
-        if let Some(a) = active {
-            self.renew(a).await;
-        }
-        result
+        result.map(|(s, _)| s)
     }
 
     async fn switch(
         &self,
         from: &crate::routing::Region,
         to: &crate::routing::Region,
-    ) -> Result<Switchover, GatewayError> {
+    ) -> Result<(Switchover, RoleReport), GatewayError> {
         let failed = |code, e: NodeError| GatewayError::ControlFailed {
             code,
             message: e.to_string(),
@@ -532,8 +568,8 @@ impl Controller {
             if Instant::now() >= deadline {
                 // Give the old active its role back rather than lose events.
                 tracing::warn!(region = %to.id, "replication did not catch up; restoring the old active");
-                if let Ok(back) = self.promote(from.index, epoch).await {
-                    self.install_active(from.index, back);
+                if let Ok((back, report)) = self.promote(from.index, epoch).await {
+                    self.take_office(from.index, back, &report).await;
                 } else {
                     self.lease().stopped = false;
                 }
@@ -547,26 +583,24 @@ impl Controller {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let promoted = self
-            .api
-            .promote(&to.url, epoch, CONTROL_TIMEOUT)
-            .await
-            .map(|_| epoch);
-        let epoch = match promoted {
-            Ok(e) => e,
+        let report = match self.api.promote(&to.url, epoch, CONTROL_TIMEOUT).await {
+            Ok(r) => r,
             Err(e) => {
-                if let Ok(back) = self.promote(from.index, epoch).await {
-                    self.install_active(from.index, back);
+                if let Ok((back, report)) = self.promote(from.index, epoch).await {
+                    self.take_office(from.index, back, &report).await;
                 }
                 return Err(failed("promote_failed", e));
             }
         };
-        Ok(Switchover {
-            active: to.id.clone(),
-            epoch,
-            previous: from.id.clone(),
-            lost_events: 0,
-        })
+        Ok((
+            Switchover {
+                active: to.id.clone(),
+                epoch,
+                previous: from.id.clone(),
+                lost_events: 0,
+            },
+            report,
+        ))
     }
 }
 

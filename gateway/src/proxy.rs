@@ -6,6 +6,7 @@ use crate::error::GatewayError;
 use crate::limits::{header_bytes, RetryBudget};
 use crate::metrics::route_template;
 use crate::node_api::error_chain;
+use crate::routing::Routing;
 use crate::Shared;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -74,6 +75,10 @@ enum Failure {
     Timeout,
     /// The region answered 502, 503 or 504.
     Unavailable(Response<Incoming>),
+    /// Still waiting when the region was judged unhealthy (a read) or stopped being
+    /// the active one (a write): a safe request goes to its successor at once rather
+    /// than wait out the attempt's timeout on a hung region.
+    Overtaken,
 }
 
 impl Failure {
@@ -87,6 +92,7 @@ impl Failure {
             Failure::Broken => "reset",
             Failure::Timeout => "timeout",
             Failure::Unavailable(_) => "status_5xx",
+            Failure::Overtaken => "failover",
         }
     }
 }
@@ -285,13 +291,16 @@ async fn forward_inner<'a>(
         let attempt_deadline = cfg
             .attempt_timeout
             .min(deadline.saturating_duration_since(Instant::now()));
-        let failure = match tokio::time::timeout(
-            attempt_deadline,
-            shared.proxy.client.request(upstream),
-        )
-        .await
-        {
-            Ok(Ok(resp)) => {
+        let exchange =
+            tokio::time::timeout(attempt_deadline, shared.proxy.client.request(upstream));
+        let outcome = tokio::select! {
+            biased;
+            r = exchange => Some(r),
+            _ = overtaken(routing, &mut changes, target, is_read), if idempotent => None,
+        };
+        let failure = match outcome {
+            None => Failure::Overtaken,
+            Some(Ok(Ok(resp))) => {
                 if matches!(
                     resp.status(),
                     StatusCode::BAD_GATEWAY
@@ -305,7 +314,7 @@ async fn forward_inner<'a>(
                     return Ok((into_client_response(resp, &region.id), region.id.as_str()));
                 }
             }
-            Ok(Err(e)) => {
+            Some(Ok(Err(e))) => {
                 if has_length_limit_error(&e) {
                     return Err(GatewayError::BodyTooLarge(cfg.max_body_bytes));
                 }
@@ -317,7 +326,7 @@ async fn forward_inner<'a>(
                     Failure::Broken
                 }
             }
-            Err(_) => {
+            Some(Err(_)) => {
                 routing.record_failure(target);
                 Failure::Timeout
             }
@@ -338,11 +347,34 @@ fn conclude(
 ) -> Result<(Response<Body>, &str), GatewayError> {
     match last {
         None => Err(GatewayError::NoRegion),
-        Some((Failure::Timeout, _)) => Err(GatewayError::Timeout),
+        Some((Failure::Timeout | Failure::Overtaken, _)) => Err(GatewayError::Timeout),
         Some((Failure::NotSent | Failure::Broken, _)) => Err(GatewayError::Upstream),
         Some((Failure::Unavailable(resp), i)) => {
             let id = shared.routing.region(i).id.as_str();
             Ok((into_client_response(resp, id), id))
+        }
+    }
+}
+
+/// Completes when `target` should no longer hold this request: for a read, when it is
+/// unhealthy; for a write, when another region has become active.
+async fn overtaken(
+    routing: &Routing,
+    changes: &mut watch::Receiver<u64>,
+    target: usize,
+    is_read: bool,
+) {
+    loop {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let gone = if is_read {
+            !routing.region(target).is_healthy()
+        } else {
+            routing.active().is_some_and(|a| a != target)
+        };
+        if gone {
+            return;
         }
     }
 }
