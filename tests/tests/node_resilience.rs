@@ -499,3 +499,115 @@ async fn rebuild_reproduces_live_state() {
         .await;
     api.wait_status(&id, &["SHIPPED"], FLOW).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_under_traffic_loses_nothing() {
+    // Given a node taking a steady stream of orders
+    let region = Region::start().await;
+    let api = region.api.clone();
+    api.put_product("SKU-A", 100, 10_000).await;
+    let mut set = JoinSet::new();
+    let gate = Arc::new(Semaphore::new(8));
+    for i in 0..60 {
+        let (api, gate) = (api.clone(), gate.clone());
+        set.spawn(async move {
+            let _permit = gate.acquire().await.unwrap();
+            api.place_ok(&order_body(&format!("c-{i}"), &[("SKU-A", 1)], "tok_ok"))
+                .await
+        });
+    }
+
+    // When the operator rebuilds while orders are placed and handled
+    let placed_before = api.events_query("eventType=OrderPlaced").await.len();
+    let r = api.rebuild().await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let mut ids = Vec::new();
+    while let Some(id) = set.join_next().await {
+        ids.push(id.unwrap());
+    }
+    assert!(
+        placed_before < ids.len(),
+        "every order was placed before the rebuild started: no traffic overlapped it"
+    );
+
+    // Then every order ships exactly once and the stock adds up
+    for id in &ids {
+        api.wait_status(id, &["SHIPPED"], FLOW).await;
+    }
+    let mut conn = region.redis.client().await;
+    redis_state::wait_workflow_idle(&mut conn, FLOW).await;
+    let by_aggregate = stream_types_by_aggregate(&mut conn).await;
+    for id in &ids {
+        assert_eq!(by_aggregate[id], HAPPY_PATH_TO_SHIPPED, "order {id}");
+    }
+    assert_eq!(api.stock("SKU-A").await, (9_940, 0, 9_940));
+
+    // And the live state is what a rebuild at rest computes
+    let live = redis_state::dump(&mut conn, DERIVED_PATTERNS).await;
+    assert_eq!(api.rebuild().await.status, 200);
+    let rebuilt = redis_state::dump(&mut conn, DERIVED_PATTERNS).await;
+    let diff = diff_dumps(&live, &rebuilt, 20);
+    assert!(diff.is_empty(), "after traffic:\n{}", diff.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_projects_copied_events_into_identical_state() {
+    // Given an active region that shipped, declined and keyed some orders
+    let active = Region::start().await;
+    let api = &active.api;
+    api.put_product("SKU-A", 1000, 100).await;
+    api.put_product("SKU-B", 500, 20).await;
+    let shipped = api
+        .place_ok(&order_body("c-1", &[("SKU-A", 2), ("SKU-B", 1)], "tok_ok"))
+        .await;
+    let declined = api
+        .place_ok(&order_body("c-2", &[("SKU-B", 3)], "tok_decline"))
+        .await;
+    let keyed = api
+        .place_order_with_key(&order_body("c-3", &[("SKU-A", 1)], "tok_ok"), "copy-key")
+        .await;
+    assert_eq!(keyed.status, 201, "{}", keyed.text);
+    let keyed = keyed.json["orderId"].as_str().unwrap().to_string();
+    for id in [&shipped, &keyed] {
+        api.wait_status(id, &["SHIPPED"], FLOW).await;
+    }
+    api.wait_status(&declined, &["PAYMENT_FAILED"], FLOW).await;
+    let mut active_conn = active.redis.client().await;
+    redis_state::wait_workflow_idle(&mut active_conn, FLOW).await;
+
+    // And a standby region of its own
+    let standby = Region::start_with(Default::default(), |o| o.region("b").role("standby")).await;
+    let mut standby_conn = standby.redis.client().await;
+
+    // When the active region's events are copied into the standby with their ids, as
+    // the replicator does
+    let entries = redis_state::stream_entries(&mut active_conn, EVENTS).await;
+    for (id, fields) in &entries {
+        let _: String = standby_conn.xadd(EVENTS, id, fields).await.unwrap();
+    }
+
+    // Then the standby serves the same orders and stock
+    let b = &standby.api;
+    b.wait_status(&shipped, &["SHIPPED"], FLOW).await;
+    b.wait_status(&keyed, &["SHIPPED"], FLOW).await;
+    b.wait_status(&declined, &["PAYMENT_FAILED"], FLOW).await;
+    system_tests::eventually(FLOW, "standby state equals active state", || {
+        let (mut a, mut s) = (active_conn.clone(), standby_conn.clone());
+        async move {
+            let live = redis_state::dump(&mut a, DERIVED_PATTERNS).await;
+            let projected = redis_state::dump(&mut s, DERIVED_PATTERNS).await;
+            let diff = diff_dumps(&live, &projected, 10);
+            if diff.is_empty() {
+                Ok(())
+            } else {
+                Err(diff)
+            }
+        }
+    })
+    .await;
+    assert_eq!(b.stock("SKU-A").await, api.stock("SKU-A").await);
+    assert_eq!(b.event_types(&shipped).await, HAPPY_PATH_TO_SHIPPED);
+    // And the standby wrote no event of its own
+    let len: u64 = standby_conn.xlen(EVENTS).await.unwrap();
+    assert_eq!(len as usize, entries.len());
+}
