@@ -554,21 +554,24 @@ pub async fn replay(wf: &Workflow, dlq_id: &str) -> Result<serde_json::Value, Re
         .handle(wf, &env, &event, attempts + 1, None)
         .await
         .map_err(ReplayError::Failed)?;
-    let mut pipe = redis::pipe();
-    pipe.atomic()
-        .cmd("XDEL")
-        .arg(keys::DLQ)
-        .arg(dlq_id)
-        .ignore()
-        .cmd("HINCRBY")
-        .arg(keys::DLQ_COUNTS)
-        .arg(group.name())
-        .arg(-1)
-        .ignore();
-    wf.store
-        .query_pipe::<()>(&pipe)
+    // Only the replay that removes the entry counts it down: concurrent replays of one
+    // entry all run the (idempotent) handler, but exactly one of them succeeds.
+    let removed: i64 = wf
+        .store
+        .query(
+            redis::cmd("EVAL")
+                .arg("if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[2], ARGV[2], -1) return 1 end return 0")
+                .arg(2)
+                .arg(keys::DLQ)
+                .arg(keys::DLQ_COUNTS)
+                .arg(dlq_id)
+                .arg(group.name()),
+        )
         .await
         .map_err(|e| ReplayError::Failed(e.into()))?;
+    if removed == 0 {
+        return Err(ReplayError::NotFound(dlq_id.to_string()));
+    }
     wf.metrics
         .events_handled
         .with_label_values(&[group.name(), &env.event_type, "replayed"])
