@@ -1,0 +1,176 @@
+//! Order workflow benchmark (not a test): places orders at fixed rates against a
+//! running regional node and reports, per rate, the latency from sending
+//! `POST /orders` to the order's `OrderShipped` event, and whether the node kept up.
+//!
+//! The shipped time is taken when the event appears in the region's stream (read with
+//! XREAD on the node's Redis), so the node is not slowed by polling.
+//!
+//! Usage: order_bench --node http://127.0.0.1:8081 --redis redis://127.0.0.1:6380
+//!        [--rates 200,1000,2000] [--seconds 10]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct Args {
+    node: String,
+    redis: String,
+    rates: Vec<u64>,
+    seconds: u64,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args { node: String::new(), redis: String::new(), rates: vec![200, 1000, 2000], seconds: 10 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--node" => args.node = value()?,
+            "--redis" => args.redis = value()?,
+            "--rates" => {
+                args.rates = value()?.split(',').map(|r| r.parse().map_err(|e| format!("--rates: {e}"))).collect::<Result<_, _>>()?
+            }
+            "--seconds" => args.seconds = value()?.parse().map_err(|e| format!("--seconds: {e}"))?,
+            "--help" | "-h" => return Err("usage: order_bench --node URL --redis URL [--rates 200,1000] [--seconds 10]".into()),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if args.node.is_empty() || args.redis.is_empty() {
+        return Err("--node and --redis are required".into());
+    }
+    Ok(args)
+}
+
+const SKUS: usize = 20;
+
+#[derive(Default)]
+struct Step {
+    sent: HashMap<String, Instant>,
+    shipped: Vec<Duration>,
+    post: Vec<Duration>,
+    errors: u64,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(64);
+        }
+    };
+    let http = reqwest::Client::builder().pool_max_idle_per_host(512).build().expect("client");
+    for i in 0..SKUS {
+        let body = serde_json::json!({"name": format!("Bench {i}"), "price": 1000, "currency": "USD", "stock": 1_000_000_000});
+        let r = http.put(format!("{}/api/v1/products/BENCH-{i:03}", args.node)).json(&body).send().await.expect("node reachable");
+        assert!(r.status().is_success(), "product setup failed: {}", r.status());
+    }
+
+    let state: Arc<Mutex<Step>> = Arc::default();
+    let client = redis::Client::open(args.redis.as_str()).expect("redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis reachable");
+    let start_id: Vec<(String, redis::Value)> =
+        redis::cmd("XREVRANGE").arg("tandem:events").arg("+").arg("-").arg("COUNT").arg(1).query_async(&mut conn).await.unwrap();
+    let mut last_id = start_id.first().map(|(id, _)| id.clone()).unwrap_or_else(|| "0-0".into());
+    {
+        let state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("BLOCK")
+                    .arg(100)
+                    .arg("STREAMS")
+                    .arg("tandem:events")
+                    .arg(&last_id)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("XREAD");
+                let now = Instant::now();
+                for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+                    last_id = entry.id.clone();
+                    let is_shipped = matches!(entry.map.get("type"), Some(redis::Value::BulkString(t)) if t == b"OrderShipped");
+                    if !is_shipped {
+                        continue;
+                    }
+                    let Some(redis::Value::BulkString(raw)) = entry.map.get("event") else { continue };
+                    let Ok(ev) = serde_json::from_slice::<serde_json::Value>(raw) else { continue };
+                    let order_id = ev["aggregateId"].as_str().unwrap_or_default();
+                    let mut st = state.lock().unwrap();
+                    if let Some(sent) = st.sent.remove(order_id) {
+                        st.shipped.push(now - sent);
+                    }
+                }
+            }
+        });
+    }
+
+    println!("rate_target,rate_sent,orders,shipped,errors,post_p50_ms,post_p99_ms,shipped_p50_ms,shipped_p99_ms,kept_up");
+    let mut best = 0;
+    for &rate in &args.rates {
+        *state.lock().unwrap() = Step::default();
+        let total = rate * args.seconds;
+        let interval = Duration::from_secs_f64(1.0 / rate as f64);
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..total {
+            // Open loop: the schedule does not wait for answers, as real clients do not.
+            let due = started + interval.mul_f64(n as f64);
+            tokio::time::sleep_until(due.into()).await;
+            let http = http.clone();
+            let state = state.clone();
+            let url = format!("{}/orders", args.node);
+            let body = serde_json::json!({
+                "customerId": format!("bench-{n}"),
+                "items": [{"sku": format!("BENCH-{:03}", n as usize % SKUS), "quantity": 1}],
+                "shippingAddress": "1 Bench Way",
+                "paymentToken": "tok_ok",
+            });
+            tasks.spawn(async move {
+                let sent = Instant::now();
+                let r = http.post(url).json(&body).send().await;
+                let ok = match r {
+                    Ok(r) if r.status() == 201 => r.json::<serde_json::Value>().await.ok(),
+                    _ => None,
+                };
+                let mut st = state.lock().unwrap();
+                st.post.push(sent.elapsed());
+                match ok.and_then(|v| v["orderId"].as_str().map(str::to_string)) {
+                    Some(id) => {
+                        st.sent.insert(id, sent);
+                    }
+                    None => st.errors += 1,
+                }
+            });
+            while let Some(Some(_)) = tasks.try_join_next().map(Some) {}
+        }
+        let send_secs = started.elapsed().as_secs_f64();
+        while tasks.join_next().await.is_some() {}
+        // The orders still in flight get a short grace to finish.
+        let drain = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < drain && !state.lock().unwrap().sent.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut st = state.lock().unwrap();
+        st.shipped.sort();
+        st.post.sort();
+        let pct = |v: &[Duration], p: f64| v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1))).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN);
+        let sent_rate = total as f64 / send_secs;
+        let kept_up = st.errors == 0 && st.sent.is_empty() && sent_rate >= rate as f64 * 0.95 && pct(&st.shipped, 0.99) < 1000.0;
+        if kept_up {
+            best = best.max(rate);
+        }
+        println!(
+            "{rate},{sent_rate:.0},{total},{},{},{:.2},{:.2},{:.2},{:.2},{kept_up}",
+            st.shipped.len(),
+            st.errors,
+            pct(&st.post, 0.5),
+            pct(&st.post, 0.99),
+            pct(&st.shipped, 0.5),
+            pct(&st.shipped, 0.99),
+        );
+    }
+    println!("highest_sustained_orders_per_s,{best}");
+}
