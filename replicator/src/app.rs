@@ -76,7 +76,6 @@ impl Application {
         let local = link(Side::Local, &c.local_redis_url)?;
         let peer = link(Side::Peer, &c.peer_redis_url)?;
         let copier_local = link(Side::Local, &c.local_redis_url)?;
-        let copier_peer = link(Side::Peer, &c.peer_redis_url)?;
         let groups_local = link(Side::Local, &c.local_redis_url)?;
         let groups_peer = link(Side::Peer, &c.peer_redis_url)?;
         let lag_local = link(Side::Local, &c.local_redis_url)?;
@@ -90,7 +89,7 @@ impl Application {
         let tasks = vec![
             tokio::spawn(gate::run(s.clone(), local, peer.clone())),
             tokio::spawn(replication::discover(s.clone(), peer)),
-            tokio::spawn(replication::run(s.clone(), copier_local, copier_peer)),
+            tokio::spawn(replication::run(s.clone(), copier_local)),
             tokio::spawn(groups::run(s.clone(), groups_local, groups_peer)),
             tokio::spawn(lag::run(s.clone(), lag_local, lag_peer)),
         ];

@@ -28,6 +28,9 @@ pub struct Config {
     /// Entries per XREAD and per pipelined write batch.
     #[serde(default = "defaults::batch_size")]
     pub batch_size: usize,
+    /// Batches written to the local Redis before the replies to the first are read.
+    #[serde(default = "defaults::write_depth")]
+    pub write_depth: usize,
     /// How long one XREAD waits for new entries on the peer. Bounds how quickly the
     /// copier notices a role change or a newly discovered stream.
     #[serde(default = "defaults::block_ms")]
@@ -60,7 +63,10 @@ mod defaults {
         SocketAddr::from(([127, 0, 0, 1], 9101))
     }
     pub fn batch_size() -> usize {
-        1000
+        500
+    }
+    pub fn write_depth() -> usize {
+        2
     }
     pub fn block_ms() -> u64 {
         100
@@ -96,6 +102,7 @@ const KEYS: &[&str] = &[
     "peer_redis_url",
     "listen",
     "batch_size",
+    "write_depth",
     "block_ms",
     "poll_interval_ms",
     "group_interval_ms",
@@ -198,6 +205,9 @@ impl Config {
                 "local_redis_url and peer_redis_url are the same: a region cannot copy into itself",
             ));
         }
+        if self.write_depth == 0 || self.write_depth > 64 {
+            return Err(ConfigError::new("write_depth must be between 1 and 64"));
+        }
         if self.batch_size == 0 || self.batch_size > 100_000 {
             return Err(ConfigError::new("batch_size must be between 1 and 100000"));
         }
@@ -257,7 +267,7 @@ mod tests {
         let c = Config::load_from(None, env(BASE)).unwrap();
         assert_eq!(c.local_region.as_str(), "b");
         assert_eq!(c.listen.to_string(), "127.0.0.1:9101");
-        assert_eq!(c.batch_size, 1000);
+        assert_eq!(c.batch_size, 500);
     }
 
     #[test]

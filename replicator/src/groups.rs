@@ -167,7 +167,7 @@ async fn summaries(link: &Link, stream: &str, names: &[&str]) -> Result<Vec<Valu
     if names.is_empty() {
         return Ok(Vec::new());
     }
-    let mut pipe = redis::pipe();
+    let mut pipe = crate::link::pipeline();
     for g in names {
         pipe.cmd("XPENDING").arg(stream).arg(*g);
     }
@@ -337,7 +337,7 @@ async fn apply(
     group: &str,
     plan: &PelPlan,
 ) -> Result<(), LinkError> {
-    let mut pipe = redis::pipe();
+    let mut pipe = crate::link::pipeline();
     for ids in plan.ack.chunks(1000) {
         let cmd = pipe.cmd("XACK").arg(stream).arg(group);
         for id in ids {

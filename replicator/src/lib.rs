@@ -12,7 +12,9 @@
 //! - [`config`]: the typed, layered configuration (TOML file, then `REPLICATOR_*` env vars).
 //! - [`app`]: [`app::Application`] builds the listener and runs every task until shutdown.
 //! - [`link`]: a reconnecting Redis connection with connect and response timeouts.
-//! - [`reply`]: parsing raw Redis replies (stream entries, XINFO maps) without copies.
+//! - [`reply`]: parsing Redis replies (stream entries, XINFO maps).
+//! - [`wire`]: the copier's hot path: XREAD replies turned into pipelined XADDs on raw
+//!   RESP2 connections, field bytes copied in one piece.
 //! - [`gate`]: reads both role records and decides: copy, rejoin or idle.
 //! - [`replication`]: stream discovery and the entry copier (read peer, write local).
 //! - [`groups`]: consumer-group positions and pending entries, copied after their entries.
@@ -37,6 +39,7 @@ pub mod quarantine;
 pub mod replication;
 pub mod reply;
 pub mod status;
+pub mod wire;
 
 pub use app::Application;
 pub use config::Config;

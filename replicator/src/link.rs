@@ -38,6 +38,8 @@ pub enum LinkError {
         side: &'static str,
         source: RedisError,
     },
+    #[error("{side} redis: {message}")]
+    Server { side: &'static str, message: String },
     #[error("{side} redis: unexpected reply to {what}")]
     Reply {
         side: &'static str,
@@ -148,12 +150,11 @@ impl Link {
         }
     }
 
-    /// Runs a pipeline and returns one reply per command; server errors are returned in
-    /// place as [`Value::ServerError`] so the caller can judge each command.
+    /// Runs a pipeline made with [`pipeline()`] and returns one reply per command; server
+    /// errors are returned in place as [`Value::ServerError`] so the caller can judge each
+    /// command.
     pub async fn pipeline(&self, pipe: &Pipeline) -> Result<Vec<Value>, LinkError> {
         let mut conn = self.connection().await?;
-        let mut pipe = pipe.clone();
-        pipe.ignore_errors();
         match pipe.query_async::<Vec<Value>>(&mut conn).await {
             Ok(v) => Ok(v),
             Err(e) => Err(self.classify(e)),
@@ -183,6 +184,13 @@ impl Link {
             other => other,
         }
     }
+}
+
+/// A pipeline whose failed commands are reported in place instead of failing it whole.
+pub fn pipeline() -> Pipeline {
+    let mut p = redis::pipe();
+    p.ignore_errors();
+    p
 }
 
 /// A Lua script and its SHA1, run with EVALSHA.

@@ -212,7 +212,7 @@ pub async fn rejoin(
 /// For each local entry: does the peer hold an entry with the same id and the same
 /// fields? Ids alone are not enough: both regions may have generated the same id.
 async fn held_by_peer(peer: &Link, stream: &str, tail: &[Entry]) -> Result<Vec<bool>, LinkError> {
-    let mut pipe = redis::pipe();
+    let mut pipe = crate::link::pipeline();
     for e in tail {
         let id = e.id.to_string();
         pipe.cmd("XRANGE").arg(stream).arg(&id).arg(&id);

@@ -11,13 +11,13 @@
 //! from the peer overlaps writing batch n locally. Any error ends the session; the next
 //! session starts again from what the local streams actually hold.
 
-use crate::link::{Backoff, Link, LinkError};
-use crate::reply::{self, Entry};
+use crate::link::{Backoff, Link, LinkError, Side};
+use crate::reply;
 use crate::status::Shared;
+use crate::wire::{self, AddOutcome, Endpoint, RawConn, StreamPart};
 use eventlog::envelope::StreamId;
 use eventlog::keys;
-use redis::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -128,11 +128,14 @@ pub fn is_no_such_key(e: &redis::RedisError) -> bool {
     e.to_string().contains("no such key")
 }
 
-/// A batch as read from the peer: entries per stream, in id order.
-type Batch = Vec<(String, Vec<Entry>)>;
+/// A batch as read from the peer, already encoded as pipelined XADDs.
+struct Batch {
+    packed: Vec<u8>,
+    parts: Vec<StreamPart>,
+}
 
 /// The copier task: one session after another while the gate allows copying.
-pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
+pub async fn run(shared: Arc<Shared>, local: Arc<Link>) {
     let mut backoff = Backoff::new(shared.config.max_backoff());
     let mut gate = shared.gate.subscribe();
     let mut stop = shared.shutdown_signal();
@@ -141,7 +144,7 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
             r = gate.wait_for(|g| g.is_copy()) => if r.is_err() { return },
             _ = stop.wait_for(|s| *s) => return,
         }
-        match session(&shared, &local, &peer).await {
+        match session(&shared, &local).await {
             Ok(()) => backoff.reset(),
             Err(e) => {
                 shared.failed("copy", &e);
@@ -155,19 +158,42 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
     }
 }
 
-async fn session(shared: &Shared, local: &Link, peer: &Link) -> Result<(), LinkError> {
+async fn raw(shared: &Shared, side: Side) -> Result<RawConn, LinkError> {
+    let c = &shared.config;
+    let url = match side {
+        Side::Local => &c.local_redis_url,
+        Side::Peer => &c.peer_redis_url,
+    };
+    let ep = Endpoint::parse(url).map_err(LinkError::Other)?;
+    RawConn::connect(side, &ep, c.connect_timeout(), c.response_timeout()).await
+}
+
+async fn session(shared: &Arc<Shared>, local: &Arc<Link>) -> Result<(), LinkError> {
+    // Connections live for one session: after any error they are dropped, since a
+    // half-read reply leaves a connection out of step.
+    let peer_conn = raw(shared, Side::Peer).await?;
+    let local_conn = raw(shared, Side::Local).await?;
     let (tx, rx) = mpsc::channel::<Batch>(2);
-    tokio::try_join!(
-        read_loop(shared, local, peer, tx),
-        write_loop(shared, local, rx)
-    )?;
-    Ok(())
+    // The reader is its own task so that reading from the peer and writing locally
+    // overlap and run on different cores.
+    let reader = {
+        let (shared, local) = (shared.clone(), local.clone());
+        tokio::spawn(async move { read_loop(&shared, &local, peer_conn, tx).await })
+    };
+    let written = write_loop(shared, local_conn, rx).await;
+    reader.abort();
+    let read = match reader.await {
+        Ok(r) => r,
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => Err(LinkError::Other(format!("copy reader panicked: {e}"))),
+    };
+    written.and(read)
 }
 
 async fn read_loop(
     shared: &Shared,
     local: &Link,
-    peer: &Link,
+    mut peer: RawConn,
     tx: mpsc::Sender<Batch>,
 ) -> Result<(), LinkError> {
     let mut cursors: BTreeMap<String, StreamId> = BTreeMap::new();
@@ -175,6 +201,10 @@ async fn read_loop(
     let mut gate = shared.gate.subscribe();
     let mut stop = shared.shutdown_signal();
     let block = Duration::from_millis(shared.config.block_ms);
+    let (count, block_ms) = (
+        shared.config.batch_size.to_string(),
+        shared.config.block_ms.to_string(),
+    );
     loop {
         if shared.is_shutting_down() || !gate.borrow_and_update().is_copy() {
             return Ok(());
@@ -200,133 +230,174 @@ async fn read_loop(
             }
             continue;
         }
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT")
-            .arg(shared.config.batch_size)
-            .arg("BLOCK")
-            .arg(shared.config.block_ms)
-            .arg("STREAMS");
-        for s in cursors.keys() {
-            cmd.arg(s);
-        }
-        for id in cursors.values() {
-            cmd.arg(id.to_string());
-        }
-        let v = tokio::select! {
-            v = peer.query(&cmd) => v?,
+        let ids: Vec<String> = cursors.values().map(|id| id.to_string()).collect();
+        let mut args: Vec<&[u8]> = vec![
+            b"XREAD",
+            b"COUNT",
+            count.as_bytes(),
+            b"BLOCK",
+            block_ms.as_bytes(),
+            b"STREAMS",
+        ];
+        args.extend(cursors.keys().map(|k| k.as_bytes()));
+        args.extend(ids.iter().map(|i| i.as_bytes()));
+        let mut cmd = Vec::new();
+        wire::encode(&mut cmd, &args);
+        let frame = tokio::select! {
+            f = peer.request(&cmd, 1, block) => f?,
             _ = stop.wait_for(|s| *s) => return Ok(()),
         };
-        shared.reached(peer.side());
-        let batch: Batch = reply::xread(v)
-            .map_err(|e| LinkError::Other(format!("peer XREAD: {e}")))?
+        shared.reached(Side::Peer);
+        let mut packed = Vec::with_capacity(frame.len() + frame.len() / 8);
+        let parts =
+            wire::xread_to_xadds(&frame, &mut packed).map_err(|message| LinkError::Server {
+                side: "peer",
+                message: format!("XREAD: {message}"),
+            })?;
+        let parts: Vec<StreamPart> = parts
             .into_iter()
-            .filter(|(s, e)| !e.is_empty() && cursors.contains_key(s))
+            .filter(|p| cursors.contains_key(&p.stream))
             .collect();
-        if batch.is_empty() {
+        if parts.is_empty() {
             continue;
         }
-        for (s, entries) in &batch {
-            if let Some(last) = entries.last() {
-                cursors.insert(s.clone(), last.id);
-            }
+        for p in &parts {
+            cursors.insert(p.stream.clone(), p.last);
         }
-        if tx.send(batch).await.is_err() {
+        if tx.send(Batch { packed, parts }).await.is_err() {
             // The writer stopped (gate changed); its result decides the session.
             return Ok(());
         }
     }
 }
 
-async fn write_loop(
-    shared: &Shared,
-    local: &Link,
-    mut rx: mpsc::Receiver<Batch>,
-) -> Result<(), LinkError> {
-    while let Some(batch) = rx.recv().await {
-        let _guard = shared.write_lock.lock().await;
-        if !shared.gate.borrow().is_copy() {
-            // A rejoin or a role change happened after this batch was read: drop it,
-            // the next session re-reads from what the local streams hold.
-            return Ok(());
-        }
-        write_batch(shared, local, &batch).await?;
-    }
-    Ok(())
+struct Sent {
+    parts: Vec<StreamPart>,
+    entries: usize,
+    started: Instant,
 }
 
-/// Writes one batch as a single pipeline: an XADD per entry with its original id, then
-/// the per-stream checkpoint. A crash in the middle leaves a prefix, which is exactly
-/// what the next session resumes after.
-pub async fn write_batch(shared: &Shared, local: &Link, batch: &Batch) -> Result<(), LinkError> {
-    let started = Instant::now();
-    let mut pipe = redis::pipe();
-    for (stream, entries) in batch {
-        for e in entries {
-            let cmd = pipe.cmd("XADD").arg(stream).arg(e.id.to_string());
-            for f in &e.fields {
-                cmd.arg(&f[..]);
+async fn write_loop(
+    shared: &Shared,
+    mut local: RawConn,
+    mut rx: mpsc::Receiver<Batch>,
+) -> Result<(), LinkError> {
+    // Batches written but not yet acknowledged by the local Redis (`write_depth`). More
+    // than one in flight keeps the next batch queued in the local Redis while the
+    // replies to the previous one travel back.
+    let mut in_flight: VecDeque<Sent> = VecDeque::new();
+    // Held while anything is in flight: a rejoin takes it to rewrite the local streams,
+    // so it never runs while a batch may still land.
+    let mut guard = None;
+    loop {
+        let next = if in_flight.is_empty() {
+            guard = None;
+            match rx.recv().await {
+                Some(b) => Some(b),
+                None => return Ok(()),
+            }
+        } else if in_flight.len() < shared.config.write_depth {
+            rx.try_recv().ok()
+        } else {
+            None
+        };
+        match next {
+            Some(batch) => {
+                if guard.is_none() {
+                    guard = Some(shared.write_lock.lock().await);
+                }
+                if !shared.gate.borrow().is_copy() {
+                    // A rejoin or a role change happened after this batch was read: drop
+                    // it; the next session re-reads from what the local streams hold.
+                    return Ok(());
+                }
+                in_flight.push_back(send_batch(&mut local, batch).await?);
+            }
+            None => {
+                let sent = in_flight.pop_front().expect("something is in flight");
+                complete_batch(shared, &mut local, sent).await?;
             }
         }
-        if let Some(last) = entries.last() {
-            pipe.cmd("HSET")
-                .arg(keys::REPLICATION_CHECKPOINT)
-                .arg(stream)
-                .arg(last.id.to_string());
-        }
     }
-    let replies = local.pipeline(&pipe).await?;
-    shared.reached(local.side());
-    let mut replies = replies.into_iter();
+}
+
+/// Sends one batch as a pipeline: an XADD per entry with its original id, then the
+/// per-stream checkpoint. A crash in the middle leaves a prefix, which is exactly what
+/// the next session resumes after.
+async fn send_batch(local: &mut RawConn, batch: Batch) -> Result<Sent, LinkError> {
+    let started = Instant::now();
+    let Batch { mut packed, parts } = batch;
+    let entries: usize = parts.iter().map(|p| p.entries).sum();
+    for p in &parts {
+        let last = p.last.to_string();
+        wire::encode(
+            &mut packed,
+            &[
+                b"HSET",
+                keys::REPLICATION_CHECKPOINT.as_bytes(),
+                p.stream.as_bytes(),
+                last.as_bytes(),
+            ],
+        );
+    }
+    local.send(&packed).await?;
+    Ok(Sent {
+        parts,
+        entries,
+        started,
+    })
+}
+
+/// Reads and judges the replies to one sent batch.
+async fn complete_batch(shared: &Shared, local: &mut RawConn, sent: Sent) -> Result<(), LinkError> {
+    let Sent {
+        parts,
+        entries,
+        started,
+    } = sent;
+    let replies = local.read(entries + parts.len(), Duration::ZERO).await?;
+    shared.reached(Side::Local);
+    let (outcomes, used) = wire::outcomes(&replies, entries)
+        .map_err(|e| LinkError::Other(format!("local XADD replies: {e}")))?;
+    if let Some(err) = wire::first_error(&replies[used..]) {
+        return Err(LinkError::Server {
+            side: "local",
+            message: format!("HSET checkpoint: {err}"),
+        });
+    }
     let now_ms = eventlog::time::now_ms();
-    let mut total = 0usize;
-    for (stream, entries) in batch {
+    let mut outcomes = outcomes.into_iter();
+    for p in &parts {
         let (mut copied, mut dups) = (0u64, 0u64);
-        for _ in entries {
-            match replies.next() {
-                Some(Value::ServerError(err)) => {
-                    let text = err.details().unwrap_or_default();
-                    if text.contains("equal or smaller") {
-                        // Already there: a retried batch or an overlapping session.
-                        dups += 1;
-                    } else {
-                        return Err(LinkError::Command {
-                            side: "local",
-                            source: err.into(),
-                        });
-                    }
-                }
-                Some(_) => copied += 1,
-                None => {
-                    return Err(LinkError::Reply {
+        for o in outcomes.by_ref().take(p.entries) {
+            match o {
+                AddOutcome::Added => copied += 1,
+                // Already there: a retried batch or an overlapping session.
+                AddOutcome::AlreadyThere => dups += 1,
+                AddOutcome::Failed(message) => {
+                    return Err(LinkError::Server {
                         side: "local",
-                        what: "pipelined XADD",
+                        message: format!("XADD {}: {message}", p.stream),
                     })
                 }
             }
         }
-        if let Some(Value::ServerError(err)) = replies.next() {
-            return Err(LinkError::Command {
-                side: "local",
-                source: err.into(),
-            });
-        }
-        total += entries.len();
         let m = &shared.metrics;
-        m.events_copied.with_label_values(&[stream]).inc_by(copied);
+        m.events_copied
+            .with_label_values(&[&p.stream])
+            .inc_by(copied);
         if dups > 0 {
-            m.duplicates.with_label_values(&[stream]).inc_by(dups);
-            tracing::debug!(stream, dups, "entries already copied were skipped");
+            m.duplicates.with_label_values(&[&p.stream]).inc_by(dups);
+            tracing::debug!(stream = %p.stream, dups, "entries already copied were skipped");
         }
-        if let Some(last) = entries.last() {
-            m.last_copy_apply
-                .with_label_values(&[stream])
-                .observe(now_ms.saturating_sub(last.id.ms) as f64 / 1000.0);
-            shared.copied.send_modify(|c| {
-                c.insert(stream.clone(), last.id);
-            });
-        }
+        m.last_copy_apply
+            .with_label_values(&[&p.stream])
+            .observe(now_ms.saturating_sub(p.last.ms) as f64 / 1000.0);
+        shared.copied.send_modify(|c| {
+            c.insert(p.stream.clone(), p.last);
+        });
     }
-    shared.metrics.batch_entries.observe(total as f64);
+    shared.metrics.batch_entries.observe(entries as f64);
     shared
         .metrics
         .batch_duration

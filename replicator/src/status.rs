@@ -102,6 +102,7 @@ impl Shared {
         let side = match err {
             LinkError::Unreachable { side, .. }
             | LinkError::Command { side, .. }
+            | LinkError::Server { side, .. }
             | LinkError::Reply { side, .. } => *side,
             LinkError::Other(_) => "local",
         };

@@ -1,0 +1,461 @@
+//! The copier's hot path, on plain RESP2 connections.
+//!
+//! An XREAD reply already holds each entry's fields encoded exactly as an XADD needs
+//! them (`$len\r\nbytes\r\n` each, in order). So a batch is turned into pipelined XADDs
+//! by writing a short header per entry (`*n XADD key id`) and copying the entry's
+//! field bytes in one piece: no per-field allocation, no decoding, no re-encoding, and
+//! the copy is byte-for-byte exact by construction. The general-purpose client (with
+//! its parsed reply tree) stays in use for everything that is not per-entry.
+
+use crate::link::{LinkError, Side};
+use eventlog::envelope::StreamId;
+use redis::{ConnectionAddr, IntoConnectionInfo};
+use std::io::Write as _;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Where and how to connect, taken from a `redis://` URL.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    host: String,
+    port: u16,
+    db: i64,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+impl Endpoint {
+    /// Only `redis://` over TCP: the hot path speaks plain RESP2 on a socket.
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let info = url.into_connection_info().map_err(|e| e.to_string())?;
+        let ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
+            return Err(format!("{url:?}: only redis:// over TCP is supported"));
+        };
+        let r = info.redis_settings();
+        Ok(Endpoint {
+            host,
+            port,
+            db: r.db(),
+            username: r.username().map(String::from),
+            password: r.password().map(String::from),
+        })
+    }
+}
+
+/// Encodes one command as a RESP2 array of bulk strings.
+pub fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
+    let _ = write!(out, "*{}\r\n", args.len());
+    for a in args {
+        let _ = write!(out, "${}\r\n", a.len());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// A RESP2 connection that returns whole replies as bytes.
+pub struct RawConn {
+    side: Side,
+    stream: TcpStream,
+    /// Received bytes not yet handed out.
+    buf: Vec<u8>,
+    response_timeout: Duration,
+}
+
+impl RawConn {
+    pub async fn connect(
+        side: Side,
+        ep: &Endpoint,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Result<RawConn, LinkError> {
+        let unreachable = |e: std::io::Error| LinkError::Unreachable {
+            side: side.as_str(),
+            source: e.into(),
+        };
+        let stream = match tokio::time::timeout(
+            connect_timeout,
+            TcpStream::connect((ep.host.as_str(), ep.port)),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(unreachable(e)),
+            Err(_) => {
+                return Err(unreachable(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                )))
+            }
+        };
+        stream.set_nodelay(true).map_err(unreachable)?;
+        let mut conn = RawConn {
+            side,
+            stream,
+            buf: Vec::with_capacity(1 << 20),
+            response_timeout,
+        };
+        let mut hello = Vec::new();
+        let mut expect = 0;
+        if let Some(pw) = &ep.password {
+            match &ep.username {
+                Some(u) => encode(&mut hello, &[b"AUTH", u.as_bytes(), pw.as_bytes()]),
+                None => encode(&mut hello, &[b"AUTH", pw.as_bytes()]),
+            }
+            expect += 1;
+        }
+        if ep.db != 0 {
+            encode(&mut hello, &[b"SELECT", ep.db.to_string().as_bytes()]);
+            expect += 1;
+        }
+        if expect > 0 {
+            let replies = conn.request(&hello, expect, Duration::ZERO).await?;
+            if let Some(err) = first_error(&replies) {
+                return Err(LinkError::Server {
+                    side: side.as_str(),
+                    message: err,
+                });
+            }
+        }
+        Ok(conn)
+    }
+
+    fn unreachable(&self, e: std::io::Error) -> LinkError {
+        LinkError::Unreachable {
+            side: self.side.as_str(),
+            source: e.into(),
+        }
+    }
+
+    /// Sends `bytes` and returns the next `n` replies, whole. `extra` extends the
+    /// response timeout (for a blocking command). Any error leaves the connection
+    /// unusable; the caller drops it.
+    pub async fn request(
+        &mut self,
+        bytes: &[u8],
+        n: usize,
+        extra: Duration,
+    ) -> Result<Vec<u8>, LinkError> {
+        self.send(bytes).await?;
+        self.read(n, extra).await
+    }
+
+    /// Writes pipelined commands without waiting for their replies.
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), LinkError> {
+        match tokio::time::timeout(self.response_timeout, self.stream.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.unreachable(e)),
+            Err(_) => Err(self.unreachable(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "write timed out",
+            ))),
+        }
+    }
+
+    /// Reads the next `n` replies, whole.
+    pub async fn read(&mut self, n: usize, extra: Duration) -> Result<Vec<u8>, LinkError> {
+        let deadline = tokio::time::Instant::now() + self.response_timeout + extra;
+        let timeout = || std::io::Error::new(std::io::ErrorKind::TimedOut, "response timed out");
+        // Complete frames stay complete: only the partial one is scanned again.
+        let (mut pos, mut found) = (0usize, 0usize);
+        loop {
+            while found < n {
+                match frame_end(&self.buf, pos)
+                    .map_err(|e| LinkError::Other(format!("{}: {e}", self.side.as_str())))?
+                {
+                    Some(end) => {
+                        pos = end;
+                        found += 1;
+                    }
+                    None => break,
+                }
+            }
+            if found == n {
+                let rest = self.buf[pos..].to_vec();
+                let mut out = std::mem::replace(&mut self.buf, rest);
+                out.truncate(pos);
+                if self.buf.capacity() < 1 << 16 {
+                    self.buf.reserve(1 << 20);
+                }
+                return Ok(out);
+            }
+            if self.buf.capacity() - self.buf.len() < 64 * 1024 {
+                self.buf.reserve(1 << 20);
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) => {
+                    return Err(self.unreachable(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "connection closed",
+                    )))
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(self.unreachable(e)),
+                Err(_) => return Err(self.unreachable(timeout())),
+            }
+        }
+    }
+}
+
+/// The first `-ERR` reply among top-level frames, if any.
+pub fn first_error(replies: &[u8]) -> Option<String> {
+    let mut pos = 0;
+    while pos < replies.len() {
+        if replies[pos] == b'-' {
+            let end = line_end(replies, pos)?;
+            return Some(String::from_utf8_lossy(&replies[pos + 1..end]).into_owned());
+        }
+        pos = frame_end(replies, pos).ok()??;
+    }
+    None
+}
+
+/// Index of the `\r` ending the line that starts at `from`.
+fn line_end(buf: &[u8], from: usize) -> Option<usize> {
+    let nl = buf.get(from..)?.iter().position(|&b| b == b'\n')? + from;
+    (nl > from && buf[nl - 1] == b'\r').then_some(nl - 1)
+}
+
+fn parse_len(buf: &[u8], pos: usize, cr: usize) -> Result<i64, String> {
+    std::str::from_utf8(&buf[pos + 1..cr])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad length at byte {pos}"))
+}
+
+/// The end of the RESP frame starting at `pos`; `None` while it is incomplete.
+pub fn frame_end(buf: &[u8], pos: usize) -> Result<Option<usize>, String> {
+    let Some(&kind) = buf.get(pos) else {
+        return Ok(None);
+    };
+    let Some(cr) = line_end(buf, pos) else {
+        return Ok(None);
+    };
+    match kind {
+        b'+' | b'-' | b':' | b'_' | b',' | b'#' => Ok(Some(cr + 2)),
+        b'$' => {
+            let n = parse_len(buf, pos, cr)?;
+            if n < 0 {
+                return Ok(Some(cr + 2));
+            }
+            let end = cr + 2 + n as usize + 2;
+            Ok((end <= buf.len()).then_some(end))
+        }
+        b'*' | b'%' | b'~' => {
+            let n = parse_len(buf, pos, cr)?;
+            let n = if kind == b'%' { n * 2 } else { n };
+            let mut p = cr + 2;
+            for _ in 0..n.max(0) {
+                match frame_end(buf, p)? {
+                    Some(e) => p = e,
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(p))
+        }
+        other => Err(format!("unexpected RESP type byte {other:#x} at {pos}")),
+    }
+}
+
+/// A complete frame's header: `(type byte, length or count, start of the payload)`.
+fn header(buf: &[u8], pos: usize) -> Result<(u8, i64, usize), String> {
+    let kind = *buf.get(pos).ok_or("truncated frame")?;
+    let cr = line_end(buf, pos).ok_or("truncated frame")?;
+    let n = if matches!(kind, b'*' | b'$') {
+        parse_len(buf, pos, cr)?
+    } else {
+        0
+    };
+    Ok((kind, n, cr + 2))
+}
+
+fn bulk(buf: &[u8], pos: usize) -> Result<(&[u8], usize), String> {
+    match header(buf, pos)? {
+        (b'$', n, start) if n >= 0 => {
+            let end = start + n as usize;
+            Ok((buf.get(start..end).ok_or("truncated bulk string")?, end + 2))
+        }
+        (b'+', _, start) => {
+            let cr = start - 2;
+            Ok((&buf[pos + 1..cr], start))
+        }
+        _ => Err(format!("expected a bulk string at {pos}")),
+    }
+}
+
+fn array(buf: &[u8], pos: usize) -> Result<(i64, usize), String> {
+    match header(buf, pos)? {
+        (b'*', n, start) => Ok((n, start)),
+        (b'-', _, start) => Err(String::from_utf8_lossy(&buf[pos + 1..start - 2]).into_owned()),
+        _ => Err(format!("expected an array at {pos}")),
+    }
+}
+
+/// What one XREAD reply held for one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamPart {
+    pub stream: String,
+    pub entries: usize,
+    pub first: StreamId,
+    pub last: StreamId,
+}
+
+/// Turns one XREAD reply (RESP2) into pipelined `XADD <stream> <id> <fields...>`
+/// commands appended to `out`, copying each entry's field bytes as they are.
+pub fn xread_to_xadds(frame: &[u8], out: &mut Vec<u8>) -> Result<Vec<StreamPart>, String> {
+    let (streams, mut p) = array(frame, 0)?;
+    let mut parts = Vec::new();
+    for _ in 0..streams.max(0) {
+        let (two, q) = array(frame, p)?;
+        if two != 2 {
+            return Err("stream element is not a pair".into());
+        }
+        let (name, q) = bulk(frame, q)?;
+        let (entries, mut q) = array(frame, q)?;
+        let stream = String::from_utf8_lossy(name).into_owned();
+        let mut part = StreamPart {
+            stream,
+            entries: 0,
+            first: StreamId::ZERO,
+            last: StreamId::ZERO,
+        };
+        for _ in 0..entries.max(0) {
+            let (two, r) = array(frame, q)?;
+            if two != 2 {
+                return Err("entry is not a pair".into());
+            }
+            let (id, r) = bulk(frame, r)?;
+            let (fields, mut r) = array(frame, r)?;
+            let fields_start = r;
+            for _ in 0..fields.max(0) {
+                r = frame_end(frame, r)?.ok_or("truncated entry")?;
+            }
+            let sid = std::str::from_utf8(id)
+                .ok()
+                .and_then(StreamId::parse)
+                .ok_or("bad entry id")?;
+            if fields > 0 {
+                let _ = write!(out, "*{}\r\n$4\r\nXADD\r\n${}\r\n", 3 + fields, name.len());
+                out.extend_from_slice(name);
+                let _ = write!(out, "\r\n${}\r\n", id.len());
+                out.extend_from_slice(id);
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(&frame[fields_start..r]);
+                if part.entries == 0 {
+                    part.first = sid;
+                }
+                part.entries += 1;
+                part.last = sid;
+            }
+            q = r;
+        }
+        p = q;
+        if part.entries > 0 {
+            parts.push(part);
+        }
+    }
+    Ok(parts)
+}
+
+/// Outcome of one reply to a pipelined XADD.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AddOutcome {
+    Added,
+    /// The id is at or below the stream's last id: the entry was copied before.
+    AlreadyThere,
+    Failed(String),
+}
+
+/// Splits `n` top-level replies off the front of `replies`.
+pub fn outcomes(replies: &[u8], n: usize) -> Result<(Vec<AddOutcome>, usize), String> {
+    let mut out = Vec::with_capacity(n);
+    let mut pos = 0;
+    for _ in 0..n {
+        let end = frame_end(replies, pos)?.ok_or("missing reply")?;
+        if replies[pos] == b'-' {
+            let msg = String::from_utf8_lossy(&replies[pos + 1..end - 2]).into_owned();
+            if msg.contains("equal or smaller") {
+                out.push(AddOutcome::AlreadyThere);
+            } else {
+                out.push(AddOutcome::Failed(msg));
+            }
+        } else {
+            out.push(AddOutcome::Added);
+        }
+        pos = end;
+    }
+    Ok((out, pos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xread_reply() -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(b"*1\r\n*2\r\n$13\r\ntandem:events\r\n*2\r\n");
+        v.extend_from_slice(
+            b"*2\r\n$3\r\n5-1\r\n*4\r\n$4\r\ntype\r\n$1\r\nT\r\n$5\r\nevent\r\n$2\r\n{}\r\n",
+        );
+        v.extend_from_slice(b"*2\r\n$3\r\n6-0\r\n*2\r\n$1\r\na\r\n$0\r\n\r\n");
+        v
+    }
+
+    #[test]
+    fn frames_are_delimited_and_incomplete_ones_wait() {
+        let r = xread_reply();
+        assert_eq!(frame_end(&r, 0).unwrap(), Some(r.len()));
+        for cut in 1..r.len() {
+            assert_eq!(frame_end(&r[..cut], 0).unwrap(), None, "cut at {cut}");
+        }
+        assert_eq!(frame_end(b"*-1\r\n", 0).unwrap(), Some(5));
+    }
+
+    #[test]
+    fn xread_becomes_xadds_with_the_same_ids_and_bytes() {
+        let mut out = Vec::new();
+        let parts = xread_to_xadds(&xread_reply(), &mut out).unwrap();
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].entries, 2);
+        assert_eq!(parts[0].first, StreamId { ms: 5, seq: 1 });
+        assert_eq!(parts[0].last, StreamId { ms: 6, seq: 0 });
+        let mut expected = Vec::new();
+        encode(
+            &mut expected,
+            &[
+                b"XADD",
+                b"tandem:events",
+                b"5-1",
+                b"type",
+                b"T",
+                b"event",
+                b"{}",
+            ],
+        );
+        encode(
+            &mut expected,
+            &[b"XADD", b"tandem:events", b"6-0", b"a", b""],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&expected)
+        );
+    }
+
+    #[test]
+    fn null_reply_is_an_empty_batch() {
+        let mut out = Vec::new();
+        assert!(xread_to_xadds(b"*-1\r\n", &mut out).unwrap().is_empty());
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn outcomes_tell_duplicates_from_failures() {
+        let r = b"$3\r\n1-0\r\n-ERR The ID specified in XADD is equal or smaller than the target stream top item\r\n-WRONGTYPE x\r\n:1\r\n";
+        let (o, used) = outcomes(r, 3).unwrap();
+        assert_eq!(o[0], AddOutcome::Added);
+        assert_eq!(o[1], AddOutcome::AlreadyThere);
+        assert!(matches!(o[2], AddOutcome::Failed(_)));
+        assert_eq!(&r[used..], b":1\r\n");
+    }
+}
