@@ -308,7 +308,11 @@ async fn write_loop(
                 }
                 if !shared.gate.borrow().is_copy() {
                     // A rejoin or a role change happened after this batch was read: drop
-                    // it; the next session re-reads from what the local streams hold.
+                    // it (the next session re-reads from what the local streams hold),
+                    // but let what is already sent land before the lock is released.
+                    while let Some(sent) = in_flight.pop_front() {
+                        complete_batch(shared, &mut local, sent).await?;
+                    }
                     return Ok(());
                 }
                 in_flight.push_back(send_batch(&mut local, batch).await?);

@@ -90,3 +90,54 @@ async fn peer_redis_killed_and_restarted_copying_resumes() {
         rep.log_tail(40)
     );
 }
+
+/// The pid of a Redis server, from `INFO server`.
+async fn redis_pid(conn: &mut redis::aio::MultiplexedConnection) -> u32 {
+    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await.unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("process_id in INFO server")
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    assert!(ok.success());
+}
+
+#[tokio::test]
+async fn hung_peer_is_reported_and_copying_resumes_when_it_answers_again() {
+    // Given a replicator copying from a peer
+    let pair = Pair::start().await;
+    let (mut peer, mut local) = (pair.peer.client().await, pair.local.client().await);
+    let s = "tandem:events";
+    add_events(&mut peer, s, 0, 10).await;
+    let mut rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
+    let http = rep.http();
+    wait_until(DEADLINE, "ready", || http.get("/health/ready"), |r| r.status == 200).await;
+    let pid = redis_pid(&mut peer).await;
+
+    // When the peer's Redis hangs (accepts connections, never answers)
+    signal(pid, "STOP");
+    let hung = wait_until(DEADLINE, "not ready while the peer hangs", || http.get("/health/ready"), |r| r.status == 503).await;
+    signal(pid, "CONT");
+    assert_eq!(hung.json["peer"]["redis"], "unreachable", "{}", hung.text);
+    assert!(rep.is_running());
+
+    // Then, once it answers again, the replicator is ready and copies new writes
+    add_events(&mut peer, s, 10, 10).await;
+    wait_until(DEADLINE, "ready again", || http.get("/health/ready"), |r| r.status == 200).await;
+    eventually(DEADLINE, "events written after the hang copied", || {
+        let mut l = local.clone();
+        async move { if xlen(&mut l, s).await == 20 { Ok(()) } else { Err(()) } }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_replicator_cleanly() {
+    let pair = Pair::start().await;
+    let mut rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
+    let status = rep.terminate(Duration::from_secs(5)).await;
+    assert!(status.success(), "exit status {status}");
+}

@@ -200,6 +200,8 @@ fn entries_ids(v: Value) -> Vec<String> {
 
 /// A stream id as `(ms, seq)`, ordered like Redis orders them.
 type Id = (u64, u64);
+/// (last-delivered id, lowest pending id, when seen) of the standby's group.
+type GroupSample = (Id, Option<Id>, Instant);
 
 fn parse_id(id: &str) -> Id {
     let (a, b) = id.split_once('-').expect("stream id");
@@ -385,7 +387,7 @@ fn steady(peer: &str, local: &str, stream: &str, rate: u64, seconds: u64) {
     // Local group probe: when the standby's group has delivered past an id and no longer
     // holds it pending (the consumer acks in order, so the lowest pending id tells).
     // (last-delivered id, lowest pending id, when seen)
-    let probe_samples: Arc<Mutex<Vec<(Id, Option<Id>, Instant)>>> = Arc::default();
+    let probe_samples: Arc<Mutex<Vec<GroupSample>>> = Arc::default();
     let probe = {
         let (samples, local, stream, done) = (
             probe_samples.clone(),
