@@ -75,6 +75,37 @@ pub fn decide(local: Option<RoleRecord>, peer: Option<RoleRecord>) -> Gate {
     }
 }
 
+/// A promotion of the local region that has recorded its intent (DESIGN.md 4) but not
+/// yet taken effect overrides the decision: the node is about to record the new
+/// epoch's start offsets, and a batch copied after that would sit past them although
+/// the new epoch did not write it. An intent that the peer's epoch has reached or
+/// passed lost to another promotion and is ignored.
+pub fn hold_for_promotion(
+    gate: Gate,
+    local: Option<RoleRecord>,
+    peer: Option<RoleRecord>,
+    intent: Option<Epoch>,
+) -> Gate {
+    let (Some(intent), Some(local)) = (intent, local) else {
+        return gate;
+    };
+    let peer_epoch = peer.map(|p| p.epoch).unwrap_or_default();
+    if intent > local.epoch && intent > peer_epoch && !matches!(gate, Gate::Idle { .. }) {
+        return Gate::Idle {
+            reason: format!("local promotion to epoch {intent} in progress"),
+        };
+    }
+    gate
+}
+
+/// The epoch of a promotion intent recorded in the local region, if any.
+pub async fn read_intent(link: &Link) -> Result<Option<Epoch>, LinkError> {
+    let v = link
+        .query(redis::cmd("HGET").arg(keys::PROMOTION_INTENT).arg("epoch"))
+        .await?;
+    Ok(reply::int(&v).map(|e| Epoch(e.max(0) as u64)))
+}
+
 /// Reads the role hash; `None` when the region has no role yet.
 pub async fn read_role(link: &Link) -> Result<Option<RoleRecord>, LinkError> {
     let mut cmd = redis::cmd("HMGET");
@@ -107,7 +138,8 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
     let interval = Duration::from_millis(shared.config.poll_interval_ms);
     let mut backoff = crate::link::Backoff::new(shared.config.max_backoff());
     while !shared.is_shutting_down() {
-        let (l, p) = tokio::join!(read_role(&local), read_role(&peer));
+        let (l, p, intent) = tokio::join!(read_role(&local), read_role(&peer), read_intent(&local));
+        let intent = intent.unwrap_or(None);
         let mut delay = interval;
         let gate = match (&l, &p) {
             (Ok(l), Ok(p)) => {
@@ -128,7 +160,7 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
                             .set(r.epoch.0 as i64);
                     }
                 }
-                decide(*l, *p)
+                hold_for_promotion(decide(*l, *p), *l, *p, intent)
             }
             _ => {
                 let mut reasons = Vec::new();
@@ -269,6 +301,29 @@ mod tests {
             decide(rec(Role::Standby, 1), None),
             Gate::Idle { .. }
         ));
+    }
+
+    #[test]
+    fn a_local_promotion_in_progress_holds_copying() {
+        let (l, p) = (rec(Role::Standby, 1), rec(Role::Active, 1));
+        let held = hold_for_promotion(decide(l, p), l, p, Some(Epoch(2)));
+        assert!(matches!(held, Gate::Idle { .. }));
+        // An intent the peer's epoch has passed lost; an old one is done.
+        let p3 = rec(Role::Active, 3);
+        assert_eq!(
+            hold_for_promotion(decide(l, p3), l, p3, Some(Epoch(2))),
+            Gate::Rejoin {
+                peer_epoch: Epoch(3)
+            }
+        );
+        let l2 = rec(Role::Standby, 2);
+        let p2 = rec(Role::Active, 2);
+        assert_eq!(
+            hold_for_promotion(decide(l2, p2), l2, p2, Some(Epoch(2))),
+            Gate::Copy {
+                peer_epoch: Epoch(2)
+            }
+        );
     }
 
     #[test]

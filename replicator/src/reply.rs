@@ -1,6 +1,7 @@
-//! Parsing raw Redis replies. Entries are kept as the byte strings Redis sent, so the
-//! copier forwards field names and values without decoding or re-encoding them: the
-//! envelope says nothing but the fields carries meaning, and a copy must be exact.
+//! Parsing Redis replies of the general-purpose client (role records, XINFO, XRANGE
+//! for lag and rejoin). Entry fields stay the byte strings Redis sent: a quarantined
+//! or compared entry must be exactly what was written. The copier's hot path does
+//! not use this module; see [`crate::wire`].
 
 use eventlog::envelope::StreamId;
 use redis::Value;
@@ -115,36 +116,6 @@ pub fn entries(v: Value) -> Result<Vec<Entry>, ShapeError> {
     Ok(out)
 }
 
-/// Parses an XREAD reply into `(stream, entries)`; `Nil` (a BLOCK that timed out) is empty.
-pub fn xread(v: Value) -> Result<Vec<(String, Vec<Entry>)>, ShapeError> {
-    let per_stream: Vec<(Value, Value)> = match v {
-        Value::Nil => return Ok(Vec::new()),
-        Value::Map(m) => m,
-        Value::Array(a) => a
-            .into_iter()
-            .map(|kv| {
-                let mut kv = into_array(kv)
-                    .ok_or(ShapeError("xread stream is not an array"))?
-                    .into_iter();
-                match (kv.next(), kv.next()) {
-                    (Some(k), Some(e)) => Ok((k, e)),
-                    _ => Err(ShapeError("xread stream is not a pair")),
-                }
-            })
-            .collect::<Result<_, _>>()?,
-        _ => return Err(ShapeError("xread reply")),
-    };
-    per_stream
-        .into_iter()
-        .map(|(k, e)| {
-            Ok((
-                string(&k).ok_or(ShapeError("xread stream name"))?,
-                entries(e)?,
-            ))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,20 +125,15 @@ mod tests {
     }
 
     #[test]
-    fn parses_xread_resp2() {
+    fn parses_xrange_entries() {
         let v = Value::Array(vec![Value::Array(vec![
-            bulk("tandem:events"),
-            Value::Array(vec![Value::Array(vec![
-                bulk("5-1"),
-                Value::Array(vec![bulk("type"), bulk("T"), bulk("event"), bulk("{}")]),
-            ])]),
+            bulk("5-1"),
+            Value::Array(vec![bulk("type"), bulk("T"), bulk("event"), bulk("{}")]),
         ])]);
-        let r = xread(v).unwrap();
-        assert_eq!(r.len(), 1);
-        assert_eq!(r[0].0, "tandem:events");
-        assert_eq!(r[0].1[0].id, StreamId { ms: 5, seq: 1 });
-        assert_eq!(r[0].1[0].fields[3], b"{}".to_vec());
-        assert!(xread(Value::Nil).unwrap().is_empty());
+        let e = entries(v).unwrap();
+        assert_eq!(e[0].id, StreamId { ms: 5, seq: 1 });
+        assert_eq!(e[0].fields[3], b"{}".to_vec());
+        assert!(entries(Value::Nil).unwrap().is_empty());
     }
 
     #[test]

@@ -342,3 +342,34 @@ async fn bad_configuration_exits_with_usage_naming_the_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("REPLICATOR_LOCAL_REGION"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_local_promotion_in_progress_stops_copying() {
+    // Given a standby whose promotion to epoch 2 has recorded its intent
+    let pair = Pair::start().await;
+    let (mut peer, mut local) = (pair.peer.client().await, pair.local.client().await);
+    add_events(&mut peer, "tandem:events", 0, 10).await;
+    cmd(&mut local, &["HSET", "tandem:promotion-intent", "epoch", "2", "region", "b"]).await;
+
+    // When the replicator runs
+    let rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
+
+    // Then it holds off: the new epoch's start offsets must not move under the node
+    let http = rep.http();
+    wait_until(
+        DEADLINE,
+        "idle during the promotion",
+        || http.get("/health/ready"),
+        |r| r.json["state"] == "idle" && r.json["reason"].as_str().is_some_and(|s| s.contains("promotion")),
+    )
+    .await;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(entries(&mut local, "tandem:events").await.len(), 0);
+    }
+
+    // And when the peer turns out to be at that epoch already (the promotion lost), it copies
+    set_role(&mut peer, "active", 2).await;
+    set_role(&mut local, "standby", 2).await;
+    wait_streams_equal(&mut peer, &mut local, "tandem:events").await;
+}
