@@ -219,8 +219,14 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
     }
 }
 
-/// Waits (briefly) until the copier has written `id` into `stream`; returns the local top.
-async fn copied_up_to(shared: &Shared, stream: &str, id: StreamId) -> Option<StreamId> {
+/// Waits (briefly) until the copier has written every peer entry up to `id` into
+/// `stream`; returns the local top, or `None` when that has not happened yet.
+async fn copied_up_to(
+    shared: &Shared,
+    peer: &Link,
+    stream: &str,
+    id: StreamId,
+) -> Result<Option<StreamId>, LinkError> {
     let mut rx = shared.copied.subscribe();
     let wait = async {
         let m = rx
@@ -229,10 +235,27 @@ async fn copied_up_to(shared: &Shared, stream: &str, id: StreamId) -> Option<Str
             .ok()?;
         m.get(stream).copied()
     };
-    tokio::time::timeout(Duration::from_millis(100), wait)
-        .await
-        .ok()
-        .flatten()
+    if let Ok(Some(top)) = tokio::time::timeout(Duration::from_millis(100), wait).await {
+        return Ok(Some(top));
+    }
+    let Some(top) = shared.copied.borrow().get(stream).copied() else {
+        return Ok(None);
+    };
+    // The position may point at an entry the peer no longer holds (deleted after it was
+    // delivered): then nothing between the copied top and the position is missing.
+    let v = peer
+        .query(
+            redis::cmd("XRANGE")
+                .arg(stream)
+                .arg(format!("({top}"))
+                .arg(id.to_string())
+                .arg("COUNT")
+                .arg(1),
+        )
+        .await?;
+    Ok(reply::array(&v)
+        .is_some_and(|a| a.is_empty())
+        .then_some(top))
 }
 
 async fn sync_stream(
@@ -263,7 +286,7 @@ async fn sync_stream(
         local_names.iter().copied().zip(local_sum.iter()).collect();
 
     for (i, g) in theirs.iter().enumerate() {
-        let Some(top) = copied_up_to(shared, stream, g.last_delivered).await else {
+        let Some(top) = copied_up_to(shared, peer, stream, g.last_delivered).await? else {
             // The copier has not written the entry this position refers to yet.
             continue;
         };

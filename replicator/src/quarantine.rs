@@ -111,11 +111,18 @@ pub async fn rejoin(
     peer: &Link,
     peer_epoch: Epoch,
 ) -> Result<u64, LinkError> {
-    let record = epochs::peer_record(peer, peer_epoch.0).await?.ok_or_else(|| {
-        LinkError::Other(format!(
-            "the peer has no tandem:epochs record for its epoch {peer_epoch}: cannot tell where it began"
-        ))
-    })?;
+    let record = match epochs::peer_record(peer, peer_epoch.0).await? {
+        Some(r) => r,
+        None => {
+            // Without the record every local entry is compared with the peer's stream:
+            // slower, but nothing the peer lacks can slip through.
+            tracing::warn!(
+                peer_epoch = peer_epoch.0,
+                "the peer has no tandem:epochs record for its epoch; comparing whole streams"
+            );
+            epochs::EpochRecord::default()
+        }
+    };
     let old_epoch = read_role(local).await?.map(|r| r.epoch).unwrap_or_default();
     let mut streams: BTreeSet<String> = scan_streams(local).await?.into_iter().collect();
     streams.extend(
@@ -134,14 +141,17 @@ pub async fn rejoin(
     ];
     for stream in &streams {
         // A stream the new epoch's record does not name did not exist when it began.
-        let start = record
+        let mut start = record
             .start_offsets
             .get(stream)
             .and_then(|s| StreamId::parse(s))
             .unwrap_or(StreamId::ZERO);
         let counter = format!("rejoin:{}:{stream}:deleted", peer_epoch.0);
-        finish_args.push(start.to_string().into_bytes());
-        finish_args.push(counter.clone().into_bytes());
+        // Entries right after the start that the peer holds as they are (copied to it
+        // late) stay where they are; from the first entry the peer lacks on, everything
+        // goes: the lacking ones to the quarantine, the others only out of the way, to
+        // come back by the copy in the peer's order.
+        let mut diverged = false;
         loop {
             let v = local
                 .query(
@@ -164,6 +174,11 @@ pub async fn rejoin(
                 counter.clone().into_bytes(),
             ];
             for (e, held) in tail.iter().zip(&held) {
+                if !diverged && *held {
+                    start = e.id;
+                    continue;
+                }
+                diverged = true;
                 args.push(e.id.to_string().into_bytes());
                 args.push(if *held { b"d".to_vec() } else { b"q".to_vec() });
                 if !held {
@@ -176,6 +191,9 @@ pub async fn rejoin(
                         "quarantining an entry the active peer never received"
                     );
                 }
+            }
+            if args.len() == 2 {
+                continue;
             }
             let v = local
                 .script(
@@ -191,6 +209,8 @@ pub async fn rejoin(
             shared.metrics.quarantined.inc_by(moved);
             quarantined += moved;
         }
+        finish_args.push(start.to_string().into_bytes());
+        finish_args.push(counter.into_bytes());
     }
 
     let mut finish_keys: Vec<&str> = streams.iter().map(String::as_str).collect();

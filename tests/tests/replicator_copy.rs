@@ -373,3 +373,24 @@ async fn a_local_promotion_in_progress_stops_copying() {
     set_role(&mut local, "standby", 2).await;
     wait_streams_equal(&mut peer, &mut local, "tandem:events").await;
 }
+
+#[tokio::test]
+async fn a_group_position_at_an_entry_deleted_on_the_peer_is_still_copied() {
+    // Given a peer group that delivered an entry which was deleted afterwards
+    let pair = Pair::start().await;
+    let (mut peer, mut local) = (pair.peer.client().await, pair.local.client().await);
+    let s = "tandem:dlq";
+    let ids = add_events(&mut peer, s, 0, 5).await;
+    cmd(&mut peer, &["XGROUP", "CREATE", s, "ops", "0"]).await;
+    xreadgroup(&mut peer, s, "ops", "op-1", 10).await;
+    cmd(&mut peer, &["XACK", s, "ops", &ids[4]]).await;
+    cmd(&mut peer, &["XDEL", s, &ids[4]]).await;
+
+    // When the replicator runs
+    let _rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
+
+    // Then the group is copied although its last-delivered entry never reaches the standby
+    wait_groups_equal(&mut peer, &mut local, s).await;
+    assert_eq!(groups(&mut local, s).await[0].last_delivered, ids[4]);
+    assert_eq!(groups(&mut local, s).await[0].pending.len(), 4);
+}

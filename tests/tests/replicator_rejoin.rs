@@ -147,3 +147,48 @@ async fn rejoin_quarantines_the_divergent_tail_and_follows_the_new_active() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn rejoin_without_an_epoch_record_keeps_the_common_history() {
+    let pair = Pair::start().await;
+    let (mut a, mut b) = (pair.peer.client().await, pair.local.client().await);
+    let s = "tandem:events";
+    // Given b (standby at epoch 1) sharing a history with a, plus entries a never had
+    set_role(&mut b, "standby", 1).await;
+    let common = add_events(&mut b, s, 0, 30).await;
+    copy_entries(&mut b, &mut a, s, &common).await;
+    let newer = add_events(&mut a, s, 100, 4).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let divergent = add_events(&mut b, s, 200, 2).await;
+    // And a active at epoch 2 with no record of where epoch 2 began
+    set_role(&mut a, "active", 2).await;
+
+    // When b's replicator runs
+    let rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
+
+    // Then only the entries a lacks are quarantined, and b follows a
+    eventually(DEADLINE, "b follows a", || {
+        let (mut a, mut b) = (a.clone(), b.clone());
+        async move {
+            let (x, y) = (entries(&mut a, s).await, entries(&mut b, s).await);
+            if x == y && role(&mut b).await == ("standby".to_string(), 2) { Ok(()) } else { Err((x.len(), y.len())) }
+        }
+    })
+    .await;
+    let q = entries(&mut b, "tandem:quarantine").await;
+    let original: Vec<String> = q
+        .iter()
+        .map(|(_, f)| String::from_utf8(f.iter().find(|(k, _)| k == "originalId").unwrap().1.clone()).unwrap())
+        .collect();
+    assert_eq!(original, divergent);
+    assert!(newer.iter().all(|id| !entries_contains(&q, id)));
+    assert_eq!(rep.metric("tandem_replicator_quarantined_events_total").await, Some(2.0));
+    // The common history was never rewritten: nothing of it was copied again.
+    let copied = rep.metric("tandem_replicator_events_copied_total{stream=\"tandem:events\"}").await;
+    assert_eq!(copied, Some(newer.len() as f64));
+}
+
+fn entries_contains(q: &[(String, Vec<(String, Vec<u8>)>)], id: &str) -> bool {
+    q.iter().any(|(_, f)| f.iter().any(|(k, v)| k == "originalId" && v == id.as_bytes()))
+}
+
