@@ -194,9 +194,10 @@ impl Config {
             ("local_redis_url", &self.local_redis_url),
             ("peer_redis_url", &self.peer_redis_url),
         ] {
-            if let Err(e) = redis::Client::open(url.as_str()) {
+            // The copier speaks RESP2 over TCP itself (see `wire`): redis:// only.
+            if let Err(e) = crate::wire::Endpoint::parse(url) {
                 return Err(ConfigError::new(format!(
-                    "{key} {url:?} is not a Redis URL: {e}"
+                    "{key} {url:?} is not a usable Redis URL: {e}"
                 )));
             }
         }
@@ -293,6 +294,33 @@ mod tests {
         e.push(("REPLICATOR_LOCAL_REGION".into(), "B!".into()));
         let msg = Config::load_from(None, e).unwrap_err().to_string();
         assert!(msg.contains("REPLICATOR_LOCAL_REGION"), "{msg}");
+    }
+
+    #[test]
+    fn only_plain_tcp_urls_are_accepted() {
+        let mut e = env(BASE);
+        e.push((
+            "REPLICATOR_PEER_REDIS_URL".into(),
+            "unix:///tmp/redis.sock".into(),
+        ));
+        let msg = Config::load_from(None, e).unwrap_err().to_string();
+        assert!(msg.contains("REPLICATOR_PEER_REDIS_URL"), "{msg}");
+    }
+
+    #[test]
+    fn toml_file_then_env() {
+        let dir = std::env::temp_dir().join(format!("replicator-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("replicator.toml");
+        std::fs::write(
+            &file,
+            "local_region = \"b\"\nlocal_redis_url = \"redis://127.0.0.1:7001\"\npeer_region = \"a\"\npeer_redis_url = \"redis://127.0.0.1:7000\"\nbatch_size = 70\n",
+        )
+        .unwrap();
+        let c = Config::load_from(Some(&file), env(&[("REPLICATOR_BATCH_SIZE", "80")])).unwrap();
+        assert_eq!(c.batch_size, 80);
+        assert_eq!(c.peer_redis_url, "redis://127.0.0.1:7000");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -244,7 +244,11 @@ fn publish(shared: &Shared, gate: Gate) {
     }
     shared.gate.send_if_modified(|g| {
         if *g != gate {
-            tracing::info!(from = g.name(), to = gate.name(), gate = ?gate, "role gate changed");
+            if g.name() != gate.name() {
+                tracing::info!(from = g.name(), to = gate.name(), gate = ?gate, "role gate changed");
+            } else {
+                tracing::debug!(gate = ?gate, "role gate reason changed");
+            }
             *g = gate;
             true
         } else {
