@@ -132,7 +132,7 @@ pub fn start(wf: Workflow, cfg: BusConfig, stop: watch::Receiver<bool>) -> JoinS
     for group in Group::ALL {
         let mut senders = Vec::new();
         for _ in 0..cfg.workers {
-            let (tx, rx) = mpsc::channel::<Entry>(BATCH);
+            let (tx, rx) = mpsc::channel::<(Entry, Option<Envelope>)>(BATCH);
             senders.push(tx);
             tasks.spawn(worker(wf.clone(), cfg.clone(), group, rx, stop.clone()));
         }
@@ -151,7 +151,7 @@ async fn reader(
     wf: Workflow,
     cfg: BusConfig,
     group: Group,
-    workers: Vec<mpsc::Sender<Entry>>,
+    workers: Vec<mpsc::Sender<(Entry, Option<Envelope>)>>,
     mut stop: watch::Receiver<bool>,
 ) {
     // Blocking reads get their own connection: a blocked XREADGROUP would hold up
@@ -289,7 +289,7 @@ async fn dispatch(
     wf: &Workflow,
     group: Group,
     entries: Vec<Entry>,
-    workers: &[mpsc::Sender<Entry>],
+    workers: &[mpsc::Sender<(Entry, Option<Envelope>)>],
 ) {
     let mut skipped = Vec::new();
     for entry in entries {
@@ -300,12 +300,14 @@ async fn dispatch(
             skipped.push(entry.id);
             continue;
         }
-        // Route by aggregate so one order's events are handled in order.
-        let aggregate = entry.envelope().map(|e| e.aggregate_id).unwrap_or_default();
+        // Route by aggregate so one order's events are handled in order. The parsed
+        // envelope travels with the entry, so it is parsed once.
+        let env = entry.envelope().ok();
+        let aggregate = env.as_ref().map(|e| e.aggregate_id.as_str()).unwrap_or_default();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         aggregate.hash(&mut h);
         let idx = (h.finish() as usize) % workers.len();
-        if workers[idx].send(entry).await.is_err() {
+        if workers[idx].send((entry, env)).await.is_err() {
             return;
         }
     }
@@ -330,11 +332,11 @@ async fn worker(
     wf: Workflow,
     cfg: BusConfig,
     group: Group,
-    mut rx: mpsc::Receiver<Entry>,
+    mut rx: mpsc::Receiver<(Entry, Option<Envelope>)>,
     stop: watch::Receiver<bool>,
 ) {
-    while let Some(entry) = rx.recv().await {
-        handle_entry(&wf, &cfg, group, entry, &stop).await;
+    while let Some((entry, env)) = rx.recv().await {
+        handle_entry(&wf, &cfg, group, entry, env, &stop).await;
     }
 }
 
@@ -343,11 +345,16 @@ async fn handle_entry(
     cfg: &BusConfig,
     group: Group,
     entry: Entry,
+    env: Option<Envelope>,
     stop: &watch::Receiver<bool>,
 ) {
     let started = Instant::now();
     let m = &wf.metrics;
-    let parsed = entry.envelope().map_err(|e| e.to_string()).and_then(|env| {
+    let env = match env {
+        Some(env) => Ok(env),
+        None => entry.envelope(),
+    };
+    let parsed = env.map_err(|e| e.to_string()).and_then(|env| {
         DomainEvent::from_envelope(&env)
             .map(|ev| (env, ev))
             .map_err(|e| e.to_string())

@@ -306,8 +306,9 @@ pub async fn place(
         keys.push(keys::idempotency(key));
     }
     let region = wf.region.clone();
+    let order_key = keys::order(&order_id);
     let result = wf
-        .execute_with_peek(keys, product_keys, cause, |tx| {
+        .execute_with_peek(keys, product_keys, Some(order_key), cause, |tx| {
             if let Some(key) = idempotency_key {
                 if tx_has(tx, &keys::idempotency(key))? {
                     return Err(WorkflowError::IdempotencyKeyTaken);

@@ -90,7 +90,7 @@ pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, Sto
                 continue;
             }
         };
-        let mut tx = Tx::new();
+        let mut tx = Tx::fresh();
         match DomainEvent::from_envelope(&env) {
             Ok(event) => {
                 tx.load(store, keys_for(&event)).await?;

@@ -33,8 +33,10 @@ pub async fn on_event(
     // conflict proposes the same shipment.
     let shipment_id = uuid::Uuid::new_v4().to_string();
     let tracking = format!("TRK{:010}", rand::random::<u32>());
-    wf.execute(
+    let shipment_key = keys::shipment(&shipment_id);
+    wf.execute_creating(
         vec![keys::order(&order_id)],
+        shipment_key,
         &Cause::event(env),
         ack,
         |tx| {

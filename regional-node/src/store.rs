@@ -16,7 +16,8 @@ use redis::aio::ConnectionManager;
 use redis::streams::StreamId as RedisEntry;
 use redis::{FromRedisValue, Script, Value};
 use std::collections::BTreeMap;
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,43 @@ pub struct Store {
     conn: ConnectionManager,
     /// Upper bound on any one call, so a request fails fast when Redis is gone.
     timeout: Duration,
+    cache: Arc<StateCache>,
+}
+
+/// Last known values of derived-state keys, to save the read before a decision.
+///
+/// A cached value may be stale (another node or the projector wrote since), which is
+/// safe for every decision that commits: the commit compares against Redis and a
+/// conflict evicts the key. A decision to do nothing is only trusted on fresh reads
+/// (see `workflow`). Bounded: when full it is simply emptied.
+#[derive(Default)]
+struct StateCache {
+    values: Mutex<HashMap<String, String>>,
+}
+
+const CACHE_CAPACITY: usize = 100_000;
+
+impl StateCache {
+    fn get(&self, key: &str) -> Option<String> {
+        self.values.lock().expect("cache lock").get(key).cloned()
+    }
+
+    fn put<'a>(&self, entries: impl IntoIterator<Item = (&'a String, &'a String)>) {
+        let mut values = self.values.lock().expect("cache lock");
+        for (k, v) in entries {
+            if values.len() >= CACHE_CAPACITY {
+                values.clear();
+            }
+            values.insert(k.clone(), v.clone());
+        }
+    }
+
+    fn evict<'a>(&self, keys: impl IntoIterator<Item = &'a String>) {
+        let mut values = self.values.lock().expect("cache lock");
+        for k in keys {
+            values.remove(k);
+        }
+    }
 }
 
 impl Store {
@@ -63,7 +101,7 @@ impl Store {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Store { conn, timeout })
+        Ok(Store { conn, timeout, cache: Arc::default() })
     }
 
     /// Runs one command under the store's timeout.
@@ -199,7 +237,13 @@ impl Store {
             inv.arg(field.as_str()).arg(*delta);
         }
         let reply: Vec<Value> = self.invoke(&inv).await?;
-        CommitOutcome::parse(reply)
+        let outcome = CommitOutcome::parse(reply)?;
+        match &outcome {
+            CommitOutcome::Committed(_) => self.cache.put(tx.writes.iter()),
+            CommitOutcome::Conflict(key) => self.cache.evict([key]),
+            _ => {}
+        }
+        Ok(outcome)
     }
 
     /// The projector's step: writes the state one replicated entry implies, if the
@@ -341,6 +385,10 @@ pub struct Tx {
     /// Values read for information only (the availability pre-check): not compared at
     /// commit, so a place-order does not conflict with every reservation of its SKUs.
     peeks: BTreeMap<String, Option<String>>,
+    /// Keys whose value came from the cache.
+    cached: Vec<String>,
+    /// Bypass the cache.
+    fresh: bool,
     writes: BTreeMap<String, String>,
     incrs: Vec<(String, String, i64)>,
 }
@@ -356,17 +404,41 @@ impl Tx {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let missing: Vec<String> = keys
-            .into_iter()
-            .map(Into::into)
-            .filter(|k| !self.reads.contains_key(k))
-            .collect();
+        let mut missing = Vec::new();
+        for key in keys.into_iter().map(Into::into) {
+            if self.reads.contains_key(&key) {
+                continue;
+            }
+            match store.cache.get(&key).filter(|_| !self.fresh) {
+                Some(v) => {
+                    self.cached.push(key.clone());
+                    self.reads.insert(key, Some(v));
+                }
+                None => missing.push(key),
+            }
+        }
         if missing.is_empty() {
             return Ok(());
         }
         let values: Vec<Option<String>> = store.query(redis::cmd("MGET").arg(&missing)).await?;
+        store.cache.put(missing.iter().zip(&values).filter_map(|(k, v)| v.as_ref().map(|v| (k, v))));
         self.reads.extend(missing.into_iter().zip(values));
         Ok(())
+    }
+
+    /// A transaction that reads only from Redis, never from the cache.
+    pub fn fresh() -> Tx {
+        Tx { fresh: true, ..Tx::default() }
+    }
+
+    /// True when some value was taken from the cache (and may be stale).
+    pub fn used_cache(&self) -> bool {
+        !self.cached.is_empty()
+    }
+
+    /// Forgets the cached values this transaction used.
+    pub fn evict_cached(&self, store: &Store) {
+        store.cache.evict(&self.cached);
     }
 
     /// Loads keys that the commit must not compare (see `peeks`).
@@ -375,17 +447,32 @@ impl Tx {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let missing: Vec<String> = keys
-            .into_iter()
-            .map(Into::into)
-            .filter(|k| !self.reads.contains_key(k) && !self.peeks.contains_key(k))
-            .collect();
+        let mut missing = Vec::new();
+        for key in keys.into_iter().map(Into::into) {
+            if self.reads.contains_key(&key) || self.peeks.contains_key(&key) {
+                continue;
+            }
+            // A peek only informs, so a stale cached value is acceptable; an absent
+            // one is always read, so a product created elsewhere is never "unknown".
+            match store.cache.get(&key).filter(|_| !self.fresh) {
+                Some(v) => {
+                    self.peeks.insert(key, Some(v));
+                }
+                None => missing.push(key),
+            }
+        }
         if missing.is_empty() {
             return Ok(());
         }
         let values: Vec<Option<String>> = store.query(redis::cmd("MGET").arg(&missing)).await?;
         self.peeks.extend(missing.into_iter().zip(values));
         Ok(())
+    }
+
+    /// Records `key` as absent without reading it: for keys named by an id this node
+    /// just generated (a UUID), which nobody can have written. The commit still checks.
+    pub fn assume_absent(&mut self, key: String) {
+        self.reads.entry(key).or_insert(None);
     }
 
     /// Values written so far, for the projector (which does not compare).

@@ -114,28 +114,47 @@ impl Workflow {
     where
         F: FnMut(&Tx) -> Result<Decision, WorkflowError>,
     {
-        self.run(keys, Vec::new(), cause, ack, decide).await
+        self.run(keys, Vec::new(), None, cause, ack, decide).await
     }
 
     /// Like [`Workflow::execute`], also reading `peek` keys that the commit does not
     /// compare: a decision that only informs (the availability pre-check).
+    /// Like [`Workflow::execute`] for a decision that creates `new_key`, a key named by
+    /// an id just generated here: known to be absent, so it is not read.
+    pub async fn execute_creating<F>(
+        &self,
+        keys: Vec<String>,
+        new_key: String,
+        cause: &Cause,
+        ack: Option<(&str, &str)>,
+        decide: F,
+    ) -> Result<Option<Committed>, WorkflowError>
+    where
+        F: FnMut(&Tx) -> Result<Decision, WorkflowError>,
+    {
+        self.run(keys, Vec::new(), Some(new_key), cause, ack, decide).await
+    }
+
+    /// `new_key` is a key named by an id just generated here: known to be absent.
     pub async fn execute_with_peek<F>(
         &self,
         keys: Vec<String>,
         peek: Vec<String>,
+        new_key: Option<String>,
         cause: &Cause,
         decide: F,
     ) -> Result<Option<Committed>, WorkflowError>
     where
         F: FnMut(&Tx) -> Result<Decision, WorkflowError>,
     {
-        self.run(keys, peek, cause, None, decide).await
+        self.run(keys, peek, new_key, cause, None, decide).await
     }
 
     async fn run<F>(
         &self,
         keys: Vec<String>,
         peek: Vec<String>,
+        new_key: Option<String>,
         cause: &Cause,
         ack: Option<(&str, &str)>,
         mut decide: F,
@@ -144,6 +163,7 @@ impl Workflow {
         F: FnMut(&Tx) -> Result<Decision, WorkflowError>,
     {
         let mut conflicts = 0;
+        let mut fresh = false;
         loop {
             let role = self.roles.current();
             if !role.writable() {
@@ -152,18 +172,29 @@ impl Workflow {
                     epoch: role.epoch.to_string(),
                 });
             }
-            let mut tx = Tx::new();
+            let mut tx = if fresh { Tx::fresh() } else { Tx::new() };
             tx.load(&self.store, keys.iter().cloned()).await?;
             tx.peek(&self.store, peek.iter().cloned()).await?;
-            let (last_sequence, events) = loop {
-                match decide(&tx)? {
-                    Decision::Load(more) => tx.load(&self.store, more).await?,
-                    Decision::Nothing => return Ok(None),
-                    Decision::Emit {
-                        last_sequence,
-                        events,
-                    } => break (last_sequence, events),
+            if let Some(key) = &new_key {
+                tx.assume_absent(key.clone());
+            }
+            let decision = loop {
+                match decide(&tx) {
+                    Ok(Decision::Load(more)) => tx.load(&self.store, more).await?,
+                    other => break other,
                 }
+            };
+            let (last_sequence, events) = match decision {
+                Ok(Decision::Emit { last_sequence, events }) => (last_sequence, events),
+                // Doing nothing, or refusing, may come from a stale cached value (another
+                // node moved the order on): only fresh state may decide that.
+                _ if tx.used_cache() => {
+                    tx.evict_cached(&self.store);
+                    fresh = true;
+                    continue;
+                }
+                Ok(_) => return Ok(None),
+                Err(e) => return Err(e),
             };
             let writer = Writer {
                 region: self.region.clone(),
