@@ -11,6 +11,7 @@
 //! from the peer overlaps writing batch n locally. Any error ends the session; the next
 //! session starts again from what the local streams actually hold.
 
+use crate::gate::Gate;
 use crate::link::{Backoff, Link, LinkError, Side};
 use crate::reply;
 use crate::status::Shared;
@@ -20,7 +21,7 @@ use eventlog::keys;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// Streams are found by type and prefix, so a stream the node adds later (another
 /// partition, another dead-letter stream) is copied without a restart.
@@ -169,6 +170,11 @@ async fn raw(shared: &Shared, side: Side) -> Result<RawConn, LinkError> {
 }
 
 async fn session(shared: &Arc<Shared>, local: &Arc<Link>) -> Result<(), LinkError> {
+    // A session belongs to one gate decision: both halves stop at any change of it.
+    let mut gate = shared.gate.subscribe();
+    if !gate.borrow_and_update().is_copy() {
+        return Ok(());
+    }
     // Connections live for one session: after any error they are dropped, since a
     // half-read reply leaves a connection out of step.
     let peer_conn = raw(shared, Side::Peer).await?;
@@ -178,9 +184,10 @@ async fn session(shared: &Arc<Shared>, local: &Arc<Link>) -> Result<(), LinkErro
     // overlap and run on different cores.
     let reader = {
         let (shared, local) = (shared.clone(), local.clone());
-        tokio::spawn(async move { read_loop(&shared, &local, peer_conn, tx).await })
+        let gate = gate.clone();
+        tokio::spawn(async move { read_loop(&shared, &local, peer_conn, gate, tx).await })
     };
-    let written = write_loop(shared, local_conn, rx).await;
+    let written = write_loop(shared, local_conn, gate, rx).await;
     reader.abort();
     let read = match reader.await {
         Ok(r) => r,
@@ -194,11 +201,11 @@ async fn read_loop(
     shared: &Shared,
     local: &Link,
     mut peer: RawConn,
+    gate: watch::Receiver<Gate>,
     tx: mpsc::Sender<Batch>,
 ) -> Result<(), LinkError> {
     let mut cursors: BTreeMap<String, StreamId> = BTreeMap::new();
     let mut streams_rx = shared.streams.subscribe();
-    let mut gate = shared.gate.subscribe();
     let mut stop = shared.shutdown_signal();
     let block = Duration::from_millis(shared.config.block_ms);
     let (count, block_ms) = (
@@ -206,7 +213,9 @@ async fn read_loop(
         shared.config.block_ms.to_string(),
     );
     loop {
-        if shared.is_shutting_down() || !gate.borrow_and_update().is_copy() {
+        // Any gate change ends the session, even one that comes back to copying (after
+        // a rejoin the local streams were rewritten, so the cursors are stale).
+        if shared.is_shutting_down() || gate.has_changed().unwrap_or(true) {
             return Ok(());
         }
         let streams = streams_rx.borrow_and_update().clone();
@@ -222,10 +231,12 @@ async fn read_loop(
             }
         }
         if cursors.is_empty() {
+            // A clone, so that waiting does not mark the change as seen for the check above.
+            let mut gate_changed = gate.clone();
             tokio::select! {
                 _ = tokio::time::sleep(block) => {}
                 _ = streams_rx.changed() => {}
-                _ = gate.changed() => {}
+                _ = gate_changed.changed() => {}
                 _ = stop.wait_for(|s| *s) => return Ok(()),
             }
             continue;
@@ -254,10 +265,6 @@ async fn read_loop(
                 side: "peer",
                 message: format!("XREAD: {message}"),
             })?;
-        let parts: Vec<StreamPart> = parts
-            .into_iter()
-            .filter(|p| cursors.contains_key(&p.stream))
-            .collect();
         if parts.is_empty() {
             continue;
         }
@@ -280,6 +287,7 @@ struct Sent {
 async fn write_loop(
     shared: &Shared,
     mut local: RawConn,
+    gate: watch::Receiver<Gate>,
     mut rx: mpsc::Receiver<Batch>,
 ) -> Result<(), LinkError> {
     // Batches written but not yet acknowledged by the local Redis (`write_depth`). More
@@ -306,9 +314,10 @@ async fn write_loop(
                 if guard.is_none() {
                     guard = Some(shared.write_lock.lock().await);
                 }
-                if !shared.gate.borrow().is_copy() {
-                    // A rejoin or a role change happened after this batch was read: drop
-                    // it (the next session re-reads from what the local streams hold),
+                if gate.has_changed().unwrap_or(true) {
+                    // The gate changed (a rejoin, a role change) after this batch was
+                    // read: drop it (the next session re-reads from what the local
+                    // streams hold),
                     // but let what is already sent land before the lock is released.
                     while let Some(sent) = in_flight.pop_front() {
                         complete_batch(shared, &mut local, sent).await?;

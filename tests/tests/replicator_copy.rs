@@ -93,7 +93,7 @@ async fn cmd(conn: &mut MultiplexedConnection, args: &[&str]) -> redis::Value {
 async fn copies_entries_with_identical_ids_and_discovers_new_streams() {
     // Given an active peer with events and a standby
     let pair = Pair::start().await;
-    let (mut peer, mut local) = (pair.peer.client().await, pair.local.client().await);
+    let (mut peer, mut local) = (pair.peer_conn().await, pair.local_conn().await);
     add_events(&mut peer, "tandem:events", 0, 250).await;
 
     // When the replicator runs
@@ -137,7 +137,7 @@ async fn copies_entries_with_identical_ids_and_discovers_new_streams() {
 async fn consumer_group_state_is_copied_and_acks_reach_the_standby() {
     // Given an active peer whose groups have positions and pending entries
     let pair = Pair::start().await;
-    let (mut peer, mut local) = (pair.peer.client().await, pair.local.client().await);
+    let (mut peer, mut local) = (pair.peer_conn().await, pair.local_conn().await);
     let s = "tandem:events";
     add_events(&mut peer, s, 0, 40).await;
     cmd(&mut peer, &["XGROUP", "CREATE", s, "workflow", "0"]).await;
@@ -198,7 +198,7 @@ async fn consumer_group_state_is_copied_and_acks_reach_the_standby() {
 async fn stays_idle_while_the_roles_do_not_allow_copying() {
     // Given a peer with events, and a local region that is active itself
     let pair = Pair::start().await;
-    let (mut peer, mut local) = (pair.peer.client().await, pair.local.client().await);
+    let (mut peer, mut local) = (pair.peer_conn().await, pair.local_conn().await);
     add_events(&mut peer, "tandem:events", 0, 20).await;
     set_role(&mut local, "active", 1).await;
 
@@ -271,7 +271,7 @@ async fn stays_idle_while_the_roles_do_not_allow_copying() {
 async fn copies_the_epoch_history() {
     // Given a peer that records where its epochs began
     let pair = Pair::start().await;
-    let (mut peer, local) = (pair.peer.client().await, pair.local.client().await);
+    let (mut peer, local) = (pair.peer_conn().await, pair.local_conn().await);
     let record =
         r#"{"region":"a","startOffsets":{"tandem:events":"0-0"},"at":"2026-11-21T00:00:00.000Z"}"#;
     cmd(&mut peer, &["HSET", "tandem:epochs", "1", record]).await;
@@ -302,7 +302,7 @@ async fn copies_the_epoch_history() {
 #[tokio::test]
 async fn metrics_expose_the_contract_names() {
     let pair = Pair::start().await;
-    let mut peer = pair.peer.client().await;
+    let mut peer = pair.peer_conn().await;
     add_events(&mut peer, "tandem:events", 0, 5).await;
     let rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
     let text = wait_until(
@@ -347,7 +347,7 @@ async fn bad_configuration_exits_with_usage_naming_the_key() {
 async fn a_local_promotion_in_progress_stops_copying() {
     // Given a standby whose promotion to epoch 2 has recorded its intent
     let pair = Pair::start().await;
-    let (mut peer, mut local) = (pair.peer.client().await, pair.local.client().await);
+    let (mut peer, mut local) = (pair.peer_conn().await, pair.local_conn().await);
     add_events(&mut peer, "tandem:events", 0, 10).await;
     cmd(&mut local, &["HSET", "tandem:promotion-intent", "epoch", "2", "region", "b"]).await;
 
@@ -378,7 +378,7 @@ async fn a_local_promotion_in_progress_stops_copying() {
 async fn a_group_position_at_an_entry_deleted_on_the_peer_is_still_copied() {
     // Given a peer group that delivered an entry which was deleted afterwards
     let pair = Pair::start().await;
-    let (mut peer, mut local) = (pair.peer.client().await, pair.local.client().await);
+    let (mut peer, mut local) = (pair.peer_conn().await, pair.local_conn().await);
     let s = "tandem:dlq";
     let ids = add_events(&mut peer, s, 0, 5).await;
     cmd(&mut peer, &["XGROUP", "CREATE", s, "ops", "0"]).await;

@@ -12,7 +12,7 @@ const EVENTS: u64 = 100_000;
 async fn sigkill_during_copy_resumes_without_gap_or_duplicate() {
     // Given an active peer holding 100,000 events and consumer groups mid-way
     let pair = Pair::start().await;
-    let (mut peer, mut local) = (pair.peer.client().await, pair.local.client().await);
+    let (mut peer, mut local) = (pair.peer_conn().await, pair.local_conn().await);
     let s = "tandem:events";
     add_events(&mut peer, s, 0, EVENTS).await;
     let _: () = redis::cmd("XGROUP")

@@ -12,7 +12,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 async fn peer_redis_killed_and_restarted_copying_resumes() {
     // Given a replicator copying from a peer whose Redis persists its data
     let mut pair = Pair::start_persistent_peer().await;
-    let (mut peer, mut local) = (pair.peer.client().await, pair.local.client().await);
+    let (mut peer, local) = (pair.peer_conn().await, pair.local_conn().await);
     let s = "tandem:events";
     add_events(&mut peer, s, 0, 100).await;
     let mut rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
@@ -61,7 +61,7 @@ async fn peer_redis_killed_and_restarted_copying_resumes() {
 
     // When it comes back with its data and takes new writes
     pair.peer.restart().await;
-    let mut peer = pair.peer.client().await;
+    let mut peer = pair.peer_conn().await;
     add_events(&mut peer, s, 100, 50).await;
 
     // Then the replicator is ready again and copies what was written meanwhile
@@ -109,7 +109,7 @@ fn signal(pid: u32, sig: &str) {
 async fn hung_peer_is_reported_and_copying_resumes_when_it_answers_again() {
     // Given a replicator copying from a peer
     let pair = Pair::start().await;
-    let (mut peer, mut local) = (pair.peer.client().await, pair.local.client().await);
+    let (mut peer, local) = (pair.peer_conn().await, pair.local_conn().await);
     let s = "tandem:events";
     add_events(&mut peer, s, 0, 10).await;
     let mut rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;

@@ -32,7 +32,7 @@ async fn copy_entries(
 async fn rejoin_quarantines_the_divergent_tail_and_follows_the_new_active() {
     let pair = Pair::start().await;
     // Region b (local) was active in epoch 1; region a (peer) was its standby.
-    let (mut a, mut b) = (pair.peer.client().await, pair.local.client().await);
+    let (mut a, mut b) = (pair.peer_conn().await, pair.local_conn().await);
     let s = "tandem:events";
     set_role(&mut b, "active", 1).await;
     set_role(&mut a, "standby", 1).await;
@@ -151,7 +151,7 @@ async fn rejoin_quarantines_the_divergent_tail_and_follows_the_new_active() {
 #[tokio::test]
 async fn rejoin_without_an_epoch_record_keeps_the_common_history() {
     let pair = Pair::start().await;
-    let (mut a, mut b) = (pair.peer.client().await, pair.local.client().await);
+    let (mut a, mut b) = (pair.peer_conn().await, pair.local_conn().await);
     let s = "tandem:events";
     // Given b (standby at epoch 1) sharing a history with a, plus entries a never had
     set_role(&mut b, "standby", 1).await;
