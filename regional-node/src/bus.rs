@@ -303,7 +303,10 @@ async fn dispatch(
         // Route by aggregate so one order's events are handled in order. The parsed
         // envelope travels with the entry, so it is parsed once.
         let env = entry.envelope().ok();
-        let aggregate = env.as_ref().map(|e| e.aggregate_id.as_str()).unwrap_or_default();
+        let aggregate = env
+            .as_ref()
+            .map(|e| e.aggregate_id.as_str())
+            .unwrap_or_default();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         aggregate.hash(&mut h);
         let idx = (h.finish() as usize) % workers.len();

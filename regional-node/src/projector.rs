@@ -51,6 +51,19 @@ pub async fn run_standby(
 /// Applies the next batch after the cursor; returns how many entries were applied.
 pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, StoreError> {
     let cursor = store.get(keys::PROJECTION_CURSOR).await?;
+    if let Some(c) = cursor.as_deref().filter(|c| *c != "0-0") {
+        // Entries are only ever removed from the event stream by a quarantine (this
+        // region's divergent tail, on rejoin). The derived state still reflects them,
+        // so it is rebuilt from what the stream holds now.
+        if store.xrange(keys::EVENTS, c, c, 1).await?.is_empty() {
+            tracing::warn!(
+                cursor = c,
+                "the projection's last event is gone (quarantined); rebuilding derived state"
+            );
+            let report = rebuild(store).await?;
+            return Ok(report.events);
+        }
+    }
     let reply: Option<redis::streams::StreamReadReply> = blocking
         .query(
             redis::cmd("XREAD")

@@ -41,6 +41,13 @@ impl RoleState {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+struct PeerStatus {
+    role: Option<Role>,
+    epoch: u64,
+    intent_epoch: u64,
+}
+
 #[derive(Debug)]
 struct Lease {
     /// Set once the gateway grants a lease; from then on the lease is enforced.
@@ -133,9 +140,28 @@ impl Roles {
                 tracing::debug!(error = %e, "role refresh failed; keeping the last known role")
             }
         }
-        state.fenced = state.role == Role::Active
-            && self.lease_lapsed()
-            && !self.peer_vouches(state.epoch).await;
+        if state.known && state.role == Role::Active {
+            let peer = self.peer_status().await;
+            if let Some(p) = peer.filter(|p| p.role == Some(Role::Active) && p.epoch > state.epoch)
+            {
+                // Rejoin: the peer went on at a higher epoch while we were away. Step
+                // down; the replicator quarantines what we wrote past its start.
+                tracing::warn!(
+                    our_epoch = state.epoch,
+                    peer_epoch = p.epoch,
+                    "the peer is active at a higher epoch; becoming standby"
+                );
+                if self.store_role(Role::Standby, p.epoch).await.is_ok() {
+                    state.role = Role::Standby;
+                    state.epoch = p.epoch;
+                }
+            }
+            let vouched =
+                peer.is_some_and(|p| p.epoch <= state.epoch && p.intent_epoch <= state.epoch);
+            state.fenced = state.role == Role::Active && self.lease_lapsed() && !vouched;
+        } else {
+            state.fenced = false;
+        }
         self.tx.send_if_modified(|old| {
             let changed = *old != state;
             if changed && (old.role != state.role || old.epoch != state.epoch || old.fenced != state.fenced) {
@@ -163,22 +189,26 @@ impl Roles {
         lease.enforced && lease.until.is_none_or(|until| Instant::now() >= until)
     }
 
-    /// True when the peer's Redis shows no epoch above ours and no promotion intent
-    /// above ours. Unreachable peer or no peer configured: no confirmation.
-    async fn peer_vouches(&self, epoch: u64) -> bool {
-        let Some(peer) = &self.peer else { return false };
-        let role = peer.role().await;
-        let intent: Result<Option<String>, _> = peer
+    /// The peer region's role, epoch and promotion intent, read from its Redis; `None`
+    /// when no peer is configured or it cannot be read (which vouches for nothing).
+    async fn peer_status(&self) -> Option<PeerStatus> {
+        let peer = self.peer.as_ref()?;
+        let role = peer.role().await.ok()?;
+        let intent: Option<String> = peer
             .query(redis::cmd("HGET").arg(keys::PROMOTION_INTENT).arg("epoch"))
-            .await;
-        match (role, intent) {
-            (Ok(role), Ok(intent)) => {
-                let peer_epoch = role.map(|r| r.epoch.0).unwrap_or(0);
-                let intent_epoch = intent.and_then(|e| e.parse::<u64>().ok()).unwrap_or(0);
-                peer_epoch <= epoch && intent_epoch <= epoch
-            }
-            _ => false,
-        }
+            .await
+            .ok()?;
+        Some(PeerStatus {
+            role: role.map(|r| r.role),
+            epoch: role.map(|r| r.epoch.0).unwrap_or(0),
+            intent_epoch: intent.and_then(|e| e.parse::<u64>().ok()).unwrap_or(0),
+        })
+    }
+
+    async fn store_role(&self, role: Role, epoch: u64) -> Result<Vec<String>, StoreError> {
+        let mut inv = SET_ROLE.prepare_invoke();
+        inv.key(keys::ROLE).arg(role.as_str()).arg(epoch);
+        self.store.invoke(&inv).await
     }
 
     /// Renews the lease of the active region at `epoch` for `ttl`.
@@ -225,9 +255,7 @@ impl Roles {
     /// the stored one (or the same, when already active: a repeated call), a demotion
     /// one at least as high.
     pub async fn transition(&self, role: Role, epoch: u64) -> Result<RoleState, RoleError> {
-        let mut inv = SET_ROLE.prepare_invoke();
-        inv.key(keys::ROLE).arg(role.as_str()).arg(epoch);
-        let reply: Vec<String> = self.store.invoke(&inv).await?;
+        let reply = self.store_role(role, epoch).await?;
         match reply.first().map(String::as_str) {
             Some("ok") => {
                 if role == Role::Active {

@@ -101,7 +101,11 @@ impl Store {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Store { conn, timeout, cache: Arc::default() })
+        Ok(Store {
+            conn,
+            timeout,
+            cache: Arc::default(),
+        })
     }
 
     /// Runs one command under the store's timeout.
@@ -421,14 +425,22 @@ impl Tx {
             return Ok(());
         }
         let values: Vec<Option<String>> = store.query(redis::cmd("MGET").arg(&missing)).await?;
-        store.cache.put(missing.iter().zip(&values).filter_map(|(k, v)| v.as_ref().map(|v| (k, v))));
+        store.cache.put(
+            missing
+                .iter()
+                .zip(&values)
+                .filter_map(|(k, v)| v.as_ref().map(|v| (k, v))),
+        );
         self.reads.extend(missing.into_iter().zip(values));
         Ok(())
     }
 
     /// A transaction that reads only from Redis, never from the cache.
     pub fn fresh() -> Tx {
-        Tx { fresh: true, ..Tx::default() }
+        Tx {
+            fresh: true,
+            ..Tx::default()
+        }
     }
 
     /// True when some value was taken from the cache (and may be stale).

@@ -132,7 +132,8 @@ impl Workflow {
     where
         F: FnMut(&Tx) -> Result<Decision, WorkflowError>,
     {
-        self.run(keys, Vec::new(), Some(new_key), cause, ack, decide).await
+        self.run(keys, Vec::new(), Some(new_key), cause, ack, decide)
+            .await
     }
 
     /// `new_key` is a key named by an id just generated here: known to be absent.
@@ -185,7 +186,10 @@ impl Workflow {
                 }
             };
             let (last_sequence, events) = match decision {
-                Ok(Decision::Emit { last_sequence, events }) => (last_sequence, events),
+                Ok(Decision::Emit {
+                    last_sequence,
+                    events,
+                }) => (last_sequence, events),
                 // Doing nothing, or refusing, may come from a stale cached value (another
                 // node moved the order on): only fresh state may decide that.
                 _ if tx.used_cache() => {
