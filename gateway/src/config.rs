@@ -63,6 +63,7 @@ struct RawConfig {
     retry_min_concurrent: u32,
     switchover_timeout_ms: u64,
     shutdown_grace_ms: u64,
+    workers: usize,
 }
 
 /// One upstream region as configured.
@@ -117,6 +118,9 @@ pub struct Config {
     /// How long a planned switchover waits for replication to catch up.
     pub switchover_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Worker threads, each with its own listener and runtime; 0 in the file or the
+    /// environment means one per core.
+    pub workers: usize,
 }
 
 impl Config {
@@ -143,7 +147,8 @@ impl Config {
             .set_default("retry_budget_percent", 20)?
             .set_default("retry_min_concurrent", 3)?
             .set_default("switchover_timeout_ms", 5_000)?
-            .set_default("shutdown_grace_ms", 5_000)?;
+            .set_default("shutdown_grace_ms", 5_000)?
+            .set_default("workers", 0)?;
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
@@ -247,6 +252,11 @@ impl Config {
             retry_min_concurrent: raw.retry_min_concurrent,
             switchover_timeout: positive("switchover_timeout_ms", raw.switchover_timeout_ms)?,
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
+            workers: match raw.workers {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n if n > 256 => return Err(invalid("workers", "at most 256")),
+                n => n,
+            },
         })
     }
 }

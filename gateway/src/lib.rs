@@ -34,9 +34,9 @@ pub mod tls;
 use config::Config;
 use failover::{Controller, EpochStore};
 use limits::RateLimiter;
+use limits::RetryBudget;
 use metrics::Metrics;
 use node_api::NodeApi;
-use proxy::Proxy;
 use routing::Routing;
 use std::future::Future;
 use std::sync::Arc;
@@ -49,7 +49,8 @@ pub struct Shared {
     pub routing: Arc<Routing>,
     pub controller: Arc<Controller>,
     pub metrics: Arc<Metrics>,
-    pub proxy: Proxy,
+    /// Shared by all workers: retries are budgeted against all requests in flight.
+    pub retry_budget: RetryBudget,
     pub limiter: RateLimiter,
     pub node_api: NodeApi,
 }
@@ -84,13 +85,10 @@ impl Application {
             None => None,
         };
         let store = EpochStore::open(config.state_dir.as_deref()).map_err(StartError::State)?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = server::bind_shared(config.listen).map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let ids: Vec<String> = config.regions.iter().map(|r| r.id.clone()).collect();
         let metrics = Arc::new(Metrics::new(&ids));
         let routing = Arc::new(Routing::new(&config, metrics.clone()));
@@ -103,8 +101,7 @@ impl Application {
             metrics.clone(),
         ));
         let shared = Arc::new(Shared {
-            proxy: Proxy::new(
-                config.connect_timeout,
+            retry_budget: RetryBudget::new(
                 config.retry_budget_percent,
                 config.retry_min_concurrent,
             ),
@@ -127,21 +124,71 @@ impl Application {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    /// Starts the probers and the failover controller, then serves until `shutdown`.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
+    /// Starts the probers and the failover controller, then serves until `shutdown`:
+    /// this runtime is worker 0; `config.workers - 1` more threads each run their own.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let shared = self.shared;
         let mut tasks = Vec::new();
         for i in 0..shared.routing.regions().len() {
             tasks.push(tokio::spawn(health::probe_loop(shared.clone(), i)));
         }
         tasks.push(tokio::spawn(shared.controller.clone().run()));
+        let addr = self.listener.local_addr().unwrap_or(shared.config.listen);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut threads = Vec::new();
+        for n in 1..shared.config.workers {
+            let listener = match server::bind_shared(addr).and_then(|l| l.into_std()) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot add worker {n}; serving with fewer");
+                    break;
+                }
+            };
+            let (shared, tls, mut stop) = (shared.clone(), self.tls.clone(), stop_rx.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("gateway-worker-{n}"))
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("worker runtime");
+                    rt.block_on(async move {
+                        let listener = TcpListener::from_std(listener).expect("worker listener");
+                        let stopped = async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        };
+                        server::serve(listener, shared, tls, stopped).await;
+                    });
+                });
+            match thread {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::warn!(error = %e, "cannot start worker {n}"),
+            }
+        }
         tracing::info!(
-            listen = %shared.config.listen,
+            listen = %addr,
             tls = self.tls.is_some(),
             regions = shared.config.regions.len(),
+            workers = threads.len() + 1,
             "gateway listening"
         );
-        server::serve(self.listener, shared.clone(), self.tls, shutdown).await;
+        let stopper = tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let mut stop = stop_rx;
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        server::serve(self.listener, shared.clone(), self.tls, stopped).await;
+        let _ = stopper.await;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        tracing::info!("gateway stopped");
         for t in tasks {
             t.abort();
         }

@@ -30,7 +30,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Worker 0 and the control tasks; the other workers start their own runtimes.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");

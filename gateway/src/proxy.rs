@@ -3,13 +3,13 @@
 //! failover.
 
 use crate::error::GatewayError;
-use crate::limits::{header_bytes, RetryBudget};
+use crate::limits::header_bytes;
 use crate::metrics::route_template;
 use crate::node_api::error_chain;
 use crate::routing::Routing;
 use crate::Shared;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::http::{
     header, uri, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
     Version,
@@ -30,6 +30,9 @@ const BUFFER_UP_TO: u64 = 64 * 1024;
 /// First pause before sending again to a region that just failed, when there is no
 /// other region to try.
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+/// An attempt still unanswered after this starts watching for a failover or for its
+/// region turning unhealthy (see [`Failure::Overtaken`]).
+const WATCH_AFTER: Duration = Duration::from_millis(50);
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_REGION: HeaderName = HeaderName::from_static("x-region");
@@ -42,26 +45,18 @@ pub fn full_body(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
-/// The pooled client to the regions and the retry budget shared by all requests.
-pub struct Proxy {
-    client: Client<HttpConnector, Body>,
-    budget: RetryBudget,
-}
+/// A pooled client to the regions. Each worker thread has its own, so a request and
+/// its upstream connection live on one thread.
+pub type UpstreamClient = Client<HttpConnector, Body>;
 
-impl Proxy {
-    pub fn new(connect_timeout: Duration, budget_percent: u32, budget_min: u32) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
-        Proxy {
-            client,
-            budget: RetryBudget::new(budget_percent, budget_min),
-        }
-    }
+pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(1024)
+        .build(connector)
 }
 
 /// How an attempt failed, and so whether the request may be sent again: decided here,
@@ -106,6 +101,7 @@ enum RequestBody {
 /// Forwards one client request; always answers.
 pub async fn forward(
     shared: &Shared,
+    client: &UpstreamClient,
     req: Request<Incoming>,
     peer: SocketAddr,
     tls: bool,
@@ -121,7 +117,15 @@ pub async fn forward(
         .cloned()
         .unwrap_or_else(new_request_id);
 
-    let result = forward_inner(shared, parts, body, peer, tls, &request_id, start).await;
+    let result = forward_inner(
+        shared,
+        client,
+        (parts, body),
+        (peer, tls),
+        &request_id,
+        start,
+    )
+    .await;
     let (mut resp, region) = match result {
         Ok((resp, region)) => (resp, region),
         Err(e) => {
@@ -151,10 +155,9 @@ pub async fn forward(
 
 async fn forward_inner<'a>(
     shared: &'a Shared,
-    mut parts: hyper::http::request::Parts,
-    body: Incoming,
-    peer: SocketAddr,
-    tls: bool,
+    client: &UpstreamClient,
+    (mut parts, body): (hyper::http::request::Parts, Incoming),
+    (peer, tls): (SocketAddr, bool),
     request_id: &HeaderValue,
     start: Instant,
 ) -> Result<(Response<Body>, &'a str), GatewayError> {
@@ -181,7 +184,9 @@ async fn forward_inner<'a>(
     let idempotent =
         is_read || (parts.method == Method::POST && parts.headers.contains_key(&IDEMPOTENCY_KEY));
 
-    let mut body = if idempotent || content_length.is_some_and(|n| n <= BUFFER_UP_TO) {
+    let mut body = if body.is_end_stream() {
+        RequestBody::Buffered(Bytes::new())
+    } else if idempotent || content_length.is_some_and(|n| n <= BUFFER_UP_TO) {
         let limit = usize::try_from(cfg.max_body_bytes).unwrap_or(usize::MAX);
         match Limited::new(body, limit).collect().await {
             Ok(c) => RequestBody::Buffered(c.to_bytes()),
@@ -208,7 +213,7 @@ async fn forward_inner<'a>(
     let deadline = start + cfg.request_timeout;
     let routing = &shared.routing;
     let mut changes = routing.subscribe();
-    let _active = shared.proxy.budget.enter();
+    let _active = shared.retry_budget.enter();
     let mut tried: Vec<usize> = Vec::with_capacity(2);
     let mut last_failure: Option<(Failure, usize)> = None;
     let mut backed_off = false;
@@ -244,7 +249,7 @@ async fn forward_inner<'a>(
         backed_off = false;
 
         let _retry_permit = if let Some((failure, _)) = &last_failure {
-            match shared.proxy.budget.try_retry() {
+            match shared.retry_budget.try_retry() {
                 Some(p) => {
                     shared
                         .metrics
@@ -291,12 +296,17 @@ async fn forward_inner<'a>(
         let attempt_deadline = cfg
             .attempt_timeout
             .min(deadline.saturating_duration_since(Instant::now()));
-        let exchange =
-            tokio::time::timeout(attempt_deadline, shared.proxy.client.request(upstream));
-        let outcome = tokio::select! {
-            biased;
-            r = exchange => Some(r),
-            _ = overtaken(routing, &mut changes, target, is_read), if idempotent => None,
+        let exchange = client.request(upstream);
+        tokio::pin!(exchange);
+        // Most answers come quickly: only a slow one pays for watching the topology.
+        let first = WATCH_AFTER.min(attempt_deadline);
+        let outcome = match tokio::time::timeout(first, &mut exchange).await {
+            Ok(r) => Some(Ok(r)),
+            Err(_) => tokio::select! {
+                biased;
+                r = tokio::time::timeout(attempt_deadline - first, &mut exchange) => Some(r),
+                _ = overtaken(routing, &mut changes, target, is_read), if idempotent => None,
+            },
         };
         let failure = match outcome {
             None => Failure::Overtaken,
@@ -449,7 +459,7 @@ fn into_client_response(resp: Response<Incoming>, region: &str) -> Response<Body
 }
 
 fn new_request_id() -> HeaderValue {
-    let id = uuid::Uuid::new_v4();
+    let id = uuid::Builder::from_random_bytes(random_bytes()).into_uuid();
     HeaderValue::from_str(
         id.hyphenated()
             .encode_lower(&mut uuid::Uuid::encode_buffer()),
@@ -459,9 +469,35 @@ fn new_request_id() -> HeaderValue {
 
 /// A W3C trace context for a request that came without one, so the trace starts here.
 fn new_traceparent() -> HeaderValue {
-    let trace = uuid::Uuid::new_v4().simple().to_string();
-    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
-    HeaderValue::from_str(&format!("00-{trace}-{span}-01")).expect("hex is a valid header value")
+    let trace = u128::from_ne_bytes(random_bytes());
+    let span = u64::from_ne_bytes(random_bytes()[..8].try_into().expect("8 bytes"));
+    HeaderValue::from_str(&format!("00-{trace:032x}-{span:016x}-01"))
+        .expect("hex is a valid header value")
+}
+
+/// 16 random bytes from a per-thread generator seeded once from the OS: ids must be
+/// unique, not secret, and a getrandom(2) call per request shows in profiles.
+fn random_bytes() -> [u8; 16] {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(u64::from_le_bytes(
+            uuid::Uuid::new_v4().as_bytes()[..8].try_into().expect("8 bytes"),
+        ));
+    }
+    // splitmix64: tiny, fast, and every 64-bit seed gives a full-period sequence.
+    let next = || {
+        STATE.with(|s| {
+            let z = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+            s.set(z);
+            let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        })
+    };
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&next().to_le_bytes());
+    out[8..].copy_from_slice(&next().to_le_bytes());
+    out
 }
 
 /// Method label with a bounded set of values.

@@ -1,9 +1,14 @@
 //! The public listener: accepts TCP (and TLS) connections, serves HTTP/1.1 and HTTP/2
 //! on each, dispatches to the gateway's own endpoints or the proxy, and drains
 //! connections gracefully on shutdown.
+//!
+//! Thread per core, as nginx's workers: each worker thread runs its own single-threaded
+//! runtime with its own `SO_REUSEPORT` listener and its own upstream pool, so a request
+//! never hops between threads (work stealing and cross-thread wake-ups showed in
+//! profiles). Routing state, metrics and the failover controller are shared.
 
 use crate::error::GatewayError;
-use crate::proxy::Body;
+use crate::proxy::{upstream_client, Body, UpstreamClient};
 use crate::{admin, proxy, Shared};
 use hyper::body::Incoming;
 use hyper::http::{Request, Response};
@@ -22,6 +27,20 @@ use tokio_rustls::TlsAcceptor;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A listener on `addr` that other workers can bind too (`SO_REUSEPORT`).
+pub fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// Serves until `shutdown` completes, then waits up to the grace period for open
 /// connections to finish their requests.
 pub async fn serve(
@@ -30,6 +49,7 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let client = Arc::new(upstream_client(shared.config.connect_timeout));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper answers 431 itself when the request head does not fit its buffer.
     builder
@@ -59,6 +79,7 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
+        let client = client.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
@@ -66,7 +87,8 @@ pub async fn serve(
             let is_tls = tls.is_some();
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(dispatch(&shared, req, peer, is_tls).await) }
+                let client = client.clone();
+                async move { Ok::<_, Infallible>(dispatch(&shared, &client, req, peer, is_tls).await) }
             });
             let result = match tls {
                 None => {
@@ -116,6 +138,7 @@ pub async fn serve(
 
 async fn dispatch(
     shared: &Shared,
+    client: &UpstreamClient,
     req: Request<Incoming>,
     peer: SocketAddr,
     tls: bool,
@@ -127,6 +150,6 @@ async fn dispatch(
         // The nodes' admin API is never reachable through the public endpoint.
         GatewayError::NotFound.to_response()
     } else {
-        proxy::forward(shared, req, peer, tls).await
+        proxy::forward(shared, client, req, peer, tls).await
     }
 }

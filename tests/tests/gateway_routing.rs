@@ -154,7 +154,8 @@ async fn gateway_limits_answer_413_429_and_401() {
         GatewayOptions::new(&regions.regions())
             .env("GATEWAY_MAX_BODY_BYTES", 1024)
             .env("GATEWAY_RATE_LIMIT_PER_SEC", 5)
-            .env("GATEWAY_RATE_LIMIT_BURST", 5),
+            .env("GATEWAY_RATE_LIMIT_BURST", 5)
+            .env("GATEWAY_MAX_HEADER_BYTES", 2048),
     )
     .await;
     gw.wait_active("a", 1, SETTLE).await;
@@ -163,6 +164,15 @@ async fn gateway_limits_answer_413_429_and_401() {
     let big = gw.http().post_raw("/orders", vec![b'x'; 4096]).await;
     assert_eq!(big.status, 413, "{}", big.text);
     assert_eq!(big.error_code(), "payload_too_large");
+
+    // Oversized headers are refused too
+    let long = "x".repeat(4096);
+    let headers = gw
+        .http()
+        .request(reqwest::Method::GET, "/api/v1/products/NOPE", None, &[("x-long", &long)])
+        .await;
+    assert_eq!(headers.status, 431, "{}", headers.text);
+    assert_eq!(headers.error_code(), "headers_too_large");
 
     // Admin endpoints need the gateway's token
     let anon = gw
@@ -199,6 +209,35 @@ async fn gateway_limits_answer_413_429_and_401() {
         &[("code", "rate_limited")]
     )
     .is_some_and(|n| n >= 1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_post_to_a_hung_region_times_out_and_is_never_sent_twice() {
+    // Given a short attempt deadline and b drained, so no failover can happen
+    let regions = TwoRegions::start(false).await;
+    let gw = Gateway::start(
+        GatewayOptions::new(&regions.regions())
+            .env("GATEWAY_ATTEMPT_TIMEOUT_MS", 400)
+            .env("GATEWAY_REQUEST_TIMEOUT_MS", 2000),
+    )
+    .await;
+    gw.wait_active("a", 1, SETTLE).await;
+    gw.api().put_product("HANG-1", 100, 10).await;
+    assert_eq!(gw.admin().post_empty("/gateway/regions/b/drain").await.status, 200);
+
+    // When a hangs and a client sends a POST without an Idempotency-Key
+    regions.a.node.pause();
+    let started = std::time::Instant::now();
+    let r = gw.api().place_order(&order_body("c-h", &[("HANG-1", 1)], "tok_ok")).await;
+    let took = started.elapsed();
+    regions.a.node.resume();
+
+    // Then the gateway answers 504 within the attempt deadline and sent it nowhere else
+    assert_eq!(r.status, 504, "{}", r.text);
+    assert_eq!(r.error_code(), "gateway_timeout");
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    let m = gw.metrics().await;
+    assert_eq!(metric_sum(&m, "tandem_gateway_retries_total", &[]), None, "{m}");
 }
 
 #[test]
