@@ -14,6 +14,7 @@ use crate::link::{Backoff, Link, LinkError};
 use crate::reply;
 use crate::status::Shared;
 use eventlog::envelope::StreamId;
+use eventlog::keys;
 use redis::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -285,11 +286,17 @@ async fn sync_stream(
     let local_sum: HashMap<&str, &Value> =
         local_names.iter().copied().zip(local_sum.iter()).collect();
 
+    let mut synced = serde_json::Map::new();
+    let mut any_change = false;
     for (i, g) in theirs.iter().enumerate() {
         let Some(top) = copied_up_to(shared, peer, stream, g.last_delivered).await? else {
             // The copier has not written the entry this position refers to yet.
             continue;
         };
+        synced.insert(
+            g.name.clone(),
+            serde_json::json!({"lastDeliveredId": g.last_delivered.to_string(), "entriesRead": g.entries_read}),
+        );
         let mut changed = false;
         match ours_by_name.get(g.name.as_str()) {
             None => {
@@ -336,6 +343,7 @@ async fn sync_stream(
         }
         if changed {
             shared.metrics.group_syncs.inc();
+            any_change = true;
         }
     }
 
@@ -347,7 +355,19 @@ async fn sync_stream(
                 .await?;
             tracing::info!(stream, group = %l.name, "destroyed consumer group the peer no longer has");
             shared.metrics.group_syncs.inc();
+            any_change = true;
         }
+    }
+    if any_change {
+        // For operators: the group positions this region last took from the peer.
+        local
+            .query(
+                redis::cmd("HSET")
+                    .arg(keys::REPLICATION_CHECKPOINT)
+                    .arg(format!("groups:{stream}"))
+                    .arg(serde_json::Value::Object(synced).to_string()),
+            )
+            .await?;
     }
     shared.reached(local.side());
     Ok(())

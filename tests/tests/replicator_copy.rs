@@ -167,6 +167,14 @@ async fn consumer_group_state_is_copied_and_acks_reach_the_standby() {
         .pending
         .iter()
         .any(|(id, c, _)| id == &c2[0] && c == "node-a-2"));
+    let checkpoint: String = redis::cmd("HGET")
+        .arg("tandem:replication:checkpoint")
+        .arg("groups:tandem:events")
+        .query_async(&mut local)
+        .await
+        .unwrap();
+    let checkpoint: serde_json::Value = serde_json::from_str(&checkpoint).unwrap();
+    assert_eq!(checkpoint["workflow"]["lastDeliveredId"], c2[4].as_str());
 
     // When the peer acknowledges, moves an entry to another consumer and reads on
     cmd(&mut peer, &["XACK", s, "workflow", &c1[3], &c2[1]]).await;
