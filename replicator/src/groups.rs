@@ -181,13 +181,13 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
     let mut backoff = Backoff::new(shared.config.max_backoff());
     let mut gate = shared.gate.subscribe();
     let mut stop = shared.shutdown_signal();
-    let mut last_full = Instant::now() - Duration::from_secs(10);
+    let mut last_full: Option<Instant> = None;
     loop {
         tokio::select! {
             r = gate.wait_for(|g| g.is_copy()) => if r.is_err() { return },
             _ = stop.wait_for(|s| *s) => return,
         }
-        let full = last_full.elapsed() >= Duration::from_secs(1);
+        let full = last_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
         let started = Instant::now();
         let streams = shared.streams.borrow().clone();
         let mut failed = false;
@@ -210,7 +210,7 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
         } else {
             backoff.reset();
             if full {
-                last_full = Instant::now();
+                last_full = Some(Instant::now());
             }
             interval
         };

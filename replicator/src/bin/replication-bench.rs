@@ -438,7 +438,7 @@ fn steady(peer: &str, local: &str, stream: &str, rate: u64, seconds: u64) {
                 if let Some(ld) = last_delivered {
                     samples.lock().unwrap().push((ld, min_pending, now));
                 }
-                std::thread::sleep(Duration::from_micros(500));
+                std::thread::sleep(Duration::from_millis(1));
             }
         })
     };
