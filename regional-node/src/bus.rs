@@ -235,7 +235,7 @@ async fn read_group(
     consumer: &str,
     from: &str,
 ) -> Result<Vec<Entry>, StoreError> {
-    let reply: Option<redis::streams::StreamReadReply> = blocking
+    let reply: Value = blocking
         .query(
             redis::cmd("XREADGROUP")
                 .arg("GROUP")
@@ -250,20 +250,12 @@ async fn read_group(
                 .arg(from),
         )
         .await?;
-    Ok(reply
-        .map(|r| {
-            r.keys
-                .into_iter()
-                .flat_map(|k| k.ids)
-                .map(Entry::from)
-                .collect()
-        })
-        .unwrap_or_default())
+    Ok(Entry::from_read(reply))
 }
 
 /// Takes over entries a consumer has held for longer than `reclaim_idle`.
 async fn reclaim(store: &Store, group: Group, cfg: &BusConfig) -> Result<Vec<Entry>, StoreError> {
-    let reply: redis::streams::StreamAutoClaimReply = store
+    let reply: Value = store
         .query(
             redis::cmd("XAUTOCLAIM")
                 .arg(keys::EVENTS)
@@ -275,14 +267,15 @@ async fn reclaim(store: &Store, group: Group, cfg: &BusConfig) -> Result<Vec<Ent
                 .arg(BATCH),
         )
         .await?;
-    if !reply.claimed.is_empty() {
+    let (_, claimed) = Entry::from_autoclaim(reply);
+    if !claimed.is_empty() {
         tracing::info!(
             group = group.name(),
-            count = reply.claimed.len(),
+            count = claimed.len(),
             "reclaimed entries of an idle consumer"
         );
     }
-    Ok(reply.claimed.into_iter().map(Entry::from).collect())
+    Ok(claimed)
 }
 
 async fn dispatch(
@@ -293,6 +286,11 @@ async fn dispatch(
 ) {
     let mut skipped = Vec::new();
     for entry in entries {
+        // A deleted entry (quarantined) can still be pending: nothing to handle.
+        if entry.fields.is_empty() {
+            skipped.push(entry.id);
+            continue;
+        }
         let wanted = entry
             .field_str(eventlog::envelope::FIELD_TYPE)
             .is_none_or(|t| group.wants(t));

@@ -64,7 +64,7 @@ pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, Sto
             return Ok(report.events);
         }
     }
-    let reply: Option<redis::streams::StreamReadReply> = blocking
+    let reply: redis::Value = blocking
         .query(
             redis::cmd("XREAD")
                 .arg("COUNT")
@@ -76,15 +76,7 @@ pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, Sto
                 .arg(cursor.as_deref().unwrap_or("0-0")),
         )
         .await?;
-    let entries: Vec<Entry> = reply
-        .map(|r| {
-            r.keys
-                .into_iter()
-                .flat_map(|k| k.ids)
-                .map(Entry::from)
-                .collect()
-        })
-        .unwrap_or_default();
+    let entries = Entry::from_read(reply);
     let mut cursor = cursor;
     let mut applied = 0;
     for entry in entries {

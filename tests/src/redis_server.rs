@@ -156,10 +156,14 @@ impl RedisServer {
     }
 
     /// A fresh async connection for assertions.
+    /// A connection for assertions. Patient: redis-rs answers a reply slower than
+    /// 500 ms with a timeout by default, which a loaded 2-core CI machine can exceed.
     pub async fn client(&self) -> MultiplexedConnection {
         let client = redis::Client::open(self.url()).expect("valid redis url");
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(std::time::Duration::from_secs(30)));
         client
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url()))
     }

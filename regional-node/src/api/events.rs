@@ -80,8 +80,8 @@ pub async fn list(
             for id in chunk {
                 pipe.cmd("XRANGE").arg(keys::EVENTS).arg(id).arg(id);
             }
-            let replies: Vec<redis::streams::StreamRangeReply> = store.query_pipe(&pipe).await?;
-            for entry in replies.into_iter().flat_map(|r| r.ids).map(Entry::from) {
+            let replies: Vec<redis::Value> = store.query_pipe(&pipe).await?;
+            for entry in replies.into_iter().flat_map(Entry::from_range) {
                 if events.len() == limit {
                     next = events
                         .last()
