@@ -171,12 +171,10 @@ impl RawConn {
                 }
             }
             if found == n {
-                let rest = self.buf[pos..].to_vec();
-                let mut out = std::mem::replace(&mut self.buf, rest);
-                out.truncate(pos);
-                if self.buf.capacity() < 1 << 16 {
-                    self.buf.reserve(1 << 20);
-                }
+                // Copy the replies out and keep the (large, warm) buffer: handing the
+                // buffer itself out would mean a fresh allocation for every reply.
+                let out = self.buf[..pos].to_vec();
+                self.buf.drain(..pos);
                 return Ok(out);
             }
             if self.buf.capacity() - self.buf.len() < 64 * 1024 {
