@@ -26,6 +26,7 @@ pub mod redis_server;
 pub mod redis_state;
 pub mod region;
 pub mod replicator;
+pub mod takeover;
 pub mod workdir;
 
 pub use api::{order_body, Api};
