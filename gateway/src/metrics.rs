@@ -6,6 +6,11 @@ use prometheus::{
     TextEncoder,
 };
 
+/// Values of `tandem_gateway_failovers_total{reason}`.
+pub const FAILOVER_REASONS: [&str; 2] = ["unhealthy", "planned"];
+/// Values of `tandem_gateway_retries_total{reason}`: how the previous attempt failed.
+pub const RETRY_REASONS: [&str; 5] = ["connect", "reset", "timeout", "status_5xx", "failover"];
+
 /// All gateway metrics, registered in their own registry.
 pub struct Metrics {
     registry: Registry,
@@ -96,9 +101,18 @@ impl Metrics {
         ] {
             registry.register(c).expect("register metric");
         }
+        // Every series a dashboard may query exists from the start, at 0.
         for r in regions {
             region_healthy.with_label_values(&[r.as_str()]).set(0);
             active_region.with_label_values(&[r.as_str()]).set(0);
+            for to in regions.iter().filter(|to| *to != r) {
+                for reason in FAILOVER_REASONS {
+                    failovers.with_label_values(&[r.as_str(), to.as_str(), reason]);
+                }
+            }
+        }
+        for reason in RETRY_REASONS {
+            retries.with_label_values(&[reason]);
         }
         Metrics {
             registry,

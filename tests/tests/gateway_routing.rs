@@ -94,6 +94,22 @@ async fn gateway_makes_the_primary_active_and_routes_orders_there() {
         Some(1.0)
     );
     assert!(metrics.contains("tandem_gateway_request_duration_seconds_bucket"));
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "tandem_gateway_failovers_total",
+            &[("from", "a"), ("to", "b")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "tandem_gateway_retries_total",
+            &[("reason", "timeout")]
+        ),
+        Some(0.0)
+    );
 
     // The nodes' admin API is not reachable through the public endpoint
     assert_eq!(gw.http().get("/admin/role").await.status, 404);
@@ -169,7 +185,12 @@ async fn gateway_limits_answer_413_429_and_401() {
     let long = "x".repeat(4096);
     let headers = gw
         .http()
-        .request(reqwest::Method::GET, "/api/v1/products/NOPE", None, &[("x-long", &long)])
+        .request(
+            reqwest::Method::GET,
+            "/api/v1/products/NOPE",
+            None,
+            &[("x-long", &long)],
+        )
         .await;
     assert_eq!(headers.status, 431, "{}", headers.text);
     assert_eq!(headers.error_code(), "headers_too_large");
@@ -223,12 +244,21 @@ async fn a_plain_post_to_a_hung_region_times_out_and_is_never_sent_twice() {
     .await;
     gw.wait_active("a", 1, SETTLE).await;
     gw.api().put_product("HANG-1", 100, 10).await;
-    assert_eq!(gw.admin().post_empty("/gateway/regions/b/drain").await.status, 200);
+    assert_eq!(
+        gw.admin()
+            .post_empty("/gateway/regions/b/drain")
+            .await
+            .status,
+        200
+    );
 
     // When a hangs and a client sends a POST without an Idempotency-Key
     regions.a.node.pause();
     let started = std::time::Instant::now();
-    let r = gw.api().place_order(&order_body("c-h", &[("HANG-1", 1)], "tok_ok")).await;
+    let r = gw
+        .api()
+        .place_order(&order_body("c-h", &[("HANG-1", 1)], "tok_ok"))
+        .await;
     let took = started.elapsed();
     regions.a.node.resume();
 
@@ -237,7 +267,11 @@ async fn a_plain_post_to_a_hung_region_times_out_and_is_never_sent_twice() {
     assert_eq!(r.error_code(), "gateway_timeout");
     assert!(took < Duration::from_millis(1500), "took {took:?}");
     let m = gw.metrics().await;
-    assert_eq!(metric_sum(&m, "tandem_gateway_retries_total", &[]), None, "{m}");
+    assert_eq!(
+        metric_sum(&m, "tandem_gateway_retries_total", &[]),
+        None,
+        "{m}"
+    );
 }
 
 #[test]
