@@ -130,9 +130,23 @@ async fn promotion_finishes_in_flight_orders_exactly_once() {
         .clone();
     a.wait_status(&first, &["SHIPPED"], FLOW).await;
 
-    // When a second wave is answered and region a's node (and its replicator) are
+    // And a second wave of which some have just been confirmed
+    let second = place_wave(&a, SKU, 2, 9).await;
+    eventually(FLOW, "an order of the second wave past PENDING", || async {
+        for p in &second {
+            let o = a.order(&p.id).await;
+            if o.json["status"] != "PENDING" {
+                return Ok(());
+            }
+        }
+        Err("all PENDING")
+    })
+    .await;
+    placed.extend(second);
+
+    // When a third wave is answered and region a's node (and its replicator) are
     // SIGKILLed right away, with orders at every step of the workflow
-    placed.extend(place_wave(&a, SKU, 2, 18).await);
+    placed.extend(place_wave(&a, SKU, 3, 9).await);
     t.node_a.kill();
     t.rep_a.kill();
     let mut conn_a = t.conn_a().await;
