@@ -81,6 +81,27 @@ async fn status_in_redis(conn: &mut MultiplexedConnection, order_id: &str) -> St
         .unwrap_or_else(|| "MISSING".into())
 }
 
+/// The `tandem:epochs` record of `epoch`: `{"region","startOffsets":{stream: id},"at"}`.
+async fn epoch_record(conn: &mut MultiplexedConnection, epoch: u64) -> Value {
+    let raw: Option<String> = redis::cmd("HGET")
+        .arg("tandem:epochs")
+        .arg(epoch)
+        .query_async(conn)
+        .await
+        .expect("HGET tandem:epochs");
+    let raw = raw.unwrap_or_else(|| panic!("no tandem:epochs record for epoch {epoch}"));
+    serde_json::from_str(&raw).unwrap_or_else(|e| panic!("epoch record {raw}: {e}"))
+}
+
+/// The whole epoch history of a region.
+async fn epochs(conn: &mut MultiplexedConnection) -> BTreeMap<String, String> {
+    redis::cmd("HGETALL")
+        .arg("tandem:epochs")
+        .query_async(conn)
+        .await
+        .expect("HGETALL tandem:epochs")
+}
+
 /// Waits until `b`'s event stream holds exactly `a`'s entries (the node in `a` is dead,
 /// so `a`'s stream no longer grows).
 async fn wait_copied(t: &Takeover) {
@@ -171,15 +192,29 @@ async fn promotion_finishes_in_flight_orders_exactly_once() {
     wait_copied(&t).await;
 
     // And the operator promotes b at epoch 2
+    let last_of_a = redis_state::stream_entries(&mut conn_a, EVENTS)
+        .await
+        .last()
+        .map(|(id, _)| id.clone())
+        .expect("a wrote events");
     let r = b.promote(2).await;
     assert_eq!(r.status, 200, "promote b: {}", r.text);
     assert_eq!(role_of(&b).await, ("active".to_string(), 2));
+    let mut conn_b = t.conn_b().await;
 
-    // Then every order settles on b
+    // Then epoch 2 is recorded as b's, starting right after a's last event
+    let record = epoch_record(&mut conn_b, 2).await;
+    assert_eq!(record["region"], "b", "{record}");
+    assert_eq!(
+        record["startOffsets"][EVENTS],
+        Value::from(last_of_a.as_str()),
+        "{record}"
+    );
+
+    // And every order settles on b
     for p in &placed {
         b.wait_status(&p.id, SETTLED, FLOW).await;
     }
-    let mut conn_b = t.conn_b().await;
     redis_state::wait_workflow_idle(&mut conn_b, FLOW).await;
 
     // And each ended as its payment token says: charged ones shipped, declined ones failed
@@ -353,24 +388,34 @@ async fn stale_promote_is_refused() {
     // When the operator promotes b at epoch 2
     let r = b.promote(2).await;
 
-    // Then b is active at epoch 2
+    // Then b is active at epoch 2, and the epoch's start is recorded
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(role_of(&b).await, ("active".to_string(), 2));
+    let mut conn_b = t.conn_b().await;
+    let record = epoch_record(&mut conn_b, 2).await;
 
     // When the same promotion is repeated (a retried call)
     let again = b.promote(2).await;
 
-    // Then it succeeds without change
+    // Then it succeeds without change: same role, same epoch record
     assert_eq!(again.status, 200, "{}", again.text);
     assert_eq!(role_of(&b).await, ("active".to_string(), 2));
+    assert_eq!(epoch_record(&mut conn_b, 2).await, record);
 
     // When a promotion at an older epoch arrives
+    let epochs_before = epochs(&mut conn_b).await;
     let stale = b.promote(1).await;
 
     // Then it is refused as stale and b keeps its epoch
     assert_eq!(stale.status, 409, "{}", stale.text);
     assert_eq!(stale.error_code(), "stale_epoch", "{}", stale.text);
     assert_eq!(role_of(&b).await, ("active".to_string(), 2));
+    assert_eq!(epoch_record(&mut conn_b, 2).await, record);
+    assert_eq!(
+        epochs(&mut conn_b).await,
+        epochs_before,
+        "a refused promotion changed the epoch history"
+    );
 
     // And the old active, seeing b active at a higher epoch, steps down and refuses
     // writes

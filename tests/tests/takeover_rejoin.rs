@@ -137,6 +137,12 @@ async fn rejoin_scenario(order: Return) {
     )
     .await;
     assert_eq!(listed, divergent);
+    // And the replicator in a reports them on its metrics
+    let counted = t
+        .rep_a
+        .metric("tandem_replicator_quarantined_events_total")
+        .await;
+    assert_eq!(counted, Some(divergent.len() as f64));
 
     // And a's event stream then equals b's, with a's state projected from it
     wait_streams_equal(&conn_b, &conn_a, "a follows b after the rejoin").await;
