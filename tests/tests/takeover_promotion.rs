@@ -102,6 +102,29 @@ async fn epochs(conn: &mut MultiplexedConnection) -> BTreeMap<String, String> {
         .expect("HGETALL tandem:epochs")
 }
 
+/// Waits until `b`'s consumer groups equal `a`'s (positions and pending entries);
+/// returns how many entries each group has pending.
+async fn wait_groups_copied(t: &Takeover) -> BTreeMap<String, usize> {
+    let (a, b) = (t.conn_a().await, t.conn_b().await);
+    eventually(
+        CATCH_UP,
+        "b's replicator copied a's consumer groups",
+        || {
+            let (mut a, mut b) = (a.clone(), b.clone());
+            async move {
+                let ga = system_tests::replicator::groups(&mut a, EVENTS).await;
+                let gb = system_tests::replicator::groups(&mut b, EVENTS).await;
+                if !ga.is_empty() && ga == gb {
+                    Ok(ga.into_iter().map(|g| (g.name, g.pending.len())).collect())
+                } else {
+                    Err((ga, gb))
+                }
+            }
+        },
+    )
+    .await
+}
+
 /// Waits until `b`'s event stream holds exactly `a`'s entries (the node in `a` is dead,
 /// so `a`'s stream no longer grows).
 async fn wait_copied(t: &Takeover) {
@@ -133,6 +156,26 @@ async fn wait_copied(t: &Takeover) {
 
 #[tokio::test]
 async fn promotion_finishes_in_flight_orders_exactly_once() {
+    in_flight_scenario(Promote::AfterGroupsCopied).await
+}
+
+#[tokio::test]
+async fn promotion_right_after_the_stream_is_copied_finishes_orders_exactly_once() {
+    in_flight_scenario(Promote::AsSoonAsStreamCopied).await
+}
+
+/// When the operator promotes, relative to the replicator's copy of the consumer groups.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Promote {
+    /// Groups (positions and pending entries) equal the dead active's: the promotion
+    /// must take over the entries its consumer held.
+    AfterGroupsCopied,
+    /// As soon as the stream is copied, whatever the groups' copy says by then: entries
+    /// already handled may be delivered again and must change nothing.
+    AsSoonAsStreamCopied,
+}
+
+async fn in_flight_scenario(when: Promote) {
     // Given region a active (flaky charges retried after ~400 ms, so they are in flight
     // for a while) and b its standby, with a product of 1000 on hand
     let mut t = Takeover::start_with(|o| o.env("NODE_RETRY_BASE_MS", 400)).await;
@@ -188,8 +231,17 @@ async fn promotion_finishes_in_flight_orders_exactly_once() {
         "every order had settled before the kill, nothing was in flight: {at_kill:?}"
     );
 
-    // And b's replicator has copied a's whole stream (a's Redis is still up)
+    // And b's replicator has copied a's whole stream (a's Redis is still up), and the
+    // consumer groups' positions with the entries a's node held unacknowledged
     wait_copied(&t).await;
+    if when == Promote::AfterGroupsCopied {
+        let held = wait_groups_copied(&t).await;
+        eprintln!("entries held by a's dead consumer, per group: {held:?}");
+        assert!(
+            held.values().sum::<usize>() > 0,
+            "a's node held no entry at the kill: the takeover of pending entries is not exercised"
+        );
+    }
 
     // And the operator promotes b at epoch 2
     let last_of_a = redis_state::stream_entries(&mut conn_a, EVENTS)
