@@ -85,7 +85,7 @@ impl Application {
             None => None,
         };
         let store = EpochStore::open(config.state_dir.as_deref()).map_err(StartError::State)?;
-        let listener = server::bind_shared(config.listen).map_err(|source| StartError::Bind {
+        let listener = server::bind_first(config.listen).map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
         })?;

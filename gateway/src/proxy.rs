@@ -406,6 +406,20 @@ fn has_length_limit_error(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Hop-by-hop headers are for one connection only (RFC 9110 7.6.1).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there are none: one pass over the names is cheaper than eight removals.
+    let is_hop = |k: &HeaderName| {
+        k == header::CONNECTION
+            || k == header::TRANSFER_ENCODING
+            || k == header::TE
+            || k == header::TRAILER
+            || k == header::UPGRADE
+            || k == header::PROXY_AUTHORIZATION
+            || k.as_str() == "keep-alive"
+            || k.as_str() == "proxy-connection"
+    };
+    if !headers.keys().any(is_hop) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION).cloned() {
         if let Ok(list) = conn.to_str() {
             for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -433,12 +447,11 @@ fn prepare_headers(headers: &mut HeaderMap, request_id: &HeaderValue, peer: Sock
     if !headers.contains_key(&TRACEPARENT) {
         headers.insert(TRACEPARENT.clone(), new_traceparent());
     }
-    let ip = peer.ip().to_string();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip())).ok(),
+        None => Some(peer_header(peer.ip())),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(
@@ -467,12 +480,41 @@ fn new_request_id() -> HeaderValue {
     .expect("uuid is a valid header value")
 }
 
-/// A W3C trace context for a request that came without one, so the trace starts here.
+/// A W3C trace context for a request that came without one, so the trace starts here:
+/// `00-<32 hex trace id>-<16 hex span id>-01`.
 fn new_traceparent() -> HeaderValue {
-    let trace = u128::from_ne_bytes(random_bytes());
-    let span = u64::from_ne_bytes(random_bytes()[..8].try_into().expect("8 bytes"));
-    HeaderValue::from_str(&format!("00-{trace:032x}-{span:016x}-01"))
-        .expect("hex is a valid header value")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    let trace = random_bytes();
+    let span = random_bytes();
+    for (i, b) in trace.iter().chain(&span[..8]).enumerate() {
+        // Trace id at offset 3, span id after the dash at offset 36.
+        let at = if i < 16 { 3 + 2 * i } else { 36 + 2 * (i - 16) };
+        out[at] = HEX[usize::from(b >> 4)];
+        out[at + 1] = HEX[usize::from(b & 0xf)];
+    }
+    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
+}
+
+/// The client address as a header value, remembered per thread: keep-alive clients
+/// send many requests from one address.
+fn peer_header(ip: std::net::IpAddr) -> HeaderValue {
+    use std::cell::RefCell;
+    thread_local! {
+        static LAST: RefCell<Option<(std::net::IpAddr, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((cached, v)) if *cached == ip => v.clone(),
+            _ => {
+                let v = HeaderValue::from_str(&ip.to_string())
+                    .expect("an address is a valid header value");
+                *last = Some((ip, v.clone()));
+                v
+            }
+        }
+    })
 }
 
 /// 16 random bytes from a per-thread generator seeded once from the OS: ids must be
@@ -511,5 +553,40 @@ pub fn method_label(m: &Method) -> &'static str {
         Method::PATCH => "PATCH",
         Method::OPTIONS => "OPTIONS",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_w3c_shaped_and_ids_differ() {
+        let a = new_traceparent();
+        let b = new_traceparent();
+        let s = a.to_str().unwrap();
+        assert_eq!(s.len(), 55);
+        let parts: Vec<&str> = s.split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!((parts[0], parts[3]), ("00", "01"));
+        assert_eq!((parts[1].len(), parts[2].len()), (32, 16));
+        assert!(parts[1].bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+        assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_named_ones_too() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
     }
 }

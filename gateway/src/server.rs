@@ -27,6 +27,16 @@ use tokio_rustls::TlsAcceptor;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The first worker's listener. `SO_REUSEPORT` would let it share a port with another
+/// process of the same user without complaint, so first make sure nobody listens
+/// there: a plain bind fails if anyone does.
+pub fn bind_first(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    if addr.port() != 0 {
+        drop(std::net::TcpListener::bind(addr)?);
+    }
+    bind_shared(addr)
+}
+
 /// A listener on `addr` that other workers can bind too (`SO_REUSEPORT`).
 pub fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
