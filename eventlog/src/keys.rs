@@ -34,6 +34,9 @@ pub const REPLICATION_CHECKPOINT: &str = "tandem:replication:checkpoint";
 pub const EVENT_INDEX: &str = "tandem:eventidx";
 /// String: id of the last [`EVENTS`] entry reflected in the derived state.
 pub const PROJECTION_CURSOR: &str = "tandem:projection:cursor";
+/// String: id of the last [`QUARANTINE`] entry the derived state has been rebuilt
+/// after. Not derived: it survives a rebuild.
+pub const PROJECTION_QUARANTINE_SEEN: &str = "tandem:projection:quarantine-seen";
 /// Hash: order status -> number of orders in it.
 pub const ORDER_COUNTS: &str = "tandem:stats:orders";
 /// Hash: consumer group -> entries parked in the dead-letter stream.

@@ -50,19 +50,43 @@ pub async fn run_standby(
 
 /// Applies the next batch after the cursor; returns how many entries were applied.
 pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, StoreError> {
-    let cursor = store.get(keys::PROJECTION_CURSOR).await?;
-    if let Some(c) = cursor.as_deref().filter(|c| *c != "0-0") {
-        // Entries are only ever removed from the event stream by a quarantine (this
-        // region's divergent tail, on rejoin). The derived state still reflects them,
-        // so it is rebuilt from what the stream holds now.
-        if store.xrange(keys::EVENTS, c, c, 1).await?.is_empty() {
-            tracing::warn!(
-                cursor = c,
-                "the projection's last event is gone (quarantined); rebuilding derived state"
-            );
-            let report = rebuild(store).await?;
-            return Ok(report.events);
+    let mut pipe = redis::pipe();
+    pipe.cmd("GET").arg(keys::PROJECTION_CURSOR);
+    pipe.cmd("GET").arg(keys::PROJECTION_QUARANTINE_SEEN);
+    pipe.cmd("XREVRANGE")
+        .arg(keys::QUARANTINE)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1);
+    let (cursor, seen, last_quarantined): (Option<String>, Option<String>, redis::Value) =
+        store.query_pipe(&pipe).await?;
+    let last_quarantined = Entry::from_range(last_quarantined).pop().map(|e| e.id);
+    // Entries leave the event stream only through a quarantine (this region's divergent
+    // tail, on rejoin), and the derived state may still reflect them, even have had
+    // newer entries applied on top. So a quarantine we have not seen, or a cursor
+    // pointing at an entry that is gone, means: rebuild from what the stream holds now.
+    let cursor_gone = match cursor.as_deref().filter(|c| *c != "0-0") {
+        Some(c) => store.xrange(keys::EVENTS, c, c, 1).await?.is_empty(),
+        None => false,
+    };
+    if cursor_gone || last_quarantined != seen {
+        tracing::warn!(
+            ?cursor,
+            ?last_quarantined,
+            "events were quarantined; rebuilding derived state"
+        );
+        let report = rebuild(store).await?;
+        if let Some(q) = &last_quarantined {
+            let _: () = store
+                .query(
+                    redis::cmd("SET")
+                        .arg(keys::PROJECTION_QUARANTINE_SEEN)
+                        .arg(q),
+                )
+                .await?;
         }
+        return Ok(report.events);
     }
     let reply: redis::Value = blocking
         .query(

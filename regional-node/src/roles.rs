@@ -145,15 +145,16 @@ impl Roles {
             if let Some(p) = peer.filter(|p| p.role == Some(Role::Active) && p.epoch > state.epoch)
             {
                 // Rejoin: the peer went on at a higher epoch while we were away. Step
-                // down; the replicator quarantines what we wrote past its start.
+                // down but keep our own epoch: the replicator recognises the rejoin by
+                // the peer's higher epoch, quarantines what we wrote past that epoch's
+                // start, and only then moves us to the new epoch.
                 tracing::warn!(
                     our_epoch = state.epoch,
                     peer_epoch = p.epoch,
                     "the peer is active at a higher epoch; becoming standby"
                 );
-                if self.store_role(Role::Standby, p.epoch).await.is_ok() {
+                if self.store_role(Role::Standby, state.epoch).await.is_ok() {
                     state.role = Role::Standby;
-                    state.epoch = p.epoch;
                 }
             }
             let vouched =
