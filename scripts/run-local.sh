@@ -28,6 +28,7 @@ fi
 cargo build --release --bins -p regional-node -p replicator -p gateway
 mkdir -p "$RUN/logs" "$RUN/redis-a" "$RUN/redis-b" "$RUN/gateway"
 pids=()
+names=()
 stop() {
     echo "run-local: stopping" >&2
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -39,6 +40,7 @@ start() { # name, then the command
     local name=$1; shift
     "$@" >"$RUN/logs/$name.log" 2>&1 &
     pids+=($!)
+    names+=("$name")
     echo "run-local: $name started (pid $!, log $RUN/logs/$name.log)"
 }
 wait_http() { # url
@@ -85,5 +87,13 @@ Tandem is running. Try:
 Metrics: :$GATEWAY/metrics :$NODE_A/metrics :$NODE_B/metrics :$REPL_A/metrics :$REPL_B/metrics
 Logs: $RUN/logs/. Ctrl-C stops everything.
 MSG
-wait -n "${pids[@]}" || true
-echo "run-local: a process exited; see $RUN/logs" >&2
+# Keep running when a process dies (a chaos drill kills regions on purpose): report it.
+reported=()
+while sleep 1; do
+    for i in "${!pids[@]}"; do
+        if [ -z "${reported[$i]:-}" ] && ! kill -0 "${pids[$i]}" 2>/dev/null; then
+            echo "run-local: ${names[$i]} (pid ${pids[$i]}) exited; see $RUN/logs/${names[$i]}.log" >&2
+            reported[$i]=1
+        fi
+    done
+done
