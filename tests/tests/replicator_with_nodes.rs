@@ -1,0 +1,50 @@
+//! The replicator between two real regional nodes: an order placed in the active region
+//! is readable in the standby, and the workflow's consumer groups are mirrored there.
+
+use std::time::Duration;
+
+use system_tests::replicator::{conn, entries, groups, Replicator};
+use system_tests::{eventually, order_body, Api, Node, NodeOptions, RedisServer, Region};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn an_order_placed_in_the_active_region_is_served_by_the_standby() {
+    // Given region a (active node) and region b (standby node), and b's replicator
+    let a = Region::start().await;
+    let b_redis = RedisServer::start().await;
+    let b_node = Node::start(NodeOptions::new(b_redis.url()).region("b").role("standby")).await;
+    let b = Api::new(b_node.http());
+    let _rep = Replicator::start(&b_redis.url(), &a.redis.url(), &[]).await;
+
+    // When a client places an order in region a and the workflow ships it
+    a.api.put_product("WIDGET-001", 1000, 50).await;
+    let id = a.api.place_ok(&order_body("c-1", &[("WIDGET-001", 2)], "tok_ok")).await;
+    let shipped = a.api.wait_status(&id, &["SHIPPED"], DEADLINE).await;
+
+    // Then the standby holds the same events, with the same ids
+    let (ca, cb) = (conn(&a.redis.url()).await, conn(&b_redis.url()).await);
+    eventually(DEADLINE, "events copied to b", || {
+        let (mut ca, mut cb) = (ca.clone(), cb.clone());
+        async move {
+            let (x, y) = (entries(&mut ca, "tandem:events").await, entries(&mut cb, "tandem:events").await);
+            if !x.is_empty() && x == y { Ok(()) } else { Err((x.len(), y.len())) }
+        }
+    })
+    .await;
+
+    // And the standby node serves the order as region a knows it
+    let on_b = b.wait_status(&id, &["SHIPPED"], DEADLINE).await;
+    assert_eq!(on_b["amount"], shipped["amount"]);
+    assert_eq!(on_b["items"], shipped["items"]);
+
+    // And the workflow's consumer groups are mirrored
+    eventually(DEADLINE, "groups mirrored", || {
+        let (mut ca, mut cb) = (ca.clone(), cb.clone());
+        async move {
+            let (x, y) = (groups(&mut ca, "tandem:events").await, groups(&mut cb, "tandem:events").await);
+            if !x.is_empty() && x == y { Ok(()) } else { Err((x, y)) }
+        }
+    })
+    .await;
+}
