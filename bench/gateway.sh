@@ -2,6 +2,8 @@
 # Gateway benchmark (not a test): requests/s and latency of
 #   direct  - wrk straight to one regional node
 #   nginx   - nginx reverse proxy (keep-alive upstream pool) in front of that node
+#   haproxy - HAProxy (http-reuse always, one thread per core) in front of that node,
+#             when installed
 #   gateway - the Tandem gateway in front of the same node
 # with the same load tool (wrk) and the same settings, in one run, rounds interleaved.
 # Then, unless DRILL=0, the failover drills with release binaries, which print the RTO.
@@ -47,11 +49,13 @@ wait_http() { # url
         if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
         sleep 0.05
     done
-    echo "no answer from $1" >&2
+    echo "no answer from $1; logs:" >&2
+    tail -n 20 "$WORK"/*.log "$WORK"/nginx/error.log 2>/dev/null >&2 || true
     return 1
 }
 
 RA=$(free_port); RB=$(free_port); NA=$(free_port); NB=$(free_port); NG=$(free_port); GW=$(free_port)
+HP=$(free_port)
 redis-server --port "$RA" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis-a.log" 2>&1 &
 PIDS+=($!)
 redis-server --port "$RB" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis-b.log" 2>&1 &
@@ -106,6 +110,31 @@ nginx -c "$WORK/nginx.conf" -g 'daemon off;' &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$NG/health/live"
 
+TARGETS="direct nginx gateway"
+if command -v haproxy >/dev/null; then
+    cat >"$WORK/haproxy.cfg" <<EOF
+global
+    nbthread $(nproc)
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:$HP
+    default_backend be
+backend be
+    server a 127.0.0.1:$NA
+EOF
+    haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
+    PIDS+=($!)
+    wait_http "http://127.0.0.1:$HP/health/live"
+    TARGETS="direct nginx haproxy gateway"
+fi
+
 curl -fsS -o /dev/null -X PUT -H 'content-type: application/json' \
     -d '{"name":"Bench","price":1000,"currency":"USD","stock":1000000}' \
     "http://127.0.0.1:$GW/api/v1/products/BENCH-1"
@@ -136,10 +165,11 @@ echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency; $ROUNDS rounds interleaved;
 printf '%-8s %-28s %10s %9s %9s %6s\n' target path rps p50_ms p99_ms non2xx
 for path in /health/live /api/v1/products/BENCH-1; do
     for round in $(seq 1 "$ROUNDS"); do
-        for target in direct nginx gateway; do
+        for target in $TARGETS; do
             case $target in
                 direct) port=$NA ;;
                 nginx) port=$NG ;;
+                haproxy) port=$HP ;;
                 gateway) port=$GW ;;
             esac
             read -r rps p50 p99 non2xx sock < <(run_wrk "$target-$round" "http://127.0.0.1:$port$path")
@@ -155,14 +185,16 @@ echo
 echo "summary (mean over rounds):"
 for path in /health/live /api/v1/products/BENCH-1; do
     python3 - "$path" "${RPS[direct $path]}" "${RPS[nginx $path]}" "${RPS[gateway $path]}" \
-        "${P99[direct $path]}" "${P99[nginx $path]}" "${P99[gateway $path]}" <<'PY'
+        "${P99[direct $path]}" "${P99[nginx $path]}" "${P99[gateway $path]}" \
+        "${RPS[haproxy $path]:-0}" "${P99[haproxy $path]:-0}" <<'PY'
 import sys
 path = sys.argv[1]
 m = lambda s: sum(map(float, s.split())) / len(s.split())
-rd, rn, rg, pd, pn, pg = (m(a) for a in sys.argv[2:8])
+rd, rn, rg, pd, pn, pg, rh, ph = (m(a) for a in sys.argv[2:10])
+hap = f"; haproxy {rh:.0f} rps, p99 {ph:.2f} ms (gateway/haproxy {rg / rh:.2f}x)" if rh else ""
 print(f"  {path}: rps direct {rd:.0f}, nginx {rn:.0f}, gateway {rg:.0f} "
       f"-> gateway/nginx {rg / rn:.2f}x; p99 direct {pd:.2f} ms, nginx {pn:.2f} ms, "
-      f"gateway {pg:.2f} ms -> gateway adds {pg - pd:+.2f} ms over direct")
+      f"gateway {pg:.2f} ms -> gateway adds {pg - pd:+.2f} ms over direct{hap}")
 PY
 done
 
@@ -170,5 +202,5 @@ if [ "$DRILL" = "1" ]; then
     echo
     echo "failover drills with release binaries (RTO = kill/SIGSTOP/cut to first order served by b):"
     TANDEM_BIN_DIR="$PWD/target/release" cargo test -q -p system-tests --test gateway_failover \
-        -- --nocapture --test-threads 1 2>&1 | grep -E '^\[drill\]|test result' || true
+        -- --nocapture --test-threads 1 2>&1 | grep -oE '\[drill\].*|test result.*' || true
 fi

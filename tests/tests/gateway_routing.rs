@@ -14,7 +14,7 @@ const SETTLE: Duration = Duration::from_secs(15);
 async fn gateway_makes_the_primary_active_and_routes_orders_there() {
     // Given two regions that are both standby, and a gateway with primary a
     let regions = TwoRegions::start(false).await;
-    let gw = Gateway::start(GatewayOptions::new(&regions.regions())).await;
+    let mut gw = Gateway::start(GatewayOptions::new(&regions.regions())).await;
 
     // Then the gateway promotes a at epoch 1
     let epoch = gw.wait_active("a", 1, SETTLE).await;
@@ -113,6 +113,10 @@ async fn gateway_makes_the_primary_active_and_routes_orders_there() {
 
     // The nodes' admin API is not reachable through the public endpoint
     assert_eq!(gw.http().get("/admin/role").await.status, 404);
+
+    // And SIGTERM stops the gateway cleanly
+    let status = gw.terminate(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status {status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
