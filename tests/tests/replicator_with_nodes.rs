@@ -48,3 +48,59 @@ async fn an_order_placed_in_the_active_region_is_served_by_the_standby() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn after_a_switchover_the_old_active_follows_the_new_one() {
+    // Given a active, b standby, and a replicator in each region
+    let a = Region::start().await;
+    let b_redis = RedisServer::start().await;
+    let b_node = Node::start(NodeOptions::new(b_redis.url()).region("b").role("standby")).await;
+    let b = Api::new(b_node.http());
+    let _into_b = Replicator::start(&b_redis.url(), &a.redis.url(), &[]).await;
+    let into_a = Replicator::start(
+        &a.redis.url(),
+        &b_redis.url(),
+        &[("REPLICATOR_LOCAL_REGION", "a"), ("REPLICATOR_PEER_REGION", "b")],
+    )
+    .await;
+
+    // And an order that shipped in a and reached b
+    a.api.put_product("WIDGET-001", 1000, 50).await;
+    let first = a.api.place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok")).await;
+    a.api.wait_status(&first, &["SHIPPED"], DEADLINE).await;
+    let on_b = b.wait_status(&first, &["SHIPPED"], DEADLINE).await;
+
+    // When b is promoted to epoch 2
+    let r = b.promote(2).await;
+    assert_eq!(r.status, 200, "promote b: {}", r.text);
+
+    // Then a's replicator makes a the standby of b at epoch 2, with nothing quarantined
+    eventually(DEADLINE, "a demoted to standby@2", || async {
+        let r = a.api.role().await;
+        if r.json["role"] == "standby" && r.json["epoch"] == 2 { Ok(()) } else { Err(r.text) }
+    })
+    .await;
+    assert_eq!(into_a.metric("tandem_replicator_quarantined_events_total").await, Some(0.0));
+
+    // And what b does from now on reaches a: the shipped order is delivered in b ...
+    let shipment = on_b["shipmentId"].as_str().expect("shipmentId").to_string();
+    assert_eq!(b.dispatch(&shipment).await.status, 200);
+    assert_eq!(b.deliver(&shipment).await.status, 200);
+    b.wait_status(&first, &["DELIVERED"], DEADLINE).await;
+    a.api.wait_status(&first, &["DELIVERED"], DEADLINE).await;
+    // ... and a new order placed in b is served by a
+    let second = b.place_ok(&order_body("c-2", &[("WIDGET-001", 1)], "tok_ok")).await;
+    b.wait_status(&second, &["SHIPPED"], DEADLINE).await;
+    a.api.wait_status(&second, &["SHIPPED"], DEADLINE).await;
+
+    // And both streams are equal
+    let (ca, cb) = (conn(&a.redis.url()).await, conn(&b_redis.url()).await);
+    eventually(DEADLINE, "a's stream equals b's", || {
+        let (mut ca, mut cb) = (ca.clone(), cb.clone());
+        async move {
+            let (x, y) = (entries(&mut ca, "tandem:events").await, entries(&mut cb, "tandem:events").await);
+            if x == y { Ok(()) } else { Err((x.len(), y.len())) }
+        }
+    })
+    .await;
+}
