@@ -2,7 +2,7 @@
 //! consumer group that reserves stock for placed orders and releases it again.
 
 use crate::events::*;
-use crate::orders::{load_order, missing_keys, InventoryHold, Status};
+use crate::orders::{missing_keys, react, InventoryHold, Order, Reaction, Status};
 use crate::projections::get_json;
 use crate::store::Tx;
 use crate::workflow::{Committed, Decision, Workflow, WorkflowError};
@@ -220,86 +220,78 @@ pub async fn on_event(
     event: &DomainEvent,
     ack: Option<(&str, &str)>,
 ) -> Result<Option<Committed>, WorkflowError> {
-    let order_id = event.aggregate_id().to_string();
-    wf.execute(
-        vec![keys::order(&order_id)],
-        &Cause::event(env),
-        ack,
-        |tx| {
-            let Some(order) = load_order(tx, &order_id)? else {
-                return Ok(Decision::Nothing);
-            };
-            if let Some(missing) = missing_keys(tx, order.product_keys()) {
-                return Ok(Decision::Load(missing));
-            }
-            let next = match event {
-                DomainEvent::OrderPlaced(_)
-                    if order.status == Status::Pending && order.inventory.is_none() =>
-                {
-                    let items: Vec<(Sku, i64)> = order
-                        .items
-                        .iter()
-                        .map(|i| Sku::parse(&i.sku).map(|s| (s, i.quantity)))
-                        .collect::<Result<_, _>>()
-                        .map_err(WorkflowError::Validation)?;
-                    let shortages: Vec<Shortage> =
-                        match products_for(tx, items.iter().map(|(s, _)| s)) {
-                            Ok(products) => availability(&products, &items)
-                                .into_iter()
-                                .filter(|a| !a.is_available)
-                                .map(|a| Shortage {
-                                    sku: a.product_id,
-                                    requested: a.requested,
-                                    available: a.available,
-                                })
-                                .collect(),
-                            Err(WorkflowError::UnknownSku(skus)) => skus
-                                .into_iter()
-                                .map(|sku| Shortage {
-                                    sku,
-                                    requested: 0,
-                                    available: 0,
-                                })
-                                .collect(),
-                            Err(e) => return Err(e),
-                        };
-                    if shortages.is_empty() {
-                        DomainEvent::InventoryReserved(InventoryChange {
-                            order_id: order_id.clone(),
-                            items: order.item_quantities(),
-                            reason: None,
-                        })
-                    } else {
-                        DomainEvent::InventoryReservationFailed(InventoryReservationFailed {
-                            order_id: order_id.clone(),
-                            reason: "insufficient_stock".into(),
-                            items: shortages,
-                        })
-                    }
-                }
-                DomainEvent::OrderCancelled(_) | DomainEvent::OrderPaymentFailed(_)
-                    if order.inventory == Some(InventoryHold::Reserved) =>
-                {
-                    let reason = if matches!(event, DomainEvent::OrderCancelled(_)) {
-                        "order_cancelled"
-                    } else {
-                        "payment_failed"
-                    };
-                    DomainEvent::InventoryReleased(InventoryChange {
-                        order_id: order_id.clone(),
+    react(wf, env, event, ack, None, |tx, order| {
+        if let Some(missing) = missing_keys(tx, order.product_keys()) {
+            return Ok(Reaction::Load(missing));
+        }
+        let order_id = order.order_id.clone();
+        Ok(Reaction::Next(match event {
+            DomainEvent::OrderPlaced(_)
+                if order.status == Status::Pending && order.inventory.is_none() =>
+            {
+                let shortages = shortages(tx, order)?;
+                if shortages.is_empty() {
+                    DomainEvent::InventoryReserved(InventoryChange {
+                        order_id,
                         items: order.item_quantities(),
-                        reason: Some(reason.into()),
+                        reason: None,
+                    })
+                } else {
+                    DomainEvent::InventoryReservationFailed(InventoryReservationFailed {
+                        order_id,
+                        reason: "insufficient_stock".into(),
+                        items: shortages,
                     })
                 }
-                _ => return Ok(Decision::Nothing),
-            };
-            Ok(Decision::Emit {
-                last_sequence: order.version,
-                events: vec![next],
-            })
-        },
-    )
+            }
+            DomainEvent::OrderCancelled(_) | DomainEvent::OrderPaymentFailed(_)
+                if order.inventory == Some(InventoryHold::Reserved) =>
+            {
+                let reason = match event {
+                    DomainEvent::OrderCancelled(_) => "order_cancelled",
+                    _ => "payment_failed",
+                };
+                DomainEvent::InventoryReleased(InventoryChange {
+                    order_id,
+                    items: order.item_quantities(),
+                    reason: Some(reason.into()),
+                })
+            }
+            _ => return Ok(Reaction::Nothing),
+        }))
+    })
     .await
+}
+
+/// The order's lines that the stock cannot cover now (a product deleted from the
+/// catalogue since the order was placed counts as zero available).
+fn shortages(tx: &Tx, order: &Order) -> Result<Vec<Shortage>, WorkflowError> {
+    let items: Vec<(Sku, i64)> = order
+        .items
+        .iter()
+        .map(|i| Sku::parse(&i.sku).map(|s| (s, i.quantity)))
+        .collect::<Result<_, _>>()
+        .map_err(WorkflowError::Validation)?;
+    match products_for(tx, items.iter().map(|(s, _)| s)) {
+        Ok(products) => Ok(availability(&products, &items)
+            .into_iter()
+            .filter(|a| !a.is_available)
+            .map(|a| Shortage {
+                sku: a.product_id,
+                requested: a.requested,
+                available: a.available,
+            })
+            .collect()),
+        Err(WorkflowError::UnknownSku(skus)) => Ok(skus
+            .into_iter()
+            .map(|sku| Shortage {
+                sku,
+                requested: 0,
+                available: 0,
+            })
+            .collect()),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

@@ -437,6 +437,48 @@ pub async fn cancel(
     Ok(load_order(&done.tx, order_id)?.expect("the order exists"))
 }
 
+/// What a consumer group does about an event of an order.
+pub enum Reaction {
+    /// Append this event to the order.
+    Next(DomainEvent),
+    /// Nothing (already done: a redelivery; or overtaken, e.g. by a cancellation).
+    Nothing,
+    /// Read these keys too, then react again.
+    Load(Vec<String>),
+}
+
+/// Runs a consumer group's reaction to `event` on the order it belongs to: loads the
+/// order, lets `react` decide on it, and commits the next event (acknowledging the
+/// entry in the same step). `new_key` names a key the reaction may create.
+pub async fn react<F>(
+    wf: &Workflow,
+    env: &Envelope,
+    event: &DomainEvent,
+    ack: Option<(&str, &str)>,
+    new_key: Option<String>,
+    mut react: F,
+) -> Result<Option<Committed>, WorkflowError>
+where
+    F: FnMut(&Tx, &Order) -> Result<Reaction, WorkflowError>,
+{
+    let order_id = event.aggregate_id();
+    let keys = vec![keys::order(order_id)];
+    wf.execute_creating(keys, new_key, &Cause::event(env), ack, |tx| {
+        let Some(order) = load_order(tx, order_id)? else {
+            return Ok(Decision::Nothing);
+        };
+        Ok(match react(tx, &order)? {
+            Reaction::Next(next) => Decision::Emit {
+                last_sequence: order.version,
+                events: vec![next],
+            },
+            Reaction::Nothing => Decision::Nothing,
+            Reaction::Load(keys) => Decision::Load(keys),
+        })
+    })
+    .await
+}
+
 /// The `orders` group: turns the other modules' outcomes into order status changes.
 pub async fn on_event(
     wf: &Workflow,
@@ -444,66 +486,49 @@ pub async fn on_event(
     event: &DomainEvent,
     ack: Option<(&str, &str)>,
 ) -> Result<Option<Committed>, WorkflowError> {
-    let order_id = event.aggregate_id().to_string();
-    wf.execute(
-        vec![keys::order(&order_id)],
-        &Cause::event(env),
-        ack,
-        |tx| {
-            let Some(order) = load_order(tx, &order_id)? else {
-                return Ok(Decision::Nothing);
-            };
-            let next = match (order.status, event) {
-                (Status::Pending, DomainEvent::InventoryReserved(_)) => {
-                    DomainEvent::OrderConfirmed(OrderRef {
-                        order_id: order_id.clone(),
-                    })
+    react(wf, env, event, ack, None, |tx, order| {
+        let order_id = order.order_id.clone();
+        Ok(Reaction::Next(match (order.status, event) {
+            (Status::Pending, DomainEvent::InventoryReserved(_)) => {
+                DomainEvent::OrderConfirmed(OrderRef { order_id })
+            }
+            (Status::Pending, DomainEvent::InventoryReservationFailed(e)) => {
+                DomainEvent::OrderRejected(OrderReason {
+                    order_id,
+                    reason: e.reason.clone(),
+                })
+            }
+            (Status::Confirmed, DomainEvent::PaymentProcessed(e)) => {
+                DomainEvent::OrderPaid(OrderPaid {
+                    order_id,
+                    payment_id: e.payment_id.clone(),
+                })
+            }
+            (Status::Confirmed, DomainEvent::PaymentFailed(e)) => {
+                DomainEvent::OrderPaymentFailed(OrderReason {
+                    order_id,
+                    reason: e.reason.clone(),
+                })
+            }
+            (Status::Paid, DomainEvent::ShipmentCreated(e)) => {
+                // Shipping moves the goods out of stock: the products are touched too.
+                if let Some(missing) = missing_keys(tx, order.product_keys()) {
+                    return Ok(Reaction::Load(missing));
                 }
-                (Status::Pending, DomainEvent::InventoryReservationFailed(e)) => {
-                    DomainEvent::OrderRejected(OrderReason {
-                        order_id: order_id.clone(),
-                        reason: e.reason.clone(),
-                    })
-                }
-                (Status::Confirmed, DomainEvent::PaymentProcessed(e)) => {
-                    DomainEvent::OrderPaid(OrderPaid {
-                        order_id: order_id.clone(),
-                        payment_id: e.payment_id.clone(),
-                    })
-                }
-                (Status::Confirmed, DomainEvent::PaymentFailed(e)) => {
-                    DomainEvent::OrderPaymentFailed(OrderReason {
-                        order_id: order_id.clone(),
-                        reason: e.reason.clone(),
-                    })
-                }
-                (Status::Paid, DomainEvent::ShipmentCreated(e)) => {
-                    // Shipping moves the goods out of stock: the products are touched too.
-                    if let Some(missing) = missing_keys(tx, order.product_keys()) {
-                        return Ok(Decision::Load(missing));
-                    }
-                    DomainEvent::OrderShipped(OrderShipped {
-                        order_id: order_id.clone(),
-                        shipment_id: e.shipment_id.clone(),
-                        tracking_number: e.tracking_number.clone(),
-                        carrier: e.carrier.clone(),
-                        items: order.item_quantities(),
-                    })
-                }
-                (Status::Shipped, DomainEvent::ShipmentDelivered(_)) => {
-                    DomainEvent::OrderDelivered(OrderRef {
-                        order_id: order_id.clone(),
-                    })
-                }
-                // Already moved on (a redelivery), or overtaken by a cancellation.
-                _ => return Ok(Decision::Nothing),
-            };
-            Ok(Decision::Emit {
-                last_sequence: order.version,
-                events: vec![next],
-            })
-        },
-    )
+                DomainEvent::OrderShipped(OrderShipped {
+                    order_id,
+                    shipment_id: e.shipment_id.clone(),
+                    tracking_number: e.tracking_number.clone(),
+                    carrier: e.carrier.clone(),
+                    items: order.item_quantities(),
+                })
+            }
+            (Status::Shipped, DomainEvent::ShipmentDelivered(_)) => {
+                DomainEvent::OrderDelivered(OrderRef { order_id })
+            }
+            _ => return Ok(Reaction::Nothing),
+        }))
+    })
     .await
 }
 

@@ -5,9 +5,9 @@
 //! path is reachable from outside without mocks inside the code.
 
 use crate::events::*;
-use crate::orders::{load_order, PaymentState, Status};
-use crate::workflow::{Committed, Decision, Workflow, WorkflowError};
-use eventlog::{keys, Envelope};
+use crate::orders::{react, PaymentState, Reaction, Status};
+use crate::workflow::{Committed, Workflow, WorkflowError};
+use eventlog::Envelope;
 
 /// What the provider said about a charge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,55 +46,41 @@ pub async fn on_event(
     attempt: u32,
     ack: Option<(&str, &str)>,
 ) -> Result<Option<Committed>, WorkflowError> {
-    let order_id = event.aggregate_id().to_string();
-    wf.execute(
-        vec![keys::order(&order_id)],
-        &Cause::event(env),
-        ack,
-        |tx| {
-            let Some(order) = load_order(tx, &order_id)? else {
-                return Ok(Decision::Nothing);
-            };
-            let next = match event {
-                DomainEvent::OrderConfirmed(_)
-                    if order.status == Status::Confirmed && order.payment.is_none() =>
-                {
-                    let payment_id = payment_id(&order_id);
-                    match charge(&order.payment_token, attempt)? {
-                        Charge::Approved => DomainEvent::PaymentProcessed(PaymentProcessed {
-                            order_id: order_id.clone(),
-                            payment_id,
-                            amount: order.amount,
-                            currency: order.currency.clone(),
-                        }),
-                        Charge::Declined(reason) => DomainEvent::PaymentFailed(PaymentFailed {
-                            order_id: order_id.clone(),
-                            payment_id,
-                            reason: reason.into(),
-                        }),
-                    }
-                }
-                DomainEvent::OrderCancelled(_)
-                    if order.payment == Some(PaymentState::Processed) =>
-                {
-                    DomainEvent::PaymentRefunded(PaymentProcessed {
-                        order_id: order_id.clone(),
-                        payment_id: order
-                            .payment_id
-                            .clone()
-                            .unwrap_or_else(|| payment_id(&order_id)),
+    react(wf, env, event, ack, None, |_, order| {
+        let order_id = order.order_id.clone();
+        Ok(Reaction::Next(match event {
+            DomainEvent::OrderConfirmed(_)
+                if order.status == Status::Confirmed && order.payment.is_none() =>
+            {
+                let payment_id = payment_id(&order_id);
+                match charge(&order.payment_token, attempt)? {
+                    Charge::Approved => DomainEvent::PaymentProcessed(PaymentProcessed {
+                        order_id,
+                        payment_id,
                         amount: order.amount,
                         currency: order.currency.clone(),
-                    })
+                    }),
+                    Charge::Declined(reason) => DomainEvent::PaymentFailed(PaymentFailed {
+                        order_id,
+                        payment_id,
+                        reason: reason.into(),
+                    }),
                 }
-                _ => return Ok(Decision::Nothing),
-            };
-            Ok(Decision::Emit {
-                last_sequence: order.version,
-                events: vec![next],
-            })
-        },
-    )
+            }
+            DomainEvent::OrderCancelled(_) if order.payment == Some(PaymentState::Processed) => {
+                DomainEvent::PaymentRefunded(PaymentProcessed {
+                    payment_id: order
+                        .payment_id
+                        .clone()
+                        .unwrap_or_else(|| payment_id(&order_id)),
+                    order_id,
+                    amount: order.amount,
+                    currency: order.currency.clone(),
+                })
+            }
+            _ => return Ok(Reaction::Nothing),
+        }))
+    })
     .await
 }
 

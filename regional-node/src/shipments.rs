@@ -2,7 +2,7 @@
 //! order, and the dispatch and deliver commands of the carrier.
 
 use crate::events::*;
-use crate::orders::{load_order, Order, ShipmentState, Status};
+use crate::orders::{load_order, react, Order, Reaction, ShipmentState, Status};
 use crate::workflow::{Committed, Decision, Workflow, WorkflowError};
 use eventlog::{keys, Envelope};
 use serde_json::Value;
@@ -28,40 +28,27 @@ pub async fn on_event(
     event: &DomainEvent,
     ack: Option<(&str, &str)>,
 ) -> Result<Option<Committed>, WorkflowError> {
-    let order_id = event.aggregate_id().to_string();
     // Chosen once per delivery, outside the decision, so a retried decision after a
     // conflict proposes the same shipment.
     let shipment_id = uuid::Uuid::new_v4().to_string();
     let tracking = format!("TRK{:010}", rand::random::<u32>());
-    let shipment_key = keys::shipment(&shipment_id);
-    wf.execute_creating(
-        vec![keys::order(&order_id)],
-        shipment_key,
-        &Cause::event(env),
-        ack,
-        |tx| {
-            let Some(order) = load_order(tx, &order_id)? else {
-                return Ok(Decision::Nothing);
-            };
-            if !(matches!(event, DomainEvent::OrderPaid(_))
-                && order.status == Status::Paid
-                && order.shipment.is_none())
-            {
-                return Ok(Decision::Nothing);
-            }
-            let carrier =
-                CARRIERS[order_id.bytes().map(usize::from).sum::<usize>() % CARRIERS.len()];
-            Ok(Decision::Emit {
-                last_sequence: order.version,
-                events: vec![DomainEvent::ShipmentCreated(ShipmentCreated {
-                    order_id: order_id.clone(),
-                    shipment_id: shipment_id.clone(),
-                    tracking_number: tracking.clone(),
-                    carrier: carrier.into(),
-                })],
-            })
-        },
-    )
+    let new_key = Some(keys::shipment(&shipment_id));
+    react(wf, env, event, ack, new_key, |_, order| {
+        let paid = matches!(event, DomainEvent::OrderPaid(_)) && order.status == Status::Paid;
+        if !paid || order.shipment.is_some() {
+            return Ok(Reaction::Nothing);
+        }
+        let carrier =
+            CARRIERS[order.order_id.bytes().map(usize::from).sum::<usize>() % CARRIERS.len()];
+        Ok(Reaction::Next(DomainEvent::ShipmentCreated(
+            ShipmentCreated {
+                order_id: order.order_id.clone(),
+                shipment_id: shipment_id.clone(),
+                tracking_number: tracking.clone(),
+                carrier: carrier.into(),
+            },
+        )))
+    })
     .await
 }
 

@@ -119,12 +119,12 @@ impl Workflow {
 
     /// Like [`Workflow::execute`], also reading `peek` keys that the commit does not
     /// compare: a decision that only informs (the availability pre-check).
-    /// Like [`Workflow::execute`] for a decision that creates `new_key`, a key named by
-    /// an id just generated here: known to be absent, so it is not read.
+    /// Like [`Workflow::execute`] for a decision that may create `new_key`, a key named
+    /// by an id just generated here: known to be absent, so it is not read.
     pub async fn execute_creating<F>(
         &self,
         keys: Vec<String>,
-        new_key: String,
+        new_key: Option<String>,
         cause: &Cause,
         ack: Option<(&str, &str)>,
         decide: F,
@@ -132,7 +132,7 @@ impl Workflow {
     where
         F: FnMut(&Tx) -> Result<Decision, WorkflowError>,
     {
-        self.run(keys, Vec::new(), Some(new_key), cause, ack, decide)
+        self.run(keys, Vec::new(), new_key, cause, ack, decide)
             .await
     }
 
