@@ -104,3 +104,67 @@ async fn after_a_switchover_the_old_active_follows_the_new_one() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn writes_the_new_active_never_received_are_quarantined_on_rejoin() {
+    // Given a active and b standby, each region with its replicator
+    let a = Region::start().await;
+    let b_redis = RedisServer::start().await;
+    let b_node = Node::start(NodeOptions::new(b_redis.url()).region("b").role("standby")).await;
+    let b = Api::new(b_node.http());
+    let mut into_b = Replicator::start(&b_redis.url(), &a.redis.url(), &[]).await;
+    let into_a = Replicator::start(
+        &a.redis.url(),
+        &b_redis.url(),
+        &[("REPLICATOR_LOCAL_REGION", "a"), ("REPLICATOR_PEER_REGION", "b")],
+    )
+    .await;
+    a.api.put_product("WIDGET-001", 1000, 50).await;
+    let first = a.api.place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok")).await;
+    a.api.wait_status(&first, &["SHIPPED"], DEADLINE).await;
+    b.wait_status(&first, &["SHIPPED"], DEADLINE).await;
+
+    // And a second order that b never receives (b's replicator is down)
+    into_b.kill();
+    let lost = a.api.place_ok(&order_body("c-2", &[("WIDGET-001", 3)], "tok_ok")).await;
+    a.api.wait_status(&lost, &["SHIPPED"], DEADLINE).await;
+    let lost_events = a.api.event_types(&lost).await;
+    assert!(!lost_events.is_empty());
+
+    // When b is promoted to epoch 2 without it
+    let r = b.promote(2).await;
+    assert_eq!(r.status, 200, "promote b: {}", r.text);
+
+    // Then a rejoins as b's standby and sets exactly the lost order's events aside
+    eventually(DEADLINE, "a demoted to standby@2", || async {
+        let r = a.api.role().await;
+        if r.json["role"] == "standby" && r.json["epoch"] == 2 { Ok(()) } else { Err(r.text) }
+    })
+    .await;
+    let q = a.api.http.get("/admin/quarantine").await;
+    assert_eq!(q.status, 200, "{}", q.text);
+    let quarantined: Vec<&serde_json::Value> = q.json["events"].as_array().expect("events").iter().collect();
+    assert_eq!(quarantined.len(), lost_events.len(), "{}", q.text);
+    assert!(quarantined.iter().all(|e| e["event"]["aggregateId"] == lost.as_str()), "{}", q.text);
+    assert!(quarantined.iter().all(|e| e["epoch"] == "1" && e["stream"] == "tandem:events"));
+    let n = into_a.metric("tandem_replicator_quarantined_events_total").await;
+    assert_eq!(n, Some(lost_events.len() as f64));
+
+    // And a's node no longer shows the lost order; stock agrees with b's
+    eventually(DEADLINE, "a's read model without the lost order", || async {
+        let (status, sa, sb) = (a.api.order(&lost).await.status, a.api.stock("WIDGET-001").await, b.stock("WIDGET-001").await);
+        if status == 404 && sa == sb { Ok(()) } else { Err((status, sa, sb)) }
+    })
+    .await;
+
+    // And a's stream equals b's again
+    let (ca, cb) = (conn(&a.redis.url()).await, conn(&b_redis.url()).await);
+    eventually(DEADLINE, "a's stream equals b's", || {
+        let (mut ca, mut cb) = (ca.clone(), cb.clone());
+        async move {
+            let (x, y) = (entries(&mut ca, "tandem:events").await, entries(&mut cb, "tandem:events").await);
+            if x == y { Ok(()) } else { Err((x.len(), y.len())) }
+        }
+    })
+    .await;
+}
