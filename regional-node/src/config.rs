@@ -105,9 +105,28 @@ impl Config {
 /// Names the environment variable next to the key the `config` crate complains about.
 fn explain(e: config::ConfigError) -> String {
     let msg = e.to_string();
-    if let Some(start) = msg.find("missing field `") {
-        let key = msg[start + 15..].split('`').next().unwrap_or("");
-        return format!("missing `{key}`: set NODE_{}", key.to_uppercase());
+    let env = |key: &str| format!("NODE_{}", key.to_uppercase().replace('.', "__"));
+    if let Some(rest) = msg.split("missing configuration field \"").nth(1) {
+        let key = rest.split('"').next().unwrap_or("");
+        return format!("missing `{key}`: set {}", env(key));
+    }
+    if let Some(rest) = msg.split("for key `").nth(1) {
+        let key = rest.split('`').next().unwrap_or("");
+        return format!("{msg} (set by {})", env(key));
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_environment_variable() {
+        let missing = config::ConfigError::Message("missing configuration field \"region\"".into());
+        assert_eq!(explain(missing), "missing `region`: set NODE_REGION");
+        let bad =
+            config::ConfigError::Message("invalid socket address syntax for key `listen`".into());
+        assert!(explain(bad).ends_with("(set by NODE_LISTEN)"));
+    }
 }
