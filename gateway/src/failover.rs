@@ -258,8 +258,15 @@ impl Controller {
                 }
             }
         }
+        let asked = Instant::now();
         match self.promote(to, 0).await {
             Ok((epoch, report)) => {
+                tracing::info!(
+                    region = %self.routing.region(to).id,
+                    epoch,
+                    took_ms = asked.elapsed().as_millis() as u64,
+                    "standby promoted"
+                );
                 self.take_office(to, epoch, &report).await;
                 let to_id = &self.routing.region(to).id;
                 self.metrics
@@ -328,8 +335,9 @@ impl Controller {
     }
 
     /// Makes `index` the active region at `epoch`: takes over its lease (a node may
-    /// report a lease already running, e.g. a grace period after promotion), grants a
-    /// first lease at once so the node starts fencing itself, then routes writes to it.
+    /// report a lease already running, e.g. a grace period after promotion), routes
+    /// writes to it, and grants a first lease at once so the node starts fencing itself.
+    /// (Writes need not wait for that lease: it protects the *next* failover.)
     async fn take_office(&self, index: usize, epoch: u64, report: &RoleReport) {
         {
             let mut lease = self.lease();
@@ -340,8 +348,9 @@ impl Controller {
             let remaining = Duration::from_millis(report.lease_remaining_ms.unwrap_or(0));
             lease.until = lease.until.max(Instant::now() + remaining);
         }
-        self.renew(index).await;
         self.routing.set_active(index, epoch);
+        self.routing.set_switching(false);
+        self.renew(index).await;
     }
 
     /// Called by a region's prober after each successful probe. Renews the active
@@ -370,10 +379,17 @@ impl Controller {
         true
     }
 
+    /// How long a renewal may take. A node may check its peer's Redis while granting,
+    /// which is slow when that Redis is down, so a third of the lease rather than the
+    /// probe timeout; an unanswered renewal counts as running until then.
+    fn lease_timeout(&self) -> Duration {
+        self.config.health_timeout.max(self.config.lease / 3)
+    }
+
     /// Sends one lease renewal to the active region, unless renewals are stopped.
     async fn renew(&self, index: usize) -> bool {
         let ttl = self.config.lease;
-        let timeout = self.config.health_timeout;
+        let timeout = self.lease_timeout();
         let epoch = {
             let mut lease = self.lease();
             if lease.stopped || lease.region != Some(index) {
@@ -456,8 +472,7 @@ impl Controller {
                     .map_err(|e| NodeError::Transport(format!("persist epoch: {e}")))?;
                 // A previous life of this gateway may have granted a lease we no
                 // longer know about: count it as running for a full lease from now.
-                self.lease().until =
-                    Instant::now() + self.config.lease + self.config.health_timeout;
+                self.lease().until = Instant::now() + self.config.lease + self.lease_timeout();
                 self.take_office(i, rep.epoch, rep).await;
                 tracing::info!(region = %regions[i].id, epoch = rep.epoch, "adopted the active region");
                 return Ok(true);
@@ -475,10 +490,8 @@ impl Controller {
         if persisted > 0 {
             // This gateway ran before and may have granted a lease it no longer knows
             // about: let it lapse before anyone else is made active.
-            let lapse = self.started
-                + self.config.lease
-                + self.config.health_timeout
-                + self.config.lease_margin;
+            let lapse =
+                self.started + self.config.lease + self.lease_timeout() + self.config.lease_margin;
             tokio::time::sleep_until(lapse.into()).await;
         }
         let (epoch, report) = self.promote(primary, seen).await?;
