@@ -252,7 +252,9 @@ async fn order_stream_survives_killing_the_active_region() {
         "[drill] kill: first order from b {rto:?} after the kill; slowest request {longest:?}; {} requests",
         seen.len()
     );
-    assert!(rto < Duration::from_millis(1500), "recovery took {rto:?}");
+    // The goal is under 1 s (bench/gateway.sh measures it with release binaries);
+    // debug binaries on a loaded CI machine get some slack here.
+    assert!(rto < Duration::from_millis(2000), "recovery took {rto:?}");
     assert_eq!(gw.regions().await["active"], "b");
     assert_eq!(regions.b.node.role().await["epoch"], 2);
     let m = gw.metrics().await;
@@ -287,7 +289,9 @@ async fn hung_active_region_is_replaced_and_demoted_when_it_wakes() {
         seen.len()
     );
     assert_no_client_errors(&seen);
-    assert!(rto < Duration::from_millis(1500), "recovery took {rto:?}");
+    // The goal is under 1 s (bench/gateway.sh measures it with release binaries);
+    // debug binaries on a loaded CI machine get some slack here.
+    assert!(rto < Duration::from_millis(2000), "recovery took {rto:?}");
 
     // And when a wakes up, it is fenced and then demoted at the new epoch
     regions.a.node.resume();
