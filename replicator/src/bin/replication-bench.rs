@@ -489,6 +489,39 @@ fn steady(peer: &str, local: &str, stream: &str, rate: u64, seconds: u64) {
         })
         .collect();
     assert_eq!(lags.len() as u64, total, "every event arrived");
+    // When the slowest events were sent (seconds into the run): clusters at a fixed
+    // period would point at a periodic task, scattered ones at the machine.
+    let mut slow: Vec<(f64, f64)> = sent
+        .iter()
+        .filter_map(|(id, at)| {
+            let lag = arrived
+                .get(id)?
+                .saturating_duration_since(*at)
+                .as_secs_f64()
+                * 1000.0;
+            Some((lag, at.saturating_duration_since(t0).as_secs_f64()))
+        })
+        .filter(|(lag, _)| *lag > 10.0)
+        .collect();
+    slow.sort_by(|a, b| a.1.partial_cmp(&b.1).unwrap());
+    let mut episodes: Vec<(f64, f64, usize)> = Vec::new(); // (start s, worst ms, events)
+    for (lag, at) in slow {
+        match episodes.last_mut() {
+            Some(e) if at - e.0 < 0.3 => {
+                e.1 = e.1.max(lag);
+                e.2 += 1;
+            }
+            _ => episodes.push((at, lag, 1)),
+        }
+    }
+    let shown: Vec<String> = episodes
+        .iter()
+        .map(|(t, w, n)| format!("{t:.2}s:{w:.0}ms/{n}"))
+        .collect();
+    println!(
+        "events over 10 ms, by episode (start: worst/count): {}",
+        shown.join(" ")
+    );
     let (_, event_p99) = report("event lag (XADD on peer -> visible in standby)", lags);
 
     // Group lag: for each acked id, the first probe sample after the ack in which the
