@@ -16,6 +16,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// Longest wait for the peer region's Redis.
+const PEER_TIMEOUT: Duration = Duration::from_millis(200);
+
 pub struct Application {
     listener: TcpListener,
     state: AppState,
@@ -37,10 +40,12 @@ impl Application {
             .await
             .map_err(|e| StartError::Listen(config.listen, e))?;
         let store = Store::connect(&config.redis_url, config.redis_timeout())?;
+        // The peer is read for fencing and rejoin decisions, which must not wait long
+        // on a region that may be dead or hung: a short timeout.
         let peer = config
             .peer_redis_url
             .as_deref()
-            .map(|url| Store::connect(url, config.redis_timeout()))
+            .map(|url| Store::connect(url, PEER_TIMEOUT))
             .transpose()?;
         let roles = Roles::new(store.clone(), peer.clone());
         let consumer = format!(

@@ -20,7 +20,8 @@ use eventlog::{keys, Role};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-/// Long enough for an old active polling our Redis to see the intent and fence.
+/// Long enough for an old active polling our Redis to see the intent and fence: its
+/// view of us is at most `roles::VOUCH_TTL` (100 ms) old when it writes.
 const INTENT_GRACE: Duration = Duration::from_millis(150);
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
 

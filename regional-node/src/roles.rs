@@ -61,7 +61,14 @@ pub struct Roles {
     peer: Option<Store>,
     tx: Arc<watch::Sender<RoleState>>,
     lease: Arc<Mutex<Lease>>,
+    /// The peer's status as last read by the watcher, and when. Request paths use it
+    /// instead of asking a peer that may be dead or hung.
+    peer_view: Arc<Mutex<Option<(Instant, Option<PeerStatus>)>>>,
 }
+
+/// A peer reading older than this vouches for nothing: after a pause (SIGSTOP, a long
+/// GC-like stall) the node must look again before it writes on a lapsed lease.
+const VOUCH_TTL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {
@@ -89,6 +96,7 @@ impl Roles {
                 enforced: false,
                 until: None,
             })),
+            peer_view: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -141,7 +149,7 @@ impl Roles {
             }
         }
         if state.known && state.role == Role::Active {
-            let peer = self.peer_status().await;
+            let peer = self.peer_view().map(|(_, p)| p).flatten();
             if let Some(p) = peer.filter(|p| p.role == Some(Role::Active) && p.epoch > state.epoch)
             {
                 // Rejoin: the peer went on at a higher epoch while we were away. Step
@@ -157,9 +165,8 @@ impl Roles {
                     state.role = Role::Standby;
                 }
             }
-            let vouched =
-                peer.is_some_and(|p| p.epoch <= state.epoch && p.intent_epoch <= state.epoch);
-            state.fenced = state.role == Role::Active && self.lease_lapsed() && !vouched;
+            state.fenced =
+                state.role == Role::Active && self.lease_lapsed() && !self.vouched(state.epoch);
         } else {
             state.fenced = false;
         }
@@ -177,12 +184,35 @@ impl Roles {
     /// Refreshes the role until `stop` is set.
     pub async fn watch(self, mut stop: watch::Receiver<bool>) {
         loop {
+            if self.peer.is_some() {
+                let status = self.peer_status().await;
+                *self.peer_view.lock().expect("peer view lock") = Some((Instant::now(), status));
+            }
             self.refresh().await;
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}
                 _ = stop.changed() => return,
             }
         }
+    }
+
+    fn peer_view(&self) -> Option<(Instant, Option<PeerStatus>)> {
+        *self.peer_view.lock().expect("peer view lock")
+    }
+
+    /// The peer confirmed, recently, that no epoch above ours exists or is coming.
+    fn vouched(&self, epoch: u64) -> bool {
+        self.peer_view().is_some_and(|(at, status)| {
+            at.elapsed() < VOUCH_TTL
+                && status.is_some_and(|p| p.epoch <= epoch && p.intent_epoch <= epoch)
+        })
+    }
+
+    /// Whether this node may write now. Checked at write time (not only through the
+    /// cached, polled state): a node resuming from a pause sees its lease lapsed at once.
+    pub fn may_write(&self) -> bool {
+        let state = self.current();
+        state.writable() && !(self.lease_lapsed() && !self.vouched(state.epoch))
     }
 
     fn lease_lapsed(&self) -> bool {
@@ -223,6 +253,16 @@ impl Roles {
                 requested: epoch,
                 stored: stored.epoch.0,
             });
+        }
+        // A renewal may be stale (sent before this node was paused and overtaken by a
+        // promotion): ask the peer now. An unreachable peer cannot object.
+        if let Some(p) = self.peer_status().await {
+            if p.epoch > epoch || p.intent_epoch > epoch {
+                return Err(RoleError::StaleEpoch {
+                    requested: epoch,
+                    stored: p.epoch.max(p.intent_epoch),
+                });
+            }
         }
         let first = {
             let mut lease = self.lease.lock().expect("lease lock");

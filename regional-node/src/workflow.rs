@@ -167,7 +167,7 @@ impl Workflow {
         let mut fresh = false;
         loop {
             let role = self.roles.current();
-            if !role.writable() {
+            if !self.roles.may_write() {
                 return Err(WorkflowError::NotActive {
                     role: role.describe(),
                     epoch: role.epoch.to_string(),
@@ -209,6 +209,13 @@ impl Workflow {
                 .await?;
             for (env, event) in &events {
                 apply(&mut tx, env, event)?;
+            }
+            if !self.roles.may_write() {
+                // The lease lapsed while deciding: do not write on it.
+                return Err(WorkflowError::NotActive {
+                    role: "fenced".into(),
+                    epoch: role.epoch.to_string(),
+                });
             }
             match self.store.commit(&tx, &events, role.epoch, ack).await? {
                 CommitOutcome::Committed(ids) => {
