@@ -63,8 +63,11 @@ pub struct Roles {
     lease: Arc<Mutex<Lease>>,
     /// The peer's status as last read by the watcher, and when. Request paths use it
     /// instead of asking a peer that may be dead or hung.
-    peer_view: Arc<Mutex<Option<(Instant, Option<PeerStatus>)>>>,
+    peer_view: Arc<Mutex<Option<PeerReading>>>,
 }
+
+/// When the peer was read, and what it said (`None`: unreachable).
+type PeerReading = (Instant, Option<PeerStatus>);
 
 /// A peer reading older than this vouches for nothing: after a pause (SIGSTOP, a long
 /// GC-like stall) the node must look again before it writes on a lapsed lease.
@@ -149,7 +152,7 @@ impl Roles {
             }
         }
         if state.known && state.role == Role::Active {
-            let peer = self.peer_view().map(|(_, p)| p).flatten();
+            let peer = self.peer_view().and_then(|(_, p)| p);
             if let Some(p) = peer.filter(|p| p.role == Some(Role::Active) && p.epoch > state.epoch)
             {
                 // Rejoin: the peer went on at a higher epoch while we were away. Step
@@ -196,7 +199,7 @@ impl Roles {
         }
     }
 
-    fn peer_view(&self) -> Option<(Instant, Option<PeerStatus>)> {
+    fn peer_view(&self) -> Option<PeerReading> {
         *self.peer_view.lock().expect("peer view lock")
     }
 
@@ -212,7 +215,8 @@ impl Roles {
     /// cached, polled state): a node resuming from a pause sees its lease lapsed at once.
     pub fn may_write(&self) -> bool {
         let state = self.current();
-        state.writable() && !(self.lease_lapsed() && !self.vouched(state.epoch))
+        let lease_ok = !self.lease_lapsed() || self.vouched(state.epoch);
+        state.writable() && lease_ok
     }
 
     fn lease_lapsed(&self) -> bool {
