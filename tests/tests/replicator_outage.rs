@@ -1,9 +1,10 @@
-//! The peer region's Redis goes away and comes back: the replicator keeps running,
-//! reports not-ready while the peer is gone, and resumes copying.
+//! Either Redis goes away (killed, hung) and comes back: the replicator keeps running,
+//! reports not-ready meanwhile, and resumes copying; lag is reported while behind.
 
 use std::time::Duration;
 
 use system_tests::replicator::{add_events, entries, xlen, Pair, Replicator};
+use system_tests::RedisServer;
 use system_tests::{eventually, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -93,7 +94,11 @@ async fn peer_redis_killed_and_restarted_copying_resumes() {
 
 /// The pid of a Redis server, from `INFO server`.
 async fn redis_pid(conn: &mut redis::aio::MultiplexedConnection) -> u32 {
-    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .unwrap();
     info.lines()
         .find_map(|l| l.strip_prefix("process_id:"))
         .and_then(|p| p.trim().parse().ok())
@@ -101,7 +106,11 @@ async fn redis_pid(conn: &mut redis::aio::MultiplexedConnection) -> u32 {
 }
 
 fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     assert!(ok.success());
 }
 
@@ -114,22 +123,46 @@ async fn hung_peer_is_reported_and_copying_resumes_when_it_answers_again() {
     add_events(&mut peer, s, 0, 10).await;
     let mut rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
     let http = rep.http();
-    wait_until(DEADLINE, "ready", || http.get("/health/ready"), |r| r.status == 200).await;
+    wait_until(
+        DEADLINE,
+        "ready",
+        || http.get("/health/ready"),
+        |r| r.status == 200,
+    )
+    .await;
     let pid = redis_pid(&mut peer).await;
 
     // When the peer's Redis hangs (accepts connections, never answers)
     signal(pid, "STOP");
-    let hung = wait_until(DEADLINE, "not ready while the peer hangs", || http.get("/health/ready"), |r| r.status == 503).await;
+    let hung = wait_until(
+        DEADLINE,
+        "not ready while the peer hangs",
+        || http.get("/health/ready"),
+        |r| r.status == 503,
+    )
+    .await;
     signal(pid, "CONT");
     assert_eq!(hung.json["peer"]["redis"], "unreachable", "{}", hung.text);
     assert!(rep.is_running());
 
     // Then, once it answers again, the replicator is ready and copies new writes
     add_events(&mut peer, s, 10, 10).await;
-    wait_until(DEADLINE, "ready again", || http.get("/health/ready"), |r| r.status == 200).await;
+    wait_until(
+        DEADLINE,
+        "ready again",
+        || http.get("/health/ready"),
+        |r| r.status == 200,
+    )
+    .await;
     eventually(DEADLINE, "events written after the hang copied", || {
         let mut l = local.clone();
-        async move { if xlen(&mut l, s).await == 20 { Ok(()) } else { Err(()) } }
+        async move {
+            if xlen(&mut l, s).await == 20 {
+                Ok(())
+            } else {
+                Err(())
+            }
+        }
     })
     .await;
 }
@@ -140,4 +173,69 @@ async fn sigterm_stops_the_replicator_cleanly() {
     let mut rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
     let status = rep.terminate(Duration::from_secs(5)).await;
     assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test]
+async fn local_redis_restarted_copying_resumes_without_duplicates() {
+    // Given a replicator copying into a local Redis that persists its data
+    let mut pair = Pair { peer: RedisServer::start().await, local: RedisServer::start_persistent().await };
+    system_tests::replicator::set_role(&mut pair.peer_conn().await, "active", 1).await;
+    system_tests::replicator::set_role(&mut pair.local_conn().await, "standby", 1).await;
+    let mut peer = pair.peer_conn().await;
+    let s = "tandem:events";
+    add_events(&mut peer, s, 0, 50).await;
+    let mut rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
+    let http = rep.http();
+    eventually(DEADLINE, "first events copied", || async {
+        let mut l = pair.local_conn().await;
+        if xlen(&mut l, s).await == 50 { Ok(()) } else { Err(()) }
+    })
+    .await;
+
+    // When the local Redis dies, the replicator reports it
+    pair.local.kill();
+    let r = wait_until(DEADLINE, "not ready while local is down", || http.get("/health/ready"), |r| r.status == 503).await;
+    assert_eq!(r.json["local"]["redis"], "unreachable", "{}", r.text);
+    add_events(&mut peer, s, 50, 50).await;
+
+    // Then after its restart everything written meanwhile is copied, once
+    pair.local.restart().await;
+    wait_until(DEADLINE, "ready again", || http.get("/health/ready"), |r| r.status == 200).await;
+    eventually(DEADLINE, "all events copied", || async {
+        let (mut p, mut l) = (pair.peer_conn().await, pair.local_conn().await);
+        let (a, b) = (entries(&mut p, s).await, entries(&mut l, s).await);
+        if a == b { Ok(()) } else { Err((a.len(), b.len())) }
+    })
+    .await;
+    assert!(rep.is_running(), "replicator exited; log:\n{}", rep.log_tail(40));
+}
+
+#[tokio::test]
+async fn lag_is_reported_while_behind_and_zero_when_caught_up() {
+    // Given a peer far ahead and a replicator copying one entry per batch
+    let pair = Pair::start().await;
+    let mut peer = pair.peer_conn().await;
+    add_events(&mut peer, "tandem:events", 0, 20_000).await;
+    let rep = Replicator::start(
+        &pair.local.url(),
+        &pair.peer.url(),
+        &[("REPLICATOR_BATCH_SIZE", "1"), ("REPLICATOR_WRITE_DEPTH", "1"), ("REPLICATOR_LAG_INTERVAL_MS", "20")],
+    )
+    .await;
+
+    // Then the lag is visible in entries and seconds while it copies
+    let events = "tandem_replicator_lag_events{stream=\"tandem:events\"}";
+    let seconds = "tandem_replicator_lag_seconds{stream=\"tandem:events\"}";
+    eventually(DEADLINE, "lag reported", || async {
+        let (e, s) = (rep.metric(events).await, rep.metric(seconds).await);
+        if e.is_some_and(|e| e > 0.0) && s.is_some_and(|s| s > 0.0) { Ok(()) } else { Err((e, s)) }
+    })
+    .await;
+
+    // And both drop to zero once it has caught up
+    eventually(Duration::from_secs(120), "lag back to zero", || async {
+        let (e, s) = (rep.metric(events).await, rep.metric(seconds).await);
+        if e == Some(0.0) && s == Some(0.0) { Ok(()) } else { Err((e, s)) }
+    })
+    .await;
 }
