@@ -17,6 +17,9 @@ RATE=${RATE:-5000}
 STEADY_SECONDS=${STEADY_SECONDS:-30}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+for tool in redis-server redis-cli redis-benchmark python3 curl; do
+  command -v "$tool" >/dev/null || { echo "bench/replication.sh: $tool missing" >&2; exit 1; }
+done
 
 cargo build --release -q -p replicator --bins
 bin="$root/target/release"

@@ -24,6 +24,9 @@
 //! - [`metrics`]: the Prometheus registry and every metric the replicator exports.
 //! - [`http`]: `/metrics`, `/health/live`, `/health/ready`.
 //! - [`status`]: what the tasks share: the gate, reachability, copied positions.
+//!
+//! `src/bin/replication-bench.rs` is the load generator and probe behind
+//! `bench/replication.sh` (a benchmark, not a test).
 #![forbid(unsafe_code)]
 
 pub mod app;
