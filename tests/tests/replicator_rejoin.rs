@@ -121,7 +121,11 @@ async fn rejoin_quarantines_the_divergent_tail_and_follows_the_new_active() {
         assert_eq!(get("stream").as_deref(), Some(s));
         assert_eq!(get("epoch").as_deref(), Some("1"));
         assert_eq!(get("type").as_deref(), Some("OrderPlaced"));
-        assert_eq!(get("event"), Some(envelope("OrderPlaced", 2000 + i as u64)), "fields kept as written");
+        assert_eq!(
+            get("event"),
+            Some(envelope("OrderPlaced", 2000 + i as u64)),
+            "fields kept as written"
+        );
     }
 
     // And the quarantine is counted and never copied to a
@@ -171,24 +175,84 @@ async fn rejoin_without_an_epoch_record_keeps_the_common_history() {
         let (mut a, mut b) = (a.clone(), b.clone());
         async move {
             let (x, y) = (entries(&mut a, s).await, entries(&mut b, s).await);
-            if x == y && role(&mut b).await == ("standby".to_string(), 2) { Ok(()) } else { Err((x.len(), y.len())) }
+            if x == y && role(&mut b).await == ("standby".to_string(), 2) {
+                Ok(())
+            } else {
+                Err((x.len(), y.len()))
+            }
         }
     })
     .await;
     let q = entries(&mut b, "tandem:quarantine").await;
     let original: Vec<String> = q
         .iter()
-        .map(|(_, f)| String::from_utf8(f.iter().find(|(k, _)| k == "originalId").unwrap().1.clone()).unwrap())
+        .map(|(_, f)| {
+            String::from_utf8(f.iter().find(|(k, _)| k == "originalId").unwrap().1.clone()).unwrap()
+        })
         .collect();
     assert_eq!(original, divergent);
     assert!(newer.iter().all(|id| !entries_contains(&q, id)));
-    assert_eq!(rep.metric("tandem_replicator_quarantined_events_total").await, Some(2.0));
+    assert_eq!(
+        rep.metric("tandem_replicator_quarantined_events_total")
+            .await,
+        Some(2.0)
+    );
     // The common history was never rewritten: nothing of it was copied again.
-    let copied = rep.metric("tandem_replicator_events_copied_total{stream=\"tandem:events\"}").await;
+    let copied = rep
+        .metric("tandem_replicator_events_copied_total{stream=\"tandem:events\"}")
+        .await;
     assert_eq!(copied, Some(newer.len() as f64));
 }
 
 fn entries_contains(q: &[(String, Vec<(String, Vec<u8>)>)], id: &str) -> bool {
-    q.iter().any(|(_, f)| f.iter().any(|(k, v)| k == "originalId" && v == id.as_bytes()))
+    q.iter().any(|(_, f)| {
+        f.iter()
+            .any(|(k, v)| k == "originalId" && v == id.as_bytes())
+    })
 }
 
+#[tokio::test]
+async fn an_entry_with_the_same_id_but_other_fields_is_quarantined() {
+    let pair = Pair::start().await;
+    let (mut a, mut b) = (pair.peer_conn().await, pair.local_conn().await);
+    let s = "tandem:events";
+    set_role(&mut b, "active", 1).await;
+    let common = add_events(&mut b, s, 0, 5).await;
+    copy_entries(&mut b, &mut a, s, &common).await;
+    let start = common.last().unwrap().clone();
+    set_role(&mut a, "active", 2).await;
+    let record = format!(r#"{{"region":"a","startOffsets":{{"tandem:events":"{start}"}},"at":"x"}}"#);
+    let _: i64 = redis::cmd("HSET").arg("tandem:epochs").arg("2").arg(&record).query_async(&mut a).await.unwrap();
+
+    // Given both regions wrote an entry with the same id, but different events
+    let theirs = add_events(&mut a, s, 100, 1).await;
+    let clash = theirs[0].clone();
+    let _: String = redis::cmd("XADD")
+        .arg(s)
+        .arg(&clash)
+        .arg("type")
+        .arg("OrderCancelled")
+        .arg("event")
+        .arg(envelope("OrderCancelled", 999))
+        .query_async(&mut b)
+        .await
+        .unwrap();
+
+    // When b rejoins
+    let _rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
+
+    // Then b's own version is quarantined and a's version takes its place
+    eventually(DEADLINE, "b follows a", || {
+        let (mut a, mut b) = (a.clone(), b.clone());
+        async move {
+            let (x, y) = (entries(&mut a, s).await, entries(&mut b, s).await);
+            if x == y && role(&mut b).await.1 == 2 { Ok(()) } else { Err((x.len(), y.len())) }
+        }
+    })
+    .await;
+    let q = entries(&mut b, "tandem:quarantine").await;
+    assert_eq!(q.len(), 1);
+    let get = |k: &str| q[0].1.iter().find(|(n, _)| n == k).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+    assert_eq!(get("originalId"), Some(clash));
+    assert_eq!(get("type").as_deref(), Some("OrderCancelled"));
+}
