@@ -208,7 +208,8 @@ impl Pair {
 /// A connection with a generous response timeout: the tests move 100,000 entries while
 /// other builds may share the machine, and a slow reply is not a failure.
 pub async fn conn(url: &str) -> MultiplexedConnection {
-    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
     redis::Client::open(url)
         .expect("valid redis url")
         .get_multiplexed_async_connection_with_config(&config)

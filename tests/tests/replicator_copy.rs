@@ -357,7 +357,18 @@ async fn a_local_promotion_in_progress_stops_copying() {
     let pair = Pair::start().await;
     let (mut peer, mut local) = (pair.peer_conn().await, pair.local_conn().await);
     add_events(&mut peer, "tandem:events", 0, 10).await;
-    cmd(&mut local, &["HSET", "tandem:promotion-intent", "epoch", "2", "region", "b"]).await;
+    cmd(
+        &mut local,
+        &[
+            "HSET",
+            "tandem:promotion-intent",
+            "epoch",
+            "2",
+            "region",
+            "b",
+        ],
+    )
+    .await;
 
     // When the replicator runs
     let rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
@@ -368,7 +379,12 @@ async fn a_local_promotion_in_progress_stops_copying() {
         DEADLINE,
         "idle during the promotion",
         || http.get("/health/ready"),
-        |r| r.json["state"] == "idle" && r.json["reason"].as_str().is_some_and(|s| s.contains("promotion")),
+        |r| {
+            r.json["state"] == "idle"
+                && r.json["reason"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("promotion"))
+        },
     )
     .await;
     for _ in 0..5 {

@@ -178,7 +178,10 @@ async fn sigterm_stops_the_replicator_cleanly() {
 #[tokio::test]
 async fn local_redis_restarted_copying_resumes_without_duplicates() {
     // Given a replicator copying into a local Redis that persists its data
-    let mut pair = Pair { peer: RedisServer::start().await, local: RedisServer::start_persistent().await };
+    let mut pair = Pair {
+        peer: RedisServer::start().await,
+        local: RedisServer::start_persistent().await,
+    };
     system_tests::replicator::set_role(&mut pair.peer_conn().await, "active", 1).await;
     system_tests::replicator::set_role(&mut pair.local_conn().await, "standby", 1).await;
     let mut peer = pair.peer_conn().await;
@@ -188,26 +191,50 @@ async fn local_redis_restarted_copying_resumes_without_duplicates() {
     let http = rep.http();
     eventually(DEADLINE, "first events copied", || async {
         let mut l = pair.local_conn().await;
-        if xlen(&mut l, s).await == 50 { Ok(()) } else { Err(()) }
+        if xlen(&mut l, s).await == 50 {
+            Ok(())
+        } else {
+            Err(())
+        }
     })
     .await;
 
     // When the local Redis dies, the replicator reports it
     pair.local.kill();
-    let r = wait_until(DEADLINE, "not ready while local is down", || http.get("/health/ready"), |r| r.status == 503).await;
+    let r = wait_until(
+        DEADLINE,
+        "not ready while local is down",
+        || http.get("/health/ready"),
+        |r| r.status == 503,
+    )
+    .await;
     assert_eq!(r.json["local"]["redis"], "unreachable", "{}", r.text);
     add_events(&mut peer, s, 50, 50).await;
 
     // Then after its restart everything written meanwhile is copied, once
     pair.local.restart().await;
-    wait_until(DEADLINE, "ready again", || http.get("/health/ready"), |r| r.status == 200).await;
+    wait_until(
+        DEADLINE,
+        "ready again",
+        || http.get("/health/ready"),
+        |r| r.status == 200,
+    )
+    .await;
     eventually(DEADLINE, "all events copied", || async {
         let (mut p, mut l) = (pair.peer_conn().await, pair.local_conn().await);
         let (a, b) = (entries(&mut p, s).await, entries(&mut l, s).await);
-        if a == b { Ok(()) } else { Err((a.len(), b.len())) }
+        if a == b {
+            Ok(())
+        } else {
+            Err((a.len(), b.len()))
+        }
     })
     .await;
-    assert!(rep.is_running(), "replicator exited; log:\n{}", rep.log_tail(40));
+    assert!(
+        rep.is_running(),
+        "replicator exited; log:\n{}",
+        rep.log_tail(40)
+    );
 }
 
 #[tokio::test]
@@ -219,7 +246,11 @@ async fn lag_is_reported_while_behind_and_zero_when_caught_up() {
     let rep = Replicator::start(
         &pair.local.url(),
         &pair.peer.url(),
-        &[("REPLICATOR_BATCH_SIZE", "1"), ("REPLICATOR_WRITE_DEPTH", "1"), ("REPLICATOR_LAG_INTERVAL_MS", "20")],
+        &[
+            ("REPLICATOR_BATCH_SIZE", "1"),
+            ("REPLICATOR_WRITE_DEPTH", "1"),
+            ("REPLICATOR_LAG_INTERVAL_MS", "20"),
+        ],
     )
     .await;
 
@@ -228,14 +259,22 @@ async fn lag_is_reported_while_behind_and_zero_when_caught_up() {
     let seconds = "tandem_replicator_lag_seconds{stream=\"tandem:events\"}";
     eventually(DEADLINE, "lag reported", || async {
         let (e, s) = (rep.metric(events).await, rep.metric(seconds).await);
-        if e.is_some_and(|e| e > 0.0) && s.is_some_and(|s| s > 0.0) { Ok(()) } else { Err((e, s)) }
+        if e.is_some_and(|e| e > 0.0) && s.is_some_and(|s| s > 0.0) {
+            Ok(())
+        } else {
+            Err((e, s))
+        }
     })
     .await;
 
     // And both drop to zero once it has caught up
     eventually(Duration::from_secs(120), "lag back to zero", || async {
         let (e, s) = (rep.metric(events).await, rep.metric(seconds).await);
-        if e == Some(0.0) && s == Some(0.0) { Ok(()) } else { Err((e, s)) }
+        if e == Some(0.0) && s == Some(0.0) {
+            Ok(())
+        } else {
+            Err((e, s))
+        }
     })
     .await;
 }

@@ -221,8 +221,15 @@ async fn an_entry_with_the_same_id_but_other_fields_is_quarantined() {
     copy_entries(&mut b, &mut a, s, &common).await;
     let start = common.last().unwrap().clone();
     set_role(&mut a, "active", 2).await;
-    let record = format!(r#"{{"region":"a","startOffsets":{{"tandem:events":"{start}"}},"at":"x"}}"#);
-    let _: i64 = redis::cmd("HSET").arg("tandem:epochs").arg("2").arg(&record).query_async(&mut a).await.unwrap();
+    let record =
+        format!(r#"{{"region":"a","startOffsets":{{"tandem:events":"{start}"}},"at":"x"}}"#);
+    let _: i64 = redis::cmd("HSET")
+        .arg("tandem:epochs")
+        .arg("2")
+        .arg(&record)
+        .query_async(&mut a)
+        .await
+        .unwrap();
 
     // Given both regions wrote an entry with the same id, but different events
     let theirs = add_events(&mut a, s, 100, 1).await;
@@ -246,13 +253,22 @@ async fn an_entry_with_the_same_id_but_other_fields_is_quarantined() {
         let (mut a, mut b) = (a.clone(), b.clone());
         async move {
             let (x, y) = (entries(&mut a, s).await, entries(&mut b, s).await);
-            if x == y && role(&mut b).await.1 == 2 { Ok(()) } else { Err((x.len(), y.len())) }
+            if x == y && role(&mut b).await.1 == 2 {
+                Ok(())
+            } else {
+                Err((x.len(), y.len()))
+            }
         }
     })
     .await;
     let q = entries(&mut b, "tandem:quarantine").await;
     assert_eq!(q.len(), 1);
-    let get = |k: &str| q[0].1.iter().find(|(n, _)| n == k).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+    let get = |k: &str| {
+        q[0].1
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
     assert_eq!(get("originalId"), Some(clash));
     assert_eq!(get("type").as_deref(), Some("OrderCancelled"));
 }

@@ -19,7 +19,10 @@ async fn an_order_placed_in_the_active_region_is_served_by_the_standby() {
 
     // When a client places an order in region a and the workflow ships it
     a.api.put_product("WIDGET-001", 1000, 50).await;
-    let id = a.api.place_ok(&order_body("c-1", &[("WIDGET-001", 2)], "tok_ok")).await;
+    let id = a
+        .api
+        .place_ok(&order_body("c-1", &[("WIDGET-001", 2)], "tok_ok"))
+        .await;
     let shipped = a.api.wait_status(&id, &["SHIPPED"], DEADLINE).await;
 
     // Then the standby holds the same events, with the same ids
@@ -27,8 +30,15 @@ async fn an_order_placed_in_the_active_region_is_served_by_the_standby() {
     eventually(DEADLINE, "events copied to b", || {
         let (mut ca, mut cb) = (ca.clone(), cb.clone());
         async move {
-            let (x, y) = (entries(&mut ca, "tandem:events").await, entries(&mut cb, "tandem:events").await);
-            if !x.is_empty() && x == y { Ok(()) } else { Err((x.len(), y.len())) }
+            let (x, y) = (
+                entries(&mut ca, "tandem:events").await,
+                entries(&mut cb, "tandem:events").await,
+            );
+            if !x.is_empty() && x == y {
+                Ok(())
+            } else {
+                Err((x.len(), y.len()))
+            }
         }
     })
     .await;
@@ -42,8 +52,15 @@ async fn an_order_placed_in_the_active_region_is_served_by_the_standby() {
     eventually(DEADLINE, "groups mirrored", || {
         let (mut ca, mut cb) = (ca.clone(), cb.clone());
         async move {
-            let (x, y) = (groups(&mut ca, "tandem:events").await, groups(&mut cb, "tandem:events").await);
-            if !x.is_empty() && x == y { Ok(()) } else { Err((x, y)) }
+            let (x, y) = (
+                groups(&mut ca, "tandem:events").await,
+                groups(&mut cb, "tandem:events").await,
+            );
+            if !x.is_empty() && x == y {
+                Ok(())
+            } else {
+                Err((x, y))
+            }
         }
     })
     .await;
@@ -60,13 +77,19 @@ async fn after_a_switchover_the_old_active_follows_the_new_one() {
     let into_a = Replicator::start(
         &a.redis.url(),
         &b_redis.url(),
-        &[("REPLICATOR_LOCAL_REGION", "a"), ("REPLICATOR_PEER_REGION", "b")],
+        &[
+            ("REPLICATOR_LOCAL_REGION", "a"),
+            ("REPLICATOR_PEER_REGION", "b"),
+        ],
     )
     .await;
 
     // And an order that shipped in a and reached b
     a.api.put_product("WIDGET-001", 1000, 50).await;
-    let first = a.api.place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok")).await;
+    let first = a
+        .api
+        .place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok"))
+        .await;
     a.api.wait_status(&first, &["SHIPPED"], DEADLINE).await;
     let on_b = b.wait_status(&first, &["SHIPPED"], DEADLINE).await;
 
@@ -77,10 +100,19 @@ async fn after_a_switchover_the_old_active_follows_the_new_one() {
     // Then a's replicator makes a the standby of b at epoch 2, with nothing quarantined
     eventually(DEADLINE, "a demoted to standby@2", || async {
         let r = a.api.role().await;
-        if r.json["role"] == "standby" && r.json["epoch"] == 2 { Ok(()) } else { Err(r.text) }
+        if r.json["role"] == "standby" && r.json["epoch"] == 2 {
+            Ok(())
+        } else {
+            Err(r.text)
+        }
     })
     .await;
-    assert_eq!(into_a.metric("tandem_replicator_quarantined_events_total").await, Some(0.0));
+    assert_eq!(
+        into_a
+            .metric("tandem_replicator_quarantined_events_total")
+            .await,
+        Some(0.0)
+    );
 
     // And what b does from now on reaches a: the shipped order is delivered in b ...
     let shipment = on_b["shipmentId"].as_str().expect("shipmentId").to_string();
@@ -89,7 +121,9 @@ async fn after_a_switchover_the_old_active_follows_the_new_one() {
     b.wait_status(&first, &["DELIVERED"], DEADLINE).await;
     a.api.wait_status(&first, &["DELIVERED"], DEADLINE).await;
     // ... and a new order placed in b is served by a
-    let second = b.place_ok(&order_body("c-2", &[("WIDGET-001", 1)], "tok_ok")).await;
+    let second = b
+        .place_ok(&order_body("c-2", &[("WIDGET-001", 1)], "tok_ok"))
+        .await;
     b.wait_status(&second, &["SHIPPED"], DEADLINE).await;
     a.api.wait_status(&second, &["SHIPPED"], DEADLINE).await;
 
@@ -98,8 +132,15 @@ async fn after_a_switchover_the_old_active_follows_the_new_one() {
     eventually(DEADLINE, "a's stream equals b's", || {
         let (mut ca, mut cb) = (ca.clone(), cb.clone());
         async move {
-            let (x, y) = (entries(&mut ca, "tandem:events").await, entries(&mut cb, "tandem:events").await);
-            if x == y { Ok(()) } else { Err((x.len(), y.len())) }
+            let (x, y) = (
+                entries(&mut ca, "tandem:events").await,
+                entries(&mut cb, "tandem:events").await,
+            );
+            if x == y {
+                Ok(())
+            } else {
+                Err((x.len(), y.len()))
+            }
         }
     })
     .await;
@@ -116,17 +157,26 @@ async fn writes_the_new_active_never_received_are_quarantined_on_rejoin() {
     let into_a = Replicator::start(
         &a.redis.url(),
         &b_redis.url(),
-        &[("REPLICATOR_LOCAL_REGION", "a"), ("REPLICATOR_PEER_REGION", "b")],
+        &[
+            ("REPLICATOR_LOCAL_REGION", "a"),
+            ("REPLICATOR_PEER_REGION", "b"),
+        ],
     )
     .await;
     a.api.put_product("WIDGET-001", 1000, 50).await;
-    let first = a.api.place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok")).await;
+    let first = a
+        .api
+        .place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok"))
+        .await;
     a.api.wait_status(&first, &["SHIPPED"], DEADLINE).await;
     b.wait_status(&first, &["SHIPPED"], DEADLINE).await;
 
     // And a second order that b never receives (b's replicator is down)
     into_b.kill();
-    let lost = a.api.place_ok(&order_body("c-2", &[("WIDGET-001", 3)], "tok_ok")).await;
+    let lost = a
+        .api
+        .place_ok(&order_body("c-2", &[("WIDGET-001", 3)], "tok_ok"))
+        .await;
     a.api.wait_status(&lost, &["SHIPPED"], DEADLINE).await;
     let lost_events = a.api.event_types(&lost).await;
     assert!(!lost_events.is_empty());
@@ -138,27 +188,55 @@ async fn writes_the_new_active_never_received_are_quarantined_on_rejoin() {
     // Then a rejoins as b's standby and sets exactly the lost order's events aside
     eventually(DEADLINE, "a demoted to standby@2", || async {
         let r = a.api.role().await;
-        if r.json["role"] == "standby" && r.json["epoch"] == 2 { Ok(()) } else { Err(r.text) }
+        if r.json["role"] == "standby" && r.json["epoch"] == 2 {
+            Ok(())
+        } else {
+            Err(r.text)
+        }
     })
     .await;
     let q = a.api.http.get("/admin/quarantine").await;
     assert_eq!(q.status, 200, "{}", q.text);
-    let quarantined: Vec<&serde_json::Value> = q.json["events"].as_array().expect("events").iter().collect();
+    let quarantined: Vec<&serde_json::Value> = q.json["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .collect();
     assert_eq!(quarantined.len(), lost_events.len(), "{}", q.text);
-    assert!(quarantined.iter().all(|e| e["event"]["aggregateId"] == lost.as_str()), "{}", q.text);
-    assert!(quarantined.iter().all(|e| e["epoch"] == "1" && e["stream"] == "tandem:events"));
-    let n = into_a.metric("tandem_replicator_quarantined_events_total").await;
+    assert!(
+        quarantined
+            .iter()
+            .all(|e| e["event"]["aggregateId"] == lost.as_str()),
+        "{}",
+        q.text
+    );
+    assert!(quarantined
+        .iter()
+        .all(|e| e["epoch"] == "1" && e["stream"] == "tandem:events"));
+    let n = into_a
+        .metric("tandem_replicator_quarantined_events_total")
+        .await;
     assert_eq!(n, Some(lost_events.len() as f64));
 
     // And a's node no longer shows the lost order; stock agrees with b's
     // (a's node may be rebuilding meanwhile, so a non-200 just means "not yet".)
-    eventually(DEADLINE, "a's read model without the lost order", || async {
-        let status = a.api.order(&lost).await.status;
-        let pa = a.api.http.get("/api/v1/products/WIDGET-001").await;
-        let pb = b.http.get("/api/v1/products/WIDGET-001").await;
-        let same = pa.status == 200 && pb.status == 200 && pa.json["available"] == pb.json["available"];
-        if status == 404 && same { Ok(()) } else { Err((status, pa.text, pb.text)) }
-    })
+    eventually(
+        DEADLINE,
+        "a's read model without the lost order",
+        || async {
+            let status = a.api.order(&lost).await.status;
+            let pa = a.api.http.get("/api/v1/products/WIDGET-001").await;
+            let pb = b.http.get("/api/v1/products/WIDGET-001").await;
+            let same = pa.status == 200
+                && pb.status == 200
+                && pa.json["available"] == pb.json["available"];
+            if status == 404 && same {
+                Ok(())
+            } else {
+                Err((status, pa.text, pb.text))
+            }
+        },
+    )
     .await;
 
     // And a's stream equals b's again
@@ -166,8 +244,15 @@ async fn writes_the_new_active_never_received_are_quarantined_on_rejoin() {
     eventually(DEADLINE, "a's stream equals b's", || {
         let (mut ca, mut cb) = (ca.clone(), cb.clone());
         async move {
-            let (x, y) = (entries(&mut ca, "tandem:events").await, entries(&mut cb, "tandem:events").await);
-            if x == y { Ok(()) } else { Err((x.len(), y.len())) }
+            let (x, y) = (
+                entries(&mut ca, "tandem:events").await,
+                entries(&mut cb, "tandem:events").await,
+            );
+            if x == y {
+                Ok(())
+            } else {
+                Err((x.len(), y.len()))
+            }
         }
     })
     .await;
