@@ -33,6 +33,22 @@ async fn live() -> Json<serde_json::Value> {
     Json(json!({"status": "live"}))
 }
 
+/// Per-stream lag as last measured (see [`crate::lag`]), for operators and for a
+/// planned switchover that waits for zero.
+fn lag(shared: &Shared) -> serde_json::Value {
+    let streams = shared.streams.borrow().clone();
+    let m = &shared.metrics;
+    let per_stream: serde_json::Map<String, serde_json::Value> = streams
+        .into_iter()
+        .map(|s| {
+            let events = m.lag_events.with_label_values(&[&s]).get();
+            let seconds = m.lag_seconds.with_label_values(&[&s]).get();
+            (s, json!({"events": events, "seconds": seconds}))
+        })
+        .collect();
+    serde_json::Value::Object(per_stream)
+}
+
 async fn ready(State(shared): State<Arc<Shared>>) -> Response {
     let h = shared.health();
     let gate = shared.gate.borrow().clone();
@@ -63,6 +79,7 @@ async fn ready(State(shared): State<Arc<Shared>>) -> Response {
         "reason": if ok { h.reason.clone().map(serde_json::Value::String).unwrap_or(serde_json::Value::Null) }
                   else { serde_json::Value::String(reasons.join("; ")) },
         "streams": *shared.streams.borrow(),
+        "lag": lag(&shared),
     });
     let status = if ok {
         StatusCode::OK
