@@ -193,7 +193,12 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
             Gate::Rejoin { peer_epoch } => {
                 // Hold the write lock: no copier batch may land while the tail is moved.
                 let _guard = shared.write_lock.lock().await;
-                match quarantine::rejoin(&shared, &local, &peer, peer_epoch).await {
+                let result = quarantine::rejoin(&shared, &local, &peer, peer_epoch).await;
+                // The local streams may have been cut back: forget what the copier had
+                // reported, so the group task waits for the next session's positions
+                // instead of trusting tops that no longer exist.
+                shared.copied.send_modify(|c| c.clear());
+                match result {
                     Ok(moved) => {
                         tracing::info!(
                             peer_epoch = peer_epoch.0,
