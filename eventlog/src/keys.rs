@@ -6,8 +6,11 @@
 //!   the source of truth; it is never trimmed.
 //! - [`DLQ`]: entries a consumer group gave up on, with the reason.
 //!
+//! Copied as a hash (fields added or overwritten, never removed):
+//! - [`EPOCHS`]: where each epoch began, so a standby knows it before it is promoted.
+//!
 //! Region-local, never copied:
-//! - [`ROLE`], [`EPOCHS`]: who is active at which epoch and where each epoch began.
+//! - [`ROLE`]: who is active at which epoch.
 //! - [`QUARANTINE`]: events of an old epoch that the new active never received.
 //! - [`REPLICATION_CHECKPOINT`]: what the replicator has copied into this region.
 //!

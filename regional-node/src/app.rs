@@ -92,7 +92,7 @@ impl Application {
         let wf = state.wf.clone();
         let (stop_tx, stop_rx) = watch::channel(false);
 
-        seed_role(&wf.roles, config.role).await;
+        seed_role(&wf.roles, config.role, config.region.as_str()).await;
         let mut background = tokio::task::JoinSet::new();
         background.spawn(wf.roles.clone().watch(stop_rx.clone()));
         background.spawn(refresh_gauges(wf.clone(), stop_rx.clone()));
@@ -152,9 +152,9 @@ impl Application {
 }
 
 /// Seeds the role from configuration, retrying while Redis is not there yet.
-async fn seed_role(roles: &Roles, role: Role) {
+async fn seed_role(roles: &Roles, role: Role, region: &str) {
     for attempt in 0u64.. {
-        match roles.seed(role).await {
+        match roles.seed(role, region).await {
             Ok(()) => {
                 roles.refresh().await;
                 return;
@@ -170,8 +170,9 @@ async fn seed_role(roles: &Roles, role: Role) {
             // Keep starting: readiness reports 503 until the watcher reads a role, and
             // the seed is retried in the background.
             let roles = roles.clone();
+            let region = region.to_string();
             tokio::spawn(async move {
-                while roles.seed(role).await.is_err() {
+                while roles.seed(role, &region).await.is_err() {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             });

@@ -26,6 +26,28 @@ const INTENT_GRACE: Duration = Duration::from_millis(150);
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
 
 pub async fn promote(wf: &Workflow, epoch: u64) -> Result<(), RoleError> {
+    let result = promote_steps(wf, epoch).await;
+    if result.is_err() {
+        // An aborted promotion must not leave its intent behind: the replicator holds
+        // copying while an intent above both regions' epochs stands.
+        let cleared: Result<i64, _> = wf
+            .store
+            .query(
+                redis::cmd("EVAL")
+                    .arg("if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
+                    .arg(1)
+                    .arg(keys::PROMOTION_INTENT)
+                    .arg(epoch),
+            )
+            .await;
+        if let Err(e) = cleared {
+            tracing::warn!(error = %e, epoch, "could not clear the intent of an aborted promotion");
+        }
+    }
+    result
+}
+
+async fn promote_steps(wf: &Workflow, epoch: u64) -> Result<(), RoleError> {
     let stored = wf.store.role().await?;
     if let Some(r) = stored {
         if r.role == Role::Active && r.epoch.0 == epoch {

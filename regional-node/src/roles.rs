@@ -111,15 +111,29 @@ impl Roles {
         self.tx.subscribe()
     }
 
-    /// Stores `role` (active at epoch 1, standby at epoch 0) unless a role is stored.
-    pub async fn seed(&self, role: Role) -> Result<(), StoreError> {
+    /// Stores `role` (active at epoch 1, standby at epoch 0) unless a role is stored. A
+    /// region seeded active also records epoch 1's start (the empty streams), so a
+    /// later rejoin knows exactly which events belong to which epoch.
+    pub async fn seed(&self, role: Role, region: &str) -> Result<(), StoreError> {
         let epoch = if role == Role::Active { 1 } else { 0 };
+        let record = serde_json::json!({
+            "region": region,
+            "startOffsets": { keys::EVENTS: "0-0", keys::DLQ: "0-0" },
+            "at": eventlog::time::rfc3339_ms(eventlog::time::now_ms()),
+        });
         let cmd = redis::cmd("EVAL")
-            .arg("if redis.call('HEXISTS', KEYS[1], 'role') == 0 then redis.call('HSET', KEYS[1], 'role', ARGV[1], 'epoch', ARGV[2]) end return 1")
-            .arg(1)
+            .arg(
+                "if redis.call('HEXISTS', KEYS[1], 'role') == 0 then \
+                   redis.call('HSET', KEYS[1], 'role', ARGV[1], 'epoch', ARGV[2]) \
+                   if ARGV[1] == 'active' then redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) end \
+                 end return 1",
+            )
+            .arg(2)
             .arg(keys::ROLE)
+            .arg(keys::EPOCHS)
             .arg(role.as_str())
             .arg(epoch)
+            .arg(record.to_string())
             .clone();
         let _: i64 = self.store.query(&cmd).await?;
         Ok(())
