@@ -20,7 +20,12 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { node: String::new(), redis: String::new(), rates: vec![200, 1000, 2000], seconds: 10 };
+    let mut args = Args {
+        node: String::new(),
+        redis: String::new(),
+        rates: vec![200, 1000, 2000],
+        seconds: 10,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -28,10 +33,20 @@ fn parse_args() -> Result<Args, String> {
             "--node" => args.node = value()?,
             "--redis" => args.redis = value()?,
             "--rates" => {
-                args.rates = value()?.split(',').map(|r| r.parse().map_err(|e| format!("--rates: {e}"))).collect::<Result<_, _>>()?
+                args.rates = value()?
+                    .split(',')
+                    .map(|r| r.parse().map_err(|e| format!("--rates: {e}")))
+                    .collect::<Result<_, _>>()?
             }
-            "--seconds" => args.seconds = value()?.parse().map_err(|e| format!("--seconds: {e}"))?,
-            "--help" | "-h" => return Err("usage: order_bench --node URL --redis URL [--rates 200,1000] [--seconds 10]".into()),
+            "--seconds" => {
+                args.seconds = value()?.parse().map_err(|e| format!("--seconds: {e}"))?
+            }
+            "--help" | "-h" => {
+                return Err(
+                    "usage: order_bench --node URL --redis URL [--rates 200,1000] [--seconds 10]"
+                        .into(),
+                )
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -60,19 +75,44 @@ async fn main() {
             std::process::exit(64);
         }
     };
-    let http = reqwest::Client::builder().pool_max_idle_per_host(512).build().expect("client");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .build()
+        .expect("client");
     for i in 0..SKUS {
         let body = serde_json::json!({"name": format!("Bench {i}"), "price": 1000, "currency": "USD", "stock": 1_000_000_000});
-        let r = http.put(format!("{}/api/v1/products/BENCH-{i:03}", args.node)).json(&body).send().await.expect("node reachable");
-        assert!(r.status().is_success(), "product setup failed: {}", r.status());
+        let r = http
+            .put(format!("{}/api/v1/products/BENCH-{i:03}", args.node))
+            .json(&body)
+            .send()
+            .await
+            .expect("node reachable");
+        assert!(
+            r.status().is_success(),
+            "product setup failed: {}",
+            r.status()
+        );
     }
 
     let state: Arc<Mutex<Step>> = Arc::default();
     let client = redis::Client::open(args.redis.as_str()).expect("redis url");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("redis reachable");
-    let start_id: Vec<(String, redis::Value)> =
-        redis::cmd("XREVRANGE").arg("tandem:events").arg("+").arg("-").arg("COUNT").arg(1).query_async(&mut conn).await.unwrap();
-    let mut last_id = start_id.first().map(|(id, _)| id.clone()).unwrap_or_else(|| "0-0".into());
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis reachable");
+    let start_id: Vec<(String, redis::Value)> = redis::cmd("XREVRANGE")
+        .arg("tandem:events")
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut last_id = start_id
+        .first()
+        .map(|(id, _)| id.clone())
+        .unwrap_or_else(|| "0-0".into());
     {
         let state = state.clone();
         tokio::spawn(async move {
@@ -95,8 +135,12 @@ async fn main() {
                     if !is_shipped {
                         continue;
                     }
-                    let Some(redis::Value::BulkString(raw)) = entry.map.get("event") else { continue };
-                    let Ok(ev) = serde_json::from_slice::<serde_json::Value>(raw) else { continue };
+                    let Some(redis::Value::BulkString(raw)) = entry.map.get("event") else {
+                        continue;
+                    };
+                    let Ok(ev) = serde_json::from_slice::<serde_json::Value>(raw) else {
+                        continue;
+                    };
                     let order_id = ev["aggregateId"].as_str().unwrap_or_default();
                     let mut st = state.lock().unwrap();
                     if let Some(sent) = st.sent.remove(order_id) {
@@ -156,9 +200,16 @@ async fn main() {
         let mut st = state.lock().unwrap();
         st.shipped.sort();
         st.post.sort();
-        let pct = |v: &[Duration], p: f64| v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1))).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN);
+        let pct = |v: &[Duration], p: f64| {
+            v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .unwrap_or(f64::NAN)
+        };
         let sent_rate = total as f64 / send_secs;
-        let kept_up = st.errors == 0 && st.sent.is_empty() && sent_rate >= rate as f64 * 0.95 && pct(&st.shipped, 0.99) < 1000.0;
+        let kept_up = st.errors == 0
+            && st.sent.is_empty()
+            && sent_rate >= rate as f64 * 0.95
+            && pct(&st.shipped, 0.99) < 1000.0;
         if kept_up {
             best = best.max(rate);
         }
