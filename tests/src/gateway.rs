@@ -398,31 +398,10 @@ impl RegionNode {
     }
 
     async fn wait_live(&mut self) -> Result<(), String> {
-        let http = HttpClient::new(self.url());
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.process.exited() {
-                return Err(format!(
-                    "node exited with {status}; log:\n{}",
-                    self.process.log_tail(60)
-                ));
-            }
-            if let Ok(r) = http
-                .try_request(reqwest::Method::GET, "/health/live", None, &[])
-                .await
-            {
-                if r.status == 200 {
-                    return Ok(());
-                }
-            }
-            if start.elapsed() > START_DEADLINE {
-                return Err(format!(
-                    "node not live in time; log:\n{}",
-                    self.process.log_tail(60)
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let url = self.url();
+        self.process
+            .wait_http_ok(&url, "/health/live", START_DEADLINE)
+            .await
     }
 
     pub fn url(&self) -> String {

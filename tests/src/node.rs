@@ -1,7 +1,7 @@
 //! The real `regional-node` binary, started on a free port against a test's Redis.
 
 use std::process::ExitStatus;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::http::HttpClient;
 use crate::ports::free_port;
@@ -112,31 +112,10 @@ impl Node {
     }
 
     async fn wait_live(&mut self) -> Result<(), String> {
-        let http = HttpClient::new(self.url());
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.process.exited() {
-                return Err(format!(
-                    "exited with {status} before /health/live answered; log:\n{}",
-                    self.process.log_tail(60)
-                ));
-            }
-            if let Ok(resp) = http
-                .try_request(reqwest::Method::GET, "/health/live", None, &[])
-                .await
-            {
-                if resp.status == 200 {
-                    return Ok(());
-                }
-            }
-            if start.elapsed() > LIVE_DEADLINE {
-                return Err(format!(
-                    "no 200 from /health/live within {LIVE_DEADLINE:?}; log:\n{}",
-                    self.process.log_tail(60)
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let url = self.url();
+        self.process
+            .wait_http_ok(&url, "/health/live", LIVE_DEADLINE)
+            .await
     }
 
     /// Waits until `GET /health/ready` answers 200 (Redis reachable, role loaded).

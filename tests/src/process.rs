@@ -145,6 +145,43 @@ impl Process {
         assert!(status.success(), "kill -{signal} {pid} failed");
     }
 
+    /// Waits until `GET {base}{path}` answers 200, the process exits, or `deadline`
+    /// passes; the error says which, with the tail of the log.
+    pub async fn wait_http_ok(
+        &mut self,
+        base: &str,
+        path: &str,
+        deadline: Duration,
+    ) -> Result<(), String> {
+        let http = crate::HttpClient::new(base.to_string());
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.exited() {
+                return Err(format!(
+                    "{} exited with {status} before {path} answered; log:\n{}",
+                    self.name,
+                    self.log_tail(60)
+                ));
+            }
+            if let Ok(r) = http
+                .try_request(reqwest::Method::GET, path, None, &[])
+                .await
+            {
+                if r.status == 200 {
+                    return Ok(());
+                }
+            }
+            if start.elapsed() > deadline {
+                return Err(format!(
+                    "{} gave no 200 on {path} within {deadline:?}; log:\n{}",
+                    self.name,
+                    self.log_tail(60)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// SIGTERM, then waits up to `deadline` for the exit and returns its status. Panics
     /// (after SIGKILL) when the process does not stop in time.
     pub async fn terminate(&mut self, deadline: Duration) -> ExitStatus {

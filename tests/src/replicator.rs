@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitStatus;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::Value;
@@ -87,31 +87,10 @@ impl Replicator {
     }
 
     async fn try_wait_live(&mut self) -> Result<(), String> {
-        let http = self.http();
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.process.exited() {
-                return Err(format!(
-                    "replicator exited with {status}; log:\n{}",
-                    self.process.log_tail(60)
-                ));
-            }
-            if let Ok(r) = http
-                .try_request(reqwest::Method::GET, "/health/live", None, &[])
-                .await
-            {
-                if r.status == 200 {
-                    return Ok(());
-                }
-            }
-            if start.elapsed() > LIVE_DEADLINE {
-                return Err(format!(
-                    "replicator /health/live not 200 in time; log:\n{}",
-                    self.process.log_tail(60)
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let base = format!("http://127.0.0.1:{}", self.port);
+        self.process
+            .wait_http_ok(&base, "/health/live", LIVE_DEADLINE)
+            .await
     }
 
     pub fn http(&self) -> HttpClient {

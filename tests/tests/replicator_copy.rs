@@ -127,7 +127,11 @@ async fn copies_entries_with_identical_ids_and_discovers_new_streams() {
     let ready = rep.ready().await;
     assert_eq!(ready.status, 200, "{}", ready.text);
     assert_eq!(ready.json["copying"], true);
-    assert!(ready.json["lag"]["tandem:events"]["events"].is_number(), "{}", ready.text);
+    assert!(
+        ready.json["lag"]["tandem:events"]["events"].is_number(),
+        "{}",
+        ready.text
+    );
     let copied = rep
         .metric("tandem_replicator_events_copied_total{stream=\"tandem:events\"}")
         .await;
