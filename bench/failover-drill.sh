@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# Failover drill benchmark (not a test): recovery time (RTO) when the active region is
+# killed (node and Redis, SIGKILL) or hangs (node SIGSTOPped), measured N times each:
+#
+#   tandem  - the gateway in front of two regions with replicators; RTO is the time from
+#             the fault to the first order answered 201 by region b. The drills are the
+#             system tests in tests/tests/gateway_failover.rs, run with release binaries.
+#   haproxy - HAProxy 2.x primary/backup (`check inter 200 fall 3 rise 2`, b `backup`) in
+#             front of the same two nodes, both active (HAProxy cannot promote a standby,
+#             so the backup must already take writes); RTO is the time from the fault to
+#             the first 201 from b, for a client posting an order every 10 ms.
+#
+# Usage: bench/failover-drill.sh [N]          (N=10)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-10}
+
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v haproxy >/dev/null || need+=(haproxy)
+if [ ${#need[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update </dev/null >/dev/null
+    apt-get install -y --no-install-recommends "${need[@]}" </dev/null >/dev/null
+fi
+cargo build --release -q --bins -p regional-node -p replicator -p gateway
+
+WORK=$(mktemp -d /tmp/tandem-drill-XXXXXX)
+trap 'pkill -P $$ 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+echo "## tandem gateway: $N x kill, $N x hang (release binaries)"
+for i in $(seq 1 "$N"); do
+    TANDEM_BIN_DIR="$PWD/target/release" cargo test -q -p system-tests --test gateway_failover \
+        -- --nocapture --test-threads 1 order_stream_survives_killing_the_active_region \
+        hung_active_region_is_replaced_and_demoted_when_it_wakes 2>&1 |
+        grep -oE '\[drill\] (kill|hang): first order from b [0-9.]+(ms|s|µs)' >>"$WORK/tandem.txt" || true
+done
+
+echo "## haproxy primary/backup, inter 200 ms: $N x kill, $N x hang"
+python3 - "$N" "$WORK" "$PWD/target/release/regional-node" >"$WORK/haproxy.txt" <<'PY'
+import http.client, json, os, signal, socket, subprocess, sys, time
+
+n, work, node_bin = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+def wait_http(port, path, deadline=20):
+    end = time.time() + deadline
+    while time.time() < end:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            c.request("GET", path); r = c.getresponse(); r.read()
+            if r.status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"port {port} {path} did not answer")
+
+def drill(mode, run):
+    procs = []
+    def spawn(args, env=None, log="x"):
+        p = subprocess.Popen(args, env=env, stdout=open(f"{work}/{log}.log", "w"), stderr=subprocess.STDOUT)
+        procs.append(p); return p
+    ports = {r: (free_port(), free_port()) for r in "ab"}
+    nodes = {}
+    for r, (rp, np_) in ports.items():
+        spawn(["redis-server", "--port", str(rp), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", work], log=f"redis-{r}")
+    time.sleep(0.3)
+    for r, (rp, np_) in ports.items():
+        env = dict(os.environ, NODE_REGION=r, NODE_ROLE="active", NODE_LISTEN=f"127.0.0.1:{np_}",
+                   NODE_REDIS_URL=f"redis://127.0.0.1:{rp}", RUST_LOG="warn")
+        nodes[r] = spawn([node_bin], env=env, log=f"node-{r}")
+    for r, (rp, np_) in ports.items():
+        wait_http(np_, "/health/ready")
+        c = http.client.HTTPConnection("127.0.0.1", np_, timeout=2)
+        c.request("PUT", "/api/v1/products/DRILL-1", json.dumps({"name": "d", "price": 100, "stock": 1000000}))
+        c.getresponse().read()
+    hp = free_port()
+    cfg = f"""global
+    maxconn 1000
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+    retries 0
+frontend f
+    bind 127.0.0.1:{hp}
+    default_backend b
+backend b
+    option httpchk GET /health/ready
+    server a 127.0.0.1:{ports['a'][1]} check inter 200 fall 3 rise 2
+    server b 127.0.0.1:{ports['b'][1]} check inter 200 fall 3 rise 2 backup
+"""
+    open(f"{work}/haproxy.cfg", "w").write(cfg)
+    spawn(["haproxy", "-f", f"{work}/haproxy.cfg", "-db"], log="haproxy")
+    wait_http(hp, "/health/live")
+    body = json.dumps({"customerId": "c", "items": [{"sku": "DRILL-1", "quantity": 1}],
+                       "shippingAddress": "x", "paymentToken": "tok_ok"})
+    conn = None
+    def post(k):
+        nonlocal conn
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", hp, timeout=3)
+            conn.request("POST", "/orders", body, {"Idempotency-Key": f"{mode}-{run}-{k}", "Content-Type": "application/json"})
+            r = conn.getresponse(); r.read()
+            return r.status, r.getheader("X-Region")
+        except OSError:
+            conn = None
+            return 0, None
+    for k in range(20):  # warm: a serves
+        post(f"warm{k}"); time.sleep(0.01)
+    fault = time.time()
+    if mode == "kill":
+        nodes["a"].send_signal(signal.SIGKILL)
+        procs[0].send_signal(signal.SIGKILL)  # redis a
+    else:
+        nodes["a"].send_signal(signal.SIGSTOP)
+    rto = None
+    k = 0
+    while time.time() - fault < 30:
+        status, region = post(k); k += 1
+        if status == 201 and region == "b":
+            rto = time.time() - fault
+            break
+        time.sleep(0.01)
+    if mode == "hang":
+        nodes["a"].send_signal(signal.SIGCONT)
+    for p in procs:
+        try:
+            p.kill(); p.wait(5)
+        except Exception:
+            pass
+    return rto
+
+for mode in ("kill", "hang"):
+    for run in range(n):
+        rto = drill(mode, run)
+        print(f"{mode} {rto if rto is not None else 'none'}", flush=True)
+PY
+
+python3 - "$WORK/tandem.txt" "$WORK/haproxy.txt" <<'PY'
+import re, sys
+
+def pct(v, p):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(round(p * (len(v) - 1))))] if v else float("nan")
+
+def secs(s):
+    m = re.match(r"([0-9.]+)(ms|s|µs)", s)
+    x = float(m.group(1))
+    return {"ms": x / 1000, "s": x, "µs": x / 1e6}[m.group(2)]
+
+tandem = {"kill": [], "hang": []}
+for line in open(sys.argv[1]):
+    m = re.search(r"\[drill\] (kill|hang): first order from b (\S+)", line)
+    if m:
+        tandem[m.group(1)].append(secs(m.group(2)))
+haproxy = {"kill": [], "hang": []}
+for line in open(sys.argv[2]):
+    mode, rto = line.split()
+    if rto != "none":
+        haproxy[mode].append(float(rto))
+print("system   fault  runs  RTO p50    RTO p95    max")
+for name, data in (("tandem", tandem), ("haproxy", haproxy)):
+    for mode in ("kill", "hang"):
+        v = data[mode]
+        print(f"{name:8} {mode:6} {len(v):4}  {pct(v, .5) * 1000:7.0f} ms {pct(v, .95) * 1000:7.0f} ms {max(v, default=float('nan')) * 1000:7.0f} ms")
+PY
