@@ -44,11 +44,13 @@ struct RawConfig {
     tls_key: Option<PathBuf>,
     admin_token: Option<String>,
     node_token: Option<String>,
+    /// GATEWAY_HEALTH_INTERVAL_MS: probe period.
     health_interval_ms: u64,
     health_timeout_ms: u64,
     health_rise: u32,
     health_fall: u32,
     outlier_consecutive_failures: u32,
+    /// GATEWAY_LEASE_MS: lease granted to the active region with every successful probe.
     lease_ms: u64,
     lease_margin_ms: u64,
     request_timeout_ms: u64,
