@@ -42,8 +42,6 @@ pub const PROJECTION_CURSOR: &str = "tandem:projection:cursor";
 pub const PROJECTION_QUARANTINE_SEEN: &str = "tandem:projection:quarantine-seen";
 /// Hash: order status -> number of orders in it.
 pub const ORDER_COUNTS: &str = "tandem:stats:orders";
-/// Hash: consumer group -> entries parked in the dead-letter stream.
-pub const DLQ_COUNTS: &str = "tandem:stats:dlq";
 
 pub fn order(order_id: &str) -> String {
     format!("tandem:order:{order_id}")

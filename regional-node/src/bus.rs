@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+/// Most dead-letter entries counted for the gauge.
+const DLQ_SCAN: usize = 10_000;
+
 /// Tries per entry before it is dead-lettered.
 pub const MAX_ATTEMPTS: u32 = 3;
 const BATCH: usize = 128;
@@ -483,11 +486,6 @@ async fn park(
         .arg(keys::EVENTS)
         .arg(group.name())
         .arg(&entry.id)
-        .ignore()
-        .cmd("HINCRBY")
-        .arg(keys::DLQ_COUNTS)
-        .arg(group.name())
-        .arg(1)
         .ignore();
     loop {
         match wf.store.query_pipe::<()>(&pipe).await {
@@ -562,19 +560,11 @@ pub async fn replay(wf: &Workflow, dlq_id: &str) -> Result<serde_json::Value, Re
         .handle(wf, &env, &event, attempts + 1, None)
         .await
         .map_err(ReplayError::Failed)?;
-    // Only the replay that removes the entry counts it down: concurrent replays of one
-    // entry all run the (idempotent) handler, but exactly one of them succeeds.
+    // Only the replay that removes the entry succeeds: concurrent replays of one entry
+    // all run the (idempotent) handler, but exactly one of them takes it out.
     let removed: i64 = wf
         .store
-        .query(
-            redis::cmd("EVAL")
-                .arg("if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[2], ARGV[2], -1) return 1 end return 0")
-                .arg(2)
-                .arg(keys::DLQ)
-                .arg(keys::DLQ_COUNTS)
-                .arg(dlq_id)
-                .arg(group.name()),
-        )
+        .query(redis::cmd("XDEL").arg(keys::DLQ).arg(dlq_id))
         .await
         .map_err(|e| ReplayError::Failed(e.into()))?;
     if removed == 0 {
@@ -615,14 +605,20 @@ pub async fn refresh_gauges(wf: &Workflow) -> Result<(), StoreError> {
                 .set((num("lag") + num("pending")) as f64);
         }
     }
-    let dlq: HashMap<String, i64> = wf
-        .store
-        .query(redis::cmd("HGETALL").arg(keys::DLQ_COUNTS))
-        .await?;
+    // Counted from the dead-letter stream itself, which the replicator copies, so the
+    // standby (and a newly promoted region) reports the same numbers. A DLQ is meant to
+    // stay small; past DLQ_SCAN entries the gauge stops counting.
+    let mut parked: HashMap<&str, f64> = HashMap::new();
+    let entries = wf.store.xrange(keys::DLQ, "-", "+", DLQ_SCAN).await?;
+    for entry in &entries {
+        if let Some(group) = entry.field_str("group").and_then(Group::parse) {
+            *parked.entry(group.name()).or_default() += 1.0;
+        }
+    }
     for group in Group::ALL {
         m.dead_letters
             .with_label_values(&[group.name()])
-            .set(*dlq.get(group.name()).unwrap_or(&0) as f64);
+            .set(*parked.get(group.name()).unwrap_or(&0.0));
     }
     let counts: HashMap<String, i64> = wf
         .store

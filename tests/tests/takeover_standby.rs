@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::Value;
-use system_tests::api::{order_body, Api};
+use system_tests::api::{metric_sum, order_body, Api};
 use system_tests::redis_state::{self, diff_dumps, DLQ, EVENTS};
 use system_tests::takeover::{derived, Takeover};
 use system_tests::{eventually, Response};
@@ -198,6 +198,20 @@ async fn standby_read_models_equal_the_active() {
         assert!(!ea.is_empty(), "{stream} is empty on a");
         assert_eq!(ea, eb, "{stream} differs between a and b");
     }
+
+    // And an operator watching b sees the dead letter a parked
+    eventually(
+        FLOW,
+        "b's dead-letter gauge counts the parked payment",
+        || async {
+            let text = b.metrics().await;
+            match metric_sum(&text, "tandem_node_dead_letters", &[("group", "payments")]) {
+                Some(v) if v == 1.0 => Ok(()),
+                other => Err(other),
+            }
+        },
+    )
+    .await;
 
     // And the derived state behind every read model is equal key for key
     let (da, db) = (derived(&mut conn_a).await, derived(&mut conn_b).await);
