@@ -520,10 +520,12 @@ impl Tx {
             if self.reads.contains_key(&key) || self.peeks.contains_key(&key) {
                 continue;
             }
-            // A peek only informs, so a stale cached value is acceptable; an absent
-            // one is always read, so a product created elsewhere is never "unknown".
+            // A peek only informs, so a stale cached value may serve; it is marked
+            // as cached, so a refusal based on it is decided again on fresh reads (a
+            // product restocked through another node is not reported short).
             match store.cache.get(&key).filter(|_| !self.fresh) {
                 Some(v) => {
+                    self.cached.push(key.clone());
                     self.peeks.insert(key, Some(v));
                 }
                 None => missing.push(key),

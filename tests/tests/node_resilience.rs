@@ -611,3 +611,42 @@ async fn standby_projects_copied_events_into_identical_state() {
     let len: u64 = standby_conn.xlen(EVENTS).await.unwrap();
     assert_eq!(len as usize, entries.len());
 }
+
+#[tokio::test]
+async fn a_restock_through_another_node_is_seen_by_the_availability_check() {
+    // Given two nodes on one Redis, and node a has sold the last unit of a product (so
+    // a holds the product's state as of that sale)
+    let redis = RedisServer::start().await;
+    let a = Node::start(NodeOptions::new(redis.url())).await;
+    let b = Node::start(NodeOptions::new(redis.url())).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let (api_a, api_b) = (Api::new(a.http()), Api::new(b.http()));
+    api_a.put_product("LAST-1", 100, 1).await;
+    let first = api_a
+        .place_ok(&order_body("c-1", &[("LAST-1", 1)], "tok_ok"))
+        .await;
+    api_a.wait_status(&first, &["SHIPPED"], FLOW).await;
+    let short = api_a
+        .place_order(&order_body("c-2", &[("LAST-1", 1)], "tok_ok"))
+        .await;
+    assert_eq!(short.status, 400, "{}", short.text);
+    assert_eq!(short.error_code(), "products_unavailable", "{}", short.text);
+
+    // When the product is restocked through node b
+    api_b.put_product("LAST-1", 100, 50).await;
+
+    // Then node a sees the new stock at once: its availability check and an order
+    let check = a
+        .http()
+        .post(
+            "/api/v1/products/check-availability",
+            &serde_json::json!({"items": [{"product_id": "LAST-1", "quantity": 5}]}),
+        )
+        .await;
+    assert_eq!(check.json["all_available"], true, "{}", check.text);
+    let placed = api_a
+        .place_order(&order_body("c-3", &[("LAST-1", 5)], "tok_ok"))
+        .await;
+    assert_eq!(placed.status, 201, "{}", placed.text);
+}

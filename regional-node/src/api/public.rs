@@ -228,7 +228,8 @@ pub async fn check_availability(
             bad,
         ));
     }
-    let mut tx = Tx::new();
+    // A read answered as is: no cached values, which another node may have outdated.
+    let mut tx = Tx::fresh();
     tx.peek(
         &st.wf.store,
         items.iter().map(|(s, _)| keys::product(s.as_str())),
