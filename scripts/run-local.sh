@@ -29,12 +29,17 @@ cargo build --release --bins -p regional-node -p replicator -p gateway
 mkdir -p "$RUN/logs" "$RUN/redis-a" "$RUN/redis-b" "$RUN/gateway"
 pids=()
 names=()
+stopped=""
 stop() {
+    [ -n "$stopped" ] && return
+    stopped=1
     echo "run-local: stopping" >&2
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
 }
-trap stop EXIT INT TERM
+trap stop EXIT
+trap 'stop; exit 130' INT
+trap 'stop; exit 143' TERM
 
 start() { # name, then the command
     local name=$1; shift
