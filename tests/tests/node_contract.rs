@@ -619,3 +619,26 @@ async fn sigterm_mid_flow_loses_no_order() {
     }
     assert_eq!(api.stock("WIDGET-001").await, (970, 0, 970));
 }
+
+#[tokio::test]
+async fn logs_are_json_lines_on_request() {
+    // Given a node started with LOG_FORMAT=json
+    let region = Region::start_with(Default::default(), |o| o.env("LOG_FORMAT", "json")).await;
+
+    // When it serves a little traffic
+    region.api.put_product("WIDGET-001", 1000, 10).await;
+
+    // Then every line it logged is one JSON object with a level and a message
+    let tail = region.node.log_tail(200);
+    let lines: Vec<&str> = tail.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "no log lines");
+    for line in lines {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string(), "no level: {line}");
+        assert!(
+            v["message"].is_string() || v["fields"]["message"].is_string(),
+            "no message: {line}"
+        );
+    }
+}
