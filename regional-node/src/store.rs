@@ -520,16 +520,9 @@ impl Tx {
             if self.reads.contains_key(&key) || self.peeks.contains_key(&key) {
                 continue;
             }
-            // A peek only informs, so a stale cached value may serve; it is marked
-            // as cached, so a refusal based on it is decided again on fresh reads (a
-            // product restocked through another node is not reported short).
-            match store.cache.get(&key).filter(|_| !self.fresh) {
-                Some(v) => {
-                    self.cached.push(key.clone());
-                    self.peeks.insert(key, Some(v));
-                }
-                None => missing.push(key),
-            }
+            // Always read from Redis: the availability check answers the client at
+            // once, so it must not rest on a value another node may have outdated.
+            missing.push(key);
         }
         if missing.is_empty() {
             return Ok(());
