@@ -61,6 +61,9 @@ const SKUS: usize = 20;
 #[derive(Default)]
 struct Step {
     sent: HashMap<String, Instant>,
+    /// OrderShipped seen before the POST's answer was processed (a fast workflow can
+    /// overtake the client's own bookkeeping).
+    early: HashMap<String, Instant>,
     shipped: Vec<Duration>,
     post: Vec<Duration>,
     errors: u64,
@@ -145,6 +148,8 @@ async fn main() {
                     let mut st = state.lock().unwrap();
                     if let Some(sent) = st.sent.remove(order_id) {
                         st.shipped.push(now - sent);
+                    } else {
+                        st.early.insert(order_id.to_string(), now);
                     }
                 }
             }
@@ -182,9 +187,12 @@ async fn main() {
                 let mut st = state.lock().unwrap();
                 st.post.push(sent.elapsed());
                 match ok.and_then(|v| v["orderId"].as_str().map(str::to_string)) {
-                    Some(id) => {
-                        st.sent.insert(id, sent);
-                    }
+                    Some(id) => match st.early.remove(&id) {
+                        Some(shipped) => st.shipped.push(shipped - sent),
+                        None => {
+                            st.sent.insert(id, sent);
+                        }
+                    },
                     None => st.errors += 1,
                 }
             });
