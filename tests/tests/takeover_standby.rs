@@ -4,7 +4,6 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde_json::Value;
 use system_tests::api::{metric_sum, order_body, Api};
 use system_tests::redis_state::{self, diff_dumps, DLQ, EVENTS};
 use system_tests::takeover::{derived, Takeover};
@@ -206,7 +205,7 @@ async fn standby_read_models_equal_the_active() {
         || async {
             let text = b.metrics().await;
             match metric_sum(&text, "tandem_node_dead_letters", &[("group", "payments")]) {
-                Some(v) if v == 1.0 => Ok(()),
+                Some(1.0) => Ok(()),
                 other => Err(other),
             }
         },
@@ -304,9 +303,7 @@ async fn replicated_durability_waits_for_the_standby() {
         .await;
     let n = placed_events
         .iter()
-        .filter(|e| {
-            e["aggregateId"] == Value::from(id2.as_str()) && e["eventType"] == "OrderPlaced"
-        })
+        .filter(|e| e["aggregateId"] == id2.as_str() && e["eventType"] == "OrderPlaced")
         .count();
     assert_eq!(n, 1, "OrderPlaced events of {id2}: {placed_events:?}");
 }
