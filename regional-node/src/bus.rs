@@ -11,8 +11,9 @@
 //! taken over with XAUTOCLAIM once idle for `reclaim_idle_ms`.
 
 use crate::events::DomainEvent;
+use crate::store::Tx;
 use crate::store::{Entry, Store, StoreError};
-use crate::workflow::{Committed, Retry, Workflow, WorkflowError};
+use crate::workflow::{Retry, Workflow, WorkflowError};
 use crate::{inventory, orders, payments, shipments};
 use eventlog::{keys, Envelope};
 use redis::Value;
@@ -87,7 +88,7 @@ impl Group {
         event: &DomainEvent,
         attempt: u32,
         ack: Option<(&str, &str)>,
-    ) -> Result<Option<Committed>, WorkflowError> {
+    ) -> Result<Option<Tx>, WorkflowError> {
         match self {
             Group::Inventory => inventory::on_event(wf, env, event, ack).await,
             Group::Payments => payments::on_event(wf, env, event, attempt, ack).await,
@@ -359,7 +360,7 @@ async fn handle_entry(
         None => entry.envelope(),
     };
     let parsed = env.map_err(|e| e.to_string()).and_then(|env| {
-        DomainEvent::from_envelope(&env)
+        DomainEvent::decode(&env, entry.event_json())
             .map(|ev| (env, ev))
             .map_err(|e| e.to_string())
     });
@@ -420,7 +421,7 @@ async fn handle_entry(
                 .await;
                 break "dead_lettered";
             }
-            Retry::WhenRedisBack => {
+            Retry::Wait => {
                 if *stop.borrow() {
                     break "abandoned";
                 }
@@ -547,11 +548,11 @@ pub async fn replay(wf: &Workflow, dlq_id: &str) -> Result<serde_json::Value, Re
         .field_str("group")
         .and_then(Group::parse)
         .ok_or_else(|| unreadable("unknown group".into()))?;
-    let env: Envelope = entry
-        .field_str("event")
-        .ok_or_else(|| unreadable("no event".into()))
-        .and_then(|s| serde_json::from_str(s).map_err(|e| unreadable(e.to_string())))?;
-    let event = DomainEvent::from_envelope(&env).map_err(|e| unreadable(e.to_string()))?;
+    let json = entry
+        .field("event")
+        .ok_or_else(|| unreadable("no event".into()))?;
+    let env: Envelope = serde_json::from_slice(json).map_err(|e| unreadable(e.to_string()))?;
+    let event = DomainEvent::decode(&env, json).map_err(|e| unreadable(e.to_string()))?;
     let attempts = entry
         .field_str("attempts")
         .and_then(|a| a.parse::<u32>().ok())

@@ -5,7 +5,7 @@ use crate::events::*;
 use crate::orders::{missing_keys, react, InventoryHold, Order, Reaction, Status};
 use crate::projections::get_json;
 use crate::store::Tx;
-use crate::workflow::{Committed, Decision, Workflow, WorkflowError};
+use crate::workflow::{Decision, Reads, Workflow, WorkflowError};
 use eventlog::{keys, Envelope};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -184,7 +184,7 @@ pub async fn upsert(
     let key = keys::product(sku.as_str());
     let mut created = false;
     let done = wf
-        .execute(vec![key.clone()], cause, None, |tx| {
+        .execute(Reads::keys(vec![key.clone()]), cause, None, |tx| {
             let old = get_json::<Product>(tx, &key)?;
             if let Some(p) = &old {
                 if cmd.stock < p.reserved {
@@ -208,7 +208,7 @@ pub async fn upsert(
         })
         .await?
         .expect("an upsert always emits");
-    let product = get_json::<Product>(&done.tx, &key)?.expect("just written");
+    let product = get_json::<Product>(&done, &key)?.expect("just written");
     Ok((product, created))
 }
 
@@ -219,7 +219,7 @@ pub async fn on_event(
     env: &Envelope,
     event: &DomainEvent,
     ack: Option<(&str, &str)>,
-) -> Result<Option<Committed>, WorkflowError> {
+) -> Result<Option<Tx>, WorkflowError> {
     react(wf, env, event, ack, None, |tx, order| {
         if let Some(missing) = missing_keys(tx, order.product_keys()) {
             return Ok(Reaction::Load(missing));

@@ -6,7 +6,7 @@ use crate::events::*;
 use crate::inventory::{self, Sku};
 use crate::projections::get_json;
 use crate::store::Tx;
-use crate::workflow::{Committed, Decision, Workflow, WorkflowError};
+use crate::workflow::{Decision, Reads, Workflow, WorkflowError};
 use eventlog::{keys, Envelope};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -275,6 +275,18 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// The answer to a new order (201), also stored with its Idempotency-Key so that a
+/// retry, in either region, gets the same answer.
+pub fn placed_answer(order_id: &str, amount: i64, currency: &str, region: &str) -> Value {
+    serde_json::json!({
+        "orderId": order_id,
+        "status": Status::Pending,
+        "amount": amount,
+        "currency": currency,
+        "region": region,
+    })
+}
+
 /// The answer to a place-order: the new order, or the first answer for its key.
 pub enum Placed {
     New(Value),
@@ -308,60 +320,68 @@ pub async fn place(
     let region = wf.region.clone();
     let order_key = keys::order(&order_id);
     let result = wf
-        .execute_with_peek(keys, product_keys, Some(order_key), cause, |tx| {
-            if let Some(key) = idempotency_key {
-                if tx_has(tx, &keys::idempotency(key))? {
-                    return Err(WorkflowError::IdempotencyKeyTaken);
+        .execute(
+            Reads {
+                keys,
+                peek: product_keys,
+                new_key: Some(order_key),
+            },
+            cause,
+            None,
+            |tx| {
+                if let Some(key) = idempotency_key {
+                    if tx_has(tx, &keys::idempotency(key))? {
+                        return Err(WorkflowError::IdempotencyKeyTaken);
+                    }
                 }
-            }
-            let products = inventory::products_for(tx, cmd.items.iter().map(|(s, _)| s))?;
-            let availability = inventory::availability(&products, &cmd.items);
-            if availability.iter().any(|a| !a.is_available) {
-                return Err(WorkflowError::ProductsUnavailable(availability));
-            }
-            let currency = products[0].currency.clone();
-            if products.iter().any(|p| p.currency != currency) {
-                return Err(WorkflowError::Validation(
-                    "all items must be priced in one currency".into(),
-                ));
-            }
-            let items: Vec<LineItem> = cmd
-                .items
-                .iter()
-                .zip(&products)
-                .map(|((sku, qty), p)| LineItem {
-                    sku: sku.as_str().to_string(),
-                    quantity: *qty,
-                    unit_price: p.price,
+                let products = inventory::products_for(tx, cmd.items.iter().map(|(s, _)| s))?;
+                let availability = inventory::availability(&products, &cmd.items);
+                if availability.iter().any(|a| !a.is_available) {
+                    return Err(WorkflowError::ProductsUnavailable(availability));
+                }
+                let currency = products[0].currency.clone();
+                if products.iter().any(|p| p.currency != currency) {
+                    return Err(WorkflowError::Validation(
+                        "all items must be priced in one currency".into(),
+                    ));
+                }
+                let items: Vec<LineItem> = cmd
+                    .items
+                    .iter()
+                    .zip(&products)
+                    .map(|((sku, qty), p)| LineItem {
+                        sku: sku.as_str().to_string(),
+                        quantity: *qty,
+                        unit_price: p.price,
+                    })
+                    .collect();
+                let amount = items.iter().map(|i| i.quantity * i.unit_price).sum();
+                Ok(Decision::Emit {
+                    last_sequence: 0,
+                    events: vec![DomainEvent::OrderPlaced(OrderPlaced {
+                        order_id: order_id.clone(),
+                        customer_id: cmd.customer_id.clone(),
+                        items,
+                        amount,
+                        currency,
+                        shipping_address: cmd.shipping_address.clone(),
+                        payment_token: cmd.payment_token.clone(),
+                        idempotency_key: idempotency_key.map(str::to_string),
+                        request_hash: idempotency_key.map(|_| hash.clone()),
+                    })],
                 })
-                .collect();
-            let amount = items.iter().map(|i| i.quantity * i.unit_price).sum();
-            Ok(Decision::Emit {
-                last_sequence: 0,
-                events: vec![DomainEvent::OrderPlaced(OrderPlaced {
-                    order_id: order_id.clone(),
-                    customer_id: cmd.customer_id.clone(),
-                    items,
-                    amount,
-                    currency,
-                    shipping_address: cmd.shipping_address.clone(),
-                    payment_token: cmd.payment_token.clone(),
-                    idempotency_key: idempotency_key.map(str::to_string),
-                    request_hash: idempotency_key.map(|_| hash.clone()),
-                })],
-            })
-        })
+            },
+        )
         .await;
     match result {
-        Ok(Some(done)) => {
-            let order = load_order(&done.tx, &order_id)?.expect("the order was just placed");
-            Ok(Placed::New(serde_json::json!({
-                "orderId": order.order_id,
-                "status": order.status,
-                "amount": order.amount,
-                "currency": order.currency,
-                "region": region,
-            })))
+        Ok(Some(tx)) => {
+            let order = load_order(&tx, &order_id)?.expect("the order was just placed");
+            Ok(Placed::New(placed_answer(
+                &order_id,
+                order.amount,
+                &order.currency,
+                &region,
+            )))
         }
         Ok(None) => unreachable!("placing an order always emits"),
         // A concurrent request with the same key won the race: answer as it did.
@@ -390,8 +410,9 @@ async fn idempotent_answer(
     let Some(raw) = wf.store.get(&keys::idempotency(key)).await? else {
         return Ok(None);
     };
-    let mut first: Value =
-        serde_json::from_str(&raw).map_err(|e| WorkflowError::Validation(e.to_string()))?;
+    let key = keys::idempotency(key);
+    let mut first: Value = serde_json::from_str(&raw)
+        .map_err(|source| crate::projections::ApplyError::Corrupt { key, source })?;
     if first.get("requestHash").and_then(Value::as_str) != Some(hash) {
         return Err(WorkflowError::IdempotencyKeyReused);
     }
@@ -410,31 +431,36 @@ pub async fn cancel(
     cause: &Cause,
 ) -> Result<Order, WorkflowError> {
     let done = wf
-        .execute(vec![keys::order(order_id)], cause, None, |tx| {
-            let order = load_order(tx, order_id)?
-                .ok_or_else(|| WorkflowError::NotFound(format!("order {order_id}")))?;
-            let cancellable = matches!(
-                order.status,
-                Status::Pending | Status::Confirmed | Status::Paid
-            );
-            if !cancellable || order.shipment.is_some() {
-                return Err(WorkflowError::InvalidState(format!(
-                    "order {order_id} is {} and can no longer be cancelled",
-                    order.status.as_str()
-                )));
-            }
-            Ok(Decision::Emit {
-                last_sequence: order.version,
-                events: vec![DomainEvent::OrderCancelled(OrderCancelled {
-                    order_id: order_id.to_string(),
-                    reason: reason.clone(),
-                    previous_status: order.status.as_str().to_string(),
-                })],
-            })
-        })
+        .execute(
+            Reads::keys(vec![keys::order(order_id)]),
+            cause,
+            None,
+            |tx| {
+                let order = load_order(tx, order_id)?
+                    .ok_or_else(|| WorkflowError::NotFound(format!("order {order_id}")))?;
+                let cancellable = matches!(
+                    order.status,
+                    Status::Pending | Status::Confirmed | Status::Paid
+                );
+                if !cancellable || order.shipment.is_some() {
+                    return Err(WorkflowError::InvalidState(format!(
+                        "order {order_id} is {} and can no longer be cancelled",
+                        order.status.as_str()
+                    )));
+                }
+                Ok(Decision::Emit {
+                    last_sequence: order.version,
+                    events: vec![DomainEvent::OrderCancelled(OrderCancelled {
+                        order_id: order_id.to_string(),
+                        reason: reason.clone(),
+                        previous_status: order.status.as_str().to_string(),
+                    })],
+                })
+            },
+        )
         .await?
         .expect("a cancel always emits");
-    Ok(load_order(&done.tx, order_id)?.expect("the order exists"))
+    Ok(load_order(&done, order_id)?.expect("the order exists"))
 }
 
 /// What a consumer group does about an event of an order.
@@ -457,13 +483,17 @@ pub async fn react<F>(
     ack: Option<(&str, &str)>,
     new_key: Option<String>,
     mut react: F,
-) -> Result<Option<Committed>, WorkflowError>
+) -> Result<Option<Tx>, WorkflowError>
 where
     F: FnMut(&Tx, &Order) -> Result<Reaction, WorkflowError>,
 {
     let order_id = event.aggregate_id();
-    let keys = vec![keys::order(order_id)];
-    wf.execute_creating(keys, new_key, &Cause::event(env), ack, |tx| {
+    let reads = Reads {
+        keys: vec![keys::order(order_id)],
+        new_key,
+        ..Reads::default()
+    };
+    wf.execute(reads, &Cause::event(env), ack, |tx| {
         let Some(order) = load_order(tx, order_id)? else {
             return Ok(Decision::Nothing);
         };
@@ -485,7 +515,7 @@ pub async fn on_event(
     env: &Envelope,
     event: &DomainEvent,
     ack: Option<(&str, &str)>,
-) -> Result<Option<Committed>, WorkflowError> {
+) -> Result<Option<Tx>, WorkflowError> {
     react(wf, env, event, ack, None, |tx, order| {
         let order_id = order.order_id.clone();
         Ok(Reaction::Next(match (order.status, event) {

@@ -6,7 +6,8 @@
 
 use crate::events::*;
 use crate::orders::{react, PaymentState, Reaction, Status};
-use crate::workflow::{Committed, Workflow, WorkflowError};
+use crate::store::Tx;
+use crate::workflow::{Workflow, WorkflowError};
 use eventlog::Envelope;
 
 /// What the provider said about a charge.
@@ -45,7 +46,7 @@ pub async fn on_event(
     event: &DomainEvent,
     attempt: u32,
     ack: Option<(&str, &str)>,
-) -> Result<Option<Committed>, WorkflowError> {
+) -> Result<Option<Tx>, WorkflowError> {
     react(wf, env, event, ack, None, |_, order| {
         let order_id = order.order_id.clone();
         Ok(Reaction::Next(match event {

@@ -118,14 +118,10 @@ pub fn apply(
     let mut order = match event {
         OrderPlaced(e) => {
             if let Some(k) = &e.idempotency_key {
-                let first = serde_json::json!({
-                    "orderId": e.order_id,
-                    "requestHash": e.request_hash,
-                    "status": Status::Pending,
-                    "amount": e.amount,
-                    "currency": e.currency,
-                    "region": env.region,
-                });
+                // The first answer, kept with the body's fingerprint for retries.
+                let mut first =
+                    crate::orders::placed_answer(&e.order_id, e.amount, &e.currency, &env.region);
+                first["requestHash"] = serde_json::json!(e.request_hash);
                 put_json(state, &keys::idempotency(k), &first);
             }
             Order::placed(e, env)
@@ -251,7 +247,7 @@ impl State for MemState {
 
 impl MemState {
     /// Folds one stream entry, indexing it the way the commit script does.
-    pub fn apply_entry(&mut self, id: &str, env: &Envelope) -> Result<(), ApplyError> {
+    pub fn apply_entry(&mut self, id: &str, env: &Envelope, json: &[u8]) -> Result<(), ApplyError> {
         self.event_index
             .insert(env.event_id.clone(), id.to_string());
         self.aggregates
@@ -259,7 +255,7 @@ impl MemState {
             .or_default()
             .push(id.to_string());
         self.cursor = Some(id.to_string());
-        match DomainEvent::from_envelope(env) {
+        match DomainEvent::decode(env, json) {
             Ok(event) => apply(self, env, &event),
             Err(e) => {
                 tracing::warn!(error = %e, "skipping an event this version does not know");

@@ -120,7 +120,7 @@ pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, Sto
             }
         };
         let mut tx = Tx::fresh();
-        match DomainEvent::from_envelope(&env) {
+        match DomainEvent::decode(&env, entry.event_json()) {
             Ok(event) => {
                 tx.load(store, keys_for(&event)).await?;
                 if let Err(e) = apply(&mut tx, &env, &event) {
@@ -146,8 +146,8 @@ pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, Sto
 }
 
 /// Rebuilds all derived state from the event stream, byte for byte what the live
-/// commits produced. Writes are paused meanwhile (commits wait); reads may see the
-/// state disappear and come back while it runs.
+/// commits produced. Writes are paused meanwhile (commits wait); each key is replaced
+/// atomically, so reads see the old value or the new one.
 pub async fn rebuild(store: &Store) -> Result<RebuildReport, StoreError> {
     let _: i64 = store
         .query(
@@ -168,6 +168,44 @@ pub async fn rebuild(store: &Store) -> Result<RebuildReport, StoreError> {
     Ok(report)
 }
 
+/// Every derived key that exists now.
+async fn scan_derived(store: &Store) -> Result<std::collections::BTreeSet<String>, StoreError> {
+    let mut found = std::collections::BTreeSet::new();
+    for pattern in keys::DERIVED_PATTERNS {
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = store
+                .query(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(*pattern)
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await?;
+            found.extend(keys);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Queues the atomic replacement of a hash (`HSET`) or list (`RPUSH`) `key` by `args`:
+/// built under a temporary name, then renamed over the key.
+fn replace(cmds: &mut Vec<redis::Cmd>, build: &str, key: &str, args: Vec<String>) {
+    let tmp = format!("{}rebuild-tmp", keys::PREFIX);
+    cmds.push(redis::cmd("DEL").arg(&tmp).clone());
+    // In slices, so no single command carries a whole event index.
+    for slice in args.chunks(2000) {
+        cmds.push(redis::cmd(build).arg(&tmp).arg(slice).clone());
+    }
+    cmds.push(redis::cmd("RENAME").arg(&tmp).arg(key).clone());
+}
+
 #[derive(Debug, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RebuildReport {
@@ -185,7 +223,7 @@ async fn rebuild_paused(store: &Store) -> Result<RebuildReport, StoreError> {
         start = format!("({}", last.id);
         for entry in &batch {
             match entry.envelope() {
-                Ok(env) => state.apply_entry(&entry.id, &env)?,
+                Ok(env) => state.apply_entry(&entry.id, &env, entry.event_json())?,
                 Err(e) => {
                     tracing::error!(entry = %entry.id, error = %e, "unreadable entry skipped by rebuild")
                 }
@@ -194,56 +232,38 @@ async fn rebuild_paused(store: &Store) -> Result<RebuildReport, StoreError> {
         }
     }
 
-    for pattern in keys::DERIVED_PATTERNS {
-        let mut cursor = 0u64;
-        loop {
-            let (next, found): (u64, Vec<String>) = store
-                .query(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(*pattern)
-                        .arg("COUNT")
-                        .arg(1000),
-                )
-                .await?;
-            if !found.is_empty() {
-                let _: i64 = store.query(redis::cmd("UNLINK").arg(&found)).await?;
-            }
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
-    }
-
+    // Every key is replaced in one atomic command (SET, or RENAME of a hash or list
+    // built under a temporary name), never deleted first: a reader during the rebuild
+    // sees the old value or the new one, not a gap (a product must not turn "unknown"
+    // meanwhile). Keys the new state no longer has are deleted last.
+    let mut stale = scan_derived(store).await?;
     let mut cmds: Vec<redis::Cmd> = Vec::new();
     for (key, value) in &state.values {
+        stale.remove(key);
         cmds.push(redis::cmd("SET").arg(key).arg(value).clone());
     }
     for (key, counters) in &state.counters {
-        for (field, n) in counters {
-            cmds.push(redis::cmd("HSET").arg(key).arg(field).arg(n).clone());
-        }
+        stale.remove(key);
+        let fields = counters
+            .iter()
+            .flat_map(|(f, n)| [f.clone(), n.to_string()]);
+        replace(&mut cmds, "HSET", key, fields.collect());
     }
-    for (event_id, id) in &state.event_index {
-        cmds.push(
-            redis::cmd("HSET")
-                .arg(keys::EVENT_INDEX)
-                .arg(event_id)
-                .arg(id)
-                .clone(),
-        );
+    if !state.event_index.is_empty() {
+        stale.remove(keys::EVENT_INDEX);
+        let fields = state
+            .event_index
+            .iter()
+            .flat_map(|(e, id)| [e.clone(), id.clone()]);
+        replace(&mut cmds, "HSET", keys::EVENT_INDEX, fields.collect());
     }
     for (aggregate, ids) in &state.aggregates {
-        cmds.push(
-            redis::cmd("RPUSH")
-                .arg(keys::aggregate(aggregate))
-                .arg(ids)
-                .clone(),
-        );
+        let key = keys::aggregate(aggregate);
+        stale.remove(&key);
+        replace(&mut cmds, "RPUSH", &key, ids.clone());
     }
     if let Some(cursor) = &state.cursor {
+        stale.remove(keys::PROJECTION_CURSOR);
         cmds.push(
             redis::cmd("SET")
                 .arg(keys::PROJECTION_CURSOR)
@@ -251,8 +271,11 @@ async fn rebuild_paused(store: &Store) -> Result<RebuildReport, StoreError> {
                 .clone(),
         );
     }
+    for key in &stale {
+        cmds.push(redis::cmd("UNLINK").arg(key).clone());
+    }
     let written = state.values.len() + state.counters.len() + state.aggregates.len() + 1;
-    for chunk in cmds.chunks(1000) {
+    for chunk in cmds.chunks(999) {
         let mut pipe = redis::pipe();
         for cmd in chunk {
             pipe.add_command(cmd.clone()).ignore();

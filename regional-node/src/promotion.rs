@@ -82,21 +82,7 @@ async fn promote_steps(wf: &Workflow, epoch: u64) -> Result<(), RoleError> {
 
     let mut offsets = serde_json::Map::new();
     for stream in [keys::EVENTS, keys::DLQ] {
-        let last: Vec<(String, redis::Value)> = wf
-            .store
-            .query(
-                redis::cmd("XREVRANGE")
-                    .arg(stream)
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1),
-            )
-            .await?;
-        offsets.insert(
-            stream.to_string(),
-            json!(last.first().map(|(id, _)| id.as_str()).unwrap_or("0-0")),
-        );
+        offsets.insert(stream.to_string(), json!(wf.store.last_id(stream).await?));
     }
     let record = json!({ "region": wf.region, "startOffsets": offsets, "at": now });
     let _: i64 = wf
@@ -129,7 +115,7 @@ async fn promote_steps(wf: &Workflow, epoch: u64) -> Result<(), RoleError> {
 async fn catch_up(store: &Store) -> Result<(), StoreError> {
     let started = Instant::now();
     loop {
-        let last = store.last_event_id().await?;
+        let last = store.last_id(keys::EVENTS).await?;
         let cursor = store
             .get(keys::PROJECTION_CURSOR)
             .await?

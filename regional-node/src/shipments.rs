@@ -3,7 +3,8 @@
 
 use crate::events::*;
 use crate::orders::{load_order, react, Order, Reaction, ShipmentState, Status};
-use crate::workflow::{Committed, Decision, Workflow, WorkflowError};
+use crate::store::Tx;
+use crate::workflow::{Decision, Reads, Workflow, WorkflowError};
 use eventlog::{keys, Envelope};
 use serde_json::Value;
 
@@ -27,7 +28,7 @@ pub async fn on_event(
     env: &Envelope,
     event: &DomainEvent,
     ack: Option<(&str, &str)>,
-) -> Result<Option<Committed>, WorkflowError> {
+) -> Result<Option<Tx>, WorkflowError> {
     // Chosen once per delivery, outside the decision, so a retried decision after a
     // conflict proposes the same shipment.
     let shipment_id = uuid::Uuid::new_v4().to_string();
@@ -73,40 +74,45 @@ pub async fn advance(
         .await?
         .ok_or_else(not_found)?;
     let done = wf
-        .execute(vec![keys::order(&order_id)], cause, None, |tx| {
-            let order = load_order(tx, &order_id)?.ok_or_else(not_found)?;
-            let shipment = ShipmentRef {
-                order_id: order_id.clone(),
-                shipment_id: shipment_id.to_string(),
-            };
-            let event = match (step, order.shipment, order.status) {
-                (Step::Dispatch, Some(ShipmentState::Created), Status::Shipped) => {
-                    DomainEvent::ShipmentDispatched(shipment)
-                }
-                (Step::Deliver, Some(ShipmentState::Dispatched), Status::Shipped) => {
-                    DomainEvent::ShipmentDelivered(shipment)
-                }
-                (_, state, status) => {
-                    return Err(WorkflowError::InvalidState(format!(
-                        "shipment {shipment_id} is {} (order {}): cannot {}",
-                        state
-                            .map(|s| format!("{s:?}").to_uppercase())
-                            .unwrap_or_else(|| "unknown".into()),
-                        status.as_str(),
-                        if matches!(step, Step::Dispatch) {
-                            "dispatch"
-                        } else {
-                            "deliver"
-                        }
-                    )))
-                }
-            };
-            Ok(Decision::Emit {
-                last_sequence: order.version,
-                events: vec![event],
-            })
-        })
+        .execute(
+            Reads::keys(vec![keys::order(&order_id)]),
+            cause,
+            None,
+            |tx| {
+                let order = load_order(tx, &order_id)?.ok_or_else(not_found)?;
+                let shipment = ShipmentRef {
+                    order_id: order_id.clone(),
+                    shipment_id: shipment_id.to_string(),
+                };
+                let event = match (step, order.shipment, order.status) {
+                    (Step::Dispatch, Some(ShipmentState::Created), Status::Shipped) => {
+                        DomainEvent::ShipmentDispatched(shipment)
+                    }
+                    (Step::Deliver, Some(ShipmentState::Dispatched), Status::Shipped) => {
+                        DomainEvent::ShipmentDelivered(shipment)
+                    }
+                    (_, state, status) => {
+                        return Err(WorkflowError::InvalidState(format!(
+                            "shipment {shipment_id} is {} (order {}): cannot {}",
+                            state
+                                .map(|s| format!("{s:?}").to_uppercase())
+                                .unwrap_or_else(|| "unknown".into()),
+                            status.as_str(),
+                            if matches!(step, Step::Dispatch) {
+                                "dispatch"
+                            } else {
+                                "deliver"
+                            }
+                        )))
+                    }
+                };
+                Ok(Decision::Emit {
+                    last_sequence: order.version,
+                    events: vec![event],
+                })
+            },
+        )
         .await?
         .expect("a shipment step always emits");
-    Ok(load_order(&done.tx, &order_id)?.expect("the order exists"))
+    Ok(load_order(&done, &order_id)?.expect("the order exists"))
 }

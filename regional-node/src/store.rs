@@ -57,8 +57,8 @@ pub struct Store {
 ///
 /// A cached value may be stale (another node or the projector wrote since), which is
 /// safe for every decision that commits: the commit compares against Redis and a
-/// conflict evicts the key. A decision to do nothing is only trusted on fresh reads
-/// (see `workflow`). Bounded: when full it is simply emptied.
+/// conflict evicts the key. A decision to do nothing, or to refuse, is only trusted
+/// on fresh reads (see `workflow`). Bounded: when full it is simply emptied.
 #[derive(Default)]
 struct StateCache {
     values: Mutex<HashMap<String, String>>,
@@ -110,13 +110,7 @@ impl Store {
     /// Runs one command under the store's timeout.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {:?}",
-                self.timeout
-            ))),
-        }
+        self.bounded(cmd.query_async::<T>(&mut conn)).await
     }
 
     pub async fn query_pipe<T: FromRedisValue>(
@@ -124,13 +118,7 @@ impl Store {
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {:?}",
-                self.timeout
-            ))),
-        }
+        self.bounded(pipe.query_async::<T>(&mut conn)).await
     }
 
     /// Runs a Lua script (EVALSHA, loading it on first use) under the store's timeout.
@@ -139,13 +127,25 @@ impl Store {
         inv: &redis::ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, inv.invoke_async::<T>(&mut conn)).await {
+        self.bounded(inv.invoke_async::<T>(&mut conn)).await
+    }
+
+    /// A call that does not answer within the timeout counts as Redis being away.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "no answer within {:?}",
                 self.timeout
             ))),
         }
+    }
+
+    async fn mget(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+        self.query(redis::cmd("MGET").arg(keys)).await
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -170,12 +170,12 @@ impl Store {
         RoleRecord::from_hmget(&values).map_err(StoreError::Redis)
     }
 
-    /// The id of the last entry of the event stream ("0-0" when empty).
-    pub async fn last_event_id(&self) -> Result<String, StoreError> {
+    /// The id of the last entry of a stream ("0-0" when empty).
+    pub async fn last_id(&self, stream: &str) -> Result<String, StoreError> {
         let entries: Vec<(String, Value)> = self
             .query(
                 redis::cmd("XREVRANGE")
-                    .arg(keys::EVENTS)
+                    .arg(stream)
                     .arg("+")
                     .arg("-")
                     .arg("COUNT")
@@ -242,7 +242,7 @@ impl Store {
         let reply: Vec<Value> = self.invoke(&inv).await?;
         let outcome = CommitOutcome::parse(reply)?;
         match &outcome {
-            CommitOutcome::Committed(_) => self.cache.put(tx.writes.iter()),
+            CommitOutcome::Committed => self.cache.put(tx.writes.iter()),
             CommitOutcome::Conflict(key) => self.cache.evict([key]),
             _ => {}
         }
@@ -306,8 +306,8 @@ impl Store {
 /// What a commit did.
 #[derive(Debug, PartialEq)]
 pub enum CommitOutcome {
-    /// Appended; the stream ids of the events, in order.
-    Committed(Vec<String>),
+    /// Appended.
+    Committed,
     /// A key changed since it was read: decide again on fresh state.
     Conflict(String),
     /// The region is not active at the writer's epoch: never write.
@@ -324,7 +324,7 @@ impl CommitOutcome {
             .collect::<Result<_, _>>()?;
         let mut it = strings.into_iter();
         match it.next().as_deref() {
-            Some("ok") => Ok(CommitOutcome::Committed(it.collect())),
+            Some("ok") => Ok(CommitOutcome::Committed),
             Some("conflict") => Ok(CommitOutcome::Conflict(it.next().unwrap_or_default())),
             Some("not_active") => Ok(CommitOutcome::NotActive {
                 role: it.next().unwrap_or_default(),
@@ -407,6 +407,27 @@ impl Entry {
         let next = bulk_string(parts.swap_remove(0)).unwrap_or_else(|| "0-0".into());
         (next, entries)
     }
+
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    pub fn field_str(&self, name: &str) -> Option<&str> {
+        self.field(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// The raw envelope JSON.
+    pub fn event_json(&self) -> &[u8] {
+        self.field(eventlog::envelope::FIELD_EVENT)
+            .unwrap_or_default()
+    }
+
+    pub fn envelope(&self) -> Result<Envelope, eventlog::envelope::DecodeError> {
+        Envelope::from_fields(self.fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
 }
 
 fn bulk_bytes(v: Value) -> Option<Vec<u8>> {
@@ -419,23 +440,6 @@ fn bulk_bytes(v: Value) -> Option<Vec<u8>> {
 
 fn bulk_string(v: Value) -> Option<String> {
     bulk_bytes(v).and_then(|b| String::from_utf8(b).ok())
-}
-
-impl Entry {
-    pub fn field(&self, name: &str) -> Option<&[u8]> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_slice())
-    }
-
-    pub fn field_str(&self, name: &str) -> Option<&str> {
-        self.field(name).and_then(|v| std::str::from_utf8(v).ok())
-    }
-
-    pub fn envelope(&self) -> Result<Envelope, eventlog::envelope::DecodeError> {
-        Envelope::from_fields(self.fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-    }
 }
 
 /// A unit of work: the values read (compared at commit) and the values to write.
@@ -480,7 +484,7 @@ impl Tx {
         if missing.is_empty() {
             return Ok(());
         }
-        let values: Vec<Option<String>> = store.query(redis::cmd("MGET").arg(&missing)).await?;
+        let values = store.mget(&missing).await?;
         store.cache.put(
             missing
                 .iter()
@@ -515,20 +519,17 @@ impl Tx {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let mut missing = Vec::new();
-        for key in keys.into_iter().map(Into::into) {
-            if self.reads.contains_key(&key) || self.peeks.contains_key(&key) {
-                continue;
-            }
-            // Always read from Redis: the availability check answers the client at
-            // once, so it must not rest on a value another node may have outdated.
-            missing.push(key);
+        // Always read from Redis: the availability check answers the client at once,
+        // so it must not rest on a value another node may have outdated.
+        let missing: Vec<String> = keys
+            .into_iter()
+            .map(Into::into)
+            .filter(|k| !self.reads.contains_key(k) && !self.peeks.contains_key(k))
+            .collect();
+        if !missing.is_empty() {
+            let values = store.mget(&missing).await?;
+            self.peeks.extend(missing.into_iter().zip(values));
         }
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let values: Vec<Option<String>> = store.query(redis::cmd("MGET").arg(&missing)).await?;
-        self.peeks.extend(missing.into_iter().zip(values));
         Ok(())
     }
 
@@ -536,11 +537,6 @@ impl Tx {
     /// just generated (a UUID), which nobody can have written. The commit still checks.
     pub fn assume_absent(&mut self, key: String) {
         self.reads.entry(key).or_insert(None);
-    }
-
-    /// Values written so far, for the projector (which does not compare).
-    pub fn writes(&self) -> &BTreeMap<String, String> {
-        &self.writes
     }
 }
 

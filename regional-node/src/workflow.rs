@@ -10,7 +10,6 @@ use crate::metrics::Metrics;
 use crate::projections::{apply, keys_for, ApplyError};
 use crate::roles::Roles;
 use crate::store::{CommitOutcome, Store, StoreError, Tx};
-use eventlog::Envelope;
 use std::time::Duration;
 
 /// What a decision asks for.
@@ -50,6 +49,8 @@ pub enum WorkflowError {
     Provider(String),
     #[error("gave up after {0} write conflicts")]
     Contended(u32),
+    #[error("derived state is being rebuilt")]
+    Rebuilding,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -61,8 +62,9 @@ pub enum WorkflowError {
 pub enum Retry {
     /// A transient failure of the step itself: counts as one of the 3 tries.
     Backoff,
-    /// Redis is away: wait for it without spending a try; nothing was written.
-    WhenRedisBack,
+    /// Redis is away or state is being rebuilt: wait without spending a try; nothing
+    /// was written.
+    Wait,
     /// Not our turn to write (standby or fenced): leave the entry pending.
     Abandon,
     /// Will fail the same way every time: straight to the dead-letter stream.
@@ -73,18 +75,34 @@ impl WorkflowError {
     pub fn retry(&self) -> Retry {
         match self {
             WorkflowError::Provider(_) | WorkflowError::Contended(_) => Retry::Backoff,
-            WorkflowError::Store(StoreError::Unavailable(_)) => Retry::WhenRedisBack,
+            WorkflowError::Store(StoreError::Unavailable(_)) | WorkflowError::Rebuilding => {
+                Retry::Wait
+            }
             WorkflowError::NotActive { .. } => Retry::Abandon,
             _ => Retry::Never,
         }
     }
 }
 
-/// What a committed decision produced. `tx` holds the state after the events.
-pub struct Committed {
-    pub tx: Tx,
-    pub events: Vec<(Envelope, DomainEvent)>,
-    pub ids: Vec<String>,
+/// What a decision reads before it decides.
+#[derive(Debug, Default)]
+pub struct Reads {
+    /// Read and compared at commit.
+    pub keys: Vec<String>,
+    /// Read for information only, never compared (the availability pre-check), and
+    /// always from Redis.
+    pub peek: Vec<String>,
+    /// A key named by an id just generated here: known to be absent, so not read.
+    pub new_key: Option<String>,
+}
+
+impl Reads {
+    pub fn keys(keys: Vec<String>) -> Reads {
+        Reads {
+            keys,
+            ..Reads::default()
+        }
+    }
 }
 
 /// The shared pieces every command and handler writes with.
@@ -100,70 +118,27 @@ pub struct Workflow {
 
 /// Conflicts are not failures, but a hot key must not spin forever.
 const MAX_CONFLICTS: u32 = 200;
+/// A commit waits out a rebuild for at most 5 s (250 x 20 ms), then gives up.
+const PAUSED_WAIT: Duration = Duration::from_millis(20);
+const MAX_PAUSED_WAITS: u32 = 250;
 
 impl Workflow {
-    /// Runs `decide` on fresh state until its events are committed. `ack` names the
-    /// consumed entry (group, id) to acknowledge in the same atomic step.
+    /// Runs `decide` on what `reads` names until its events are committed, and returns
+    /// the transaction (the state after the events), or `None` when there was nothing
+    /// to do. `ack` names the consumed entry (group, id) to acknowledge in the same
+    /// atomic step.
     pub async fn execute<F>(
         &self,
-        keys: Vec<String>,
-        cause: &Cause,
-        ack: Option<(&str, &str)>,
-        decide: F,
-    ) -> Result<Option<Committed>, WorkflowError>
-    where
-        F: FnMut(&Tx) -> Result<Decision, WorkflowError>,
-    {
-        self.run(keys, Vec::new(), None, cause, ack, decide).await
-    }
-
-    /// Like [`Workflow::execute`], also reading `peek` keys that the commit does not
-    /// compare: a decision that only informs (the availability pre-check).
-    /// Like [`Workflow::execute`] for a decision that may create `new_key`, a key named
-    /// by an id just generated here: known to be absent, so it is not read.
-    pub async fn execute_creating<F>(
-        &self,
-        keys: Vec<String>,
-        new_key: Option<String>,
-        cause: &Cause,
-        ack: Option<(&str, &str)>,
-        decide: F,
-    ) -> Result<Option<Committed>, WorkflowError>
-    where
-        F: FnMut(&Tx) -> Result<Decision, WorkflowError>,
-    {
-        self.run(keys, Vec::new(), new_key, cause, ack, decide)
-            .await
-    }
-
-    /// `new_key` is a key named by an id just generated here: known to be absent.
-    pub async fn execute_with_peek<F>(
-        &self,
-        keys: Vec<String>,
-        peek: Vec<String>,
-        new_key: Option<String>,
-        cause: &Cause,
-        decide: F,
-    ) -> Result<Option<Committed>, WorkflowError>
-    where
-        F: FnMut(&Tx) -> Result<Decision, WorkflowError>,
-    {
-        self.run(keys, peek, new_key, cause, None, decide).await
-    }
-
-    async fn run<F>(
-        &self,
-        keys: Vec<String>,
-        peek: Vec<String>,
-        new_key: Option<String>,
+        reads: Reads,
         cause: &Cause,
         ack: Option<(&str, &str)>,
         mut decide: F,
-    ) -> Result<Option<Committed>, WorkflowError>
+    ) -> Result<Option<Tx>, WorkflowError>
     where
         F: FnMut(&Tx) -> Result<Decision, WorkflowError>,
     {
         let mut conflicts = 0;
+        let mut paused_waits = 0;
         let mut fresh = false;
         loop {
             let role = self.roles.current();
@@ -174,9 +149,9 @@ impl Workflow {
                 });
             }
             let mut tx = if fresh { Tx::fresh() } else { Tx::new() };
-            tx.load(&self.store, keys.iter().cloned()).await?;
-            tx.peek(&self.store, peek.iter().cloned()).await?;
-            if let Some(key) = &new_key {
+            tx.load(&self.store, reads.keys.iter().cloned()).await?;
+            tx.peek(&self.store, reads.peek.iter().cloned()).await?;
+            if let Some(key) = &reads.new_key {
                 tx.assume_absent(key.clone());
             }
             let decision = loop {
@@ -218,14 +193,14 @@ impl Workflow {
                 });
             }
             match self.store.commit(&tx, &events, role.epoch, ack).await? {
-                CommitOutcome::Committed(ids) => {
+                CommitOutcome::Committed => {
                     for (env, _) in &events {
                         self.metrics
                             .events_appended
                             .with_label_values(&[env.event_type.as_str()])
                             .inc();
                     }
-                    return Ok(Some(Committed { tx, events, ids }));
+                    return Ok(Some(tx));
                 }
                 CommitOutcome::Conflict(key) => {
                     conflicts += 1;
@@ -250,7 +225,13 @@ impl Workflow {
                     }
                     return Err(WorkflowError::NotActive { role, epoch });
                 }
-                CommitOutcome::Paused => tokio::time::sleep(Duration::from_millis(20)).await,
+                CommitOutcome::Paused => {
+                    paused_waits += 1;
+                    if paused_waits > MAX_PAUSED_WAITS {
+                        return Err(WorkflowError::Rebuilding);
+                    }
+                    tokio::time::sleep(PAUSED_WAIT).await;
+                }
             }
         }
     }

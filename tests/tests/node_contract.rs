@@ -642,3 +642,55 @@ async fn logs_are_json_lines_on_request() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_event_store_pages_oldest_first_with_a_cursor() {
+    // Given a shipped order (7 events) and its product (1 event)
+    let region = Region::start().await;
+    let api = &region.api;
+    api.put_product("WIDGET-001", 1000, 10).await;
+    let id = api
+        .place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok"))
+        .await;
+    api.wait_events(&id, HAPPY_PATH_TO_SHIPPED, FLOW).await;
+
+    // When a client reads the whole store two events at a time, following `next`
+    let mut seen: Vec<Value> = Vec::new();
+    let mut after = String::new();
+    for _ in 0..20 {
+        let r = api
+            .http
+            .get(&format!("/api/events?limit=2&after={after}"))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let page = r.json["events"].as_array().cloned().unwrap_or_default();
+        assert!(page.len() <= 2, "{}", r.text);
+        seen.extend(page);
+        match r.json["next"].as_str() {
+            Some(next) => after = next.to_string(),
+            None => break,
+        }
+    }
+
+    // Then it gets every event once, oldest first: the product, then the order's saga
+    let types: Vec<&str> = seen
+        .iter()
+        .map(|e| e["eventType"].as_str().unwrap())
+        .collect();
+    let mut expected = vec!["ProductUpserted"];
+    expected.extend(HAPPY_PATH_TO_SHIPPED);
+    assert_eq!(types, expected);
+    let ids: Vec<&str> = seen
+        .iter()
+        .map(|e| e["streamId"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "not oldest first: {ids:?}"
+    );
+
+    // And a cursor that is not one is refused
+    let bad = api.http.get("/api/events?after=yesterday").await;
+    assert_eq!(bad.status, 400, "{}", bad.text);
+    assert_eq!(bad.error_code(), "validation_failed", "{}", bad.text);
+}

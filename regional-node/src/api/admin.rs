@@ -79,7 +79,7 @@ async fn role_json(st: &AppState) -> Result<Value, ApiError> {
     if !role.known {
         st.wf.store.ping().await?;
     }
-    let last = st.wf.store.last_event_id().await?;
+    let last = st.wf.store.last_id(keys::EVENTS).await?;
     Ok(json!({
         "region": st.config.region,
         "role": role.role,

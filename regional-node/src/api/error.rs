@@ -145,6 +145,11 @@ impl From<WorkflowError> for ApiError {
                 "contended",
                 format!("gave up after {n} concurrent updates of the same data; retry"),
             ),
+            Rebuilding => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "rebuilding",
+                "derived state is being rebuilt; retry shortly",
+            ),
             Store(e) => e.into(),
             e @ (Provider(_) | Apply(_)) => ApiError::internal(&e),
         }
