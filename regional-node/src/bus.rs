@@ -360,7 +360,7 @@ async fn handle_entry(
         None => entry.envelope(),
     };
     let parsed = env.map_err(|e| e.to_string()).and_then(|env| {
-        DomainEvent::decode(&env, entry.event_json())
+        DomainEvent::from_envelope(&env)
             .map(|ev| (env, ev))
             .map_err(|e| e.to_string())
     });
@@ -552,7 +552,7 @@ pub async fn replay(wf: &Workflow, dlq_id: &str) -> Result<serde_json::Value, Re
         .field("event")
         .ok_or_else(|| unreadable("no event".into()))?;
     let env: Envelope = serde_json::from_slice(json).map_err(|e| unreadable(e.to_string()))?;
-    let event = DomainEvent::decode(&env, json).map_err(|e| unreadable(e.to_string()))?;
+    let event = DomainEvent::from_envelope(&env).map_err(|e| unreadable(e.to_string()))?;
     let attempts = entry
         .field_str("attempts")
         .and_then(|a| a.parse::<u32>().ok())

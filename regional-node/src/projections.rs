@@ -247,7 +247,7 @@ impl State for MemState {
 
 impl MemState {
     /// Folds one stream entry, indexing it the way the commit script does.
-    pub fn apply_entry(&mut self, id: &str, env: &Envelope, json: &[u8]) -> Result<(), ApplyError> {
+    pub fn apply_entry(&mut self, id: &str, env: &Envelope) -> Result<(), ApplyError> {
         self.event_index
             .insert(env.event_id.clone(), id.to_string());
         self.aggregates
@@ -255,7 +255,7 @@ impl MemState {
             .or_default()
             .push(id.to_string());
         self.cursor = Some(id.to_string());
-        match DomainEvent::decode(env, json) {
+        match DomainEvent::from_envelope(env) {
             Ok(event) => apply(self, env, &event),
             Err(e) => {
                 tracing::warn!(error = %e, "skipping an event this version does not know");

@@ -120,7 +120,7 @@ pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, Sto
             }
         };
         let mut tx = Tx::fresh();
-        match DomainEvent::decode(&env, entry.event_json()) {
+        match DomainEvent::from_envelope(&env) {
             Ok(event) => {
                 tx.load(store, keys_for(&event)).await?;
                 if let Err(e) = apply(&mut tx, &env, &event) {
@@ -223,7 +223,7 @@ async fn rebuild_paused(store: &Store) -> Result<RebuildReport, StoreError> {
         start = format!("({}", last.id);
         for entry in &batch {
             match entry.envelope() {
-                Ok(env) => state.apply_entry(&entry.id, &env, entry.event_json())?,
+                Ok(env) => state.apply_entry(&entry.id, &env)?,
                 Err(e) => {
                     tracing::error!(entry = %entry.id, error = %e, "unreadable entry skipped by rebuild")
                 }

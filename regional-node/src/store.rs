@@ -419,12 +419,6 @@ impl Entry {
         self.field(name).and_then(|v| std::str::from_utf8(v).ok())
     }
 
-    /// The raw envelope JSON.
-    pub fn event_json(&self) -> &[u8] {
-        self.field(eventlog::envelope::FIELD_EVENT)
-            .unwrap_or_default()
-    }
-
     pub fn envelope(&self) -> Result<Envelope, eventlog::envelope::DecodeError> {
         Envelope::from_fields(self.fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
