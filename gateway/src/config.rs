@@ -66,6 +66,18 @@ struct RawConfig {
     switchover_timeout_ms: u64,
     shutdown_grace_ms: u64,
     workers: usize,
+    auth_jwks: Option<String>,
+    auth_issuer: Option<String>,
+    auth_audience: Option<String>,
+    auth_jwks_ca: Option<PathBuf>,
+    auth_jwks_refresh_ms: u64,
+    auth_jwks_min_refresh_ms: u64,
+    max_connections: usize,
+    max_connections_per_client: usize,
+    header_read_timeout_ms: u64,
+    idle_timeout_ms: u64,
+    linger_ms: u64,
+    linger_bytes: u64,
 }
 
 /// One upstream region as configured.
@@ -123,6 +135,57 @@ pub struct Config {
     /// Worker threads, each with its own listener and runtime; 0 in the file or the
     /// environment means one per core.
     pub workers: usize,
+    /// OAuth2 resource server settings; `None` (no JWKS configured) leaves every
+    /// public route open, the local default.
+    pub auth: Option<AuthConfig>,
+    pub connections: ConnectionLimits,
+}
+
+/// Where the JSON Web Key Set comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    File(PathBuf),
+    /// An `https://` URL; plain `http://` is refused, as anyone on the path could
+    /// then hand the gateway their own keys.
+    Url(String),
+}
+
+/// How access tokens are checked (API.md "Security").
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub jwks: JwksSource,
+    /// The `iss` every token must carry.
+    pub issuer: String,
+    /// The `aud` every token must carry (one of its values, when it is a list).
+    pub audience: String,
+    /// PEM file of the CA(s) trusted for an `https://` JWKS; unset: the public web roots.
+    pub jwks_ca: Option<PathBuf>,
+    /// The key set is fetched again this often, so removed keys stop working.
+    pub jwks_refresh: Duration,
+    /// A token naming an unknown `kid` triggers a fetch at most this often, so a flood
+    /// of made-up key ids cannot hammer the JWKS server.
+    pub jwks_min_refresh: Duration,
+}
+
+/// Connection-level defences (slowloris, idle floods, bodies sent on after a refusal).
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Open client connections across all workers; past it the longest-idle one is
+    /// closed to make room, or the newcomer when none is idle.
+    pub max_connections: usize,
+    /// Open connections from one client address; 0 turns the check off.
+    pub max_per_client: usize,
+    /// A request head (and, on HTTP/1.1, the wait for the next one on a kept-alive
+    /// connection) must arrive within this.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/2 too).
+    pub idle_timeout: Duration,
+    /// After answering a request whose body was not read (413, 401, ...), how long the
+    /// gateway goes on reading and discarding what the client still sends, so that the
+    /// client reads the answer instead of a connection reset (nginx's lingering close).
+    pub linger: Duration,
+    /// ... and at most this many bytes.
+    pub linger_bytes: u64,
 }
 
 impl Config {
@@ -150,7 +213,15 @@ impl Config {
             .set_default("retry_min_concurrent", 3)?
             .set_default("switchover_timeout_ms", 5_000)?
             .set_default("shutdown_grace_ms", 5_000)?
-            .set_default("workers", 0)?;
+            .set_default("workers", 0)?
+            .set_default("auth_jwks_refresh_ms", 300_000)?
+            .set_default("auth_jwks_min_refresh_ms", 10_000)?
+            .set_default("max_connections", 10_000)?
+            .set_default("max_connections_per_client", 1_000)?
+            .set_default("header_read_timeout_ms", 10_000)?
+            .set_default("idle_timeout_ms", 60_000)?
+            .set_default("linger_ms", 30_000)?
+            .set_default("linger_bytes", 64 * 1024 * 1024)?;
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
@@ -226,6 +297,41 @@ impl Config {
             return Err(invalid("retry_budget_percent", "must be between 0 and 100"));
         }
         let empty_is_none = |s: Option<String>| s.filter(|s| !s.is_empty());
+        let auth = match empty_is_none(raw.auth_jwks) {
+            None => None,
+            Some(jwks) => Some(AuthConfig {
+                jwks: parse_jwks_source(&jwks)?,
+                issuer: empty_is_none(raw.auth_issuer).ok_or_else(|| {
+                    invalid(
+                        "auth_issuer",
+                        "required when auth_jwks is set (the tokens' `iss`)",
+                    )
+                })?,
+                audience: empty_is_none(raw.auth_audience).ok_or_else(|| {
+                    invalid(
+                        "auth_audience",
+                        "required when auth_jwks is set (the tokens' `aud`)",
+                    )
+                })?,
+                jwks_ca: raw.auth_jwks_ca.filter(|p| !p.as_os_str().is_empty()),
+                jwks_refresh: positive("auth_jwks_refresh_ms", raw.auth_jwks_refresh_ms)?,
+                jwks_min_refresh: positive(
+                    "auth_jwks_min_refresh_ms",
+                    raw.auth_jwks_min_refresh_ms,
+                )?,
+            }),
+        };
+        if raw.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        let connections = ConnectionLimits {
+            max_connections: raw.max_connections,
+            max_per_client: raw.max_connections_per_client,
+            header_read_timeout: positive("header_read_timeout_ms", raw.header_read_timeout_ms)?,
+            idle_timeout: positive("idle_timeout_ms", raw.idle_timeout_ms)?,
+            linger: Duration::from_millis(raw.linger_ms),
+            linger_bytes: raw.linger_bytes,
+        };
         Ok(Config {
             listen,
             regions,
@@ -259,8 +365,25 @@ impl Config {
                 n if n > 256 => return Err(invalid("workers", "at most 256")),
                 n => n,
             },
+            auth,
+            connections,
         })
     }
+}
+
+/// A path, or an `https://` URL.
+fn parse_jwks_source(s: &str) -> Result<JwksSource, ConfigError> {
+    let lower = s.to_ascii_lowercase();
+    if lower.starts_with("https://") {
+        return Ok(JwksSource::Url(s.to_string()));
+    }
+    if lower.contains("://") {
+        return Err(invalid(
+            "auth_jwks",
+            format!("{s:?}: give a file path or an https:// URL (keys must not travel in clear)"),
+        ));
+    }
+    Ok(JwksSource::File(PathBuf::from(s)))
 }
 
 /// Parses `a=http://127.0.0.1:8081,b=http://127.0.0.1:8082`.
@@ -324,5 +447,18 @@ mod tests {
         assert!(parse_regions("a=http://x:1,a=http://x:2").is_err());
         assert!(parse_regions("a=https://x:1,b=http://x:2").is_err());
         assert!(parse_regions("a=http://x:1").is_err());
+    }
+
+    #[test]
+    fn jwks_is_a_path_or_an_https_url() {
+        assert_eq!(
+            parse_jwks_source("/etc/jwks.json").unwrap(),
+            JwksSource::File("/etc/jwks.json".into())
+        );
+        assert!(matches!(
+            parse_jwks_source("https://idp.example/jwks").unwrap(),
+            JwksSource::Url(_)
+        ));
+        assert!(parse_jwks_source("http://idp.example/jwks").is_err());
     }
 }

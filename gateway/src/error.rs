@@ -22,6 +22,22 @@ pub enum GatewayError {
     NotFound,
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    /// A route that needs an access token was called without one (RFC 6750 3.1: the
+    /// challenge then carries no error code).
+    #[error("this route needs an access token (Authorization: Bearer <JWT>)")]
+    MissingToken,
+    #[error("{0}")]
+    InvalidToken(&'static str),
+    /// The token is good but lacks the scope the route needs (named here).
+    #[error("the access token lacks the scope {0}")]
+    InsufficientScope(&'static str),
+    /// No key set has loaded yet, so no token can be checked.
+    #[error("access tokens cannot be checked now (no signing keys loaded); retry shortly")]
+    AuthUnavailable,
+    #[error("the request was not received in time")]
+    RequestTimeout,
+    #[error("the body is not valid JSON: {0}")]
+    MalformedJson(String),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("{0}")]
@@ -44,7 +60,13 @@ impl GatewayError {
             GatewayError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Upstream => StatusCode::BAD_GATEWAY,
             GatewayError::NotFound => StatusCode::NOT_FOUND,
-            GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
+            GatewayError::Unauthorized
+            | GatewayError::MissingToken
+            | GatewayError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::InsufficientScope(_) => StatusCode::FORBIDDEN,
+            GatewayError::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::MalformedJson(_) => StatusCode::BAD_REQUEST,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::Conflict { .. } => StatusCode::CONFLICT,
@@ -62,7 +84,13 @@ impl GatewayError {
             GatewayError::Timeout => "gateway_timeout",
             GatewayError::Upstream => "upstream_unavailable",
             GatewayError::NotFound => "not_found",
-            GatewayError::Unauthorized => "unauthorized",
+            GatewayError::Unauthorized
+            | GatewayError::MissingToken
+            | GatewayError::InvalidToken(_) => "unauthorized",
+            GatewayError::InsufficientScope(_) => "insufficient_scope",
+            GatewayError::AuthUnavailable => "auth_unavailable",
+            GatewayError::RequestTimeout => "request_timeout",
+            GatewayError::MalformedJson(_) => "malformed_json",
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::Conflict { code, .. } => code,
@@ -85,11 +113,32 @@ impl GatewayError {
             GatewayError::RateLimited { retry_after_secs } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            GatewayError::NoRegion => {
+            GatewayError::NoRegion | GatewayError::AuthUnavailable => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             GatewayError::Unauthorized => {
                 h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            // RFC 6750 3: the scheme is followed by at least one auth-param; with no
+            // credentials at all, no error code (3.1).
+            GatewayError::MissingToken => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"tandem\""),
+                );
+            }
+            GatewayError::InvalidToken(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
+            GatewayError::InsufficientScope(scope) => {
+                if let Ok(v) = HeaderValue::from_str(&format!(
+                    "Bearer error=\"insufficient_scope\", scope=\"{scope}\""
+                )) {
+                    h.insert(header::WWW_AUTHENTICATE, v);
+                }
             }
             _ => {}
         }

@@ -10,6 +10,9 @@
 //! - [`health`]: active probes with rise/fall thresholds.
 //! - [`failover`]: epochs, leases, promotion after the lease lapses, planned switchover.
 //! - [`node_api`]: the regional node's health and admin endpoints as the gateway calls them.
+//! - [`auth`]: the OAuth2 resource server: bearer JWTs checked, the caller's `sub` and scopes.
+//! - [`jwks`]: the signing keys tokens are checked against, loaded, cached and rotated.
+//! - [`access`]: the scope each route needs; customers reach only their own orders.
 //! - [`limits`]: per-client rate limit, header and body sizes, the retry budget.
 //! - [`admin`]: `/gateway/*` endpoints and `/metrics`.
 //! - [`metrics`]: Prometheus metrics and route templates.
@@ -18,11 +21,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod failover;
 pub mod health;
+pub mod jwks;
 pub mod limits;
 pub mod metrics;
 pub mod node_api;
@@ -31,6 +37,7 @@ pub mod routing;
 pub mod server;
 pub mod tls;
 
+use auth::Authenticator;
 use config::Config;
 use failover::{Controller, EpochStore};
 use limits::RateLimiter;
@@ -53,6 +60,8 @@ pub struct Shared {
     pub retry_budget: RetryBudget,
     pub limiter: RateLimiter,
     pub node_api: NodeApi,
+    /// `None`: auth is off (no JWKS configured) and every public route is open.
+    pub auth: Option<Authenticator>,
 }
 
 /// Why the gateway could not start.
@@ -67,6 +76,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("GATEWAY_STATE_DIR: {0}")]
     State(std::io::Error),
+    #[error(transparent)]
+    Jwks(#[from] jwks::JwksError),
 }
 
 /// A bound, not yet running gateway.
@@ -93,6 +104,19 @@ impl Application {
         let metrics = Arc::new(Metrics::new(&ids));
         let routing = Arc::new(Routing::new(&config, metrics.clone()));
         let node_api = NodeApi::new(config.node_token.clone(), config.connect_timeout);
+        let auth = match &config.auth {
+            Some(cfg) => {
+                let ring = jwks::KeyRing::load(cfg, metrics.clone()).await?;
+                Some(Authenticator::new(Arc::new(ring)))
+            }
+            None => {
+                tracing::warn!(
+                    "auth is off (GATEWAY_AUTH_JWKS unset): every public route is open to anyone; \
+                     set GATEWAY_AUTH_JWKS, GATEWAY_AUTH_ISSUER and GATEWAY_AUTH_AUDIENCE in production"
+                );
+                None
+            }
+        };
         let controller = Arc::new(Controller::new(
             config.clone(),
             routing.clone(),
@@ -111,6 +135,7 @@ impl Application {
             controller,
             metrics,
             node_api,
+            auth,
         });
         Ok(Application {
             listener,
@@ -133,6 +158,9 @@ impl Application {
             tasks.push(tokio::spawn(health::probe_loop(shared.clone(), i)));
         }
         tasks.push(tokio::spawn(shared.controller.clone().run()));
+        if let Some(auth) = &shared.auth {
+            tasks.push(tokio::spawn(auth.key_ring().clone().run()));
+        }
         let addr = self.listener.local_addr().unwrap_or(shared.config.listen);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut threads = Vec::new();

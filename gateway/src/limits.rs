@@ -2,7 +2,9 @@
 //! retry budget that keeps retries from multiplying load on a struggling region.
 
 use hyper::http::HeaderMap;
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -17,11 +19,21 @@ struct Bucket {
     last: Instant,
 }
 
-/// Token bucket per client address: `rate` tokens a second, up to `burst`.
+/// Who a rate limit applies to: the authenticated client when auth is on (many users
+/// may share one address behind a NAT; one user may come from many), else the address.
+#[derive(Debug, Clone, Copy, Hash)]
+pub enum ClientKey<'a> {
+    Addr(IpAddr),
+    Subject(&'a str),
+}
+
+/// Token bucket per client: `rate` tokens a second, up to `burst`. Buckets are keyed
+/// by a keyed hash of the client, so a subject is never copied into the table.
 pub struct RateLimiter {
     rate: f64,
     burst: f64,
-    shards: Vec<Mutex<HashMap<IpAddr, Bucket>>>,
+    hasher: RandomState,
+    shards: Vec<Mutex<HashMap<u64, Bucket>>>,
 }
 
 impl RateLimiter {
@@ -30,26 +42,25 @@ impl RateLimiter {
         RateLimiter {
             rate,
             burst,
+            hasher: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         }
     }
 
     /// Takes a token; `Err(seconds)` says when the client may try again.
-    pub fn check(&self, ip: IpAddr) -> Result<(), u64> {
+    pub fn check(&self, client: ClientKey<'_>) -> Result<(), u64> {
         if self.rate <= 0.0 {
             return Ok(());
         }
-        let shard = match ip {
-            IpAddr::V4(v4) => v4.octets()[3] as usize,
-            IpAddr::V6(v6) => v6.octets()[15] as usize,
-        } % SHARDS;
+        let key = self.hasher.hash_one(client);
+        let shard = (key >> 58) as usize % SHARDS;
         let now = Instant::now();
         let mut map = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
         if map.len() > SWEEP_AT {
             let full_after = self.burst / self.rate;
             map.retain(|_, b| now.duration_since(b.last).as_secs_f64() < full_after);
         }
-        let b = map.entry(ip).or_insert(Bucket {
+        let b = map.entry(key).or_insert(Bucket {
             tokens: self.burst,
             last: now,
         });
@@ -144,11 +155,18 @@ mod tests {
     #[test]
     fn bucket_refuses_after_burst_and_says_when() {
         let l = RateLimiter::new(1.0, 2.0);
-        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let ip = ClientKey::Addr("127.0.0.1".parse().unwrap());
         assert!(l.check(ip).is_ok());
         assert!(l.check(ip).is_ok());
         assert_eq!(l.check(ip), Err(1));
-        assert!(l.check("127.0.0.2".parse().unwrap()).is_ok());
+        assert!(l
+            .check(ClientKey::Addr("127.0.0.2".parse().unwrap()))
+            .is_ok());
+        // Subjects have buckets of their own, apart from addresses.
+        assert!(l.check(ClientKey::Subject("c-1")).is_ok());
+        assert!(l.check(ClientKey::Subject("c-1")).is_ok());
+        assert_eq!(l.check(ClientKey::Subject("c-1")), Err(1));
+        assert!(l.check(ClientKey::Subject("c-2")).is_ok());
     }
 
     #[test]

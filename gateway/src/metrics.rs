@@ -22,6 +22,9 @@ pub struct Metrics {
     pub failovers: IntCounterVec,
     pub retries: IntCounterVec,
     pub rejected: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub jwks_fetches: IntCounterVec,
+    pub jwks_keys: IntGauge,
 }
 
 impl Metrics {
@@ -89,6 +92,27 @@ impl Metrics {
             &["code"],
         )
         .expect("metric");
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "tandem_gateway_auth_failures_total",
+                "Requests refused for their access token or its rights, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("metric");
+        let jwks_fetches = IntCounterVec::new(
+            Opts::new(
+                "tandem_gateway_jwks_fetches_total",
+                "Loads of the JSON Web Key Set, by outcome (ok, error).",
+            ),
+            &["outcome"],
+        )
+        .expect("metric");
+        let jwks_keys = IntGauge::new(
+            "tandem_gateway_jwks_keys",
+            "Usable verification keys in the loaded JWKS.",
+        )
+        .expect("metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -98,6 +122,9 @@ impl Metrics {
             Box::new(failovers.clone()),
             Box::new(retries.clone()),
             Box::new(rejected.clone()),
+            Box::new(auth_failures.clone()),
+            Box::new(jwks_fetches.clone()),
+            Box::new(jwks_keys.clone()),
         ] {
             registry.register(c).expect("register metric");
         }
@@ -114,6 +141,9 @@ impl Metrics {
         for reason in RETRY_REASONS {
             retries.with_label_values(&[reason]);
         }
+        for failure in crate::auth::Failure::ALL {
+            auth_failures.with_label_values(&[failure.reason()]);
+        }
         Metrics {
             registry,
             requests,
@@ -124,6 +154,9 @@ impl Metrics {
             failovers,
             retries,
             rejected,
+            auth_failures,
+            jwks_fetches,
+            jwks_keys,
         }
     }
 

@@ -2,8 +2,10 @@
 //! and the request's deadline, which holds across retries and across waiting for a
 //! failover.
 
+use crate::access::{self, Need, Ownership};
+use crate::auth::{Failure as AuthFailure, Principal, Scope};
 use crate::error::GatewayError;
-use crate::limits::header_bytes;
+use crate::limits::{header_bytes, ClientKey};
 use crate::metrics::route_template;
 use crate::node_api::error_chain;
 use crate::routing::Routing;
@@ -40,6 +42,12 @@ static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// The authenticated caller's `sub`, for the node (API.md "Security"); never the client's.
+pub static TANDEM_SUBJECT: HeaderName = HeaderName::from_static("tandem-subject");
+/// The caller's `scope` claim as given, for the node (e.g. `pii:read` on `/api/events`).
+pub static TANDEM_SCOPES: HeaderName = HeaderName::from_static("tandem-scopes");
+/// An order as the node shows it is a few KiB; more than this is not an order.
+const MAX_ORDER_BYTES: usize = 1024 * 1024;
 
 pub fn full_body(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
@@ -90,6 +98,13 @@ impl Failure {
             Failure::Overtaken => "failover",
         }
     }
+}
+
+/// Who asked (with auth on) and whether the route is one customer's order.
+struct Caller {
+    principal: Option<Principal>,
+    /// `None` when auth is off and for `orders:admin`.
+    ownership: Ownership,
 }
 
 enum RequestBody {
@@ -162,13 +177,10 @@ async fn forward_inner<'a>(
     start: Instant,
 ) -> Result<(Response<Body>, &'a str), GatewayError> {
     let cfg = &shared.config;
-    shared
-        .limiter
-        .check(peer.ip())
-        .map_err(|retry_after_secs| GatewayError::RateLimited { retry_after_secs })?;
     if header_bytes(&parts.headers) > cfg.max_header_bytes {
         return Err(GatewayError::HeadersTooLarge(cfg.max_header_bytes));
     }
+    let caller = admit(shared, &parts, peer).await?;
     let content_length = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -183,17 +195,24 @@ async fn forward_inner<'a>(
     // repeat with the first answer (also after a failover, since the key is replicated).
     let idempotent =
         is_read || (parts.method == Method::POST && parts.headers.contains_key(&IDEMPOTENCY_KEY));
+    // The deadline covers reading the body too: a client trickling it holds nothing for long.
+    let deadline = start + cfg.request_timeout;
 
-    let mut body = if body.is_end_stream() {
+    let body = if body.is_end_stream() {
         RequestBody::Buffered(Bytes::new())
-    } else if idempotent || content_length.is_some_and(|n| n <= BUFFER_UP_TO) {
+    } else if idempotent
+        || caller.ownership == Ownership::Place
+        || content_length.is_some_and(|n| n <= BUFFER_UP_TO)
+    {
         let limit = usize::try_from(cfg.max_body_bytes).unwrap_or(usize::MAX);
-        match Limited::new(body, limit).collect().await {
-            Ok(c) => RequestBody::Buffered(c.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+        let read = tokio::time::timeout_at(deadline.into(), Limited::new(body, limit).collect());
+        match read.await {
+            Err(_) => return Err(GatewayError::RequestTimeout),
+            Ok(Ok(c)) => RequestBody::Buffered(c.to_bytes()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                 return Err(GatewayError::BodyTooLarge(cfg.max_body_bytes))
             }
-            Err(_) => {
+            Ok(Err(_)) => {
                 return Err(GatewayError::BadRequest(
                     "request body could not be read".into(),
                 ))
@@ -202,15 +221,255 @@ async fn forward_inner<'a>(
     } else {
         RequestBody::Streaming(Some(body))
     };
+    if let (Ownership::Place, Some(principal), RequestBody::Buffered(bytes)) =
+        (&caller.ownership, &caller.principal, &body)
+    {
+        placing_as_self(shared, principal, bytes)?;
+    }
 
     prepare_headers(&mut parts.headers, request_id, peer, tls);
+    if shared.auth.is_some() {
+        // The node learns who asked from the identity headers; the token itself is a
+        // credential it has no use for.
+        parts.headers.remove(header::AUTHORIZATION);
+    }
+    if let Some(p) = &caller.principal {
+        parts
+            .headers
+            .insert(TANDEM_SUBJECT.clone(), p.subject.clone());
+        parts
+            .headers
+            .insert(TANDEM_SCOPES.clone(), p.scope_claim.clone());
+    }
     let path_and_query = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| uri::PathAndQuery::from_static("/"));
+    let mut body = body;
 
-    let deadline = start + cfg.request_timeout;
+    let (Ownership::Order(order_id), Some(principal)) = (&caller.ownership, &caller.principal)
+    else {
+        let outgoing = Outgoing {
+            method: &parts.method,
+            path_and_query: &path_and_query,
+            headers: &parts.headers,
+            read: is_read,
+            idempotent,
+        };
+        return exchange(shared, client, &outgoing, &mut body, deadline).await;
+    };
+    // One customer's order. A read is checked on the answer; anything else (cancel)
+    // first reads the order from the active region, which never changes its owner, and
+    // goes ahead only for the owner: someone else's order is "not found" and nothing
+    // reaches the node's write path.
+    let subject = principal.subject();
+    if parts.method != Method::GET {
+        let read = exchange(
+            shared,
+            client,
+            &Outgoing {
+                method: &Method::GET,
+                path_and_query: &order_path(order_id)?,
+                headers: &identity_only(&parts.headers),
+                read: false,
+                idempotent: true,
+            },
+            &mut RequestBody::Buffered(Bytes::new()),
+            deadline,
+        )
+        .await?;
+        if read.0.status() != StatusCode::OK {
+            return Ok(read);
+        }
+        let (checked, region) = owner_only(shared, read, order_id, subject, deadline).await?;
+        if checked.status() != StatusCode::OK {
+            return Ok((checked, region));
+        }
+    }
+    let outgoing = Outgoing {
+        method: &parts.method,
+        path_and_query: &path_and_query,
+        headers: &parts.headers,
+        read: is_read,
+        idempotent,
+    };
+    let answer = exchange(shared, client, &outgoing, &mut body, deadline).await?;
+    if parts.method == Method::GET && answer.0.status() == StatusCode::OK {
+        return owner_only(shared, answer, order_id, subject, deadline).await;
+    }
+    Ok(answer)
+}
+
+/// Who is asking and whether the route lets them, decided before a byte goes upstream;
+/// the rate limit is taken here too, keyed by the caller.
+async fn admit(
+    shared: &Shared,
+    parts: &hyper::http::request::Parts,
+    peer: SocketAddr,
+) -> Result<Caller, GatewayError> {
+    let open = Caller {
+        principal: None,
+        ownership: Ownership::None,
+    };
+    let Some(auth) = &shared.auth else {
+        rate_limit(shared, ClientKey::Addr(peer.ip()))?;
+        return Ok(open);
+    };
+    let (need, ownership) = access::rule(&parts.method, parts.uri.path());
+    if need == Need::Open {
+        rate_limit(shared, ClientKey::Addr(peer.ip()))?;
+        return Ok(open);
+    }
+    let verdict = auth.authenticate(&parts.headers).await;
+    match &verdict {
+        Ok(p) => rate_limit(shared, ClientKey::Subject(p.subject()))?,
+        Err(_) => rate_limit(shared, ClientKey::Addr(peer.ip()))?,
+    }
+    let principal = verdict.map_err(|f| refuse(shared, f))?;
+    if let Need::Scope(scope) = need {
+        if !principal.scopes.has(scope) {
+            refuse(shared, AuthFailure::InsufficientScope);
+            return Err(GatewayError::InsufficientScope(scope.name()));
+        }
+    }
+    let ownership = if principal.scopes.has(Scope::OrdersAdmin) {
+        Ownership::None
+    } else {
+        ownership
+    };
+    Ok(Caller {
+        principal: Some(principal),
+        ownership,
+    })
+}
+
+fn rate_limit(shared: &Shared, client: ClientKey<'_>) -> Result<(), GatewayError> {
+    shared
+        .limiter
+        .check(client)
+        .map_err(|retry_after_secs| GatewayError::RateLimited { retry_after_secs })
+}
+
+/// Counts a refusal and gives its answer.
+fn refuse(shared: &Shared, failure: AuthFailure) -> GatewayError {
+    shared
+        .metrics
+        .auth_failures
+        .with_label_values(&[failure.reason()])
+        .inc();
+    tracing::debug!(reason = failure.reason(), "request refused by auth");
+    failure.to_error()
+}
+
+/// `POST /orders` by a customer: the order must be placed for the caller.
+fn placing_as_self(
+    shared: &Shared,
+    principal: &Principal,
+    body: &[u8],
+) -> Result<(), GatewayError> {
+    match access::customer_id(body) {
+        Err(e) => Err(GatewayError::MalformedJson(e)),
+        Ok(Some(customer)) if customer != principal.subject() => {
+            refuse(shared, AuthFailure::NotOwner);
+            Err(GatewayError::InsufficientScope(Scope::OrdersAdmin.name()))
+        }
+        // The caller's own id, or none at all (which the node refuses as invalid).
+        Ok(_) => Ok(()),
+    }
+}
+
+/// The order's answer if it belongs to `subject`; otherwise the node's own "not found"
+/// answer for a missing order, so another customer's order cannot even be told to exist.
+async fn owner_only<'a>(
+    shared: &Shared,
+    (resp, region): (Response<Body>, &'a str),
+    order_id: &str,
+    subject: &str,
+    deadline: Instant,
+) -> Result<(Response<Body>, &'a str), GatewayError> {
+    let (mut parts, body) = resp.into_parts();
+    let read = tokio::time::timeout_at(deadline.into(), read_up_to(body, MAX_ORDER_BYTES));
+    let bytes = match read.await {
+        Err(_) => return Err(GatewayError::Timeout),
+        Ok(None) => return Err(GatewayError::Upstream),
+        Ok(Some(b)) => b,
+    };
+    if matches!(access::customer_id(&bytes), Ok(Some(c)) if c == subject) {
+        return Ok((Response::from_parts(parts, full_body(bytes)), region));
+    }
+    refuse(shared, AuthFailure::NotOwner);
+    let not_found = serde_json::json!({
+        "error": { "code": "not_found", "message": format!("order {order_id} not found") }
+    });
+    parts.status = StatusCode::NOT_FOUND;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Ok((
+        Response::from_parts(parts, full_body(not_found.to_string())),
+        region,
+    ))
+}
+
+/// A region's answer body, whole, if it is at most `limit` bytes and arrives intact.
+async fn read_up_to(mut body: Body, limit: usize) -> Option<Bytes> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if out.len() + data.len() > limit {
+                return None;
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Some(Bytes::from(out))
+}
+
+fn order_path(order_id: &str) -> Result<uri::PathAndQuery, GatewayError> {
+    uri::PathAndQuery::try_from(format!("/orders/{order_id}"))
+        .map_err(|_| GatewayError::BadRequest("bad request target".into()))
+}
+
+/// The headers of a request the gateway makes on a client's behalf: its trace and
+/// identity, nothing of the client's own.
+fn identity_only(prepared: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(8);
+    for name in [
+        &X_REQUEST_ID,
+        &TRACEPARENT,
+        &X_FORWARDED_FOR,
+        &X_FORWARDED_PROTO,
+        &TANDEM_SUBJECT,
+        &TANDEM_SCOPES,
+    ] {
+        if let Some(v) = prepared.get(name) {
+            out.insert(name.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// One request as it goes upstream (perhaps more than once).
+struct Outgoing<'r> {
+    method: &'r Method,
+    path_and_query: &'r uri::PathAndQuery,
+    headers: &'r HeaderMap,
+    /// Routed as a read (any healthy region, per the read policy) or to the active one.
+    read: bool,
+    /// Safe to send again.
+    idempotent: bool,
+}
+
+/// Sends `req` to a region, retrying when that is safe and waiting out a failover,
+/// within `deadline`.
+async fn exchange<'a>(
+    shared: &'a Shared,
+    client: &UpstreamClient,
+    req: &Outgoing<'_>,
+    body: &mut RequestBody,
+    deadline: Instant,
+) -> Result<(Response<Body>, &'a str), GatewayError> {
+    let cfg = &shared.config;
+    let (is_read, idempotent) = (req.read, req.idempotent);
     let routing = &shared.routing;
     let mut changes = routing.subscribe();
     let _active = shared.retry_budget.enter();
@@ -268,7 +527,7 @@ async fn forward_inner<'a>(
         };
 
         let region = routing.region(target);
-        let upstream_body = match &mut body {
+        let upstream_body = match body {
             RequestBody::Buffered(b) => full_body(b.clone()),
             RequestBody::Streaming(s) => match s.take() {
                 Some(incoming) => {
@@ -281,14 +540,14 @@ async fn forward_inner<'a>(
         let uri = Uri::builder()
             .scheme(uri::Scheme::HTTP)
             .authority(region.authority.clone())
-            .path_and_query(path_and_query.clone())
+            .path_and_query(req.path_and_query.clone())
             .build()
             .map_err(|_| GatewayError::BadRequest("bad request target".into()))?;
         let mut upstream = Request::new(upstream_body);
-        *upstream.method_mut() = parts.method.clone();
+        *upstream.method_mut() = req.method.clone();
         *upstream.uri_mut() = uri;
         *upstream.version_mut() = Version::HTTP_11;
-        *upstream.headers_mut() = parts.headers.clone();
+        *upstream.headers_mut() = req.headers.clone();
 
         if !tried.contains(&target) {
             tried.push(target);
@@ -296,15 +555,15 @@ async fn forward_inner<'a>(
         let attempt_deadline = cfg
             .attempt_timeout
             .min(deadline.saturating_duration_since(Instant::now()));
-        let exchange = client.request(upstream);
-        tokio::pin!(exchange);
+        let sent = client.request(upstream);
+        tokio::pin!(sent);
         // Most answers come quickly: only a slow one pays for watching the topology.
         let first = WATCH_AFTER.min(attempt_deadline);
-        let outcome = match tokio::time::timeout(first, &mut exchange).await {
+        let outcome = match tokio::time::timeout(first, &mut sent).await {
             Ok(r) => Some(Ok(r)),
             Err(_) => tokio::select! {
                 biased;
-                r = tokio::time::timeout(attempt_deadline - first, &mut exchange) => Some(r),
+                r = tokio::time::timeout(attempt_deadline - first, &mut sent) => Some(r),
                 _ = overtaken(routing, &mut changes, target, is_read), if idempotent => None,
             },
         };
@@ -341,7 +600,7 @@ async fn forward_inner<'a>(
                 Failure::Timeout
             }
         };
-        let replayable = matches!(body, RequestBody::Buffered(_));
+        let replayable = matches!(*body, RequestBody::Buffered(_));
         if !(replayable && failure.may_retry(idempotent)) {
             return conclude(shared, Some((failure, target)));
         }
@@ -443,6 +702,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 fn prepare_headers(headers: &mut HeaderMap, request_id: &HeaderValue, peer: SocketAddr, tls: bool) {
     strip_hop_by_hop(headers);
+    // Identity is the gateway's word alone: a client's own copies never pass.
+    headers.remove(&TANDEM_SUBJECT);
+    headers.remove(&TANDEM_SCOPES);
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
     if !headers.contains_key(&TRACEPARENT) {
         headers.insert(TRACEPARENT.clone(), new_traceparent());
@@ -573,6 +835,22 @@ mod tests {
         assert!(parts[1].bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
         assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn a_client_cannot_claim_an_identity() {
+        let mut h = HeaderMap::new();
+        h.insert("tandem-subject", HeaderValue::from_static("c-victim"));
+        h.insert(
+            "tandem-scopes",
+            HeaderValue::from_static("orders:admin pii:read"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        prepare_headers(&mut h, &HeaderValue::from_static("r-1"), peer, false);
+        assert!(!h.contains_key(&TANDEM_SUBJECT));
+        assert!(!h.contains_key(&TANDEM_SCOPES));
+        assert!(h.contains_key("x-kept"));
     }
 
     #[test]

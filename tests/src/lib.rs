@@ -13,6 +13,7 @@
 //! - [`node`]: the `regional-node` binary.
 //! - [`api`]: the node's HTTP API (orders, products, events, admin) for tests.
 //! - [`region`]: a private Redis plus one active node, the usual test fixture.
+//! - [`tokens`]: a test identity provider: key pairs, JWKS (file or HTTPS), signed tokens.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -27,6 +28,7 @@ pub mod redis_state;
 pub mod region;
 pub mod replicator;
 pub mod takeover;
+pub mod tokens;
 pub mod workdir;
 
 pub use api::{order_body, Api};
