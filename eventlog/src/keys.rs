@@ -23,11 +23,14 @@ pub const EVENTS: &str = "tandem:events";
 pub const DLQ: &str = "tandem:dlq";
 pub const QUARANTINE: &str = "tandem:quarantine";
 
-/// Hash: `role`, `epoch`, `paused` (set while state is rebuilt), `fencing`.
+/// Hash: `role`, `epoch`, `paused` (Unix ms until which commits wait: a rebuild runs and
+/// keeps extending it), `fencing`.
 pub const ROLE: &str = "tandem:role";
 /// Hash: epoch number -> JSON `{"region","startOffsets":{stream: id},"at"}`.
 pub const EPOCHS: &str = "tandem:epochs";
-/// Hash: a promotion's intent, written before the new epoch begins (DESIGN.md 4).
+/// Hash: a promotion's intent, written before the new epoch begins (DESIGN.md 4). It
+/// expires, so a promotion whose node died cannot hold the local replicator and fence the
+/// peer for good; the promotion only takes effect while its intent still stands.
 pub const PROMOTION_INTENT: &str = "tandem:promotion-intent";
 
 /// Hash: replicated stream -> last copied entry id, plus `groups:<stream>` -> JSON.
@@ -66,6 +69,14 @@ pub fn aggregate(aggregate_id: &str) -> String {
     format!("tandem:agg:{aggregate_id}")
 }
 
+/// String: the replay of one [`DLQ`] entry, by its entry id. The dead-letter stream is
+/// append-only like every replicated stream (the replicator copies appends, never
+/// deletions), so a replayed entry is marked by an event, not removed: both regions then
+/// agree that it is done, also after a failover.
+pub fn dlq_replayed(dlq_id: &str) -> String {
+    format!("tandem:dlq:replayed:{dlq_id}")
+}
+
 /// Every key pattern of derived state: what a rebuild deletes and writes anew.
 pub const DERIVED_PATTERNS: &[&str] = &[
     "tandem:order:*",
@@ -73,6 +84,7 @@ pub const DERIVED_PATTERNS: &[&str] = &[
     "tandem:shipment:*",
     "tandem:idem:*",
     "tandem:agg:*",
+    "tandem:dlq:replayed:*",
     EVENT_INDEX,
     PROJECTION_CURSOR,
     ORDER_COUNTS,

@@ -118,6 +118,10 @@ pub mod fields {
 
 impl RoleRecord {
     /// Reads the record from `HMGET role epoch paused`; `None` when no role is stored.
+    ///
+    /// `paused` holds a deadline (Unix ms), not a flag: the rebuild that set it extends it
+    /// while it runs, so a node killed in the middle of a rebuild cannot leave the region
+    /// paused for good. A value in the past (or the old flag value "1") is not a pause.
     pub fn from_hmget(values: &[Option<String>]) -> Result<Option<RoleRecord>, String> {
         let (Some(role), epoch) = (
             values.first().cloned().flatten(),
@@ -130,7 +134,12 @@ impl RoleRecord {
             .unwrap_or_else(|| "0".into())
             .parse::<u64>()
             .map_err(|e| format!("stored epoch is not a number: {e}"))?;
-        let paused = values.get(2).cloned().flatten().is_some_and(|p| p == "1");
+        let paused = values
+            .get(2)
+            .cloned()
+            .flatten()
+            .and_then(|p| p.parse::<u64>().ok())
+            .is_some_and(|until| until > crate::time::now_ms());
         Ok(Some(RoleRecord {
             role,
             epoch: Epoch(epoch),
@@ -153,7 +162,9 @@ mod tests {
 
     #[test]
     fn role_record_parses_from_hash_values() {
-        let r = RoleRecord::from_hmget(&[Some("active".into()), Some("3".into()), None]).unwrap();
+        let r =
+            RoleRecord::from_hmget(&[Some("active".into()), Some("3".into()), Some("1".into())])
+                .unwrap();
         assert_eq!(
             r,
             Some(RoleRecord {
@@ -163,6 +174,12 @@ mod tests {
             })
         );
         assert_eq!(RoleRecord::from_hmget(&[None, None, None]).unwrap(), None);
+        let until = (crate::time::now_ms() + 60_000).to_string();
+        let paused =
+            RoleRecord::from_hmget(&[Some("active".into()), Some("3".into()), Some(until)])
+                .unwrap()
+                .unwrap();
+        assert!(paused.paused, "a pause deadline in the future pauses");
         assert!(RoleRecord::from_hmget(&[Some("boss".into()), None, None]).is_err());
     }
 }

@@ -9,6 +9,10 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use std::time::Duration;
 
+/// How long a promotion may keep answering "in progress" (a node's own promotion time
+/// limit, `NODE_PROMOTION_TIMEOUT_MS`, is 30 s by default).
+pub const PROMOTION_DEADLINE: Duration = Duration::from_secs(35);
+
 /// What went wrong talking to a node.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -100,7 +104,10 @@ impl NodeApi {
             .await
     }
 
-    /// `POST /admin/promote {"epoch":N}`.
+    /// `POST /admin/promote {"epoch":N}`. A node applying a replicated backlog answers
+    /// 503 `promotion_in_progress` while it works (it never becomes active on an
+    /// incomplete projection); the same epoch is asked again until it is done, or fails,
+    /// or [`PROMOTION_DEADLINE`] passes.
     pub async fn promote(
         &self,
         base: &str,
@@ -108,8 +115,28 @@ impl NodeApi {
         timeout: Duration,
     ) -> Result<RoleReport, NodeError> {
         let body = serde_json::json!({ "epoch": epoch });
-        self.call(Method::POST, base, "/admin/promote", Some(body), timeout)
-            .await
+        let deadline = tokio::time::Instant::now() + PROMOTION_DEADLINE;
+        loop {
+            let result = self
+                .call(
+                    Method::POST,
+                    base,
+                    "/admin/promote",
+                    Some(body.clone()),
+                    timeout,
+                )
+                .await;
+            match result {
+                Err(e)
+                    if e.code().as_deref() == Some("promotion_in_progress")
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::info!(%base, epoch, "promotion still applying the backlog; asking again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// `POST /admin/demote {"epoch":N}`.

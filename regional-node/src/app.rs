@@ -2,7 +2,8 @@
 
 use crate::api::{self, AppState};
 use crate::bus::{self, BusConfig};
-use crate::config::Config;
+use crate::config::{Config, Durability};
+use crate::durability::{self, Standby};
 use crate::metrics::Metrics;
 use crate::projector;
 use crate::roles::Roles;
@@ -54,18 +55,23 @@ impl Application {
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..6]
         );
+        let metrics = Metrics::new();
         let wf = Workflow {
             store,
             roles,
-            metrics: Metrics::new(),
+            projection: projector::ProjectionHealth::new(metrics.projection_halted.clone()),
+            metrics,
             region: config.region.to_string(),
             consumer,
         };
         let config = Arc::new(config);
+        let standby = Arc::new(Standby::new(wf.metrics.durability_degraded.clone()));
         let state = AppState {
             wf,
             config: config.clone(),
             peer,
+            jobs: Arc::default(),
+            standby,
         };
         Ok(Application {
             listener,
@@ -105,6 +111,7 @@ impl Application {
             wf.store.clone(),
             blocking,
             wf.roles.clone(),
+            wf.projection.clone(),
             stop_rx.clone(),
         ));
         let bus_config = BusConfig {
@@ -115,6 +122,19 @@ impl Application {
             redis_url: config.redis_url.clone(),
             redis_timeout: config.redis_timeout(),
         };
+        if config.durability == Durability::Replicated {
+            if let Some(url) = &config.peer_redis_url {
+                let peer = Store::connect(url, durability::peer_timeout(PEER_TIMEOUT))
+                    .expect("the URL was accepted above");
+                background.spawn(durability::watch_standby(
+                    state.standby.clone(),
+                    wf.store.clone(),
+                    peer,
+                    wf.roles.clone(),
+                    stop_rx.clone(),
+                ));
+            }
+        }
         let mut handlers = bus::start(wf.clone(), bus_config, stop_rx.clone());
 
         tracing::info!(

@@ -10,10 +10,11 @@
 //! then parked in the dead-letter stream. Entries left pending by a dead consumer are
 //! taken over with XAUTOCLAIM once idle for `reclaim_idle_ms`.
 
-use crate::events::DomainEvent;
+use crate::events::{Cause, DeadLetterReplayed, DomainEvent};
+use crate::projections::State;
 use crate::store::Tx;
 use crate::store::{Entry, Store, StoreError};
-use crate::workflow::{Retry, Workflow, WorkflowError};
+use crate::workflow::{Decision, Reads, Retry, Workflow, WorkflowError};
 use crate::{inventory, orders, payments, shipments};
 use eventlog::{keys, Envelope};
 use redis::Value;
@@ -557,19 +558,57 @@ pub async fn replay(wf: &Workflow, dlq_id: &str) -> Result<serde_json::Value, Re
         .field_str("attempts")
         .and_then(|a| a.parse::<u32>().ok())
         .unwrap_or(0);
+    let not_found = || ReplayError::NotFound(dlq_id.to_string());
+    let marker = keys::dlq_replayed(dlq_id);
+    let done: Option<String> = wf
+        .store
+        .get(&marker)
+        .await
+        .map_err(|e| ReplayError::Failed(e.into()))?;
+    if done.is_some() {
+        return Err(not_found());
+    }
     let outcome = group
         .handle(wf, &env, &event, attempts + 1, None)
         .await
         .map_err(ReplayError::Failed)?;
-    // Only the replay that removes the entry succeeds: concurrent replays of one entry
-    // all run the (idempotent) handler, but exactly one of them takes it out.
-    let removed: i64 = wf
-        .store
-        .query(redis::cmd("XDEL").arg(keys::DLQ).arg(dlq_id))
-        .await
-        .map_err(|e| ReplayError::Failed(e.into()))?;
-    if removed == 0 {
-        return Err(ReplayError::NotFound(dlq_id.to_string()));
+    let outcome = if outcome.is_some() {
+        "handled"
+    } else {
+        "nothing_to_do"
+    };
+    // The entry leaves the dead-letter list by an event, not by a deletion: the
+    // replicator copies appends only, so a deletion here would not reach the other
+    // region, and the entry would come back after a failover. Only one replay commits the
+    // mark (compare-and-set on it): concurrent replays of one entry all run the
+    // (idempotent) handler, but exactly one of them takes the entry out.
+    let marked = wf
+        .execute(
+            Reads::keys(vec![marker.clone()]),
+            &Cause::event(&env),
+            None,
+            |tx| {
+                if tx.get(&marker)?.is_some() {
+                    return Err(WorkflowError::NotFound(format!(
+                        "dead-letter entry {dlq_id}"
+                    )));
+                }
+                Ok(Decision::Emit {
+                    last_sequence: 0,
+                    events: vec![DomainEvent::DeadLetterReplayed(DeadLetterReplayed {
+                        dlq_id: dlq_id.to_string(),
+                        group: group.name().to_string(),
+                        event_id: env.event_id.clone(),
+                        outcome: outcome.to_string(),
+                    })],
+                })
+            },
+        )
+        .await;
+    match marked {
+        Ok(_) => {}
+        Err(WorkflowError::NotFound(_)) => return Err(not_found()),
+        Err(e) => return Err(ReplayError::Failed(e)),
     }
     wf.metrics
         .events_handled
@@ -579,8 +618,28 @@ pub async fn replay(wf: &Workflow, dlq_id: &str) -> Result<serde_json::Value, Re
         "id": dlq_id,
         "group": group.name(),
         "eventId": env.event_id,
-        "outcome": if outcome.is_some() { "handled" } else { "nothing_to_do" },
+        "outcome": outcome,
     }))
+}
+
+/// The dead-letter entries among `entries` that have not been replayed.
+pub async fn unreplayed(store: &Store, entries: Vec<Entry>) -> Result<Vec<Entry>, StoreError> {
+    if entries.is_empty() {
+        return Ok(entries);
+    }
+    let mut live = Vec::with_capacity(entries.len());
+    for chunk in entries.chunks(1000) {
+        let markers: Vec<String> = chunk.iter().map(|e| keys::dlq_replayed(&e.id)).collect();
+        let done: Vec<Option<String>> = store.query(redis::cmd("MGET").arg(&markers)).await?;
+        live.extend(
+            chunk
+                .iter()
+                .zip(done)
+                .filter(|(_, d)| d.is_none())
+                .map(|(e, _)| e.clone()),
+        );
+    }
+    Ok(live)
 }
 
 /// Refreshes the gauges that are read from Redis: lag, dead letters, orders by status.
@@ -611,6 +670,7 @@ pub async fn refresh_gauges(wf: &Workflow) -> Result<(), StoreError> {
     // stay small; past DLQ_SCAN entries the gauge stops counting.
     let mut parked: HashMap<&str, f64> = HashMap::new();
     let entries = wf.store.xrange(keys::DLQ, "-", "+", DLQ_SCAN).await?;
+    let entries = unreplayed(&wf.store, entries).await?;
     for entry in &entries {
         if let Some(group) = entry.field_str("group").and_then(Group::parse) {
             *parked.entry(group.name()).or_default() += 1.0;

@@ -43,8 +43,14 @@ pub struct Config {
     pub handler_concurrency: usize,
     /// NODE_REPLICATED_TIMEOUT_MS: longest wait for the standby in `replicated` mode.
     pub replicated_timeout_ms: u64,
+    /// NODE_REPLICATED_FALLBACK: what `replicated` durability does while the standby is
+    /// known to be down or behind.
+    pub replicated_fallback: crate::durability::Fallback,
     /// NODE_SHUTDOWN_GRACE_MS: how long SIGTERM waits for in-flight work.
     pub shutdown_grace_ms: u64,
+    /// NODE_PROMOTION_TIMEOUT_MS: longest a promotion may take (mostly applying the
+    /// replicated backlog); past it the promotion fails and the region stays standby.
+    pub promotion_timeout_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +69,9 @@ impl Config {
             .and_then(|b| b.set_default("retry_base_ms", 100))
             .and_then(|b| b.set_default("handler_concurrency", 8))
             .and_then(|b| b.set_default("replicated_timeout_ms", 2000))
+            .and_then(|b| b.set_default("replicated_fallback", "async"))
             .and_then(|b| b.set_default("shutdown_grace_ms", 10_000))
+            .and_then(|b| b.set_default("promotion_timeout_ms", 30_000))
             .map_err(|e| ConfigError(e.to_string()))?;
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
@@ -89,6 +97,16 @@ impl Config {
                 self.redis_url
             )));
         }
+        if self.durability == Durability::Replicated && self.peer_redis_url.is_none() {
+            return Err(ConfigError(
+                "durability (NODE_DURABILITY) `replicated` needs the standby's Redis: set NODE_PEER_REDIS_URL".into(),
+            ));
+        }
+        if self.promotion_timeout_ms < 1000 {
+            return Err(ConfigError(
+                "promotion_timeout_ms (NODE_PROMOTION_TIMEOUT_MS) must be at least 1000".into(),
+            ));
+        }
         if self.handler_concurrency == 0 || self.handler_concurrency > 256 {
             return Err(ConfigError(
                 "handler_concurrency (NODE_HANDLER_CONCURRENCY) must be 1-256".into(),
@@ -99,6 +117,10 @@ impl Config {
 
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
+    }
+
+    pub fn promotion_timeout(&self) -> Duration {
+        Duration::from_millis(self.promotion_timeout_ms)
     }
 }
 

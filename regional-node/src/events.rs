@@ -34,6 +34,7 @@ pub enum DomainEvent {
     OrderCancelled(OrderCancelled),
     InventoryReleased(InventoryChange),
     PaymentRefunded(PaymentProcessed),
+    DeadLetterReplayed(DeadLetterReplayed),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +178,22 @@ pub struct OrderCancelled {
     pub previous_status: String,
 }
 
+/// An operator replayed a dead-letter entry and it left the dead-letter list. Its own
+/// aggregate (the dead-letter entry id, one event), so a replay never touches an order's
+/// sequence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterReplayed {
+    /// Entry id in `tandem:dlq`.
+    pub dlq_id: String,
+    pub group: String,
+    /// The event the entry held.
+    pub event_id: String,
+    /// `handled` (the handler acted) or `nothing_to_do` (the effect was already there,
+    /// or overtaken, e.g. by a cancellation).
+    pub outcome: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("event {event_id} ({event_type}) has an unreadable payload: {source}")]
 pub struct UnknownEvent {
@@ -208,6 +225,7 @@ impl DomainEvent {
             OrderCancelled(_) => "OrderCancelled",
             InventoryReleased(_) => "InventoryReleased",
             PaymentRefunded(_) => "PaymentRefunded",
+            DeadLetterReplayed(_) => "DeadLetterReplayed",
         }
     }
 
@@ -221,6 +239,7 @@ impl DomainEvent {
             }
             PaymentProcessed(_) | PaymentFailed(_) | PaymentRefunded(_) => "payment",
             ShipmentCreated(_) | ShipmentDispatched(_) | ShipmentDelivered(_) => "shipment",
+            DeadLetterReplayed(_) => "deadletter",
             _ => "order",
         }
     }
@@ -242,6 +261,7 @@ impl DomainEvent {
             OrderShipped(e) => &e.order_id,
             ShipmentDispatched(e) | ShipmentDelivered(e) => &e.order_id,
             OrderCancelled(e) => &e.order_id,
+            DeadLetterReplayed(e) => &e.dlq_id,
         }
     }
 

@@ -4,6 +4,7 @@
 //! - [`app`]: builds the node from its config and runs it until stopped.
 //! - [`config`]: typed configuration (`NODE_*`).
 //! - [`api`]: the HTTP API of API.md.
+//! - [`durability`]: `replicated` durability: waiting for the standby, and the fallback.
 //! - [`events`]: the domain events and their envelope.
 //! - [`orders`], [`inventory`], [`payments`], [`shipments`]: the modules of the
 //!   workflow: their state, commands and consumer-group handlers.
@@ -13,6 +14,7 @@
 //! - [`bus`]: consumer groups, retries, dead letters, reclaiming.
 //! - [`projector`]: standby projection and rebuild from the event stream.
 //! - [`roles`], [`promotion`]: role, epoch, lease fencing and promotion.
+//! - [`jobs`]: admin jobs (promotion, rebuild) that outlive the request that started them.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and logs.
 #![forbid(unsafe_code)]
 
@@ -20,8 +22,10 @@ pub mod api;
 pub mod app;
 pub mod bus;
 pub mod config;
+pub mod durability;
 pub mod events;
 pub mod inventory;
+pub mod jobs;
 pub mod metrics;
 pub mod orders;
 pub mod payments;

@@ -19,6 +19,10 @@ pub struct Metrics {
     pub epoch: IntGauge,
     pub orders: GaugeVec,
     pub redis_up: Gauge,
+    /// 1 while the standby's projection is stopped at an entry it cannot apply.
+    pub projection_halted: IntGauge,
+    /// 1 while `replicated` durability acknowledges without the standby (API.md).
+    pub durability_degraded: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -94,6 +98,16 @@ impl Metrics {
             orders: gauge("tandem_node_orders", "Orders by status (derived state)", &["status"]),
             redis_up: Gauge::new("tandem_node_redis_up", "1 when the region's Redis answered the last probe")
                 .expect("valid metric"),
+            durability_degraded: IntGauge::new(
+                "tandem_node_durability_degraded",
+                "1 while replicated durability cannot reach the standby and falls back (NODE_REPLICATED_FALLBACK)",
+            )
+            .expect("valid metric"),
+            projection_halted: IntGauge::new(
+                "tandem_node_projection_halted",
+                "1 while the standby's projection is stopped at an event it cannot apply (see /health/ready)",
+            )
+            .expect("valid metric"),
             registry,
         };
         metrics
@@ -103,6 +117,14 @@ impl Metrics {
         metrics
             .registry
             .register(Box::new(metrics.redis_up.clone()))
+            .expect("unique metric");
+        metrics
+            .registry
+            .register(Box::new(metrics.projection_halted.clone()))
+            .expect("unique metric");
+        metrics
+            .registry
+            .register(Box::new(metrics.durability_degraded.clone()))
             .expect("unique metric");
         metrics
     }

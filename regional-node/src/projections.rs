@@ -32,6 +32,8 @@ pub enum ApplyError {
         key: String,
         source: serde_json::Error,
     },
+    #[error("{0}")]
+    UnknownEvent(String),
     #[error("event {event_type} refers to order {order_id}, which does not exist")]
     MissingOrder {
         event_type: &'static str,
@@ -65,9 +67,10 @@ fn put_json<T: Serialize>(state: &mut impl State, key: &str, value: &T) {
 pub fn keys_for(event: &DomainEvent) -> Vec<String> {
     use DomainEvent::*;
     let mut keys = Vec::new();
-    if let ProductUpserted(p) = event {
-        keys.push(keys::product(&p.sku));
-        return keys;
+    match event {
+        ProductUpserted(p) => return vec![keys::product(&p.sku)],
+        DeadLetterReplayed(e) => return vec![keys::dlq_replayed(&e.dlq_id)],
+        _ => {}
     }
     keys.push(keys::order(event.aggregate_id()));
     match event {
@@ -113,6 +116,15 @@ pub fn apply(
         put_json(state, &key, &product);
         return Ok(());
     }
+    if let DeadLetterReplayed(e) = event {
+        let done = serde_json::json!({
+            "eventId": env.event_id,
+            "outcome": e.outcome,
+            "at": env.occurred_at,
+        });
+        put_json(state, &keys::dlq_replayed(&e.dlq_id), &done);
+        return Ok(());
+    }
 
     let order_key = keys::order(event.aggregate_id());
     let mut order = match event {
@@ -138,7 +150,7 @@ pub fn apply(
     };
 
     match event {
-        ProductUpserted(_) | OrderPlaced(_) => {}
+        ProductUpserted(_) | DeadLetterReplayed(_) | OrderPlaced(_) => {}
         InventoryReserved(e) => {
             order.inventory = Some(InventoryHold::Reserved);
             adjust_products(state, &e.items, 0, 1)?;
@@ -255,13 +267,9 @@ impl MemState {
             .or_default()
             .push(id.to_string());
         self.cursor = Some(id.to_string());
-        match DomainEvent::from_envelope(env) {
-            Ok(event) => apply(self, env, &event),
-            Err(e) => {
-                tracing::warn!(error = %e, "skipping an event this version does not know");
-                Ok(())
-            }
-        }
+        let event =
+            DomainEvent::from_envelope(env).map_err(|e| ApplyError::UnknownEvent(e.to_string()))?;
+        apply(self, env, &event)
     }
 }
 

@@ -6,10 +6,73 @@ use crate::projections::{apply, keys_for, MemState};
 use crate::roles::Roles;
 use crate::store::{Entry, Store, StoreError, Tx};
 use eventlog::{keys, roles::fields, Role};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
 const BATCH: usize = 256;
+/// How long a rebuild's pause holds without being extended: a node that dies in the
+/// middle of a rebuild leaves the region paused for at most this long.
+const PAUSE_LEASE: Duration = Duration::from_secs(5);
+/// How often a running rebuild extends its pause.
+const PAUSE_RENEW: Duration = Duration::from_secs(1);
+/// How often a halted projection tries its entry again (a restart with a newer version,
+/// or an operator's repair, lets it pass).
+const HALT_RETRY: Duration = Duration::from_secs(2);
+
+/// An entry the projection cannot apply. Skipping it would let the standby's state
+/// silently diverge from the active's, so projection stops there until it can go on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("projection halted at entry {entry}: {reason}")]
+pub struct Halt {
+    /// Stream entry id in `tandem:events`.
+    pub entry: String,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Halted(#[from] Halt),
+}
+
+/// Whether this node's projection is halted, shared with readiness, promotion and the
+/// `tandem_node_projection_halted` gauge.
+#[derive(Clone)]
+pub struct ProjectionHealth {
+    halt: Arc<Mutex<Option<Halt>>>,
+    gauge: prometheus::IntGauge,
+}
+
+impl ProjectionHealth {
+    pub fn new(gauge: prometheus::IntGauge) -> ProjectionHealth {
+        ProjectionHealth {
+            halt: Arc::default(),
+            gauge,
+        }
+    }
+
+    pub fn halted(&self) -> Option<Halt> {
+        self.halt.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records the outcome of a projection step; logs only changes.
+    fn record(&self, now: Option<Halt>) {
+        let mut halt = self.halt.lock().unwrap_or_else(|e| e.into_inner());
+        if *halt != now {
+            match &now {
+                Some(h) => tracing::error!(entry = %h.entry, reason = %h.reason,
+                    "standby projection halted: this region's state stops following the log \
+                     until the entry can be applied (readiness and promotion refuse meanwhile)"),
+                None => tracing::info!("standby projection resumed"),
+            }
+        }
+        self.gauge.set(i64::from(now.is_some()));
+        *halt = now;
+    }
+}
 
 /// While the region is standby, applies every new entry of the event stream to the
 /// derived state, once (the cursor is compared and moved in the same script).
@@ -17,6 +80,7 @@ pub async fn run_standby(
     store: Store,
     blocking: Store,
     roles: Roles,
+    health: ProjectionHealth,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut role_rx = roles.subscribe();
@@ -36,8 +100,18 @@ pub async fn run_standby(
             _ = stop.changed() => break,
         };
         match step {
-            Ok(_) => failures = 0,
-            Err(e) => {
+            Ok(_) => {
+                failures = 0;
+                health.record(None);
+            }
+            Err(ProjectError::Halted(halt)) => {
+                health.record(Some(halt));
+                tokio::select! {
+                    _ = tokio::time::sleep(HALT_RETRY) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+            Err(ProjectError::Store(e)) => {
                 failures += 1;
                 if failures == 1 || failures.is_multiple_of(50) {
                     tracing::warn!(error = %e, "standby projection failed; retrying");
@@ -48,8 +122,10 @@ pub async fn run_standby(
     }
 }
 
-/// Applies the next batch after the cursor; returns how many entries were applied.
-pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, StoreError> {
+/// Applies the next batch after the cursor; returns how many entries were applied. An
+/// entry that cannot be applied stops the batch there ([`Halt`]); the cursor stays
+/// before it.
+pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, ProjectError> {
     let mut pipe = redis::pipe();
     pipe.cmd("GET").arg(keys::PROJECTION_CURSOR);
     pipe.cmd("GET").arg(keys::PROJECTION_QUARANTINE_SEEN);
@@ -104,34 +180,21 @@ pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, Sto
     let mut cursor = cursor;
     let mut applied = 0;
     for entry in entries {
-        let env = match entry.envelope() {
-            Ok(env) => env,
-            Err(e) => {
-                tracing::error!(entry = %entry.id, error = %e, "unreadable entry in the event stream; skipping it");
-                let _: () = store
-                    .query(
-                        redis::cmd("SET")
-                            .arg(keys::PROJECTION_CURSOR)
-                            .arg(&entry.id),
-                    )
-                    .await?;
-                cursor = Some(entry.id);
-                continue;
-            }
+        let halt = |reason: String| Halt {
+            entry: entry.id.clone(),
+            reason,
         };
+        let env = entry
+            .envelope()
+            .map_err(|e| halt(format!("unreadable envelope: {e}")))?;
+        let event = DomainEvent::from_envelope(&env).map_err(|e| {
+            halt(format!(
+                "{e} (an event type or payload this version does not know: upgrade this node)"
+            ))
+        })?;
         let mut tx = Tx::fresh();
-        match DomainEvent::from_envelope(&env) {
-            Ok(event) => {
-                tx.load(store, keys_for(&event)).await?;
-                if let Err(e) = apply(&mut tx, &env, &event) {
-                    tracing::error!(entry = %entry.id, error = %e, "cannot apply a replicated event; skipping it");
-                    tx = Tx::new();
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "skipping an event type this version does not know")
-            }
-        }
+        tx.load(store, keys_for(&event)).await?;
+        apply(&mut tx, &env, &event).map_err(|e| halt(format!("cannot apply: {e}")))?;
         if !store
             .apply_entry(&tx, &entry.id, &env, cursor.as_deref())
             .await?
@@ -147,17 +210,26 @@ pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, Sto
 
 /// Rebuilds all derived state from the event stream, byte for byte what the live
 /// commits produced. Writes are paused meanwhile (commits wait); each key is replaced
-/// atomically, so reads see the old value or the new one.
-pub async fn rebuild(store: &Store) -> Result<RebuildReport, StoreError> {
-    let _: i64 = store
-        .query(
-            redis::cmd("HSET")
-                .arg(keys::ROLE)
-                .arg(fields::PAUSED)
-                .arg("1"),
-        )
-        .await?;
-    let result = rebuild_paused(store).await;
+/// atomically, so reads see the old value or the new one. The pause is a deadline this
+/// rebuild keeps extending, so it ends by itself if the node dies halfway.
+pub async fn rebuild(store: &Store) -> Result<RebuildReport, ProjectError> {
+    pause_until(store, PAUSE_LEASE).await?;
+    let result = {
+        let work = rebuild_paused(store);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                r = &mut work => break r,
+                _ = tokio::time::sleep(PAUSE_RENEW) => {
+                    if let Err(e) = pause_until(store, PAUSE_LEASE).await {
+                        // Commits may resume before the rebuild ends: each key is still
+                        // replaced atomically, and a second rebuild repairs any mix.
+                        tracing::warn!(error = %e, "could not extend the rebuild's pause");
+                    }
+                }
+            }
+        }
+    };
     // Unpause even when the rebuild failed: a half-written state is no worse than a
     // stuck region, and a second rebuild repairs it.
     let unpaused: Result<i64, _> = store
@@ -166,6 +238,20 @@ pub async fn rebuild(store: &Store) -> Result<RebuildReport, StoreError> {
     let report = result?;
     unpaused?;
     Ok(report)
+}
+
+/// Pauses commits for `lease` from now (see [`eventlog::RoleRecord`]).
+async fn pause_until(store: &Store, lease: Duration) -> Result<(), StoreError> {
+    let until = eventlog::time::now_ms() + lease.as_millis() as u64;
+    let _: i64 = store
+        .query(
+            redis::cmd("HSET")
+                .arg(keys::ROLE)
+                .arg(fields::PAUSED)
+                .arg(until),
+        )
+        .await?;
+    Ok(())
 }
 
 /// Every derived key that exists now.
@@ -206,14 +292,14 @@ fn replace(cmds: &mut Vec<redis::Cmd>, build: &str, key: &str, args: Vec<String>
     cmds.push(redis::cmd("RENAME").arg(&tmp).arg(key).clone());
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RebuildReport {
     pub events: usize,
     pub keys: usize,
 }
 
-async fn rebuild_paused(store: &Store) -> Result<RebuildReport, StoreError> {
+async fn rebuild_paused(store: &Store) -> Result<RebuildReport, ProjectError> {
     let mut state = MemState::default();
     let mut start = "-".to_string();
     let mut events = 0;
@@ -222,12 +308,18 @@ async fn rebuild_paused(store: &Store) -> Result<RebuildReport, StoreError> {
         let Some(last) = batch.last() else { break };
         start = format!("({}", last.id);
         for entry in &batch {
-            match entry.envelope() {
-                Ok(env) => state.apply_entry(&entry.id, &env)?,
-                Err(e) => {
-                    tracing::error!(entry = %entry.id, error = %e, "unreadable entry skipped by rebuild")
-                }
-            }
+            // Like the standby's projection, a rebuild never skips an entry: the state
+            // it writes would silently differ from what the log says.
+            let halt = |reason: String| Halt {
+                entry: entry.id.clone(),
+                reason,
+            };
+            let env = entry
+                .envelope()
+                .map_err(|e| halt(format!("unreadable envelope: {e}")))?;
+            state
+                .apply_entry(&entry.id, &env)
+                .map_err(|e| halt(e.to_string()))?;
             events += 1;
         }
     }

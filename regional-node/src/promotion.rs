@@ -1,33 +1,77 @@
 //! Promotion of this region to active at a new epoch (DESIGN.md section 4).
 //!
 //! The order of the steps is the protocol:
-//! 1. refuse an epoch not above the stored one;
+//! 1. refuse an epoch not above the stored one, and refuse while the projection is
+//!    halted (the state would not be the log's);
 //! 2. record the intent in this region's Redis, so an old active that keeps itself
-//!    alive by confirming through our Redis sees a higher epoch coming and fences;
-//! 3. finish applying every replicated event (the read models are then exact);
-//! 4. record where each stream stood: the epoch's start offsets, which tell a
-//!    returning region which of its events the new active never received;
-//! 5. take over the pending entries of every consumer group (copied from the peer)
+//!    alive by confirming through our Redis sees a higher epoch coming and fences, and
+//!    so the local replicator stops copying;
+//! 3. apply every replicated event (the read models are then exact);
+//! 4. take over the pending entries of every consumer group (copied from the peer)
 //!    so in-flight orders resume exactly where the old active stopped;
-//! 6. store the new role; handlers start.
+//! 5. make sure the peer has not moved past us meanwhile;
+//! 6. in one atomic script: check the intent still stands and the projection has
+//!    reached the end of the stream, record where each stream stands (the epoch's start
+//!    offsets, which tell a returning region which of its events the new active never
+//!    received), store the new role and drop the intent. Handlers start.
+//!
+//! A promotion never becomes active on an incomplete projection: if events keep
+//! arriving or applying them is slow, step 6 refuses and step 3 runs again, within the
+//! promotion's time limit; past it the promotion fails, clears its intent, and the
+//! region stays standby for the gateway to try again.
+//!
+//! A promotion runs as its own task (see `jobs`): a caller that goes away does not
+//! stop it halfway. If the node dies halfway, the intent expires by itself.
 
 use crate::bus::{ensure_group, Group};
-use crate::projector;
-use crate::roles::RoleError;
+use crate::projector::{self, Halt, ProjectError};
 use crate::store::{Store, StoreError};
 use crate::workflow::Workflow;
 use eventlog::{keys, Role};
-use serde_json::json;
-use std::time::{Duration, Instant};
+use redis::Script;
+use std::sync::LazyLock;
+use std::time::Duration;
 
 /// Long enough for an old active polling our Redis to see the intent and fence: its
 /// view of us is at most `roles::VOUCH_TTL` (100 ms) old when it writes.
 const INTENT_GRACE: Duration = Duration::from_millis(150);
-const CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
+/// The intent outlives the promotion's time limit by this much; after that it lapses.
+const INTENT_MARGIN: Duration = Duration::from_secs(5);
 
-pub async fn promote(wf: &Workflow, epoch: u64) -> Result<(), RoleError> {
-    let result = promote_steps(wf, epoch).await;
-    if result.is_err() {
+#[derive(Debug, thiserror::Error)]
+pub enum PromotionError {
+    #[error("epoch {requested} is stale: the region is at epoch {stored}")]
+    StaleEpoch { requested: u64, stored: u64 },
+    #[error("the standby's projection is halted, so its state is not the log's: {0}")]
+    ProjectionHalted(Halt),
+    #[error("the peer region is at (or being promoted to) epoch {peer}, not below {requested}: another promotion won")]
+    Superseded { requested: u64, peer: u64 },
+    #[error("the promotion's intent lapsed before it took effect")]
+    IntentLapsed,
+    #[error("the projection did not reach the end of the event stream within {0:?}")]
+    TimedOut(Duration),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<ProjectError> for PromotionError {
+    fn from(e: ProjectError) -> Self {
+        match e {
+            ProjectError::Store(e) => PromotionError::Store(e),
+            ProjectError::Halted(h) => PromotionError::ProjectionHalted(h),
+        }
+    }
+}
+
+/// Promotes this region to active at `epoch`, or fails and leaves it as it was (no
+/// intent behind), within `limit`.
+pub async fn promote(wf: &Workflow, epoch: u64, limit: Duration) -> Result<(), PromotionError> {
+    let result = match tokio::time::timeout(limit, promote_steps(wf, epoch, limit)).await {
+        Ok(r) => r,
+        Err(_) => Err(PromotionError::TimedOut(limit)),
+    };
+    if let Err(e) = &result {
+        tracing::warn!(epoch, error = %e, "promotion failed; the region stays as it was");
         // An aborted promotion must not leave its intent behind: the replicator holds
         // copying while an intent above both regions' epochs stands.
         let cleared: Result<i64, _> = wf
@@ -41,62 +85,119 @@ pub async fn promote(wf: &Workflow, epoch: u64) -> Result<(), RoleError> {
             )
             .await;
         if let Err(e) = cleared {
-            tracing::warn!(error = %e, epoch, "could not clear the intent of an aborted promotion");
+            tracing::warn!(error = %e, epoch, "could not clear the intent of an aborted promotion; it expires by itself");
         }
     }
     result
 }
 
-async fn promote_steps(wf: &Workflow, epoch: u64) -> Result<(), RoleError> {
+async fn promote_steps(wf: &Workflow, epoch: u64, limit: Duration) -> Result<(), PromotionError> {
     let stored = wf.store.role().await?;
     if let Some(r) = stored {
         if r.role == Role::Active && r.epoch.0 == epoch {
             return Ok(());
         }
         if epoch <= r.epoch.0 {
-            return Err(RoleError::StaleEpoch {
+            return Err(PromotionError::StaleEpoch {
                 requested: epoch,
                 stored: r.epoch.0,
             });
         }
     }
+    if let Some(halt) = wf.projection.halted() {
+        return Err(PromotionError::ProjectionHalted(halt));
+    }
     let now = eventlog::time::rfc3339_ms(eventlog::time::now_ms());
-    let _: i64 = wf
-        .store
-        .query(
-            redis::cmd("HSET")
-                .arg(keys::PROMOTION_INTENT)
-                .arg("epoch")
-                .arg(epoch)
-                .arg("region")
-                .arg(&wf.region)
-                .arg("at")
-                .arg(&now),
-        )
-        .await?;
-    let was_standby = stored.is_some_and(|r| r.role == Role::Standby);
-    if was_standby {
+    let mut intent = INTENT.prepare_invoke();
+    intent
+        .key(keys::PROMOTION_INTENT)
+        .arg(epoch)
+        .arg(&wf.region)
+        .arg(&now)
+        .arg((limit + INTENT_MARGIN).as_millis() as u64);
+    let higher: u64 = wf.store.invoke(&intent).await?;
+    if higher > 0 {
+        return Err(PromotionError::StaleEpoch {
+            requested: epoch,
+            stored: higher,
+        });
+    }
+    if stored.is_some_and(|r| r.role == Role::Standby) {
         tokio::time::sleep(INTENT_GRACE).await;
-        catch_up(&wf.store).await?;
     }
-
-    let mut offsets = serde_json::Map::new();
-    for stream in [keys::EVENTS, keys::DLQ] {
-        offsets.insert(stream.to_string(), json!(wf.store.last_id(stream).await?));
-    }
-    let record = json!({ "region": wf.region, "startOffsets": offsets, "at": now });
-    let _: i64 = wf
-        .store
-        .query(
-            redis::cmd("HSET")
-                .arg(keys::EPOCHS)
-                .arg(epoch)
-                .arg(record.to_string()),
-        )
-        .await?;
 
     for group in Group::ALL {
         ensure_group(&wf.store, group).await?;
+    }
+    loop {
+        catch_up(&wf.store).await?;
+        take_over_all(wf).await?;
+        // A peer demoted at this epoch (a planned switchover) is fine; a peer active at
+        // it or above, or promoting itself to it, means another promotion won.
+        if let Some(peer) = wf.roles.peer_status().await {
+            let active = if peer.role == Some(Role::Active) {
+                peer.epoch
+            } else {
+                0
+            };
+            let theirs = active.max(peer.intent_epoch);
+            if theirs >= epoch {
+                return Err(PromotionError::Superseded {
+                    requested: epoch,
+                    peer: theirs,
+                });
+            }
+        }
+        let mut take = PROMOTE.prepare_invoke();
+        take.key(keys::ROLE)
+            .key(keys::PROMOTION_INTENT)
+            .key(keys::EPOCHS)
+            .key(keys::EVENTS)
+            .key(keys::DLQ)
+            .key(keys::PROJECTION_CURSOR)
+            .arg(epoch)
+            .arg(&wf.region)
+            .arg(&now);
+        let reply: Vec<String> = wf.store.invoke(&take).await?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => break,
+            // Replicated events arrived after the catch-up (a batch in flight when the
+            // intent was written): apply them too, then try again.
+            Some("behind") => continue,
+            Some("intent_lapsed") => return Err(PromotionError::IntentLapsed),
+            _ => {
+                return Err(PromotionError::StaleEpoch {
+                    requested: epoch,
+                    stored: reply.get(1).and_then(|s| s.parse().ok()).unwrap_or(0),
+                })
+            }
+        }
+    }
+    wf.roles.promoted(epoch).await;
+    // Entries a late group sync handed to the old active's consumers: ours now.
+    take_over_all(wf).await?;
+    tracing::info!(epoch, "promoted to active");
+    Ok(())
+}
+
+/// Applies replicated events until the derived state reflects the whole stream as it
+/// is now. A halted projection fails the promotion.
+async fn catch_up(store: &Store) -> Result<(), ProjectError> {
+    loop {
+        let last = store.last_id(keys::EVENTS).await?;
+        let cursor = store
+            .get(keys::PROJECTION_CURSOR)
+            .await?
+            .unwrap_or_else(|| "0-0".into());
+        if cursor == last {
+            return Ok(());
+        }
+        projector::project_batch(store, store).await?;
+    }
+}
+
+async fn take_over_all(wf: &Workflow) -> Result<(), StoreError> {
+    for group in Group::ALL {
         let taken = take_over_pending(&wf.store, group, &wf.consumer).await?;
         if taken > 0 {
             tracing::info!(
@@ -106,29 +207,7 @@ async fn promote_steps(wf: &Workflow, epoch: u64) -> Result<(), RoleError> {
             );
         }
     }
-    wf.roles.transition(Role::Active, epoch).await?;
-    tracing::info!(epoch, "promoted to active");
     Ok(())
-}
-
-/// Applies replicated events until the derived state reflects the whole stream.
-async fn catch_up(store: &Store) -> Result<(), StoreError> {
-    let started = Instant::now();
-    loop {
-        let last = store.last_id(keys::EVENTS).await?;
-        let cursor = store
-            .get(keys::PROJECTION_CURSOR)
-            .await?
-            .unwrap_or_else(|| "0-0".into());
-        if cursor == last || last == "0-0" {
-            return Ok(());
-        }
-        if started.elapsed() > CATCH_UP_LIMIT {
-            tracing::warn!(%cursor, %last, "projection did not catch up in time; promoting anyway, the handlers will finish it");
-            return Ok(());
-        }
-        projector::project_batch(store, store).await?;
-    }
 }
 
 /// Moves every pending entry of the group to this node's consumer, which reads its
@@ -161,3 +240,49 @@ async fn take_over_pending(
         start = reply.next_stream_id;
     }
 }
+
+/// KEYS: intent. ARGV: epoch, region, at, ttl ms. Records the intent unless a higher one
+/// stands (then returns its epoch; 0 when recorded).
+static INTENT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+if cur > tonumber(ARGV[1]) then return cur end
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'region', ARGV[2], 'at', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 0
+"#,
+    )
+});
+
+/// KEYS: role, intent, epochs, events, dlq, projection cursor. ARGV: epoch, region, at.
+/// The promotion's last step, atomic: the intent must still stand, the epoch must be
+/// allowed and the projection must have reached the stream's end; then the epoch's
+/// start offsets are recorded, the role stored and the intent dropped.
+static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[1] then return {'intent_lapsed'} end
+local cur = redis.call('HMGET', KEYS[1], 'role', 'epoch')
+local stored = tonumber(cur[2] or '0')
+local want = tonumber(ARGV[1])
+if not (want > stored or (want == stored and cur[1] == 'active')) then
+  return {'stale', tostring(stored)}
+end
+local function top(key)
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if #last == 0 then return '0-0' end
+  return last[1][1]
+end
+local events = top(KEYS[4])
+local cursor = redis.call('GET', KEYS[6]) or '0-0'
+if cursor ~= events then return {'behind', cursor, events} end
+local record = '{"at":"' .. ARGV[3] .. '","region":"' .. ARGV[2] .. '","startOffsets":{"'
+  .. KEYS[5] .. '":"' .. top(KEYS[5]) .. '","' .. KEYS[4] .. '":"' .. events .. '"}}'
+redis.call('HSET', KEYS[3], ARGV[1], record)
+redis.call('HSET', KEYS[1], 'role', 'active', 'epoch', ARGV[1])
+redis.call('DEL', KEYS[2])
+return {'ok'}
+"#,
+    )
+});

@@ -41,11 +41,12 @@ impl RoleState {
     }
 }
 
+/// The peer region's role record and promotion intent, as read from its Redis.
 #[derive(Debug, Clone, Copy)]
-struct PeerStatus {
-    role: Option<Role>,
-    epoch: u64,
-    intent_epoch: u64,
+pub struct PeerStatus {
+    pub role: Option<Role>,
+    pub epoch: u64,
+    pub intent_epoch: u64,
 }
 
 #[derive(Debug)]
@@ -72,6 +73,10 @@ type PeerReading = (Instant, Option<PeerStatus>);
 /// A peer reading older than this vouches for nothing: after a pause (SIGSTOP, a long
 /// GC-like stall) the node must look again before it writes on a lapsed lease.
 const VOUCH_TTL: Duration = Duration::from_millis(100);
+
+/// The lease a node grants itself when it becomes active, until the gateway's first
+/// renewal: the gateway renews right after the promotion answers.
+const PROMOTION_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {
@@ -213,6 +218,14 @@ impl Roles {
         }
     }
 
+    /// Whether the peer's Redis answered the watcher's last reading: `None` when no peer
+    /// is configured or no recent reading exists.
+    pub fn peer_reachable(&self) -> Option<bool> {
+        self.peer_view()
+            .filter(|(at, _)| at.elapsed() < Duration::from_secs(1))
+            .map(|(_, status)| status.is_some())
+    }
+
     fn peer_view(&self) -> Option<PeerReading> {
         *self.peer_view.lock().expect("peer view lock")
     }
@@ -240,7 +253,7 @@ impl Roles {
 
     /// The peer region's role, epoch and promotion intent, read from its Redis; `None`
     /// when no peer is configured or it cannot be read (which vouches for nothing).
-    async fn peer_status(&self) -> Option<PeerStatus> {
+    pub async fn peer_status(&self) -> Option<PeerStatus> {
         let peer = self.peer.as_ref()?;
         let role = peer.role().await.ok()?;
         let intent: Option<String> = peer
@@ -310,6 +323,20 @@ impl Roles {
             .map(|u| u.saturating_duration_since(Instant::now()))
     }
 
+    /// Called once a promotion stored the active role at `epoch`: a fresh promotion
+    /// starts unfenced (the gateway's next probe renews the lease).
+    pub async fn promoted(&self, epoch: u64) -> RoleState {
+        {
+            let mut lease = self.lease.lock().expect("lease lock");
+            if lease.enforced {
+                lease.until = Some(Instant::now() + PROMOTION_GRACE);
+            }
+        }
+        let state = self.refresh().await;
+        tracing::debug!(epoch, ?state, "role after promotion");
+        state
+    }
+
     /// Stores `role` at `epoch` if the epoch is allowed: a promotion needs an epoch above
     /// the stored one (or the same, when already active: a repeated call), a demotion
     /// one at least as high.
@@ -321,7 +348,7 @@ impl Roles {
                     // A fresh promotion starts unfenced; the gateway's next probe renews.
                     let mut lease = self.lease.lock().expect("lease lock");
                     if lease.enforced {
-                        lease.until = Some(Instant::now() + Duration::from_secs(2));
+                        lease.until = Some(Instant::now() + PROMOTION_GRACE);
                     }
                 }
                 Ok(self.refresh().await)

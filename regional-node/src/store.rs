@@ -563,7 +563,13 @@ local role = redis.call('HMGET', KEYS[1], 'role', 'epoch', 'paused')
 if role[1] ~= 'active' or role[2] ~= ARGV[1] then
   return {'not_active', tostring(role[1]), tostring(role[2])}
 end
-if role[3] == '1' then return {'paused'} end
+if role[3] then
+  local t = redis.call('TIME')
+  local until_ms = tonumber(role[3])
+  if until_ms and until_ms > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then
+    return {'paused'}
+  end
+end
 local ng, ne, nc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local a = 7
 for i = 1, ng do

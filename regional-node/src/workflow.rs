@@ -114,6 +114,8 @@ pub struct Workflow {
     pub region: String,
     /// This process's consumer name in every group.
     pub consumer: String,
+    /// Whether the standby's projection is halted (readiness and promotion refuse then).
+    pub projection: crate::projector::ProjectionHealth,
 }
 
 /// Conflicts are not failures, but a hot key must not spin forever.

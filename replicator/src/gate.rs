@@ -139,10 +139,14 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
     let mut backoff = crate::link::Backoff::new(shared.config.max_backoff());
     while !shared.is_shutting_down() {
         let (l, p, intent) = tokio::join!(read_role(&local), read_role(&peer), read_intent(&local));
-        let intent = intent.unwrap_or(None);
+        // Any read that fails leaves the gate idle: in particular an unreadable promotion
+        // intent must not let copying go ahead, since a batch copied after a promotion
+        // recorded its start offsets would sit past them although the new epoch never
+        // wrote it.
+        shared.metrics.peer_up.set(i64::from(p.is_ok()));
         let mut delay = interval;
-        let gate = match (&l, &p) {
-            (Ok(l), Ok(p)) => {
+        let gate = match (&l, &p, &intent) {
+            (Ok(l), Ok(p), Ok(intent)) => {
                 shared.reached(local.side());
                 shared.reached(peer.side());
                 backoff.reset();
@@ -160,20 +164,21 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
                             .set(r.epoch.0 as i64);
                     }
                 }
-                hold_for_promotion(decide(*l, *p), *l, *p, intent)
+                hold_for_promotion(decide(*l, *p), *l, *p, *intent)
             }
             _ => {
                 let mut reasons = Vec::new();
-                for r in [&l, &p] {
-                    match r {
-                        Ok(_) => {}
-                        Err(e) => {
-                            shared.failed("gate", e);
-                            reasons.push(e.to_string());
-                        }
+                for (what, r) in [
+                    ("local role", l.as_ref().err()),
+                    ("peer role", p.as_ref().err()),
+                    ("local promotion intent", intent.as_ref().err()),
+                ] {
+                    if let Some(e) = r {
+                        shared.failed("gate", e);
+                        reasons.push(format!("cannot read the {what}: {e}"));
                     }
                 }
-                if l.is_ok() {
+                if l.is_ok() && intent.is_ok() {
                     shared.reached(local.side());
                 }
                 if p.is_ok() {

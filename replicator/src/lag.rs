@@ -6,10 +6,13 @@
 //! ever added; a rejoin takes the removed tail back out of the local count, so the
 //! difference is what remains to copy.
 
+use crate::gate::Gate;
 use crate::link::{Link, LinkError};
 use crate::replication::local_top;
 use crate::reply;
 use crate::status::Shared;
+use eventlog::{keys, Role};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +31,19 @@ async fn entries_added(link: &Link, stream: &str) -> Result<i64, LinkError> {
     }
 }
 
-/// `(entries, seconds)` behind for one stream.
-pub async fn measure(local: &Link, peer: &Link, stream: &str) -> Result<(i64, f64), LinkError> {
+/// How far one stream is behind, as measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lag {
+    pub events: i64,
+    pub seconds: f64,
+    /// The last moment (Unix ms) at which the local copy is known to have held every
+    /// entry of the peer: now when caught up, else the id time of the oldest entry not
+    /// yet copied. While the peer cannot be read, the lag in seconds is counted from it.
+    pub complete_at_ms: u64,
+}
+
+/// Measures one stream's lag.
+pub async fn measure(local: &Link, peer: &Link, stream: &str) -> Result<Lag, LinkError> {
     let top = local_top(local, stream).await?;
     let v = peer
         .query(
@@ -42,34 +56,46 @@ pub async fn measure(local: &Link, peer: &Link, stream: &str) -> Result<(i64, f6
         )
         .await?;
     let next = reply::entries(v).map_err(|e| LinkError::Other(format!("peer XRANGE: {e}")))?;
+    let now_ms = eventlog::time::now_ms();
     let Some(oldest) = next.first() else {
-        return Ok((0, 0.0));
+        return Ok(Lag {
+            events: 0,
+            seconds: 0.0,
+            complete_at_ms: now_ms,
+        });
     };
     let (theirs, ours) =
         tokio::try_join!(entries_added(peer, stream), entries_added(local, stream))?;
-    let age_ms = eventlog::time::now_ms().saturating_sub(oldest.id.ms);
-    Ok(((theirs - ours).max(1), age_ms as f64 / 1000.0))
+    let age_ms = now_ms.saturating_sub(oldest.id.ms);
+    Ok(Lag {
+        events: (theirs - ours).max(1),
+        seconds: age_ms as f64 / 1000.0,
+        complete_at_ms: oldest.id.ms.min(now_ms),
+    })
 }
 
-/// The lag task: refreshes the gauges while copying.
+/// The lag task: refreshes the gauges while copying, and keeps them honest while the
+/// peer cannot be read: the lag in seconds then grows from the last moment the copy was
+/// known complete, instead of freezing at its last (often zero) value, so a dashboard
+/// shows the standby falling behind during the very outage an operator is drilling.
 pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
     let interval = Duration::from_millis(shared.config.lag_interval_ms);
+    let started_ms = eventlog::time::now_ms();
+    let mut complete_at: BTreeMap<String, u64> = BTreeMap::new();
     loop {
-        if shared.gate.borrow().is_copy() {
-            let streams = shared.streams.borrow().clone();
+        let streams = shared.streams.borrow().clone();
+        // peer_up is set by the gate's reads; before its first round nothing is known.
+        let gate_ran =
+            !matches!(&*shared.gate.borrow(), Gate::Idle { reason } if reason == "starting");
+        let peer_down = gate_ran && shared.metrics.peer_up.get() == 0;
+        let local_role = shared.health().local_role;
+        let following = local_role.is_none_or(|r| r.role == Role::Standby);
+        if shared.gate.borrow().is_copy() && !peer_down {
             for s in &streams {
                 match measure(&local, &peer, s).await {
-                    Ok((events, seconds)) => {
-                        shared
-                            .metrics
-                            .lag_events
-                            .with_label_values(&[s])
-                            .set(events);
-                        shared
-                            .metrics
-                            .lag_seconds
-                            .with_label_values(&[s])
-                            .set(seconds);
+                    Ok(lag) => {
+                        complete_at.insert(s.clone(), lag.complete_at_ms);
+                        set(&shared, s, lag.events, lag.seconds);
                     }
                     Err(e) => {
                         shared.failed("lag", &e);
@@ -77,9 +103,44 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
                     }
                 }
             }
+        } else if peer_down && following {
+            // The standby cannot see its active peer: whatever the peer wrote since the
+            // copy was last known complete is missing here, and that window grows.
+            let now_ms = eventlog::time::now_ms();
+            for s in streams.iter().map(String::as_str).chain(ALWAYS) {
+                let since = *complete_at.get(s).unwrap_or(&started_ms);
+                let seconds = now_ms.saturating_sub(since) as f64 / 1000.0;
+                shared
+                    .metrics
+                    .lag_seconds
+                    .with_label_values(&[s])
+                    .set(seconds);
+            }
+        } else if !following {
+            // The local region is active: nothing flows into it, nothing is behind.
+            for s in streams.iter().map(String::as_str).chain(ALWAYS) {
+                complete_at.remove(s);
+                set(&shared, s, 0, 0.0);
+            }
         }
         if !shared.sleep(interval).await {
             return;
         }
     }
+}
+
+/// Streams whose gauges exist from the start (see `metrics`), even before discovery.
+const ALWAYS: [&str; 2] = [keys::EVENTS, keys::DLQ];
+
+fn set(shared: &Shared, stream: &str, events: i64, seconds: f64) {
+    shared
+        .metrics
+        .lag_events
+        .with_label_values(&[stream])
+        .set(events);
+    shared
+        .metrics
+        .lag_seconds
+        .with_label_values(&[stream])
+        .set(seconds);
 }

@@ -29,6 +29,9 @@ pub struct Metrics {
     pub state: IntGaugeVec,
     /// 1 when the last command to that side succeeded.
     pub redis_up: IntGaugeVec,
+    /// 1 while the peer's Redis can be read (API.md additions): the signal that the
+    /// lag gauges are measured, not extrapolated.
+    pub peer_up: IntGauge,
     pub redis_errors: IntCounterVec,
     pub epoch: IntGaugeVec,
     pub streams: IntGauge,
@@ -102,6 +105,11 @@ impl Metrics {
                 &["side"],
             )
             .unwrap(),
+            peer_up: IntGauge::new(
+                "tandem_replicator_peer_up",
+                "1 while the peer region's Redis can be read; 0 while it cannot (lag_seconds then grows)",
+            )
+            .unwrap(),
             redis_errors: IntCounterVec::new(
                 Opts::new("tandem_replicator_redis_errors_total", "Failed Redis commands by side and task"),
                 &["side", "task"],
@@ -145,6 +153,7 @@ impl Metrics {
         r.register(Box::new(m.copying.clone())).unwrap();
         r.register(Box::new(m.state.clone())).unwrap();
         r.register(Box::new(m.redis_up.clone())).unwrap();
+        r.register(Box::new(m.peer_up.clone())).unwrap();
         r.register(Box::new(m.redis_errors.clone())).unwrap();
         r.register(Box::new(m.epoch.clone())).unwrap();
         r.register(Box::new(m.streams.clone())).unwrap();

@@ -90,6 +90,9 @@ impl Shared {
             .redis_up
             .with_label_values(&[side.as_str()])
             .set(1);
+        if side == Side::Peer {
+            self.metrics.peer_up.set(1);
+        }
         let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
         match side {
             Side::Local => h.local_error = None,
@@ -112,6 +115,9 @@ impl Shared {
             .inc();
         if err.is_unreachable() {
             self.metrics.redis_up.with_label_values(&[side]).set(0);
+            if side == "peer" {
+                self.metrics.peer_up.set(0);
+            }
             let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
             let msg = Some(err.to_string());
             if side == "peer" {

@@ -180,6 +180,20 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP: the server hangs (connections are accepted, nothing is answered).
+    pub fn pause(&self) {
+        if let Some(p) = &self.process {
+            p.signal("STOP");
+        }
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        if let Some(p) = &self.process {
+            p.signal("CONT");
+        }
+    }
+
     /// SIGTERM and wait for a clean exit (Redis flushes its AOF on the way out).
     pub async fn stop(&mut self) {
         if let Some(mut p) = self.process.take() {

@@ -55,6 +55,14 @@ impl Takeover {
 
     /// Starts both regions; `configure_a` adjusts node `a`'s options (e.g. durability).
     pub async fn start_with(configure_a: impl FnOnce(NodeOptions) -> NodeOptions) -> Takeover {
+        Self::start_with_both(configure_a, |o| o).await
+    }
+
+    /// Starts both regions, adjusting each node's options.
+    pub async fn start_with_both(
+        configure_a: impl FnOnce(NodeOptions) -> NodeOptions,
+        configure_b: impl FnOnce(NodeOptions) -> NodeOptions,
+    ) -> Takeover {
         let redis_a = RedisServer::start().await;
         let redis_b = RedisServer::start().await;
         let node_a = Node::start(configure_a(common(
@@ -65,12 +73,12 @@ impl Takeover {
         )))
         .await;
         node_a.wait_ready().await;
-        let node_b = Node::start(common(
+        let node_b = Node::start(configure_b(common(
             NodeOptions::new(redis_b.url())
                 .region("b")
                 .role("standby")
                 .env("NODE_PEER_REDIS_URL", redis_a.url()),
-        ))
+        )))
         .await;
         let rep_b = Replicator::start(&redis_b.url(), &redis_a.url(), &[]).await;
         let rep_a = Replicator::start(

@@ -230,11 +230,13 @@ async fn standby_read_models_equal_the_active() {
 }
 
 #[tokio::test]
-async fn replicated_durability_waits_for_the_standby() {
-    // Given region a active in `replicated` durability and b's replicator running
+async fn replicated_durability_waits_for_the_standby_and_can_refuse_without_it() {
+    // Given region a active in `replicated` durability that refuses when the standby
+    // cannot confirm, and b's replicator running
     let mut t = Takeover::start_with(|o| {
         o.env("NODE_DURABILITY", "replicated")
             .env("NODE_REPLICATED_TIMEOUT_MS", 1500)
+            .env("NODE_REPLICATED_FALLBACK", "refuse")
     })
     .await;
     let a = t.api_a();
@@ -248,6 +250,7 @@ async fn replicated_durability_waits_for_the_standby() {
     // Then it is acknowledged 201, and at that moment b's stream already holds its
     // OrderPlaced (read before anything else can happen)
     let id = order_id(&placed);
+    assert_eq!(placed.header("tandem-durability"), None);
     let on_b = order_placed_on(&mut conn_b, &id).await;
     assert!(
         on_b,
@@ -280,6 +283,33 @@ async fn replicated_durability_waits_for_the_standby() {
     assert_eq!(r.status, 200, "order {id2} on a: {}", r.text);
     a.wait_status(&id2, &["SHIPPED"], FLOW).await;
 
+    // And from then on the node knows the standby is behind: the next order is refused
+    // at once, nothing is written, and the operator sees it in the metric
+    let mut conn_a = t.conn_a().await;
+    let events_before = redis_state::stream_entries(&mut conn_a, EVENTS).await.len();
+    let started = std::time::Instant::now();
+    let refused = a
+        .place_order(&order_body("c-dur-3", &[("DUR-1", 1)], "tok_ok"))
+        .await;
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert_eq!(
+        refused.error_code(),
+        "replication_unavailable",
+        "{}",
+        refused.text
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "refused only after {:?}: it waited for a standby known to be behind",
+        started.elapsed()
+    );
+    assert_eq!(
+        redis_state::stream_entries(&mut conn_a, EVENTS).await.len(),
+        events_before,
+        "a refused order wrote something"
+    );
+    assert_eq!(degraded(&a).await, Some(1.0));
+
     // When the replicator comes back and the client retries with its Idempotency-Key
     t.rep_b.restart().await;
     eventually(FLOW, "b receives the order that timed out", || {
@@ -306,6 +336,109 @@ async fn replicated_durability_waits_for_the_standby() {
         .filter(|e| e["aggregateId"] == id2.as_str() && e["eventType"] == "OrderPlaced")
         .count();
     assert_eq!(n, 1, "OrderPlaced events of {id2}: {placed_events:?}");
+
+    // And durability is replicated again: the gauge is back to 0 and a new order is
+    // on b when it is acknowledged
+    eventually(FLOW, "durability restored", || async {
+        match degraded(&a).await {
+            Some(0.0) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    let fresh = a
+        .place_order(&order_body("c-dur-4", &[("DUR-1", 1)], "tok_ok"))
+        .await;
+    let id4 = order_id(&fresh);
+    assert!(order_placed_on(&mut conn_b, &id4).await);
+}
+
+#[tokio::test]
+async fn replicated_durability_falls_back_to_local_acks_while_the_standby_is_down() {
+    // Given region a active in `replicated` durability (fallback `async`, the default)
+    let t = Takeover::start_with(|o| {
+        o.env("NODE_DURABILITY", "replicated")
+            .env("NODE_REPLICATED_TIMEOUT_MS", 3000)
+    })
+    .await;
+    let a = t.api_a();
+    a.put_product("FB-1", 1000, 1000).await;
+    let first = a
+        .place_order(&order_body("c-fb-0", &[("FB-1", 1)], "tok_ok"))
+        .await;
+    order_id(&first);
+    assert_eq!(first.header("tandem-durability"), None);
+
+    // When the standby's Redis hangs
+    t.redis_b.pause();
+
+    // Then the node knows it once (the gauge), not per request: every order is
+    // acknowledged at once, saying it is held by this region only
+    let resume_on_drop = ResumeOnDrop(&t.redis_b);
+    eventually(FLOW, "durability degraded", || async {
+        match degraded(&a).await {
+            Some(1.0) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    let mut local_ids = Vec::new();
+    for i in 0..5 {
+        let started = std::time::Instant::now();
+        let r = a
+            .place_order(&order_body(&format!("c-fb-{i}"), &[("FB-1", 1)], "tok_ok"))
+            .await;
+        local_ids.push(order_id(&r));
+        assert_eq!(r.header("tandem-durability"), Some("local"), "{}", r.text);
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "order {i} took {:?}: it waited for a standby known to be down",
+            started.elapsed()
+        );
+    }
+
+    // When the standby's Redis answers again and its replicator copies the backlog
+    drop(resume_on_drop);
+    let mut conn_b = t.conn_b().await;
+    eventually(
+        FLOW,
+        "the standby caught up and durability is restored",
+        || {
+            let mut c = conn_b.clone();
+            let a = a.clone();
+            let last = local_ids.last().unwrap().clone();
+            async move {
+                let held = order_placed_on(&mut c, &last).await;
+                match (held, degraded(&a).await) {
+                    (true, Some(0.0)) => Ok(()),
+                    other => Err(other),
+                }
+            }
+        },
+    )
+    .await;
+
+    // Then orders are confirmed by the standby again before they are acknowledged
+    let r = a
+        .place_order(&order_body("c-fb-back", &[("FB-1", 1)], "tok_ok"))
+        .await;
+    let id = order_id(&r);
+    assert_eq!(r.header("tandem-durability"), None, "{}", r.text);
+    assert!(order_placed_on(&mut conn_b, &id).await);
+}
+
+/// Resumes a paused Redis, also when the test fails while it is paused.
+struct ResumeOnDrop<'a>(&'a system_tests::RedisServer);
+
+impl Drop for ResumeOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.resume();
+    }
+}
+
+/// `tandem_node_durability_degraded` of a node.
+async fn degraded(api: &Api) -> Option<f64> {
+    metric_sum(&api.metrics().await, "tandem_node_durability_degraded", &[])
 }
 
 /// Whether the region's raw event stream holds an OrderPlaced of `order_id`.

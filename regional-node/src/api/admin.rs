@@ -3,15 +3,32 @@
 
 use super::{ApiError, AppState, JsonBody};
 use crate::bus;
-use crate::projector;
-use crate::promotion;
+use crate::jobs::{Jobs, Waited};
+use crate::projector::{self, ProjectError, RebuildReport};
+use crate::promotion::{self, PromotionError};
 use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::http::{request::Parts, StatusCode};
 use axum::Json;
 use eventlog::{keys, Role};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// How long a promote request waits for the promotion before answering 503
+/// `promotion_in_progress` (the promotion goes on; the caller asks again with the same
+/// epoch). Short enough for the gateway's control-call timeout.
+const PROMOTE_WAIT: Duration = Duration::from_secs(1);
+/// How long a rebuild request waits before answering 202 (the rebuild goes on).
+const REBUILD_WAIT: Duration = Duration::from_secs(30);
+
+/// The admin jobs that must not be cut short by a caller going away.
+#[derive(Default)]
+pub struct AdminJobs {
+    /// Keyed by epoch: a repeated request for the same epoch joins the running one.
+    promotion: Jobs<u64, Result<(), Arc<PromotionError>>>,
+    rebuild: Jobs<(), Result<RebuildReport, Arc<ProjectError>>>,
+}
 
 /// Proof that the caller may use admin endpoints.
 pub struct Admin;
@@ -101,8 +118,36 @@ pub async fn promote(
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
     let epoch = epoch_of(&body)?;
-    promotion::promote(&st.wf, epoch).await?;
-    Ok(Json(role_json(&st).await?))
+    let (wf, limit) = (st.wf.clone(), st.config.promotion_timeout());
+    let job = st
+        .jobs
+        .promotion
+        .start(epoch, async move {
+            promotion::promote(&wf, epoch, limit)
+                .await
+                .map_err(Arc::new)
+        })
+        .map_err(|running| {
+            in_progress(format!(
+                "a promotion to epoch {running} is in progress; retry"
+            ))
+        })?;
+    match job.wait(PROMOTE_WAIT).await {
+        Waited::Done(Ok(())) => Ok(Json(role_json(&st).await?)),
+        Waited::Done(Err(e)) => Err(ApiError::from(&*e)),
+        Waited::Running => Err(in_progress(format!(
+            "the promotion to epoch {epoch} is still running (applying the replicated backlog); \
+             ask again with the same epoch"
+        ))),
+    }
+}
+
+fn in_progress(message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "promotion_in_progress",
+        message,
+    )
 }
 
 pub async fn demote(
@@ -141,6 +186,7 @@ pub async fn lease(
 
 pub async fn dlq(_: Admin, State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
     let entries = st.wf.store.xrange(keys::DLQ, "-", "+", 1000).await?;
+    let entries = bus::unreplayed(&st.wf.store, entries).await?;
     Ok(Json(
         json!({ "entries": entries.iter().map(bus::dlq_view).collect::<Vec<_>>() }),
     ))
@@ -157,16 +203,38 @@ pub async fn replay(
     Ok(Json(bus::replay(&st.wf, &entry_id).await?))
 }
 
-pub async fn rebuild(_: Admin, State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let report = projector::rebuild(&st.wf.store).await?;
-    tracing::info!(
-        events = report.events,
-        keys = report.keys,
-        "derived state rebuilt from the event stream"
-    );
-    Ok(Json(
-        json!({ "rebuilt": true, "events": report.events, "keys": report.keys }),
-    ))
+pub async fn rebuild(
+    _: Admin,
+    State(st): State<AppState>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let store = st.wf.store.clone();
+    let job = st
+        .jobs
+        .rebuild
+        .start((), async move {
+            let result = projector::rebuild(&store).await;
+            match &result {
+                Ok(report) => tracing::info!(
+                    events = report.events,
+                    keys = report.keys,
+                    "derived state rebuilt from the event stream"
+                ),
+                Err(e) => tracing::error!(error = %e, "rebuild failed"),
+            }
+            result.map_err(Arc::new)
+        })
+        .expect("rebuild jobs share one key");
+    match job.wait(REBUILD_WAIT).await {
+        Waited::Done(Ok(report)) => Ok((
+            StatusCode::OK,
+            Json(json!({ "rebuilt": true, "events": report.events, "keys": report.keys })),
+        )),
+        Waited::Done(Err(e)) => Err(ApiError::from(&*e)),
+        Waited::Running => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "rebuilt": false, "running": true })),
+        )),
+    }
 }
 
 pub async fn quarantine(_: Admin, State(st): State<AppState>) -> Result<Json<Value>, ApiError> {

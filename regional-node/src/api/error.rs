@@ -1,6 +1,8 @@
 //! The HTTP error type: every failure maps to a status and a stable `error.code`.
 
 use crate::bus::ReplayError;
+use crate::projector::ProjectError;
+use crate::promotion::PromotionError;
 use crate::roles::RoleError;
 use crate::store::StoreError;
 use crate::workflow::WorkflowError;
@@ -181,6 +183,38 @@ impl From<ReplayError> for ApiError {
                 "replay_failed",
                 format!("replay failed: {e}"),
             ),
+        }
+    }
+}
+
+impl From<&PromotionError> for ApiError {
+    fn from(e: &PromotionError) -> ApiError {
+        use PromotionError::*;
+        let (status, code) = match e {
+            StaleEpoch { .. } | Superseded { .. } => (StatusCode::CONFLICT, "stale_epoch"),
+            ProjectionHalted(_) => (StatusCode::CONFLICT, "projection_halted"),
+            IntentLapsed | TimedOut(_) => (StatusCode::SERVICE_UNAVAILABLE, "promotion_failed"),
+            Store(StoreError::Unavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "redis_unavailable")
+            }
+            Store(other) => return ApiError::internal(other),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<&ProjectError> for ApiError {
+    fn from(e: &ProjectError) -> ApiError {
+        match e {
+            ProjectError::Halted(h) => {
+                ApiError::new(StatusCode::CONFLICT, "projection_halted", h.to_string())
+            }
+            ProjectError::Store(StoreError::Unavailable(_)) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "redis_unavailable",
+                "the region's Redis is unavailable; retry shortly",
+            ),
+            ProjectError::Store(other) => ApiError::internal(other),
         }
     }
 }

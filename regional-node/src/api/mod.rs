@@ -31,6 +31,10 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The other region's Redis, for `replicated` durability.
     pub peer: Option<crate::store::Store>,
+    /// Promotion and rebuild, which run to completion whatever the caller does.
+    pub jobs: Arc<admin::AdminJobs>,
+    /// The standby as `replicated` durability sees it.
+    pub standby: Arc<crate::durability::Standby>,
 }
 
 pub fn router(state: AppState) -> Router {

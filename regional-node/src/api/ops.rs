@@ -11,18 +11,24 @@ pub async fn live() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// 200 when the node can serve: Redis answers and the role is known.
+/// 200 when the node can serve: Redis answers, the role is known and, on a standby,
+/// the projection follows the log (a halted one could not take over).
 pub async fn ready(State(st): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let redis = st.wf.store.ping().await;
     let role = st.wf.roles.current();
-    let ok = redis.is_ok() && role.known;
-    let body = json!({
+    let halt = st.wf.projection.halted();
+    let ok = redis.is_ok() && role.known && halt.is_none();
+    let mut body = json!({
         "region": st.config.region,
         "role": role.role,
         "epoch": role.epoch,
         "fenced": role.fenced,
         "redis": if redis.is_ok() { "ok" } else { "unavailable" },
     });
+    if let Some(h) = halt {
+        body["reason"] = json!(format!("projection_halted: {h}"));
+        body["projection"] = json!({ "halted": true, "entry": h.entry, "reason": h.reason });
+    }
     let status = if ok {
         StatusCode::OK
     } else {

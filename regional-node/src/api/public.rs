@@ -2,6 +2,7 @@
 
 use super::{ApiError, AppState, JsonBody, OptionalJsonBody, RequestContext};
 use crate::config::Durability;
+use crate::durability::{Confirmation, Fallback};
 use crate::events::Cause;
 use crate::inventory::{self, Product, Sku, UpsertProduct};
 use crate::orders::{self, Order, PlaceOrder, Placed};
@@ -11,9 +12,10 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use eventlog::envelope::StreamId;
 use eventlog::keys;
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(raw) = headers.get("idempotency-key") else {
@@ -40,38 +42,65 @@ pub async fn place_order(
     let key = idempotency_key(&headers)?;
     let cmd =
         PlaceOrder::parse(&body).map_err(|(msg, fields)| ApiError::validation(msg, fields))?;
+    let replicated = st.config.durability == Durability::Replicated;
+    let refuse = st.config.replicated_fallback == Fallback::Refuse;
+    if replicated && refuse && st.standby.is_degraded() {
+        // Known before anything is written: refuse at once rather than wait.
+        return Err(replication_unavailable());
+    }
     let cause = Cause::request(&ctx.request_id, ctx.traceparent.clone());
     let (answer, replayed) = match orders::place(&st.wf, &cmd, key.as_deref(), &cause).await? {
         Placed::New(answer) => (answer, false),
         Placed::Replayed(answer) => (answer, true),
     };
     let order_id = answer["orderId"].as_str().unwrap_or_default().to_string();
-    if !replayed && st.config.durability == Durability::Replicated {
-        await_standby(&st, &order_id).await?;
-    }
+    let local_only = if !replicated {
+        false
+    } else if replayed {
+        // A retry: the first answer stands; say whether the standby is keeping up now.
+        st.standby.is_degraded()
+    } else if await_standby(&st, &order_id).await? == Confirmation::Held {
+        false
+    } else {
+        if refuse {
+            return Err(ApiError {
+                extra: Some(json!({ "orderId": order_id })),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "replication_timeout",
+                    "the order was accepted but the standby has not confirmed it in time; it is not lost",
+                )
+            });
+        }
+        true
+    };
     let mut response = (StatusCode::CREATED, Json(answer)).into_response();
+    let headers = response.headers_mut();
     if let Ok(location) = HeaderValue::from_str(&format!("/orders/{order_id}")) {
-        response.headers_mut().insert(header::LOCATION, location);
+        headers.insert(header::LOCATION, location);
     }
     if replayed {
-        response
-            .headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    if local_only {
+        // `replicated` durability fell back: this order is held by this region only
+        // (RPO = replication lag, as in `async`) until the standby catches up.
+        headers.insert("tandem-durability", HeaderValue::from_static("local"));
     }
     Ok(response)
 }
 
-/// `replicated` durability: answer only once the standby's Redis holds the order's
-/// first event. On timeout the order still exists here (and will replicate): the
-/// client is told so, with the order id, and may retry with its Idempotency-Key.
-async fn await_standby(st: &AppState, order_id: &str) -> Result<(), ApiError> {
-    let Some(peer) = &st.peer else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "replication_unavailable",
-            "durability is `replicated` but NODE_PEER_REDIS_URL is not set",
-        ));
-    };
+fn replication_unavailable() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "replication_unavailable",
+        "durability is `replicated` and the standby is unreachable or behind; nothing was written",
+    )
+}
+
+/// `replicated` durability: waits until the standby's Redis holds the order's first
+/// event (see `durability`).
+async fn await_standby(st: &AppState, order_id: &str) -> Result<Confirmation, ApiError> {
     let ids: Vec<String> = st
         .wf
         .store
@@ -82,28 +111,11 @@ async fn await_standby(st: &AppState, order_id: &str) -> Result<(), ApiError> {
                 .arg(0),
         )
         .await?;
-    let Some(id) = ids.into_iter().next() else {
-        return Ok(());
+    let Some(id) = ids.first().and_then(|id| StreamId::parse(id)) else {
+        return Ok(Confirmation::Held);
     };
-    let deadline = Instant::now() + Duration::from_millis(st.config.replicated_timeout_ms);
-    loop {
-        if let Ok(found) = peer.xrange(keys::EVENTS, &id, &id, 1).await {
-            if !found.is_empty() {
-                return Ok(());
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(ApiError {
-                extra: Some(json!({ "orderId": order_id })),
-                ..ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "replication_timeout",
-                    "the order was accepted but the standby has not confirmed it in time; it is not lost",
-                )
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let limit = Duration::from_millis(st.config.replicated_timeout_ms);
+    Ok(st.standby.confirm(id, limit).await)
 }
 
 fn order_id_checked(id: &str) -> Result<(), ApiError> {

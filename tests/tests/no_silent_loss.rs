@@ -1,0 +1,561 @@
+//! The paths where an acknowledged order could be silently lost or the regions could
+//! silently diverge (issue 7, section 1), each shown closed the way an operator or a
+//! client would notice: a promotion never activates an incomplete state, a standby that
+//! cannot apply an event says so and refuses to take over, an admin call cut short by
+//! its caller leaves nothing half done, and a replayed dead letter stays replayed after
+//! a failover.
+
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use serde_json::{json, Value};
+use system_tests::api::{metric_sum, order_body};
+use system_tests::redis_state::{self, DLQ, EVENTS};
+use system_tests::takeover::{projection_cursor, role_of, wait_role, Takeover, CATCH_UP};
+use system_tests::{eventually, wait_until, Api, Region};
+
+const FLOW: Duration = Duration::from_secs(30);
+
+/// A `ProductUpserted` envelope as a node of region `a` writes it.
+fn product_upserted(sku: &str, sequence: u64) -> String {
+    json!({
+        "eventId": uuid_like(sku, sequence),
+        "eventType": "ProductUpserted",
+        "aggregateId": sku,
+        "aggregateType": "product",
+        "sequence": sequence,
+        "occurredAt": "2026-11-30T12:00:00.000Z",
+        "version": 1,
+        "correlationId": format!("seed-{sku}"),
+        "causationId": format!("seed-{sku}"),
+        "region": "a",
+        "epoch": 1,
+        "payload": {"sku": sku, "name": sku, "price": 100, "currency": "USD", "stock": 5}
+    })
+    .to_string()
+}
+
+fn uuid_like(sku: &str, sequence: u64) -> String {
+    let n: u64 = sku.bytes().fold(sequence, |h, b| {
+        h.wrapping_mul(31).wrapping_add(u64::from(b))
+    });
+    format!("00000000-0000-4000-8000-{:012x}", n & 0xffff_ffff_ffff)
+}
+
+/// Appends entries (`type`, envelope JSON) to a region's event stream, pipelined.
+async fn append(conn: &mut MultiplexedConnection, entries: &[(String, String)]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for chunk in entries.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for (ty, event) in chunk {
+            pipe.cmd("XADD")
+                .arg(EVENTS)
+                .arg("*")
+                .arg("type")
+                .arg(ty)
+                .arg("event")
+                .arg(event);
+        }
+        let added: Vec<String> = pipe.query_async(conn).await.expect("XADD");
+        ids.extend(added);
+    }
+    ids
+}
+
+async fn get(conn: &mut MultiplexedConnection, key: &str) -> Option<String> {
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("GET")
+}
+
+async fn intent_epoch(conn: &mut MultiplexedConnection) -> Option<u64> {
+    let v: Option<String> = redis::cmd("HGET")
+        .arg("tandem:promotion-intent")
+        .arg("epoch")
+        .query_async(conn)
+        .await
+        .expect("HGET intent");
+    v.and_then(|e| e.parse().ok())
+}
+
+async fn last_id(conn: &mut MultiplexedConnection) -> Option<String> {
+    redis_state::stream_entries(conn, EVENTS)
+        .await
+        .last()
+        .map(|(id, _)| id.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_never_activates_on_an_incomplete_projection() {
+    // Given a standby whose promotions may take 1.5 s at most, and a replicated backlog
+    // far larger than it can apply in that time
+    let t = Takeover::start_with_both(|o| o, |o| o.env("NODE_PROMOTION_TIMEOUT_MS", 1500)).await;
+    let api_b = t.api_b();
+    let mut conn_b = t.conn_b().await;
+    const BACKLOG: usize = 60_000;
+    let backlog: Vec<(String, String)> = (0..BACKLOG)
+        .map(|i| {
+            let sku = format!("BULK-{i:06}");
+            ("ProductUpserted".to_string(), product_upserted(&sku, 1))
+        })
+        .collect();
+    append(&mut conn_b, &backlog).await;
+    let last = last_id(&mut conn_b).await.expect("backlog written");
+
+    // When the gateway keeps asking to promote it at epoch 2 (as it does after a kill)
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    let promoted = loop {
+        let r = api_b.promote(2).await;
+        answers.push((r.status, r.error_code().to_string()));
+        // Then whenever it says "active", its state holds the whole log
+        if r.status == 200 {
+            let cursor = projection_cursor(&mut conn_b).await;
+            assert_eq!(
+                cursor.as_deref(),
+                Some(last.as_str()),
+                "promoted with the projection at {cursor:?}, the stream ends at {last}"
+            );
+            let sku = format!("BULK-{:06}", BACKLOG - 1);
+            assert!(
+                get(&mut conn_b, &format!("tandem:product:{sku}"))
+                    .await
+                    .is_some(),
+                "promoted without the last product of the log"
+            );
+            break r;
+        }
+        // and until then it is not active, and says why
+        assert_eq!(r.status, 503, "{}", r.text);
+        assert!(
+            ["promotion_in_progress", "promotion_failed"].contains(&r.error_code()),
+            "{}",
+            r.text
+        );
+        assert_eq!(role_of(&api_b).await.0, "standby");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "not promoted after 2 min: {answers:?}"
+        );
+    };
+    assert_eq!(promoted.json["role"], "active", "{}", promoted.text);
+    // The backlog took longer than one promotion may: some attempts were refused
+    assert!(
+        answers.iter().any(|(s, _)| *s == 503),
+        "the backlog was applied within one promotion; make it larger: {answers:?}"
+    );
+    assert_eq!(intent_epoch(&mut conn_b).await, None, "intent left behind");
+}
+
+#[tokio::test]
+async fn a_standby_halts_at_an_event_it_cannot_apply_and_refuses_promotion() {
+    // Given a standby following region a
+    let t = Takeover::start().await;
+    let (api_a, api_b) = (t.api_a(), t.api_b());
+    api_a.put_product("KNOWN-1", 1000, 10).await;
+    t.wait_b_caught_up().await;
+
+    // When a writes an event this version does not know (a newer node's), then an
+    // ordinary one
+    let mut conn_a = t.conn_a().await;
+    let mut unknown: Value = serde_json::from_str(&product_upserted("KNOWN-1", 99)).unwrap();
+    unknown["eventType"] = json!("ProductTeleported");
+    let ids = append(
+        &mut conn_a,
+        &[("ProductTeleported".into(), unknown.to_string())],
+    )
+    .await;
+    let bad = ids[0].clone();
+    api_a.put_product("AFTER-1", 1000, 10).await;
+
+    // Then b reports itself not ready, naming the entry, and its gauge says halted
+    let http_b = t.node_b.http();
+    let ready = wait_until(
+        CATCH_UP,
+        "b not ready with projection_halted",
+        || http_b.get("/health/ready"),
+        |r| r.status == 503,
+    )
+    .await;
+    let reason = ready.json["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("projection_halted") && reason.contains(&bad),
+        "{}",
+        ready.text
+    );
+    assert_eq!(ready.json["projection"]["entry"], bad.as_str());
+    let halted = metric_sum(&api_b.metrics().await, "tandem_node_projection_halted", &[]);
+    assert_eq!(halted, Some(1.0));
+    // and nothing after the entry reached its state (it did not skip ahead)
+    let mut conn_b = t.conn_b().await;
+    eventually(CATCH_UP, "the entry is copied to b", || {
+        let mut c = conn_b.clone();
+        let bad = bad.clone();
+        async move {
+            let ids: Vec<String> = redis_state::stream_entries(&mut c, EVENTS)
+                .await
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            if ids.contains(&bad) {
+                Ok(())
+            } else {
+                Err(ids.len())
+            }
+        }
+    })
+    .await;
+    let after = api_b.http.get("/api/v1/products/AFTER-1").await;
+    assert_eq!(
+        after.status, 404,
+        "applied past the halted entry: {}",
+        after.text
+    );
+    let cursor = projection_cursor(&mut conn_b).await.unwrap_or_default();
+    assert!(
+        cursor < bad,
+        "cursor {cursor} moved past the halted entry {bad}"
+    );
+
+    // And a promotion is refused while it stands
+    let r = api_b.promote(2).await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert_eq!(r.error_code(), "projection_halted", "{}", r.text);
+    assert_eq!(role_of(&api_b).await.0, "standby");
+    assert_eq!(intent_epoch(&mut conn_b).await, None);
+}
+
+/// Sends a request and gives up on it after `after` (the connection is dropped).
+async fn abandon(url: &str, body: &Value, after: Duration) {
+    let client = reqwest::Client::builder().timeout(after).build().unwrap();
+    let sent = client
+        .post(url)
+        .header(
+            "authorization",
+            format!("Bearer {}", system_tests::TEST_ADMIN_TOKEN),
+        )
+        .json(body)
+        .send()
+        .await;
+    assert!(
+        sent.is_err(),
+        "expected the request to be cut short: {sent:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_promotion_cut_short_by_its_caller_finishes_or_leaves_no_intent() {
+    // Given a standby following region a
+    let t = Takeover::start().await;
+    t.api_a().put_product("P-1", 1000, 10).await;
+    t.wait_b_caught_up().await;
+    let conn_b = t.conn_b().await;
+
+    // When a promotion is asked for and the caller goes away at once
+    let url = format!("{}/admin/promote", t.node_b.url());
+    abandon(&url, &json!({"epoch": 2}), Duration::from_millis(40)).await;
+
+    // Then the promotion still ends cleanly: b active at epoch 2 and no intent left
+    // to hold its replicator or fence a's renewals
+    wait_role(&t.api_b(), "active", 2).await;
+    eventually(CATCH_UP, "no intent left behind", || {
+        let mut c = conn_b.clone();
+        async move {
+            match intent_epoch(&mut c).await {
+                None => Ok(()),
+                Some(e) => Err(e),
+            }
+        }
+    })
+    .await;
+}
+
+/// A region with a log large enough that a rebuild takes a while (appended behind the
+/// node's back: only a rebuild brings it into the read models).
+async fn region_with_history(products: usize) -> Region {
+    let region = Region::start().await;
+    let mut conn = region.redis.client().await;
+    let backlog: Vec<(String, String)> = (0..products)
+        .map(|i| {
+            let sku = format!("H-{i:06}");
+            ("ProductUpserted".to_string(), product_upserted(&sku, 1))
+        })
+        .collect();
+    append(&mut conn, &backlog).await;
+    region
+}
+
+#[tokio::test]
+async fn a_rebuild_cut_short_by_its_caller_finishes_and_unpauses() {
+    // Given a region with history its read models do not reflect yet, one of them
+    // corrupted
+    let region = region_with_history(40_000).await;
+    let api = &region.api;
+    let mut conn = region.redis.client().await;
+    let _: () = redis::cmd("SET")
+        .arg("tandem:product:H-000007")
+        .arg("{\"corrupt\":true}")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // When a rebuild is asked for and the caller goes away at once
+    let url = format!("{}/admin/rebuild", region.node.url());
+    abandon(&url, &json!({}), Duration::from_millis(30)).await;
+
+    // Then the rebuild still finishes (the read models are rebuilt), the region is not
+    // left paused, and writes go through
+    eventually(FLOW, "read model repaired", || {
+        let api = api.clone();
+        async move {
+            let p = api.http.get("/api/v1/products/H-000007").await;
+            if p.status == 200 && p.json["sku"] == "H-000007" {
+                Ok(())
+            } else {
+                Err(p.text)
+            }
+        }
+    })
+    .await;
+    eventually(FLOW, "region unpaused", || async {
+        let r = api.role().await;
+        if r.json["paused"] == false {
+            Ok(())
+        } else {
+            Err(r.text)
+        }
+    })
+    .await;
+    let r = api
+        .http
+        .put(
+            "/api/v1/products/AFTER",
+            &json!({"name":"A","price":1,"stock":1}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+}
+
+#[tokio::test]
+async fn a_node_killed_during_a_rebuild_does_not_leave_the_region_paused() {
+    // Given a region with history, rebuilding
+    let mut region = region_with_history(40_000).await;
+    let url = format!("{}/admin/rebuild", region.node.url());
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let _ = client
+            .post(url)
+            .header(
+                "authorization",
+                format!("Bearer {}", system_tests::TEST_ADMIN_TOKEN),
+            )
+            .send()
+            .await;
+    });
+    let conn = region.redis.client().await;
+    eventually(FLOW, "the rebuild paused the region", || {
+        let mut c = conn.clone();
+        async move {
+            let paused: Option<String> = redis::cmd("HGET")
+                .arg("tandem:role")
+                .arg("paused")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            paused.ok_or(())
+        }
+    })
+    .await;
+
+    // When its node is killed halfway and another takes its place
+    region.node.kill();
+    let node = system_tests::Node::start(region.node.options().clone()).await;
+    node.wait_ready().await;
+    let api = Api::new(node.http());
+
+    // Then writes go through again within seconds (the pause lapses by itself)
+    let started = Instant::now();
+    eventually(FLOW, "writes accepted again", || async {
+        let r = api
+            .http
+            .put(
+                "/api/v1/products/AFTER",
+                &json!({"name":"A","price":1,"stock":1}),
+            )
+            .await;
+        if r.status == 201 {
+            Ok(())
+        } else {
+            Err(r.text)
+        }
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "paused for {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_dead_letter_stays_replayed_after_a_failover() {
+    // Given a payment parked in a's dead-letter stream (tok_error), whose order was then
+    // cancelled, and b following a
+    let t = Takeover::start().await;
+    let (api_a, api_b) = (t.api_a(), t.api_b());
+    api_a.put_product("DLQ-1", 1000, 10).await;
+    let id = api_a
+        .place_ok(&order_body("c-dlq", &[("DLQ-1", 1)], "tok_error"))
+        .await;
+    let entry = eventually(FLOW, "the payment is dead-lettered", || async {
+        let r = api_a.dlq().await;
+        r.json["entries"]
+            .as_array()
+            .and_then(|e| e.first().cloned())
+            .ok_or(r.text)
+    })
+    .await;
+    let entry_id = entry["id"].as_str().unwrap().to_string();
+    eventually(FLOW, "b lists the dead letter too", || async {
+        let r = api_b.dlq().await;
+        if r.json["entries"][0]["id"] == entry_id.as_str() {
+            Ok(())
+        } else {
+            Err(r.text)
+        }
+    })
+    .await;
+    assert_eq!(api_a.cancel(&id).await.status, 200);
+    api_a.wait_status(&id, &["CANCELLED"], FLOW).await;
+
+    // When the operator replays it on a
+    let r = api_a.replay(&entry_id).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(api_a.dlq().await.json["entries"], json!([]));
+
+    // Then b, once caught up, no longer lists it either
+    t.wait_b_caught_up().await;
+    assert_eq!(api_b.dlq().await.json["entries"], json!([]));
+
+    // And after a failover to b it stays replayed: not listed, not counted, not
+    // replayable a second time
+    let mut conn_b = t.conn_b().await;
+    let dlq_entries = redis_state::stream_entries(&mut conn_b, DLQ).await;
+    assert_eq!(
+        dlq_entries.len(),
+        1,
+        "the dead-letter stream is append-only"
+    );
+    let r = api_b.promote(2).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(api_b.dlq().await.json["entries"], json!([]));
+    eventually(FLOW, "b's dead-letter gauge is 0", || async {
+        match metric_sum(&api_b.metrics().await, "tandem_node_dead_letters", &[]) {
+            Some(0.0) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    let again = api_b.replay(&entry_id).await;
+    assert_eq!(again.status, 404, "{}", again.text);
+}
+
+#[tokio::test]
+async fn an_unreadable_promotion_intent_holds_copying() {
+    // Given a standby following region a
+    let t = Takeover::start().await;
+    let api_a = t.api_a();
+    api_a.put_product("HOLD-1", 1000, 10).await;
+    t.wait_b_caught_up().await;
+    let mut conn_b = t.conn_b().await;
+
+    // When b's promotion intent cannot be read (here: a value of the wrong type)
+    let _: () = redis::cmd("SET")
+        .arg("tandem:promotion-intent")
+        .arg("garbled")
+        .query_async(&mut conn_b)
+        .await
+        .unwrap();
+    let http = t.rep_b.http();
+    let idle = wait_until(
+        CATCH_UP,
+        "b's replicator idle",
+        || http.get("/health/ready"),
+        |r| r.json["state"] == "idle",
+    )
+    .await;
+    assert!(
+        idle.text.contains("promotion intent"),
+        "reason names the intent: {}",
+        idle.text
+    );
+
+    // Then nothing a writes is copied meanwhile
+    let before = redis_state::stream_entries(&mut conn_b, EVENTS).await.len();
+    api_a.put_product("HOLD-2", 1000, 10).await;
+    let mut conn_a = t.conn_a().await;
+    let on_a = redis_state::stream_entries(&mut conn_a, EVENTS).await.len();
+    assert_eq!(on_a, before + 1);
+    // (the gate polls every 100 ms: watch for ten of its rounds)
+    let watch_until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < watch_until {
+        let n = redis_state::stream_entries(&mut conn_b, EVENTS).await.len();
+        assert_eq!(
+            n, before,
+            "b copied while its promotion intent was unreadable"
+        );
+        tokio::time::sleep(system_tests::poll::POLL_INTERVAL).await;
+    }
+
+    // And copying resumes once the intent reads again
+    let _: () = redis::cmd("DEL")
+        .arg("tandem:promotion-intent")
+        .query_async(&mut conn_b)
+        .await
+        .unwrap();
+    t.wait_b_caught_up().await;
+}
+
+#[tokio::test]
+async fn replication_lag_keeps_growing_while_the_peer_is_unreachable() {
+    // Given a standby's replicator, caught up with region a
+    let mut t = Takeover::start().await;
+    t.api_a().put_product("LAG-1", 1000, 10).await;
+    t.wait_b_caught_up().await;
+    let rep = &t.rep_b;
+    eventually(CATCH_UP, "peer up and lag 0", || async {
+        let up = rep.metric("tandem_replicator_peer_up").await;
+        let lag = rep
+            .metric("tandem_replicator_lag_seconds{stream=\"tandem:events\"}")
+            .await;
+        if up == Some(1.0) && lag == Some(0.0) {
+            Ok(())
+        } else {
+            Err((up, lag))
+        }
+    })
+    .await;
+
+    // When region a's Redis becomes unreachable
+    t.redis_a.kill();
+
+    // Then the replicator says the peer is down, and the lag in seconds grows from the
+    // moment the copy was last known complete instead of freezing
+    eventually(CATCH_UP, "peer_up 0", || async {
+        match rep.metric("tandem_replicator_peer_up").await {
+            Some(0.0) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    let lag = || async {
+        rep.metric("tandem_replicator_lag_seconds{stream=\"tandem:events\"}")
+            .await
+            .unwrap_or(0.0)
+    };
+    let first = wait_until(CATCH_UP, "lag above 0.5 s", lag, |l| *l > 0.5).await;
+    let later = wait_until(CATCH_UP, "lag keeps growing", lag, |l| *l >= first + 1.0).await;
+    assert!(later > first);
+}
