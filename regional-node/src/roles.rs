@@ -78,6 +78,13 @@ const VOUCH_TTL: Duration = Duration::from_millis(100);
 /// renewal: the gateway renews right after the promotion answers.
 const PROMOTION_GRACE: Duration = Duration::from_secs(2);
 
+/// How long the watcher's finding "the peer cannot be read" stands for a lease renewal.
+/// While the peer hangs (a cut link, a paused host) each read waits out the peer timeout
+/// (200 ms), about as long as the gateway waits for a renewal: asking again on every
+/// renewal would let the lease of a healthy active lapse. The watcher reads again every
+/// POLL plus that timeout, so a finding this young is the latest there is.
+const UNREACHABLE_TTL: Duration = Duration::from_millis(400);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {
     #[error("epoch {requested} is stale: the region is at epoch {stored}")]
@@ -286,8 +293,18 @@ impl Roles {
             });
         }
         // A renewal may be stale (sent before this node was paused and overtaken by a
-        // promotion): ask the peer now. An unreachable peer cannot object.
-        if let Some(p) = self.peer_status().await {
+        // promotion): ask the peer now, unless the watcher has just found it
+        // unreachable. An unreachable peer cannot object. (After a pause the finding is
+        // old, so the peer is asked.)
+        let peer_known_unreachable = self
+            .peer_view()
+            .is_some_and(|(at, status)| status.is_none() && at.elapsed() < UNREACHABLE_TTL);
+        let peer = if peer_known_unreachable {
+            None
+        } else {
+            self.peer_status().await
+        };
+        if let Some(p) = peer {
             if p.epoch > epoch || p.intent_epoch > epoch {
                 return Err(RoleError::StaleEpoch {
                     requested: epoch,

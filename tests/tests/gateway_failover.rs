@@ -312,6 +312,42 @@ async fn hung_active_region_is_replaced_and_demoted_when_it_wakes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_active_keeps_its_lease_while_the_old_region_hangs() {
+    // Given orders streaming through the gateway to region a
+    let (regions, gw, _) = drill_setup(false).await;
+    let stream = OrderStream::start(&gw, 2, false);
+    stream.wait_orders_from("a", 20, SETTLE).await;
+
+    // When the whole of region a hangs, its Redis too: b's node, which reads a's Redis
+    // to check its lease renewals, gets no answer at all (as through a cut link)
+    regions.a.node.pause();
+    regions.a.redis.pause();
+    stream.wait_orders_from("b", 10, SETTLE).await;
+    let promoted = Instant::now();
+
+    // Then b holds on to its lease: it serves every order for the next few seconds
+    // (before the fix each renewal waited out the 200 ms peer timeout, the gateway gave
+    // up on it, and b fenced itself again and again)
+    let before = stream.snapshot().len();
+    eventually(SETTLE, "60 more answers", || async {
+        let n = stream.snapshot().len();
+        if n >= before + 60 && promoted.elapsed() > Duration::from_secs(3) {
+            Ok(())
+        } else {
+            Err(n - before)
+        }
+    })
+    .await;
+    let seen = stream.stop().await;
+    assert_no_client_errors(&seen[before..]);
+    let b_role = regions.b.node.role().await;
+    assert_eq!(b_role["role"], "active", "{b_role}");
+    assert_eq!(b_role["fenced"], false, "{b_role}");
+    regions.a.redis.resume();
+    regions.a.node.resume();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_active_fences_itself_before_the_standby_acts() {
     // Given the gateway reaching a through a proxy that can drop the link
     let (regions, gw, blackhole) = drill_setup(true).await;
