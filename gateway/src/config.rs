@@ -123,7 +123,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
-    /// Requests per second per client address; 0 disables the limit.
+    /// Requests per second per client (its token's `sub` with auth on, else its
+    /// address); 0 disables the limit.
     pub rate_limit_per_sec: f64,
     pub rate_limit_burst: f64,
     pub read_policy: ReadPolicy,

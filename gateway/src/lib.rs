@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`config`]: typed configuration (defaults, TOML file, `GATEWAY_*` variables).
 //! - [`server`]: the listener, TLS handshakes, HTTP/1.1 and HTTP/2, graceful shutdown.
+//! - [`connections`]: connection caps, idle and slow-header timeouts, lingering close.
 //! - [`proxy`]: forwarding a request: header hygiene, retries, the request's deadline.
 //! - [`routing`]: the region table; which region gets a read or a write.
 //! - [`health`]: active probes with rise/fall thresholds.
@@ -25,6 +26,7 @@ pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod failover;
 pub mod health;
@@ -62,6 +64,8 @@ pub struct Shared {
     pub node_api: NodeApi,
     /// `None`: auth is off (no JWKS configured) and every public route is open.
     pub auth: Option<Authenticator>,
+    /// The connection caps, across all workers.
+    pub connections: Arc<connections::Connections>,
 }
 
 /// Why the gateway could not start.
@@ -124,6 +128,10 @@ impl Application {
             store,
             metrics.clone(),
         ));
+        let connections = Arc::new(connections::Connections::new(
+            config.connections.clone(),
+            metrics.clone(),
+        ));
         let shared = Arc::new(Shared {
             retry_budget: RetryBudget::new(
                 config.retry_budget_percent,
@@ -136,6 +144,7 @@ impl Application {
             metrics,
             node_api,
             auth,
+            connections,
         });
         Ok(Application {
             listener,

@@ -2,8 +2,8 @@
 //! route templates that keep their label sets small.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Values of `tandem_gateway_failovers_total{reason}`.
@@ -25,6 +25,10 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub jwks_fetches: IntCounterVec,
     pub jwks_keys: IntGauge,
+    pub connections_open: IntGauge,
+    pub connections_refused: IntCounterVec,
+    pub connections_closed: IntCounterVec,
+    pub lingering_closes: IntCounter,
 }
 
 impl Metrics {
@@ -113,6 +117,32 @@ impl Metrics {
             "Usable verification keys in the loaded JWKS.",
         )
         .expect("metric");
+        let connections_open = IntGauge::new(
+            "tandem_gateway_connections_open",
+            "Client connections open (lingering ones included).",
+        )
+        .expect("metric");
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "tandem_gateway_connections_refused_total",
+                "Client connections closed at once: over the cap with none idle (limit) or over the per-address cap (per_client).",
+            ),
+            &["reason"],
+        )
+        .expect("metric");
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "tandem_gateway_connections_closed_total",
+                "Client connections the gateway closed itself: idle past the timeout (idle) or to make room at the cap (evicted).",
+            ),
+            &["reason"],
+        )
+        .expect("metric");
+        let lingering_closes = IntCounter::new(
+            "tandem_gateway_lingering_closes_total",
+            "Connections closed by reading on after an answer given before the request body was read (413, 401, ...).",
+        )
+        .expect("metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -125,6 +155,10 @@ impl Metrics {
             Box::new(auth_failures.clone()),
             Box::new(jwks_fetches.clone()),
             Box::new(jwks_keys.clone()),
+            Box::new(connections_open.clone()),
+            Box::new(connections_refused.clone()),
+            Box::new(connections_closed.clone()),
+            Box::new(lingering_closes.clone()),
         ] {
             registry.register(c).expect("register metric");
         }
@@ -140,6 +174,12 @@ impl Metrics {
         }
         for reason in RETRY_REASONS {
             retries.with_label_values(&[reason]);
+        }
+        for reason in ["limit", "per_client"] {
+            connections_refused.with_label_values(&[reason]);
+        }
+        for reason in ["idle", "evicted"] {
+            connections_closed.with_label_values(&[reason]);
         }
         for failure in crate::auth::Failure::ALL {
             auth_failures.with_label_values(&[failure.reason()]);
@@ -157,6 +197,10 @@ impl Metrics {
             auth_failures,
             jwks_fetches,
             jwks_keys,
+            connections_open,
+            connections_refused,
+            connections_closed,
+            lingering_closes,
         }
     }
 

@@ -2,30 +2,33 @@
 //! on each, dispatches to the gateway's own endpoints or the proxy, and drains
 //! connections gracefully on shutdown.
 //!
+//! Connection caps, idle and header timeouts and the lingering close are in
+//! [`connections`](crate::connections).
+//!
 //! Thread per core, as nginx's workers: each worker thread runs its own single-threaded
 //! runtime with its own `SO_REUSEPORT` listener and its own upstream pool, so a request
 //! never hops between threads (work stealing and cross-thread wake-ups showed in
 //! profiles). Routing state, metrics and the failover controller are shared.
 
+use crate::config::ConnectionLimits;
+use crate::connections::{linger, Admission, ClientStream, ConnState, Registry};
 use crate::error::GatewayError;
 use crate::proxy::{upstream_client, Body, UpstreamClient};
 use crate::{admin, proxy, Shared};
-use hyper::body::Incoming;
-use hyper::http::{Request, Response};
+use hyper::body::{Body as _, Incoming};
+use hyper::http::{Request, Response, Version};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The first worker's listener. `SO_REUSEPORT` would let it share a port with another
 /// process of the same user without complaint, so first make sure nobody listens
@@ -60,19 +63,24 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let client = Arc::new(upstream_client(shared.config.connect_timeout));
+    let limits = shared.connections.limits().clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper answers 431 itself when the request head does not fit its buffer.
+    // hyper answers 431 itself when the request head does not fit its buffer. Its
+    // header read timeout also bounds the wait for the next request on a kept-alive
+    // connection.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(shared.config.max_header_bytes.max(8192) + 1024);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(shared.config.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let registry = Arc::new(Registry::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -85,64 +93,178 @@ pub async fn serve(
                     continue;
                 }
             },
+            // Reap finished connection tasks as they end.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = &mut shutdown => break,
         };
+        let Some(admission) = shared.connections.admit(&registry, peer.ip()) else {
+            tracing::debug!(%peer, "connection refused: over the connection caps");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let client = client.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let is_tls = tls.is_some();
-            let service = service_fn(move |req| {
-                let shared = shared.clone();
-                let client = client.clone();
-                async move { Ok::<_, Infallible>(dispatch(&shared, &client, req, peer, is_tls).await) }
-            });
-            let result = match tls {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    let stream =
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        connections.spawn(connection(
+            Connection {
+                shared: shared.clone(),
+                client: client.clone(),
+                builder: builder.clone(),
+                tls: tls.clone(),
+                stop: stop_rx.clone(),
+                peer,
+            },
+            stream,
+            admission,
+        ));
     }
     drop(listener);
+    let _ = stop_tx.send(true);
     let grace = shared.config.shutdown_grace;
     tracing::info!(
-        connections = graceful.count(),
+        connections = connections.len(),
         "shutting down; draining connections"
     );
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
             ?grace,
             "connections still open after the grace period; closing"
         );
+        connections.abort_all();
+    }
+}
+
+/// What a connection's task needs besides its stream.
+struct Connection {
+    shared: Arc<Shared>,
+    client: Arc<UpstreamClient>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<TlsAcceptor>,
+    stop: watch::Receiver<bool>,
+    peer: SocketAddr,
+}
+
+/// Serves one client connection: TLS, HTTP/1.1 or HTTP/2, closes it when idle, when
+/// room is needed or at shutdown, and lingers when an answer left before the body.
+async fn connection(c: Connection, stream: TcpStream, admission: Admission) {
+    let Connection {
+        shared,
+        client,
+        builder,
+        tls,
+        mut stop,
+        peer,
+    } = c;
+    let limits = shared.connections.limits();
+    let state = admission.state.clone();
+    let (stream, given_back) = ClientStream::new(stream, state.clone());
+    let is_tls = tls.is_some();
+    let service = {
+        let (shared, state) = (shared.clone(), state.clone());
+        service_fn(move |req: Request<Incoming>| {
+            let (shared, client, state) = (shared.clone(), client.clone(), state.clone());
+            async move {
+                let _in_flight = state.begin();
+                // HTTP/1 only: an HTTP/2 stream is reset on its own, the connection goes on.
+                let unread_body = req.version() <= Version::HTTP_11 && !req.body().is_end_stream();
+                let resp = dispatch(&shared, &client, req, peer, is_tls).await;
+                if unread_body
+                    && (resp.status().is_client_error() || resp.status().is_server_error())
+                {
+                    state.linger_on_close();
+                }
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let result = match tls {
+        None => {
+            drive(
+                &builder,
+                TokioIo::new(stream),
+                service,
+                &state,
+                limits,
+                &mut stop,
+                &shared,
+            )
+            .await
+        }
+        Some(acceptor) => {
+            let handshake =
+                tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+            let stream = tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                },
+                _ = state.idle_expired(limits) => return,
+            };
+            drive(
+                &builder,
+                TokioIo::new(stream),
+                service,
+                &state,
+                limits,
+                &mut stop,
+                &shared,
+            )
+            .await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+    if let Ok(stream) = given_back.await {
+        linger(stream, limits, &shared.metrics).await;
+    }
+    drop(admission);
+}
+
+/// Runs the HTTP connection until it ends; closes it gracefully when it has been idle
+/// too long, when it is chosen to make room, or when the gateway stops.
+async fn drive<I, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    state: &ConnState,
+    limits: &ConnectionLimits,
+    stop: &mut watch::Receiver<bool>,
+    shared: &Shared,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut closing: Option<tokio::time::Instant> = None;
+    loop {
+        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            reason = state.idle_expired(limits), if closing.is_none() => {
+                shared.metrics.connections_closed.with_label_values(&[reason.label()]).inc();
+                conn.as_mut().graceful_shutdown();
+                // A response still being written gets the request deadline to finish.
+                closing = Some(tokio::time::Instant::now() + shared.config.request_timeout);
+            }
+            _ = stop.wait_for(|s| *s), if closing.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                closing = Some(far);
+            }
+            _ = tokio::time::sleep_until(closing.unwrap_or(far)), if closing.is_some() => {
+                return Ok(());
+            }
+        }
     }
 }
 

@@ -1,0 +1,414 @@
+//! Bad input and abuse at the gateway: an oversized body still gets its 413 while the
+//! client is sending, slow headers and trickled bodies time out, floods of idle and
+//! slow connections do not lock real clients out, and the rate limit follows the
+//! authenticated client.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use system_tests::gateway::{metric, Gateway, GatewayOptions, TwoRegions};
+use system_tests::redis_state;
+use system_tests::tokens::{claims, write_jwks, SigningKey, AUDIENCE, ISSUER};
+use system_tests::workdir::WorkDir;
+use system_tests::{eventually, order_body};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const SETTLE: Duration = Duration::from_secs(15);
+const BIG: usize = 32 * 1024 * 1024;
+
+/// A TCP connection to the gateway from a chosen loopback address (127.0.0.0/8 is all
+/// this machine), so tests can play different clients.
+async fn connect_from(from: &str, gw: &Gateway) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(format!("{from}:0").parse::<SocketAddr>().expect("addr"))?;
+    socket
+        .connect(format!("127.0.0.1:{}", gw.port()).parse().expect("addr"))
+        .await
+}
+
+/// Reads one HTTP/1.1 response (head and a Content-Length body) or what arrived
+/// before the connection ended; `Err` when the connection broke before a full head.
+async fn read_response(
+    stream: &mut tokio::net::tcp::OwnedReadHalf,
+) -> Result<(String, String), String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+                return Ok((head, body));
+            }
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) => return Err(format!("EOF after {} bytes", buf.len())),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("{e} after {} bytes", buf.len())),
+        }
+    }
+}
+
+/// Sends `head` then `total` body bytes as fast as the connection takes them, while
+/// reading the answer; returns the answer and how many body bytes went out.
+async fn send_big(
+    gw: &Gateway,
+    head: String,
+    total: usize,
+    chunked: bool,
+) -> (Result<(String, String), String>, usize) {
+    let stream = connect_from("127.0.0.1", gw).await.expect("connect");
+    let (mut rd, mut wr) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut sent = 0usize;
+        if wr.write_all(head.as_bytes()).await.is_err() {
+            return sent;
+        }
+        let block = vec![b'x'; 64 * 1024];
+        while sent < total {
+            let r = if chunked {
+                let mut framed = format!("{:x}\r\n", block.len()).into_bytes();
+                framed.extend_from_slice(&block);
+                framed.extend_from_slice(b"\r\n");
+                wr.write_all(&framed).await
+            } else {
+                wr.write_all(&block).await
+            };
+            if r.is_err() {
+                return sent;
+            }
+            sent += block.len();
+        }
+        if chunked {
+            let _ = wr.write_all(b"0\r\n\r\n").await;
+        }
+        sent
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(30), read_response(&mut rd))
+        .await
+        .unwrap_or_else(|_| Err("no answer in 30 s".into()));
+    let sent = tokio::time::timeout(Duration::from_secs(60), writer)
+        .await
+        .expect("writer ends")
+        .expect("writer");
+    (answer, sent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_gets_its_413_while_the_client_is_still_sending() {
+    // Given a gateway with the default 1 MiB body limit
+    let regions = TwoRegions::start(false).await;
+    let gw = Gateway::start(GatewayOptions::new(&regions.regions())).await;
+    gw.wait_active("a", 1, SETTLE).await;
+    let mut redis = regions.a.redis.client().await;
+    let before = redis_state::snapshot(&mut redis).await;
+
+    // When a client declares a 32 MiB body and keeps sending it
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {BIG}\r\n\r\n"
+    );
+    let (answer, sent) = send_big(&gw, head, BIG, false).await;
+    // Then it reads the 413, and could send its whole body without a reset
+    let (head, body) = answer.expect("a readable answer");
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(body.contains("payload_too_large"), "{body}");
+    assert_eq!(sent, BIG, "the body was cut off");
+
+    // When the body comes chunked, without a declared length (only counting tells)
+    let head = "POST /orders HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".to_string();
+    let (answer, _) = send_big(&gw, head, BIG, true).await;
+    let (head, body) = answer.expect("a readable answer");
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(body.contains("payload_too_large"), "{body}");
+
+    // And the same through reqwest (hyper's client), the way an application sends it
+    let r = reqwest::Client::new()
+        .post(format!("{}/orders", gw.url()))
+        .header("content-type", "application/json")
+        .body(vec![b' '; BIG])
+        .send()
+        .await
+        .expect("the 413 reaches reqwest");
+    assert_eq!(r.status(), 413);
+
+    // And nothing was written
+    let after = redis_state::snapshot(&mut redis).await;
+    redis_state::assert_unchanged(&before, &after, "oversized bodies");
+    let metrics = gw.metrics().await;
+    assert!(
+        metric(&metrics, "tandem_gateway_lingering_closes_total", &[]).unwrap_or(0.0) >= 2.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_and_trickled_bodies_time_out() {
+    // Given a gateway with a 1 s header read timeout and a 1.5 s request deadline
+    let regions = TwoRegions::start(false).await;
+    let gw = Gateway::start(
+        GatewayOptions::new(&regions.regions())
+            .env("GATEWAY_HEADER_READ_TIMEOUT_MS", 1_000)
+            .env("GATEWAY_REQUEST_TIMEOUT_MS", 1_500),
+    )
+    .await;
+    gw.wait_active("a", 1, SETTLE).await;
+    let api = gw.api();
+    api.put_product("SLOW-1", 100, 5).await;
+    let mut redis = regions.a.redis.client().await;
+    redis_state::wait_workflow_idle(&mut redis, SETTLE).await;
+    let before = redis_state::snapshot(&mut redis).await;
+
+    // When a client sends its request head one byte every 100 ms (slowloris)
+    let started = Instant::now();
+    let mut slow = connect_from("127.0.0.1", &gw).await.expect("connect");
+    let head = b"GET /api/v1/products/SLOW-1 HTTP/1.1\r\nhost: gw\r\nx-padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut closed_after = None;
+    for b in head.iter() {
+        if slow.write_all(&[*b]).await.is_err() {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        let mut probe = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut probe)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+            Ok(Ok(_)) => {
+                // hyper may answer 408 before closing; either way the connection ends
+                closed_after = Some(started.elapsed());
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    // Then the gateway closes it after about a second, though bytes kept coming
+    let closed_after = closed_after.expect("a slowloris connection was kept open");
+    assert!(
+        closed_after >= Duration::from_millis(900) && closed_after < Duration::from_secs(4),
+        "closed after {closed_after:?}"
+    );
+
+    // When a client connects and sends nothing at all (not even enough to tell HTTP/1 from HTTP/2)
+    let mut silent = connect_from("127.0.0.1", &gw).await.expect("connect");
+    let started = Instant::now();
+    let mut probe = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut probe)).await;
+    // Then it is closed after the header read timeout too
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // When an order's body trickles in a byte every 200 ms
+    let body = serde_json::to_vec(&order_body("c-1", &[("SLOW-1", 1)], "tok_ok")).expect("json");
+    let stream = connect_from("127.0.0.1", &gw).await.expect("connect");
+    let (mut rd, mut wr) = stream.into_split();
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\nidempotency-key: slow-1\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    wr.write_all(head.as_bytes()).await.expect("head");
+    let trickle = tokio::spawn(async move {
+        for b in body {
+            if wr.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let started = Instant::now();
+    let (head, body) = tokio::time::timeout(Duration::from_secs(10), read_response(&mut rd))
+        .await
+        .expect("an answer within 10 s")
+        .expect("a readable answer");
+    trickle.abort();
+    // Then it gets 408 request_timeout at the request deadline, and nothing is written
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(body.contains("request_timeout"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let after = redis_state::snapshot(&mut redis).await;
+    redis_state::assert_unchanged(&before, &after, "a trickled order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_idle_and_slow_connections_do_not_lock_real_clients_out() {
+    // Given a gateway that takes at most 100 connections, 60 per client address
+    let regions = TwoRegions::start(false).await;
+    let gw = Gateway::start(
+        GatewayOptions::new(&regions.regions())
+            .env("GATEWAY_MAX_CONNECTIONS", 100)
+            .env("GATEWAY_MAX_CONNECTIONS_PER_CLIENT", 60)
+            .env("GATEWAY_HEADER_READ_TIMEOUT_MS", 3_000),
+    )
+    .await;
+    gw.wait_active("a", 1, SETTLE).await;
+
+    // When one address opens 80 idle connections and two others 40 slow ones each
+    let mut idle = Vec::new();
+    for _ in 0..80 {
+        idle.push(connect_from("127.0.0.2", &gw).await.expect("connect"));
+    }
+    let mut slow = Vec::new();
+    for from in ["127.0.0.3", "127.0.0.4"] {
+        for _ in 0..40 {
+            let mut s = connect_from(from, &gw).await.expect("connect");
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nx-slow: ").await;
+            slow.push(s);
+        }
+    }
+    let trickle_until = Instant::now() + Duration::from_secs(2);
+    let flood_alive = tokio::spawn(async move {
+        // The slow ones keep sending a byte now and then
+        while Instant::now() < trickle_until {
+            for s in slow.iter_mut() {
+                let _ = s.write_all(b"a").await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        slow
+    });
+
+    // Then real clients, each on a new connection, are served promptly
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    for i in 0..20 {
+        let started = Instant::now();
+        let r = client
+            .get(format!("{}/api/v1/products/NONE", gw.url()))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("real request {i} failed: {e}"));
+        assert_eq!(r.status(), 404, "request {i}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "request {i} took {:?}",
+            started.elapsed()
+        );
+    }
+    let slow = flood_alive.await.expect("flood");
+
+    // And the gateway refused the idle address's excess and made room by closing the idlest
+    let metrics = gw.metrics().await;
+    let refused = metric(
+        &metrics,
+        "tandem_gateway_connections_refused_total",
+        &[("reason", "per_client")],
+    )
+    .unwrap_or(0.0);
+    assert!(refused >= 20.0, "{metrics}");
+    let evicted = metric(
+        &metrics,
+        "tandem_gateway_connections_closed_total",
+        &[("reason", "evicted")],
+    )
+    .unwrap_or(0.0);
+    assert!(evicted >= 1.0, "{metrics}");
+
+    // And every flood connection is closed by the gateway within the header timeout
+    let mut all: Vec<TcpStream> = idle.into_iter().chain(slow).collect();
+    let started = Instant::now();
+    for s in all.iter_mut() {
+        let mut probe = [0u8; 256];
+        let left = Duration::from_secs(8).saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, s.read(&mut probe)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {}
+            // An answer (408/400) before the close is fine; the close must follow
+            Ok(Ok(_)) => {
+                let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut probe)).await;
+                assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+            }
+            Err(_) => panic!(
+                "a flood connection is still open after {:?}",
+                started.elapsed()
+            ),
+        }
+    }
+    eventually(SETTLE, "open connections back to almost none", || {
+        let http = gw.http();
+        async move {
+            let m = http.get("/metrics").await.text;
+            let open = metric(&m, "tandem_gateway_connections_open", &[]).unwrap_or(-1.0);
+            // this scrape's own connection, and perhaps a pooled one
+            if (0.0..=3.0).contains(&open) {
+                Ok(())
+            } else {
+                Err(serde_json::json!(open))
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_follows_the_token_subject_when_auth_is_on() {
+    // Given a gateway with auth and a limit of 3 requests, then 1 a second, per client
+    let dir = WorkDir::new("abuse-keys");
+    let key = SigningKey::ec(dir.path(), "ec-1");
+    let jwks = dir.path().join("jwks.json");
+    write_jwks(&jwks, &[&key]);
+    let regions = TwoRegions::start(false).await;
+    let gw = Gateway::start(
+        GatewayOptions::new(&regions.regions())
+            .env("GATEWAY_AUTH_JWKS", jwks.display())
+            .env("GATEWAY_AUTH_ISSUER", ISSUER)
+            .env("GATEWAY_AUTH_AUDIENCE", AUDIENCE)
+            .env("GATEWAY_RATE_LIMIT_PER_SEC", 1)
+            .env("GATEWAY_RATE_LIMIT_BURST", 3),
+    )
+    .await;
+    gw.wait_active("a", 1, SETTLE).await;
+    let alice = gw.http().with_token(key.sign(&claims("alice", "")));
+    let bob = gw.http().with_token(key.sign(&claims("bob", "")));
+
+    // When alice spends her burst from this address, she is limited
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(alice.get("/api/v1/products/NONE").await);
+    }
+    let limited = statuses
+        .iter()
+        .find(|r| r.status == 429)
+        .unwrap_or_else(|| {
+            panic!(
+                "{:?}",
+                statuses.iter().map(|r| r.status).collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(limited.error_code(), "rate_limited");
+    assert!(limited.header("retry-after").is_some());
+
+    // But bob, from the same address, is not: the bucket is per subject
+    for _ in 0..3 {
+        assert_eq!(bob.get("/api/v1/products/NONE").await.status, 404);
+    }
+
+    // And requests without a valid token are limited by their address
+    let anonymous: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            v.push(gw.http().get("/api/v1/products/NONE").await.status);
+        }
+        v
+    };
+    assert_eq!(&anonymous[..3], &[401, 401, 401], "{anonymous:?}");
+    assert!(anonymous[3..].contains(&429), "{anonymous:?}");
+}
