@@ -175,19 +175,14 @@ async fn connection(c: Connection, stream: TcpStream, admission: Admission) {
             }
         })
     };
+    let driver = Driver {
+        builder: &builder,
+        state: &state,
+        limits,
+        shared: &shared,
+    };
     let result = match tls {
-        None => {
-            drive(
-                &builder,
-                TokioIo::new(stream),
-                service,
-                &state,
-                limits,
-                &mut stop,
-                &shared,
-            )
-            .await
-        }
+        None => driver.run(TokioIo::new(stream), service, &mut stop).await,
         Some(acceptor) => {
             let handshake =
                 tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
@@ -205,16 +200,7 @@ async fn connection(c: Connection, stream: TcpStream, admission: Admission) {
                 },
                 _ = state.idle_expired(limits) => return,
             };
-            drive(
-                &builder,
-                TokioIo::new(stream),
-                service,
-                &state,
-                limits,
-                &mut stop,
-                &shared,
-            )
-            .await
+            driver.run(TokioIo::new(stream), service, &mut stop).await
         }
     };
     if let Err(e) = result {
@@ -226,43 +212,54 @@ async fn connection(c: Connection, stream: TcpStream, admission: Admission) {
     drop(admission);
 }
 
-/// Runs the HTTP connection until it ends; closes it gracefully when it has been idle
-/// too long, when it is chosen to make room, or when the gateway stops.
-async fn drive<I, S>(
-    builder: &auto::Builder<TokioExecutor>,
-    io: I,
-    service: S,
-    state: &ConnState,
-    limits: &ConnectionLimits,
-    stop: &mut watch::Receiver<bool>,
-    shared: &Shared,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let conn = builder.serve_connection(io, service);
-    tokio::pin!(conn);
-    let mut closing: Option<tokio::time::Instant> = None;
-    loop {
-        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
-        tokio::select! {
-            result = conn.as_mut() => return result,
-            reason = state.idle_expired(limits), if closing.is_none() => {
-                shared.metrics.connections_closed.with_label_values(&[reason.label()]).inc();
-                conn.as_mut().graceful_shutdown();
-                // A response still being written gets the request deadline to finish.
-                closing = Some(tokio::time::Instant::now() + shared.config.request_timeout);
-            }
-            _ = stop.wait_for(|s| *s), if closing.is_none() => {
-                conn.as_mut().graceful_shutdown();
-                closing = Some(far);
-            }
-            _ = tokio::time::sleep_until(closing.unwrap_or(far)), if closing.is_some() => {
-                return Ok(());
+/// Runs one HTTP connection (plain or TLS alike).
+struct Driver<'a> {
+    builder: &'a auto::Builder<TokioExecutor>,
+    state: &'a ConnState,
+    limits: &'a ConnectionLimits,
+    shared: &'a Shared,
+}
+
+impl Driver<'_> {
+    /// Runs the connection until it ends; closes it gracefully when it has been idle
+    /// too long, when it is chosen to make room, or when the gateway stops.
+    async fn run<I, S>(
+        &self,
+        io: I,
+        service: S,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S: hyper::service::Service<
+                Request<Incoming>,
+                Response = Response<Body>,
+                Error = Infallible,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let (state, limits, shared) = (self.state, self.limits, self.shared);
+        let conn = self.builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        let mut closing: Option<tokio::time::Instant> = None;
+        loop {
+            let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                result = conn.as_mut() => return result,
+                reason = state.idle_expired(limits), if closing.is_none() => {
+                    shared.metrics.connections_closed.with_label_values(&[reason.label()]).inc();
+                    conn.as_mut().graceful_shutdown();
+                    // A response still being written gets the request deadline to finish.
+                    closing = Some(tokio::time::Instant::now() + shared.config.request_timeout);
+                }
+                _ = stop.wait_for(|s| *s), if closing.is_none() => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(far);
+                }
+                _ = tokio::time::sleep_until(closing.unwrap_or(far)), if closing.is_some() => {
+                    return Ok(());
+                }
             }
         }
     }
