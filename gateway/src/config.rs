@@ -177,7 +177,8 @@ pub struct ConnectionLimits {
     /// Open connections from one client address; 0 turns the check off.
     pub max_per_client: usize,
     /// A request head (and, on HTTP/1.1, the wait for the next one on a kept-alive
-    /// connection) must arrive within this.
+    /// connection: hyper has one timer for both) must arrive within this; also a
+    /// connection that has sent nothing yet.
     pub header_read_timeout: Duration,
     /// A connection with no request in flight for this long is closed (HTTP/2 too).
     pub idle_timeout: Duration,
@@ -219,7 +220,7 @@ impl Config {
             .set_default("auth_jwks_min_refresh_ms", 10_000)?
             .set_default("max_connections", 10_000)?
             .set_default("max_connections_per_client", 1_000)?
-            .set_default("header_read_timeout_ms", 10_000)?
+            .set_default("header_read_timeout_ms", 30_000)?
             .set_default("idle_timeout_ms", 60_000)?
             .set_default("linger_ms", 30_000)?
             .set_default("linger_bytes", 64 * 1024 * 1024)?;

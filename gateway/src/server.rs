@@ -30,6 +30,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+/// A TLS handshake never needs long; a client that stalls in it is let go sooner than
+/// one slow to send its request head.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The first worker's listener. `SO_REUSEPORT` would let it share a port with another
 /// process of the same user without complaint, so first make sure nobody listens
 /// there: a plain bind fails if anyone does.
@@ -184,8 +188,10 @@ async fn connection(c: Connection, stream: TcpStream, admission: Admission) {
     let result = match tls {
         None => driver.run(TokioIo::new(stream), service, &mut stop).await,
         Some(acceptor) => {
-            let handshake =
-                tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+            let handshake = tokio::time::timeout(
+                limits.header_read_timeout.min(TLS_HANDSHAKE_TIMEOUT),
+                acceptor.accept(stream),
+            );
             let stream = tokio::select! {
                 r = handshake => match r {
                     Ok(Ok(s)) => s,
