@@ -402,7 +402,7 @@ fn tx_has(tx: &Tx, key: &str) -> Result<bool, WorkflowError> {
 }
 
 /// The first answer stored for an Idempotency-Key, if the key was used with this body.
-async fn idempotent_answer(
+pub async fn idempotent_answer(
     wf: &Workflow,
     key: &str,
     hash: &str,

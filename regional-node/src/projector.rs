@@ -177,35 +177,83 @@ pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, Pro
         )
         .await?;
     let entries = Entry::from_read(reply);
-    let mut cursor = cursor;
-    let mut applied = 0;
-    for entry in entries {
-        let halt = |reason: String| Halt {
-            entry: entry.id.clone(),
-            reason,
-        };
-        let env = entry
-            .envelope()
-            .map_err(|e| halt(format!("unreadable envelope: {e}")))?;
-        let event = DomainEvent::from_envelope(&env).map_err(|e| {
-            halt(format!(
-                "{e} (an event type or payload this version does not know: upgrade this node)"
-            ))
-        })?;
-        let mut tx = Tx::fresh();
-        tx.load(store, keys_for(&event)).await?;
-        apply(&mut tx, &env, &event).map_err(|e| halt(format!("cannot apply: {e}")))?;
-        if !store
-            .apply_entry(&tx, &entry.id, &env, cursor.as_deref())
-            .await?
-        {
-            // Another projector moved the cursor: start again from where it is now.
-            return Ok(applied);
+    // Decode the batch up to the first entry that cannot be applied.
+    let mut decoded = Vec::with_capacity(entries.len());
+    let mut halt = None;
+    for entry in &entries {
+        match decode(entry) {
+            Ok((env, event)) => decoded.push((entry.id.as_str(), env, event)),
+            Err(h) => {
+                halt = Some(h);
+                break;
+            }
         }
-        cursor = Some(entry.id);
+    }
+    // The whole batch in one read and one write: every key it touches is read at once,
+    // the entries are applied in memory in order (a later one sees what an earlier one
+    // wrote: the transaction's writes come first), and one script writes the result and
+    // moves the cursor, if it still stands where it was read. One round trip per entry
+    // left a loaded standby behind its active, and a promotion waits for the standby.
+    let load = |upto: usize| {
+        let decoded = &decoded;
+        async move {
+            let mut tx = Tx::fresh();
+            tx.load(
+                store,
+                decoded[..upto].iter().flat_map(|(_, _, e)| keys_for(e)),
+            )
+            .await?;
+            Ok::<_, StoreError>(tx)
+        }
+    };
+    let mut tx = load(decoded.len()).await?;
+    let mut applied = 0;
+    for (id, env, event) in &decoded {
+        if let Err(e) = apply(&mut tx, env, event) {
+            halt = Some(Halt {
+                entry: id.to_string(),
+                reason: format!("cannot apply: {e}"),
+            });
+            // Apply only what comes before it (the failed one may have half-written).
+            tx = load(applied).await?;
+            for (_, env, event) in &decoded[..applied] {
+                apply(&mut tx, env, event).expect("applied once already");
+            }
+            break;
+        }
         applied += 1;
     }
-    Ok(applied)
+    if applied > 0 {
+        let done: Vec<(&str, &str, &str)> = decoded[..applied]
+            .iter()
+            .map(|(id, env, _)| (*id, env.event_id.as_str(), env.aggregate_id.as_str()))
+            .collect();
+        if !store.apply_batch(&tx, &done, cursor.as_deref()).await? {
+            // Another projector moved the cursor: start again from where it is now.
+            return Ok(0);
+        }
+    }
+    match halt {
+        Some(h) => Err(h.into()),
+        None => Ok(applied),
+    }
+}
+
+/// An entry as the projection needs it, or why it cannot be applied.
+fn decode(entry: &Entry) -> Result<(eventlog::Envelope, DomainEvent), Halt> {
+    let halt = |reason: String| Halt {
+        entry: entry.id.clone(),
+        reason,
+    };
+    let env = entry
+        .envelope()
+        .map_err(|e| halt(format!("unreadable envelope: {e}")))?;
+    let event = DomainEvent::from_envelope(&env).map_err(|e| {
+        halt(format!(
+            "{e} (an event type or payload this version does not know: upgrade this node)"
+        ))
+    })?;
+    Ok((env, event))
 }
 
 /// Rebuilds all derived state from the event stream, byte for byte what the live

@@ -65,6 +65,8 @@ pub struct Roles {
     /// The peer's status as last read by the watcher, and when. Request paths use it
     /// instead of asking a peer that may be dead or hung.
     peer_view: Arc<Mutex<Option<PeerReading>>>,
+    /// When the peer last answered the watcher.
+    peer_last_ok: Arc<Mutex<Option<Instant>>>,
 }
 
 /// When the peer was read, and what it said (`None`: unreachable).
@@ -73,6 +75,9 @@ type PeerReading = (Instant, Option<PeerStatus>);
 /// A peer reading older than this vouches for nothing: after a pause (SIGSTOP, a long
 /// GC-like stall) the node must look again before it writes on a lapsed lease.
 const VOUCH_TTL: Duration = Duration::from_millis(100);
+
+/// How long the peer may not answer before it counts as unreachable.
+const PEER_DOWN_AFTER: Duration = Duration::from_millis(300);
 
 /// The lease a node grants itself when it becomes active, until the gateway's first
 /// renewal: the gateway renews right after the promotion answers.
@@ -112,6 +117,7 @@ impl Roles {
                 until: None,
             })),
             peer_view: Arc::new(Mutex::new(None)),
+            peer_last_ok: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -215,7 +221,11 @@ impl Roles {
         loop {
             if self.peer.is_some() {
                 let status = self.peer_status().await;
-                *self.peer_view.lock().expect("peer view lock") = Some((Instant::now(), status));
+                let now = Instant::now();
+                if status.is_some() {
+                    *self.peer_last_ok.lock().expect("peer lock") = Some(now);
+                }
+                *self.peer_view.lock().expect("peer view lock") = Some((now, status));
             }
             self.refresh().await;
             tokio::select! {
@@ -225,12 +235,13 @@ impl Roles {
         }
     }
 
-    /// Whether the peer's Redis answered the watcher's last reading: `None` when no peer
-    /// is configured or no recent reading exists.
+    /// Whether the peer's Redis answers: `None` when no peer is configured or it has not
+    /// been read yet; `Some(false)` once it has not answered for [`PEER_DOWN_AFTER`]
+    /// (one slow reading on a loaded machine is not an outage).
     pub fn peer_reachable(&self) -> Option<bool> {
-        self.peer_view()
-            .filter(|(at, _)| at.elapsed() < Duration::from_secs(1))
-            .map(|(_, status)| status.is_some())
+        self.peer_view()?;
+        let last_ok = *self.peer_last_ok.lock().expect("peer lock");
+        Some(last_ok.is_some_and(|at| at.elapsed() < PEER_DOWN_AFTER))
     }
 
     fn peer_view(&self) -> Option<PeerReading> {

@@ -249,23 +249,26 @@ impl Store {
         Ok(outcome)
     }
 
-    /// The projector's step: writes the state one replicated entry implies, if the
-    /// cursor still stands where the caller read it (so two projectors never both apply).
-    pub async fn apply_entry(
+    /// The projector's step: writes the state a batch of replicated entries implies
+    /// (`(entry id, event id, aggregate id)` each, in stream order) and moves the cursor
+    /// to the last one, if the cursor still stands where the caller read it (so two
+    /// projectors never both apply an entry).
+    pub async fn apply_batch(
         &self,
         tx: &Tx,
-        entry_id: &str,
-        env: &Envelope,
+        entries: &[(&str, &str, &str)],
         expected_cursor: Option<&str>,
     ) -> Result<bool, StoreError> {
         let mut inv = APPLY.prepare_invoke();
-        inv.key(keys::PROJECTION_CURSOR)
-            .key(keys::EVENT_INDEX)
-            .key(keys::aggregate(&env.aggregate_id));
+        inv.key(keys::PROJECTION_CURSOR).key(keys::EVENT_INDEX);
         inv.arg(expected_cursor.unwrap_or(""))
-            .arg(entry_id)
-            .arg(env.event_id.as_str());
-        inv.arg(tx.writes.len()).arg(tx.incrs.len());
+            .arg(entries.len())
+            .arg(tx.writes.len())
+            .arg(tx.incrs.len());
+        for (entry_id, event_id, aggregate_id) in entries {
+            inv.key(keys::aggregate(aggregate_id));
+            inv.arg(*entry_id).arg(*event_id);
+        }
         for (key, value) in &tx.writes {
             inv.key(key.as_str());
             inv.arg(value.as_str());
@@ -605,24 +608,31 @@ return out
     )
 });
 
-/// KEYS: cursor, event index, aggregate index, then one per write, one per counter.
-/// ARGV: expected cursor ('' = none), entry id, event id, #writes, #counters, then the
-/// values, then (field, delta) per counter.
+/// KEYS: cursor, event index, then one aggregate index per entry, one per write, one
+/// per counter. ARGV: expected cursor ('' = none), #entries, #writes, #counters, then
+/// (entry id, event id) per entry, the values, then (field, delta) per counter.
 static APPLY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local cur = redis.call('GET', KEYS[1])
 if (ARGV[1] == '' and cur) or (ARGV[1] ~= '' and cur ~= ARGV[1]) then return {'moved'} end
-local nw, nc = tonumber(ARGV[4]), tonumber(ARGV[5])
-for i = 1, nw do redis.call('SET', KEYS[3 + i], ARGV[5 + i]) end
-local a = 6 + nw
-for k = 1, nc do
-  redis.call('HINCRBY', KEYS[3 + nw + k], ARGV[a], ARGV[a + 1])
+local n, nw, nc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local a = 5
+for i = 1, n do
+  redis.call('HSET', KEYS[2], ARGV[a + 1], ARGV[a])
+  redis.call('RPUSH', KEYS[2 + i], ARGV[a])
   a = a + 2
 end
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
-redis.call('RPUSH', KEYS[3], ARGV[2])
-redis.call('SET', KEYS[1], ARGV[2])
+local last = ARGV[a - 2]
+for i = 1, nw do
+  redis.call('SET', KEYS[2 + n + i], ARGV[a])
+  a = a + 1
+end
+for k = 1, nc do
+  redis.call('HINCRBY', KEYS[2 + n + nw + k], ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+redis.call('SET', KEYS[1], last)
 return {'ok'}
 "#,
     )

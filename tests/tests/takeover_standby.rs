@@ -244,8 +244,9 @@ async fn replicated_durability_waits_for_the_standby_and_can_refuse_without_it()
     let mut conn_b = t.conn_b().await;
     let body = order_body("c-dur", &[("DUR-1", 1)], "tok_ok");
 
-    // When a client places an order
-    let placed = a.place_order_with_key(&body, "dur-key-1").await;
+    // When a client places an order (retrying while the node refuses it: on a loaded
+    // machine the standby may miss an answer for a moment)
+    let placed = acknowledged(&a, &body, "dur-key-1").await;
 
     // Then it is acknowledged 201, and at that moment b's stream already holds its
     // OrderPlaced (read before anything else can happen)
@@ -346,9 +347,12 @@ async fn replicated_durability_waits_for_the_standby_and_can_refuse_without_it()
         }
     })
     .await;
-    let fresh = a
-        .place_order(&order_body("c-dur-4", &[("DUR-1", 1)], "tok_ok"))
-        .await;
+    let fresh = acknowledged(
+        &a,
+        &order_body("c-dur-4", &[("DUR-1", 1)], "tok_ok"),
+        "dur-key-4",
+    )
+    .await;
     let id4 = order_id(&fresh);
     assert!(order_placed_on(&mut conn_b, &id4).await);
 }
@@ -434,6 +438,20 @@ impl Drop for ResumeOnDrop<'_> {
     fn drop(&mut self) {
         self.0.resume();
     }
+}
+
+/// Places an order with `key`, retrying while the node answers 503
+/// `replication_unavailable` (nothing written), as a client would.
+async fn acknowledged(api: &Api, body: &serde_json::Value, key: &str) -> Response {
+    eventually(FLOW, "order acknowledged", || async {
+        let r = api.place_order_with_key(body, key).await;
+        if r.status == 503 && r.error_code() == "replication_unavailable" {
+            Err(r.text)
+        } else {
+            Ok(r)
+        }
+    })
+    .await
 }
 
 /// `tandem_node_durability_degraded` of a node.

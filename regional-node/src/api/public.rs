@@ -45,8 +45,15 @@ pub async fn place_order(
     let replicated = st.config.durability == Durability::Replicated;
     let refuse = st.config.replicated_fallback == Fallback::Refuse;
     if replicated && refuse && st.standby.is_degraded() {
-        // Known before anything is written: refuse at once rather than wait.
-        return Err(replication_unavailable());
+        // Known before anything is written: refuse at once rather than wait. A retry of
+        // an order placed before still gets its first answer.
+        let replay = match &key {
+            Some(k) => orders::idempotent_answer(&st.wf, k, &cmd.fingerprint()).await?,
+            None => None,
+        };
+        if replay.is_none() {
+            return Err(replication_unavailable());
+        }
     }
     let cause = Cause::request(&ctx.request_id, ctx.traceparent.clone());
     let (answer, replayed) = match orders::place(&st.wf, &cmd, key.as_deref(), &cause).await? {

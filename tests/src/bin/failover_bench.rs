@@ -107,7 +107,10 @@ async fn run(mode: &str, seconds: u64, clients: usize) -> Outcome {
     )
     .await;
     let gw = Gateway::start(
-        GatewayOptions::new(&[("a", node_a.url()), ("b", node_b.url())]).env("RUST_LOG", "warn"),
+        GatewayOptions::new(&[("a", node_a.url()), ("b", node_b.url())])
+            .env("RUST_LOG", "warn")
+            // All clients share one address: the per-client limit would cap the run.
+            .env("GATEWAY_RATE_LIMIT_PER_SEC", 0),
     )
     .await;
     gw.wait_active("a", 1, Duration::from_secs(20)).await;
@@ -115,14 +118,18 @@ async fn run(mode: &str, seconds: u64, clients: usize) -> Outcome {
     api.put_product("BENCH-1", 100, 1_000_000_000).await;
     // The standby must know the product before it can take orders for it.
     let b = node_b.http();
-    eventually(Duration::from_secs(20), "product replicated to b", || async {
-        let r = b.get("/api/v1/products/BENCH-1").await;
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(r.status)
-        }
-    })
+    eventually(
+        Duration::from_secs(20),
+        "product replicated to b",
+        || async {
+            let r = b.get("/api/v1/products/BENCH-1").await;
+            if r.status == 200 {
+                Ok(())
+            } else {
+                Err(r.status)
+            }
+        },
+    )
     .await;
 
     let acks: Arc<Mutex<Vec<Ack>>> = Arc::default();
@@ -206,6 +213,13 @@ async fn run(mode: &str, seconds: u64, clients: usize) -> Outcome {
         None => 0.0,
     };
     let errors = *errors.lock().unwrap();
+    if rto.is_none() && mode != "replicated-refuse" {
+        eprintln!(
+            "failover_bench: {mode}: no new order answered by b after the kill\n--- gateway\n{}\n--- node b\n{}",
+            gw.log_tail(40),
+            node_b.log_tail(40)
+        );
+    }
     drop(gw);
     Outcome {
         mode: mode.into(),
@@ -229,7 +243,10 @@ async fn main() {
     };
     let mut results = Vec::new();
     for mode in &args.modes {
-        eprintln!("failover_bench: {mode}, {} s, {} clients", args.seconds, args.clients);
+        eprintln!(
+            "failover_bench: {mode}, {} s, {} clients",
+            args.seconds, args.clients
+        );
         results.push(run(mode, args.seconds, args.clients).await);
     }
     println!(
@@ -242,7 +259,11 @@ async fn main() {
             r.mode,
             r.before,
             r.after,
-            if r.before > 0.0 { r.after / r.before } else { 0.0 },
+            if r.before > 0.0 {
+                r.after / r.before
+            } else {
+                0.0
+            },
             r.rto
                 .map(|d| d.as_millis().to_string())
                 .unwrap_or_else(|| "none".into()),
