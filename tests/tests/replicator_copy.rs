@@ -252,9 +252,10 @@ async fn stays_idle_while_the_roles_do_not_allow_copying() {
         );
     }
 
-    // When the local region is standby but the peer is standby too
-    set_role(&mut local, "standby", 1).await;
+    // When the local region is standby but the peer is standby too (the peer first: for
+    // a moment in between, a standby local and an active peer would rightly copy)
     set_role(&mut peer, "standby", 1).await;
+    set_role(&mut local, "standby", 1).await;
     idle("peer region is not active").await;
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(100)).await;
