@@ -91,19 +91,13 @@ async fn last_id(conn: &mut MultiplexedConnection) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promotion_never_activates_on_an_incomplete_projection() {
-    // Given a standby whose promotions may take 1.5 s at most, and a replicated backlog
+    // Given a standby whose promotions may take 1 s at most, and a replicated backlog
     // far larger than it can apply in that time
-    let t = Takeover::start_with_both(|o| o, |o| o.env("NODE_PROMOTION_TIMEOUT_MS", 1500)).await;
+    let t = Takeover::start_with_both(|o| o, |o| o.env("NODE_PROMOTION_TIMEOUT_MS", 1000)).await;
     let api_b = t.api_b();
     let mut conn_b = t.conn_b().await;
-    const BACKLOG: usize = 60_000;
-    let backlog: Vec<(String, String)> = (0..BACKLOG)
-        .map(|i| {
-            let sku = format!("BULK-{i:06}");
-            ("ProductUpserted".to_string(), product_upserted(&sku, 1))
-        })
-        .collect();
-    append(&mut conn_b, &backlog).await;
+    const BACKLOG: usize = 150_000;
+    append(&mut conn_b, &products("BULK", BACKLOG)).await;
     let last = last_id(&mut conn_b).await.expect("backlog written");
 
     // When the gateway keeps asking to promote it at epoch 2 (as it does after a kill)
@@ -276,17 +270,21 @@ async fn a_promotion_cut_short_by_its_caller_finishes_or_leaves_no_intent() {
 
 /// A region with a log large enough that a rebuild takes a while (appended behind the
 /// node's back: only a rebuild brings it into the read models).
-async fn region_with_history(products: usize) -> Region {
+async fn region_with_history(count: usize) -> Region {
     let region = Region::start().await;
     let mut conn = region.redis.client().await;
-    let backlog: Vec<(String, String)> = (0..products)
+    append(&mut conn, &products("H", count)).await;
+    region
+}
+
+/// `ProductUpserted` entries for skus `{prefix}-000000` onwards.
+fn products(prefix: &str, count: usize) -> Vec<(String, String)> {
+    (0..count)
         .map(|i| {
-            let sku = format!("H-{i:06}");
+            let sku = format!("{prefix}-{i:06}");
             ("ProductUpserted".to_string(), product_upserted(&sku, 1))
         })
-        .collect();
-    append(&mut conn, &backlog).await;
-    region
+        .collect()
 }
 
 #[tokio::test]
