@@ -84,6 +84,16 @@ pub enum StartError {
     Jwks(#[from] jwks::JwksError),
 }
 
+impl StartError {
+    /// A taken listen address may free up; everything else is the configuration.
+    pub fn failure(&self) -> telemetry::exit::StartFailure {
+        match self {
+            StartError::Bind { .. } => telemetry::exit::StartFailure::Unavailable,
+            _ => telemetry::exit::StartFailure::BadConfiguration,
+        }
+    }
+}
+
 /// A bound, not yet running gateway.
 pub struct Application {
     listener: TcpListener,

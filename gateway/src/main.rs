@@ -5,6 +5,7 @@ use gateway::config::Config;
 use gateway::Application;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use telemetry::exit::{failed_start, StartFailure};
 
 /// Tandem's global gateway. Configuration: `--config FILE` (TOML), then `GATEWAY_*`
 /// environment variables, which win (see API.md).
@@ -17,48 +18,32 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-/// `EX_USAGE` from sysexits.h: the configuration is wrong.
-const EX_USAGE: u8 = 64;
-
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_tracing();
+    let telemetry = match telemetry::init("gateway", env!("CARGO_PKG_VERSION")) {
+        Ok(t) => t,
+        Err(e) => return failed_start(StartFailure::BadConfiguration, &e),
+    };
     let config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("gateway: {e}");
-            return ExitCode::from(EX_USAGE);
-        }
+        Err(e) => return failed_start(StartFailure::BadConfiguration, &e),
     };
     // Worker 0 and the control tasks; the other workers start their own runtimes.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(async {
+    let status = runtime.block_on(async {
         let app = match Application::build(config).await {
             Ok(app) => app,
-            Err(e) => {
-                eprintln!("gateway: {e}");
-                return ExitCode::from(EX_USAGE);
-            }
+            Err(e) => return failed_start(e.failure(), &e),
         };
         app.run_until_stopped(shutdown_signal()).await;
         ExitCode::SUCCESS
-    })
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    });
+    drop(runtime);
+    telemetry.shutdown();
+    status
 }
 
 async fn shutdown_signal() {

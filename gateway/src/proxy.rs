@@ -21,6 +21,7 @@ use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the gateway sends or receives: streamed from a peer or built here.
@@ -131,15 +132,39 @@ pub async fn forward(
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .cloned()
         .unwrap_or_else(new_request_id);
+    // The request's span (disabled, and free, unless spans are exported): it continues
+    // the caller's trace and the node's request span continues it.
+    let span = tracing::info_span!(
+        target: telemetry::trace::SPANS,
+        "gateway request",
+        otel.name = %format_args!("{} {route}", method_label(&method)),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method_label(&method),
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+        tandem.region = tracing::field::Empty,
+    );
+    let traceparent = if span.is_disabled() {
+        None
+    } else {
+        let incoming = parts
+            .headers
+            .get(&TRACEPARENT)
+            .and_then(|v| v.to_str().ok());
+        telemetry::trace::continue_from(&span, incoming);
+        telemetry::trace::traceparent(&span).and_then(|t| HeaderValue::try_from(t).ok())
+    };
 
     let result = forward_inner(
         shared,
         client,
         (parts, body),
         (peer, tls),
-        &request_id,
+        (&request_id, traceparent),
         start,
     )
+    .instrument(span.clone())
     .await;
     let (mut resp, region) = match result {
         Ok((resp, region)) => (resp, region),
@@ -150,6 +175,11 @@ pub async fn forward(
     };
     resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
     let status = resp.status();
+    span.record("http.response.status_code", status.as_u16());
+    span.record("tandem.region", region);
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
     shared
         .metrics
         .requests
@@ -173,7 +203,7 @@ async fn forward_inner<'a>(
     client: &UpstreamClient,
     (mut parts, body): (hyper::http::request::Parts, Incoming),
     (peer, tls): (SocketAddr, bool),
-    request_id: &HeaderValue,
+    (request_id, traceparent): (&HeaderValue, Option<HeaderValue>),
     start: Instant,
 ) -> Result<(Response<Body>, &'a str), GatewayError> {
     let cfg = &shared.config;
@@ -227,7 +257,7 @@ async fn forward_inner<'a>(
         placing_as_self(shared, principal, bytes)?;
     }
 
-    prepare_headers(&mut parts.headers, request_id, peer, tls);
+    prepare_headers(&mut parts.headers, (request_id, traceparent), peer, tls);
     if shared.auth.is_some() {
         // The node learns who asked from the identity headers; the token itself is a
         // credential it has no use for.
@@ -700,14 +730,27 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
-fn prepare_headers(headers: &mut HeaderMap, request_id: &HeaderValue, peer: SocketAddr, tls: bool) {
+/// `traceparent` is the gateway's request span when spans are exported; otherwise the
+/// caller's trace context passes as it is, and a request without one starts a trace.
+fn prepare_headers(
+    headers: &mut HeaderMap,
+    (request_id, traceparent): (&HeaderValue, Option<HeaderValue>),
+    peer: SocketAddr,
+    tls: bool,
+) {
     strip_hop_by_hop(headers);
     // Identity is the gateway's word alone: a client's own copies never pass.
     headers.remove(&TANDEM_SUBJECT);
     headers.remove(&TANDEM_SCOPES);
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-    if !headers.contains_key(&TRACEPARENT) {
-        headers.insert(TRACEPARENT.clone(), new_traceparent());
+    match traceparent {
+        Some(ours) => {
+            headers.insert(TRACEPARENT.clone(), ours);
+        }
+        None if !headers.contains_key(&TRACEPARENT) => {
+            headers.insert(TRACEPARENT.clone(), new_traceparent());
+        }
+        None => {}
     }
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip())).ok(),
@@ -734,7 +777,7 @@ fn into_client_response(resp: Response<Incoming>, region: &str) -> Response<Body
 }
 
 fn new_request_id() -> HeaderValue {
-    let id = uuid::Builder::from_random_bytes(random_bytes()).into_uuid();
+    let id = uuid::Uuid::new_v4();
     HeaderValue::from_str(
         id.hyphenated()
             .encode_lower(&mut uuid::Uuid::encode_buffer()),
@@ -742,20 +785,14 @@ fn new_request_id() -> HeaderValue {
     .expect("uuid is a valid header value")
 }
 
-/// A W3C trace context for a request that came without one, so the trace starts here:
-/// `00-<32 hex trace id>-<16 hex span id>-01`.
+/// A W3C trace context for a request that came without one while spans are not
+/// exported, so the trace starts here: `00-<32 hex trace id>-<16 hex span id>-01`.
+/// Ids must be unique, not secret: rand's thread-local generator, seeded once from the
+/// OS (a getrandom(2) call per request shows in profiles). Zero ids are invalid.
 fn new_traceparent() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
-    let trace = random_bytes();
-    let span = random_bytes();
-    for (i, b) in trace.iter().chain(&span[..8]).enumerate() {
-        // Trace id at offset 3, span id after the dash at offset 36.
-        let at = if i < 16 { 3 + 2 * i } else { 36 + 2 * (i - 16) };
-        out[at] = HEX[usize::from(b >> 4)];
-        out[at + 1] = HEX[usize::from(b & 0xf)];
-    }
-    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
+    let (trace, span) = (rand::random::<u128>().max(1), rand::random::<u64>().max(1));
+    HeaderValue::from_maybe_shared(Bytes::from(format!("00-{trace:032x}-{span:016x}-01")))
+        .expect("hex is a valid header value")
 }
 
 /// The client address as a header value, remembered per thread: keep-alive clients
@@ -777,31 +814,6 @@ fn peer_header(ip: std::net::IpAddr) -> HeaderValue {
             }
         }
     })
-}
-
-/// 16 random bytes from a per-thread generator seeded once from the OS: ids must be
-/// unique, not secret, and a getrandom(2) call per request shows in profiles.
-fn random_bytes() -> [u8; 16] {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new(u64::from_le_bytes(
-            uuid::Uuid::new_v4().as_bytes()[..8].try_into().expect("8 bytes"),
-        ));
-    }
-    // splitmix64: tiny, fast, and every 64-bit seed gives a full-period sequence.
-    let next = || {
-        STATE.with(|s| {
-            let z = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
-            s.set(z);
-            let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        })
-    };
-    let mut out = [0u8; 16];
-    out[..8].copy_from_slice(&next().to_le_bytes());
-    out[8..].copy_from_slice(&next().to_le_bytes());
-    out
 }
 
 /// Method label with a bounded set of values.
@@ -847,7 +859,12 @@ mod tests {
         );
         h.insert("x-kept", HeaderValue::from_static("1"));
         let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        prepare_headers(&mut h, &HeaderValue::from_static("r-1"), peer, false);
+        prepare_headers(
+            &mut h,
+            (&HeaderValue::from_static("r-1"), None),
+            peer,
+            false,
+        );
         assert!(!h.contains_key(&TANDEM_SUBJECT));
         assert!(!h.contains_key(&TANDEM_SCOPES));
         assert!(h.contains_key("x-kept"));

@@ -34,6 +34,16 @@ pub enum StartError {
     Store(#[from] StoreError),
 }
 
+impl StartError {
+    /// A taken listen address may free up; a Redis URL that does not parse will not.
+    pub fn failure(&self) -> telemetry::exit::StartFailure {
+        match self {
+            StartError::Listen(..) => telemetry::exit::StartFailure::Unavailable,
+            StartError::Store(_) => telemetry::exit::StartFailure::BadConfiguration,
+        }
+    }
+}
+
 impl Application {
     /// Binds the listener (port 0 picks a free one, see [`Application::port`]).
     pub async fn build(config: Config) -> Result<Application, StartError> {

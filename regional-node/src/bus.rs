@@ -23,6 +23,7 @@ use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 /// Most dead-letter entries counted for the gauge.
 const DLQ_SCAN: usize = 10_000;
@@ -365,7 +366,7 @@ async fn handle_entry(
             .map(|ev| (env, ev))
             .map_err(|e| e.to_string())
     });
-    let (env, event) = match parsed {
+    let (mut env, event) = match parsed {
         Ok(p) => p,
         Err(reason) => {
             let ty = entry
@@ -376,9 +377,10 @@ async fn handle_entry(
             return;
         }
     };
+    let span = step_span(wf, group, &entry, &mut env);
     let ty = env.event_type.as_str();
     let mut attempt = 1;
-    let outcome = loop {
+    let outcome = async { loop {
         let result = group
             .handle(wf, &env, &event, attempt, Some((group.name(), &entry.id)))
             .await;
@@ -430,13 +432,48 @@ async fn handle_entry(
             }
             Retry::Abandon => break "abandoned",
         }
-    };
+    }}
+    .instrument(span.clone())
+    .await;
+    span.record("tandem.outcome", outcome);
+    span.record("tandem.attempts", attempt);
+    if outcome == "dead_lettered" {
+        span.record("otel.status_code", "ERROR");
+    }
     m.events_handled
         .with_label_values(&[group.name(), ty, outcome])
         .inc();
     m.handler_duration
         .with_label_values(&[group.name()])
         .observe(started.elapsed().as_secs_f64());
+}
+
+/// The span of one handler step (disabled, and free, unless spans are exported): the
+/// child of the span that appended the event, as named by its stored `traceparent`
+/// (also when that span ran in the other region). The events the step appends store
+/// the step's own `traceparent`, so an order's saga is one chain of spans.
+fn step_span(wf: &Workflow, group: Group, entry: &Entry, env: &mut Envelope) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: telemetry::trace::SPANS,
+        "handle",
+        otel.name = %format_args!("{} {}", group.name(), env.event_type),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.consumer.group.name = group.name(),
+        messaging.message.id = %entry.id,
+        tandem.event_type = %env.event_type,
+        tandem.order = %env.aggregate_id,
+        tandem.region = %wf.region,
+        tandem.outcome = tracing::field::Empty,
+        tandem.attempts = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        telemetry::trace::continue_from(&span, env.traceparent.as_deref());
+        if let Some(own) = telemetry::trace::traceparent(&span) {
+            env.traceparent = Some(own);
+        }
+    }
+    span
 }
 
 /// Exponential backoff with ±50% jitter, so retries of many entries do not align.

@@ -15,7 +15,7 @@
 //! - [`projector`]: standby projection and rebuild from the event stream.
 //! - [`roles`], [`promotion`]: role, epoch, lease fencing and promotion.
 //! - [`jobs`]: admin jobs (promotion, rebuild) that outlive the request that started them.
-//! - [`metrics`], [`telemetry`]: Prometheus metrics and logs.
+//! - [`metrics`]: Prometheus metrics (logs and spans: the `telemetry` crate).
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -35,5 +35,4 @@ pub mod promotion;
 pub mod roles;
 pub mod shipments;
 pub mod store;
-pub mod telemetry;
 pub mod workflow;

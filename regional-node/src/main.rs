@@ -1,7 +1,10 @@
+//! The regional node binary: telemetry, configuration, build, run until SIGTERM or Ctrl-C.
+
 use clap::Parser;
-use regional_node::{app, config::Config, telemetry};
+use regional_node::{app, config::Config};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use telemetry::exit::{failed_start, StartFailure};
 
 /// One region's order workflow on Redis Streams (orders, inventory, payments,
 /// shipments). Configured by an optional TOML file and NODE_* environment variables
@@ -19,33 +22,31 @@ struct Args {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// sysexits' EX_USAGE / EX_CONFIG: bad configuration.
-const EX_CONFIG: u8 = 78;
-const EX_USAGE: u8 = 64;
-
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init();
+    let telemetry = match telemetry::init("regional-node", env!("CARGO_PKG_VERSION")) {
+        Ok(t) => t,
+        Err(e) => return failed_start(StartFailure::BadConfiguration, &e),
+    };
     let config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("regional-node: {e}");
-            return ExitCode::from(EX_USAGE);
-        }
+        Err(e) => return failed_start(StartFailure::BadConfiguration, &e),
     };
-    let app = match app::Application::build(config).await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start");
-            return ExitCode::from(EX_CONFIG);
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let status = runtime.block_on(async {
+        let app = match app::Application::build(config).await {
+            Ok(a) => a,
+            Err(e) => return failed_start(e.failure(), &e),
+        };
+        match app.run(app::shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "server failed");
+                ExitCode::FAILURE
+            }
         }
-    };
-    match app.run(app::shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "server failed");
-            ExitCode::FAILURE
-        }
-    }
+    });
+    drop(runtime);
+    telemetry.shutdown();
+    status
 }

@@ -26,6 +26,16 @@ pub enum BuildError {
     Url(#[from] redis::RedisError),
 }
 
+impl BuildError {
+    /// A taken listen address may free up; a Redis URL that does not parse will not.
+    pub fn failure(&self) -> telemetry::exit::StartFailure {
+        match self {
+            BuildError::Listen { .. } => telemetry::exit::StartFailure::Unavailable,
+            BuildError::Url(_) => telemetry::exit::StartFailure::BadConfiguration,
+        }
+    }
+}
+
 pub struct Application {
     listener: TcpListener,
     shared: Arc<Shared>,

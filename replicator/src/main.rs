@@ -5,6 +5,7 @@ use clap::Parser;
 use replicator::{Application, Config};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use telemetry::exit::{failed_start, StartFailure};
 
 /// Pulls the active peer region's streams and consumer groups into the local region's
 /// Redis. Configuration: an optional TOML file, then REPLICATOR_* environment variables
@@ -20,31 +21,24 @@ struct Cli {
     config: Option<PathBuf>,
 }
 
-/// `EX_USAGE` from sysexits.h: the configuration is wrong, retrying will not help.
-const EX_USAGE: u8 = 64;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_telemetry();
+    let telemetry = match telemetry::init("replicator", env!("CARGO_PKG_VERSION")) {
+        Ok(t) => t,
+        Err(e) => return failed_start(StartFailure::BadConfiguration, &e),
+    };
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("replicator: {e}");
-            return ExitCode::from(EX_USAGE);
-        }
+        Err(e) => return failed_start(StartFailure::BadConfiguration, &e),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(async {
+    let status = runtime.block_on(async {
         let app = match Application::build(config).await {
             Ok(app) => app,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start");
-                eprintln!("replicator: {e}");
-                return ExitCode::from(EX_USAGE);
-            }
+            Err(e) => return failed_start(e.failure(), &e),
         };
         match app.run(shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -53,20 +47,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
-}
-
-fn init_telemetry() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    });
+    drop(runtime);
+    telemetry.shutdown();
+    status
 }
 
 async fn shutdown_signal() {

@@ -344,6 +344,16 @@ pub struct RegionNode {
 impl RegionNode {
     /// A standby node of `region` on `redis_url`, with the peer's Redis for fencing.
     pub async fn start(region: &str, redis_url: &str, peer_redis_url: Option<&str>) -> RegionNode {
+        Self::start_with_env(region, redis_url, peer_redis_url, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with further variables (they win).
+    pub async fn start_with_env(
+        region: &str,
+        redis_url: &str,
+        peer_redis_url: Option<&str>,
+        extra: &[(String, String)],
+    ) -> RegionNode {
         let port = free_port();
         let mut env: Vec<(String, String)> = vec![
             ("NODE_REGION".into(), region.into()),
@@ -358,6 +368,10 @@ impl RegionNode {
         }
         if std::env::var_os("RUST_LOG").is_none() {
             env.push(("RUST_LOG".into(), "info".into()));
+        }
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push((k.clone(), v.clone()));
         }
         let workdir = WorkDir::new(&format!("gwnode-{region}"));
         let process = spawn_node(&env, region, port, 0, &workdir);
@@ -472,10 +486,22 @@ pub struct TwoRegions {
 
 impl TwoRegions {
     pub async fn start(replicate: bool) -> TwoRegions {
+        Self::start_with(replicate, |_| Vec::new()).await
+    }
+
+    /// Like [`start`](Self::start), with further variables for each region's node.
+    pub async fn start_with(
+        replicate: bool,
+        node_env: impl Fn(&str) -> Vec<(String, String)>,
+    ) -> TwoRegions {
         let redis_a = RedisServer::start().await;
         let redis_b = RedisServer::start().await;
-        let node_a = RegionNode::start("a", &redis_a.url(), Some(&redis_b.url())).await;
-        let node_b = RegionNode::start("b", &redis_b.url(), Some(&redis_a.url())).await;
+        let node_a =
+            RegionNode::start_with_env("a", &redis_a.url(), Some(&redis_b.url()), &node_env("a"))
+                .await;
+        let node_b =
+            RegionNode::start_with_env("b", &redis_b.url(), Some(&redis_a.url()), &node_env("b"))
+                .await;
         let mut replicators = Vec::new();
         if replicate {
             // In region b, pulling from a; in region a, pulling from b.

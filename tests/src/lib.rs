@@ -14,12 +14,14 @@
 //! - [`api`]: the node's HTTP API (orders, products, events, admin) for tests.
 //! - [`region`]: a private Redis plus one active node, the usual test fixture.
 //! - [`tokens`]: a test identity provider: key pairs, JWKS (file or HTTPS), signed tokens.
+//! - [`otlp`]: an OTLP/HTTP receiver that keeps the spans the binaries export.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod gateway;
 pub mod http;
 pub mod node;
+pub mod otlp;
 pub mod poll;
 pub mod ports;
 pub mod process;

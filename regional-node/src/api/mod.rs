@@ -21,6 +21,7 @@ use axum::Router;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument as _;
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -127,16 +128,40 @@ fn header(req: &Request, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Counts requests by route template (never raw ids, to bound label cardinality).
-async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Counts requests by route template (never raw ids, to bound label cardinality), and
+/// runs each in its span.
+///
+/// The span (disabled, and free, unless spans are exported) continues the caller's
+/// `traceparent`, and the events the request commits carry the span's own instead, so
+/// the consumer-group steps that handle them are its descendants.
+async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
     let method = req.method().as_str().to_string();
+    let span = tracing::info_span!(
+        target: telemetry::trace::SPANS,
+        "node request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        tandem.region = %state.config.region,
+    );
+    if !span.is_disabled() {
+        if let Some(ctx) = req.extensions_mut().get_mut::<RequestContext>() {
+            telemetry::trace::continue_from(&span, ctx.traceparent.as_deref());
+            if let Some(own) = telemetry::trace::traceparent(&span) {
+                ctx.traceparent = Some(own);
+            }
+        }
+    }
     let started = Instant::now();
-    let response = next.run(req).await;
+    let response = next.run(req).instrument(span.clone()).await;
     let m = &state.wf.metrics;
     m.http_requests
         .with_label_values(&[&route, &method, response.status().as_str()])
@@ -144,6 +169,10 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     m.http_duration
         .with_label_values(&[&route])
         .observe(started.elapsed().as_secs_f64());
+    span.record("http.response.status_code", response.status().as_u16());
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
     response
 }
 
