@@ -82,6 +82,17 @@ async fn intent_epoch(conn: &mut MultiplexedConnection) -> Option<u64> {
     v.and_then(|e| e.parse().ok())
 }
 
+/// Whether a rebuild has paused commits (`paused` in the role hash).
+async fn paused(conn: &mut MultiplexedConnection) -> bool {
+    let v: Option<String> = redis::cmd("HGET")
+        .arg("tandem:role")
+        .arg("paused")
+        .query_async(conn)
+        .await
+        .expect("HGET paused");
+    v.is_some()
+}
+
 async fn last_id(conn: &mut MultiplexedConnection) -> Option<String> {
     redis_state::stream_entries(conn, EVENTS)
         .await
@@ -223,22 +234,38 @@ async fn a_standby_halts_at_an_event_it_cannot_apply_and_refuses_promotion() {
     assert_eq!(intent_epoch(&mut conn_b).await, None);
 }
 
-/// Sends a request and gives up on it after `after` (the connection is dropped).
-async fn abandon(url: &str, body: &Value, after: Duration) {
-    let client = reqwest::Client::builder().timeout(after).build().unwrap();
-    let sent = client
-        .post(url)
-        .header(
-            "authorization",
-            format!("Bearer {}", system_tests::TEST_ADMIN_TOKEN),
-        )
-        .json(body)
-        .send()
-        .await;
+/// Sends an admin request, waits until `started` says the node is working on it, then
+/// gives up on it: the connection is dropped while the handler runs.
+async fn abandon<F, Fut>(url: &str, body: &Value, started: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let (url, body) = (url.to_string(), body.clone());
+    let request = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .header(
+                "authorization",
+                format!("Bearer {}", system_tests::TEST_ADMIN_TOKEN),
+            )
+            .json(&body)
+            .send()
+            .await
+    });
+    eventually(FLOW, "the node started working on the request", || async {
+        if started().await {
+            Ok(())
+        } else {
+            Err(())
+        }
+    })
+    .await;
     assert!(
-        sent.is_err(),
-        "expected the request to be cut short: {sent:?}"
+        !request.is_finished(),
+        "the request was answered before it could be cut short: make the work larger"
     );
+    request.abort();
 }
 
 #[tokio::test]
@@ -247,11 +274,17 @@ async fn a_promotion_cut_short_by_its_caller_finishes_or_leaves_no_intent() {
     let t = Takeover::start().await;
     t.api_a().put_product("P-1", 1000, 10).await;
     t.wait_b_caught_up().await;
-    let conn_b = t.conn_b().await;
+    let mut conn_b = t.conn_b().await;
+    // (with a replicated backlog to apply, so the promotion takes a while)
+    append(&mut conn_b, &products("CUT", 60_000)).await;
 
     // When a promotion is asked for and the caller goes away at once
     let url = format!("{}/admin/promote", t.node_b.url());
-    abandon(&url, &json!({"epoch": 2}), Duration::from_millis(40)).await;
+    abandon(&url, &json!({"epoch": 2}), || {
+        let mut c = conn_b.clone();
+        async move { intent_epoch(&mut c).await == Some(2) }
+    })
+    .await;
 
     // Then the promotion still ends cleanly: b active at epoch 2 and no intent left
     // to hold its replicator or fence a's renewals
@@ -291,7 +324,7 @@ fn products(prefix: &str, count: usize) -> Vec<(String, String)> {
 async fn a_rebuild_cut_short_by_its_caller_finishes_and_unpauses() {
     // Given a region with history its read models do not reflect yet, one of them
     // corrupted
-    let region = region_with_history(10_000).await;
+    let region = region_with_history(40_000).await;
     let api = &region.api;
     let mut conn = region.redis.client().await;
     let _: () = redis::cmd("SET")
@@ -303,7 +336,11 @@ async fn a_rebuild_cut_short_by_its_caller_finishes_and_unpauses() {
 
     // When a rebuild is asked for and the caller goes away at once
     let url = format!("{}/admin/rebuild", region.node.url());
-    abandon(&url, &json!({}), Duration::from_millis(30)).await;
+    abandon(&url, &json!({}), || {
+        let mut c = conn.clone();
+        async move { paused(&mut c).await }
+    })
+    .await;
 
     // Then the rebuild still finishes (the read models are rebuilt), the region is not
     // left paused, and writes go through
@@ -358,13 +395,11 @@ async fn a_node_killed_during_a_rebuild_does_not_leave_the_region_paused() {
     eventually(FLOW, "the rebuild paused the region", || {
         let mut c = conn.clone();
         async move {
-            let paused: Option<String> = redis::cmd("HGET")
-                .arg("tandem:role")
-                .arg("paused")
-                .query_async(&mut c)
-                .await
-                .unwrap();
-            paused.ok_or(())
+            if paused(&mut c).await {
+                Ok(())
+            } else {
+                Err(())
+            }
         }
     })
     .await;
