@@ -242,6 +242,7 @@ async fn refresh_gauges(wf: Workflow, mut stop: watch::Receiver<bool>) {
                 });
         }
         wf.metrics.epoch.set(role.epoch as i64);
+        wf.metrics.fenced.set(i64::from(role.known && role.fenced));
         let ok = bus::refresh_gauges(&wf).await.is_ok();
         wf.metrics.redis_up.set(if ok { 1.0 } else { 0.0 });
         tokio::select! {

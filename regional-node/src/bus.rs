@@ -718,6 +718,11 @@ pub async fn refresh_gauges(wf: &Workflow) -> Result<(), StoreError> {
             .with_label_values(&[group.name()])
             .set(*parked.get(group.name()).unwrap_or(&0.0));
     }
+    let quarantined: i64 = wf
+        .store
+        .query(redis::cmd("XLEN").arg(keys::QUARANTINE))
+        .await?;
+    m.quarantined_events.set(quarantined);
     let counts: HashMap<String, i64> = wf
         .store
         .query(redis::cmd("HGETALL").arg(keys::ORDER_COUNTS))

@@ -23,6 +23,12 @@ pub struct Metrics {
     pub projection_halted: IntGauge,
     /// 1 while `replicated` durability acknowledges without the standby (API.md).
     pub durability_degraded: IntGauge,
+    /// 1 while the node holds the active role but may not write: its lease lapsed and
+    /// the peer did not vouch for it (alert: a region that should serve, cannot).
+    pub fenced: IntGauge,
+    /// Entries in the region's quarantine stream: events of an old epoch the new active
+    /// never received, waiting for an operator (alert while not empty).
+    pub quarantined_events: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -108,23 +114,33 @@ impl Metrics {
                 "1 while the standby's projection is stopped at an event it cannot apply (see /health/ready)",
             )
             .expect("valid metric"),
+            fenced: IntGauge::new(
+                "tandem_node_fenced",
+                "1 while the node is active but fenced (lease lapsed, not vouched for by the peer)",
+            )
+            .expect("valid metric"),
+            quarantined_events: IntGauge::new(
+                "tandem_node_quarantined_events",
+                "Entries in the region's quarantine stream (tandem:quarantine)",
+            )
+            .expect("valid metric"),
             registry,
         };
-        metrics
-            .registry
-            .register(Box::new(metrics.epoch.clone()))
-            .expect("unique metric");
+        for gauge in [
+            &metrics.epoch,
+            &metrics.projection_halted,
+            &metrics.durability_degraded,
+            &metrics.fenced,
+            &metrics.quarantined_events,
+        ] {
+            metrics
+                .registry
+                .register(Box::new(gauge.clone()))
+                .expect("unique metric");
+        }
         metrics
             .registry
             .register(Box::new(metrics.redis_up.clone()))
-            .expect("unique metric");
-        metrics
-            .registry
-            .register(Box::new(metrics.projection_halted.clone()))
-            .expect("unique metric");
-        metrics
-            .registry
-            .register(Box::new(metrics.durability_degraded.clone()))
             .expect("unique metric");
         metrics
     }
