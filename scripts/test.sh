@@ -1,23 +1,41 @@
 #!/usr/bin/env bash
-# The project's test command (README): installs redis-server when missing, builds every
-# binary once, then runs every test. The system tests in tests/ start the real binaries
-# from target/debug and their own redis-server processes on free ports.
+# The project's test command (README): installs what the tests need when it is missing
+# (Debian's redis-server; prometheus for promtool; docker-compose where a Docker engine
+# runs), builds every binary once, then runs every test. The system tests in tests/
+# start the real binaries from target/debug and their own redis-server processes on free
+# ports; tests/tests/compose_stack.rs builds the container images from the same binaries
+# (deploy/build-images.sh, which builds the Debian base image itself when it is missing)
+# and runs the docker-compose.yml stack.
+#
+# Without a Docker engine the compose test is skipped with a message, unless CI is set
+# or TANDEM_REQUIRE_DOCKER=1 (.ci/run sets it): then it fails.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
-    echo "scripts/test.sh: redis-server missing, installing Debian's package" >&2
-    SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then
-        SUDO="sudo -n"
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo -n"
+fi
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v objcopy >/dev/null 2>&1 || missing+=(binutils)
+if docker info >/dev/null 2>&1; then
+    if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
+        missing+=(docker-compose)
     fi
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "scripts/test.sh: installing Debian's ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update </dev/null
-    $SUDO apt-get install -y --no-install-recommends redis-server </dev/null
-    # The package starts a service on 6379; the tests never use it.
+    # The redis-server and prometheus packages start services on their default ports;
+    # the tests never use them.
+    $SUDO apt-get install -y --no-install-recommends "${missing[@]}" </dev/null
 fi
 redis-server --version
+promtool --version 2>&1 | head -n 1
 
 # One profile (dev) for both steps, so every crate is compiled once.
 cargo build --workspace --bins

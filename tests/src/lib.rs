@@ -8,6 +8,7 @@
 //! - [`redis_server`]: a private `redis-server` per test, killable and restartable.
 //! - [`redis_state`]: dumps and snapshots of a Redis for "nothing written" and
 //!   "rebuild equals live" assertions.
+//! - [`compose`]: the docker-compose.yml stack, its images and Docker's faults.
 //! - [`http`]: a small reqwest client returning status, headers and JSON.
 //! - [`poll`]: waiting by polling with a deadline.
 //! - [`node`]: the `regional-node` binary.
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod compose;
 pub mod gateway;
 pub mod http;
 pub mod node;
