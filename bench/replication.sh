@@ -9,7 +9,7 @@
 #     peer -> visible in the standby) and group lag (XACK on the peer -> position and
 #     ack visible in the standby), p50/p99 (targets p99 < 10 ms and < 100 ms).
 #
-# Usage: bench/replication.sh            (N=1000000 RATE=5000 STEADY_SECONDS=30)
+# Usage: bench/replication.sh            (N=1000000 RATE=5000 STEADY_SECONDS=30 TANDEM_BIN_DIR=)
 set -euo pipefail
 
 N=${N:-1000000}
@@ -21,8 +21,13 @@ for tool in redis-server redis-cli redis-benchmark python3 curl; do
   command -v "$tool" >/dev/null || { echo "bench/replication.sh: $tool missing" >&2; exit 1; }
 done
 
-cargo build --release -q -p replicator --bins
-bin="$root/target/release"
+# TANDEM_BIN_DIR: the replicator and replication-bench of another build (an A/B run).
+if [ -n "${TANDEM_BIN_DIR:-}" ]; then
+  bin=$TANDEM_BIN_DIR
+else
+  cargo build --release -q -p replicator --bins
+  bin="$root/target/release"
+fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/tandem-bench-replication-XXXXXX")
 pids=()
 cleanup() {

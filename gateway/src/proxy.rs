@@ -10,6 +10,7 @@ use crate::metrics::route_template;
 use crate::node_api::error_chain;
 use crate::routing::Routing;
 use crate::Shared;
+use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::http::{
@@ -30,9 +31,12 @@ pub type Body = BoxBody<Bytes, BoxError>;
 /// Request bodies up to this size are buffered, so a request that never reached a
 /// region (connect refused) can be sent to another; larger ones stream.
 const BUFFER_UP_TO: u64 = 64 * 1024;
-/// First pause before sending again to a region that just failed, when there is no
-/// other region to try.
-const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+/// Pauses before sending again to a region that just failed, when there is no other
+/// region to try: 25 ms doubling up to 200 ms.
+const RETRY_BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(25))
+    .with_max_delay(Duration::from_millis(200))
+    .without_max_times();
 /// An attempt still unanswered after this starts watching for a failover or for its
 /// region turning unhealthy (see [`Failure::Overtaken`]).
 const WATCH_AFTER: Duration = Duration::from_millis(50);
@@ -506,7 +510,8 @@ async fn exchange<'a>(
     let mut tried: Vec<usize> = Vec::with_capacity(2);
     let mut last_failure: Option<(Failure, usize)> = None;
     let mut backed_off = false;
-    let mut backoff = RETRY_BACKOFF;
+    // Built on the first pause only: most requests never need one.
+    let mut backoff: Option<ExponentialBackoff> = None;
 
     loop {
         changes.borrow_and_update();
@@ -524,8 +529,11 @@ async fn exchange<'a>(
             Some(_) => {
                 // Only a region that failed this request is left: give it a moment (or
                 // a failover a chance) before sending again.
-                wait_for_change(&mut changes, backoff.min(deadline - now)).await;
-                backoff = (backoff * 2).min(Duration::from_millis(200));
+                let pause = backoff
+                    .get_or_insert_with(|| RETRY_BACKOFF.build())
+                    .next()
+                    .unwrap_or(Duration::from_millis(200));
+                wait_for_change(&mut changes, pause.min(deadline - now)).await;
                 backed_off = true;
                 continue;
             }

@@ -16,6 +16,7 @@ use crate::store::Tx;
 use crate::store::{Entry, Store, StoreError};
 use crate::workflow::{Decision, Reads, Retry, Workflow, WorkflowError};
 use crate::{inventory, orders, payments, shipments};
+use backon::{BackoffBuilder as _, ExponentialBuilder};
 use eventlog::{keys, Envelope};
 use redis::Value;
 use std::collections::HashMap;
@@ -32,6 +33,11 @@ const DLQ_SCAN: usize = 10_000;
 pub const MAX_ATTEMPTS: u32 = 3;
 const BATCH: usize = 128;
 const BLOCK_MS: u64 = 500;
+/// Pauses between failed reads of the event stream: 100 ms doubling up to a second.
+const READ_RETRY: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(100))
+    .with_max_delay(Duration::from_secs(1))
+    .without_max_times();
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Group {
@@ -179,6 +185,7 @@ async fn reader(
     let mut backlog: Option<String> = Some("0".into());
     let mut last_reclaim = Instant::now();
     let mut failures = 0u32;
+    let mut read_backoff = READ_RETRY.build();
     while !*stop.borrow() {
         if !wf.roles.current().writable() {
             group_ready = false;
@@ -217,7 +224,10 @@ async fn reader(
         };
         match entries {
             Ok(entries) => {
-                failures = 0;
+                if failures > 0 {
+                    failures = 0;
+                    read_backoff = READ_RETRY.build();
+                }
                 dispatch(&wf, group, entries, &workers).await;
             }
             Err(e) => {
@@ -228,7 +238,7 @@ async fn reader(
                 if matches!(&e, StoreError::Redis(m) if m.contains("NOGROUP")) {
                     group_ready = false;
                 }
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(10)))).await;
+                tokio::time::sleep(read_backoff.next().unwrap_or(Duration::from_secs(1))).await;
             }
         }
     }
@@ -476,10 +486,18 @@ fn step_span(wf: &Workflow, group: Group, entry: &Entry, env: &mut Envelope) -> 
     span
 }
 
-/// Exponential backoff with ±50% jitter, so retries of many entries do not align.
+/// The pause after failed attempt `attempt` of a step: `base` on average after the
+/// first, doubling, with a third of jitter either way so that retries of many entries
+/// do not align.
 fn backoff(base: Duration, attempt: u32) -> Duration {
-    let exp = base.saturating_mul(1 << (attempt - 1).min(10));
-    exp.mul_f64(0.5 + rand::random::<f64>())
+    ExponentialBuilder::new()
+        .with_min_delay(base.mul_f64(2.0 / 3.0))
+        .without_max_delay()
+        .without_max_times()
+        .with_jitter()
+        .build()
+        .nth(attempt.saturating_sub(1) as usize)
+        .unwrap_or(base)
 }
 
 /// Moves an entry to the dead-letter stream and acknowledges it, atomically.

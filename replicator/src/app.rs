@@ -8,7 +8,7 @@
 use crate::config::Config;
 use crate::link::{Link, Side};
 use crate::status::Shared;
-use crate::{gate, groups, http, lag, replication};
+use crate::{groups, http, lag, replication, roles};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -97,7 +97,7 @@ impl Application {
 
         let s = &self.shared;
         let tasks = vec![
-            tokio::spawn(gate::run(s.clone(), local, peer.clone())),
+            tokio::spawn(roles::run(s.clone(), local, peer.clone())),
             tokio::spawn(replication::discover(s.clone(), peer)),
             tokio::spawn(replication::run(s.clone(), copier_local)),
             tokio::spawn(groups::run(s.clone(), groups_local, groups_peer)),

@@ -10,7 +10,7 @@
 //! walks the full pending lists when a summary differs, plus once a second to catch a
 //! change that leaves the summaries equal.
 
-use crate::link::{Backoff, Link, LinkError};
+use crate::link::{retry_policy, Link, LinkError};
 use crate::reply;
 use crate::status::Shared;
 use eventlog::envelope::StreamId;
@@ -178,7 +178,8 @@ async fn summaries(link: &Link, stream: &str, names: &[&str]) -> Result<Vec<Valu
 /// The group task.
 pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
     let interval = Duration::from_millis(shared.config.group_interval_ms);
-    let mut backoff = Backoff::new(shared.config.max_backoff());
+    let max_backoff = shared.config.max_backoff();
+    let mut backoff = retry_policy(max_backoff);
     let mut gate = shared.gate.subscribe();
     let mut stop = shared.shutdown_signal();
     let mut last_full: Option<Instant> = None;
@@ -206,9 +207,9 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
             .group_sync_duration
             .observe(started.elapsed().as_secs_f64());
         let delay = if failed {
-            backoff.fail()
+            backoff.next().unwrap_or(max_backoff)
         } else {
-            backoff.reset();
+            backoff = retry_policy(max_backoff);
             if full {
                 last_full = Some(Instant::now());
             }

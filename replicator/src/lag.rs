@@ -11,6 +11,8 @@ use crate::link::{Link, LinkError};
 use crate::replication::local_top;
 use crate::reply;
 use crate::status::Shared;
+use eventlog::entry::Entry;
+use eventlog::envelope::StreamId;
 use eventlog::{keys, Role};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -55,9 +57,9 @@ pub async fn measure(local: &Link, peer: &Link, stream: &str) -> Result<Lag, Lin
                 .arg(1),
         )
         .await?;
-    let next = reply::entries(v).map_err(|e| LinkError::Other(format!("peer XRANGE: {e}")))?;
+    let next = Entry::from_range(v);
     let now_ms = eventlog::time::now_ms();
-    let Some(oldest) = next.first() else {
+    let Some(oldest) = next.first().and_then(|e| StreamId::parse(&e.id)) else {
         return Ok(Lag {
             events: 0,
             seconds: 0.0,
@@ -66,11 +68,11 @@ pub async fn measure(local: &Link, peer: &Link, stream: &str) -> Result<Lag, Lin
     };
     let (theirs, ours) =
         tokio::try_join!(entries_added(peer, stream), entries_added(local, stream))?;
-    let age_ms = now_ms.saturating_sub(oldest.id.ms);
+    let age_ms = now_ms.saturating_sub(oldest.ms);
     Ok(Lag {
         events: (theirs - ours).max(1),
         seconds: age_ms as f64 / 1000.0,
-        complete_at_ms: oldest.id.ms.min(now_ms),
+        complete_at_ms: oldest.ms.min(now_ms),
     })
 }
 

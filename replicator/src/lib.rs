@@ -11,15 +11,19 @@
 //! # Layout
 //! - [`config`]: the typed, layered configuration (TOML file, then `REPLICATOR_*` env vars).
 //! - [`app`]: [`app::Application`] builds the listener and runs every task until shutdown.
-//! - [`link`]: a reconnecting Redis connection with connect and response timeouts.
+//! - [`link`]: a reconnecting Redis connection (redis-rs's `ConnectionManager`) with
+//!   connect and response timeouts, errors that name the side, and the tasks' backoff.
 //! - [`reply`]: parsing Redis replies (stream entries, XINFO maps).
 //! - [`wire`]: the copier's hot path: XREAD replies turned into pipelined XADDs on raw
 //!   RESP2 connections, field bytes copied in one piece.
-//! - [`gate`]: reads both role records and decides: copy, rejoin or idle.
+//! - [`gate`]: the decision from both role records: copy, rejoin or idle (pure).
+//! - [`roles`]: the task that reads both role records and acts on the gate's decision.
 //! - [`replication`]: stream discovery and the entry copier (read peer, write local).
 //! - [`groups`]: consumer-group positions and pending entries, copied after their entries.
 //! - [`epochs`]: the epoch history (`tandem:epochs`) copied from the peer.
-//! - [`quarantine`]: rejoin of a region with a divergent tail: move it aside, then follow.
+//! - [`quarantine`]: the rejoin's decisions: which local entries stay, go, or move to
+//!   the quarantine stream (pure).
+//! - [`rejoin`]: rejoin of a region with a divergent tail: move it aside, then follow.
 //! - [`lag`]: per-stream replication lag in entries and seconds.
 //! - [`metrics`]: the Prometheus registry and every metric the replicator exports.
 //! - [`http`]: `/metrics`, `/health/live`, `/health/ready`.
@@ -39,8 +43,10 @@ pub mod lag;
 pub mod link;
 pub mod metrics;
 pub mod quarantine;
+pub mod rejoin;
 pub mod replication;
 pub mod reply;
+pub mod roles;
 pub mod status;
 pub mod wire;
 

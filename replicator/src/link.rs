@@ -1,13 +1,16 @@
-//! A reconnecting connection to one Redis, with connect and response timeouts.
+//! A connection to one Redis, with connect and response timeouts, that says which side
+//! of the replication it belongs to.
 //!
-//! The peer region may be refused, killed or hung at any time. A [`Link`] never gives
-//! up: a failed command drops the connection, the next command dials again, and the
-//! caller decides how long to back off. Timeouts turn a hung peer into an error instead
-//! of a task stuck forever.
+//! The peer region may be refused, killed or hung at any time. The connection is
+//! redis-rs's [`ConnectionManager`]: nothing is dialled before the first command (a peer
+//! that is down at start is normal), a command that finds the connection broken fails
+//! and the next one dials again, once, within the connect timeout; the caller decides
+//! how long to back off ([`retry_policy`]). The response timeout turns a hung peer into
+//! an error instead of a task stuck forever.
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, Value};
-use std::sync::Mutex;
+use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Cmd, Pipeline, RedisError, Script, Value};
 use std::time::Duration;
 
 /// Which side of the replication a connection or an error belongs to.
@@ -59,56 +62,30 @@ impl LinkError {
 
 pub struct Link {
     side: Side,
-    client: Client,
-    config: AsyncConnectionConfig,
-    connect_timeout: Duration,
-    /// The current connection, `None` after a failure until the next command dials.
-    conn: Mutex<Option<MultiplexedConnection>>,
+    conn: ConnectionManager,
 }
 
 impl Link {
+    /// A link to `url`; nothing is dialled yet. Must be called within the runtime.
     pub fn new(
         side: Side,
         url: &str,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Result<Link, RedisError> {
-        let client = Client::open(url)?;
-        let config = AsyncConnectionConfig::new()
+        let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(Some(response_timeout));
+            .set_response_timeout(Some(response_timeout))
+            // One dial per attempt: the tasks back off themselves, with their own limits.
+            .set_number_of_retries(0);
         Ok(Link {
             side,
-            client,
-            config,
-            connect_timeout,
-            conn: Mutex::new(None),
+            conn: ConnectionManager::new_lazy_with_config(Client::open(url)?, config)?,
         })
     }
 
     pub fn side(&self) -> Side {
         self.side
-    }
-
-    async fn connection(&self) -> Result<MultiplexedConnection, LinkError> {
-        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            return Ok(c.clone());
-        }
-        let dial = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config);
-        let conn = match tokio::time::timeout(self.connect_timeout, dial).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(self.unreachable(e)),
-            Err(_) => {
-                return Err(self.unreachable(RedisError::from(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connect timed out",
-                ))))
-            }
-        };
-        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
-        Ok(conn)
     }
 
     fn unreachable(&self, source: RedisError) -> LinkError {
@@ -118,8 +95,8 @@ impl Link {
         }
     }
 
-    /// Sorts an error: connection problems also drop the connection so that the next
-    /// command dials a fresh one (a timed-out multiplexed connection may be wedged).
+    /// Sorts an error: a connection problem says the side is unreachable, anything
+    /// else is the command's.
     fn classify(&self, e: RedisError) -> LinkError {
         let connection_problem = e.is_io_error()
             || e.is_timeout()
@@ -127,7 +104,6 @@ impl Link {
             || e.is_connection_refusal()
             || e.is_unrecoverable_error();
         if connection_problem {
-            *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
             self.unreachable(e)
         } else {
             LinkError::Command {
@@ -139,8 +115,7 @@ impl Link {
 
     /// Runs one command. A server error reply is an `Err`.
     pub async fn query(&self, cmd: &Cmd) -> Result<Value, LinkError> {
-        let mut conn = self.connection().await?;
-        match cmd.query_async::<Value>(&mut conn).await {
+        match cmd.query_async::<Value>(&mut self.conn.clone()).await {
             Ok(Value::ServerError(e)) => Err(LinkError::Command {
                 side: self.side.as_str(),
                 source: e.into(),
@@ -154,34 +129,36 @@ impl Link {
     /// errors are returned in place as [`Value::ServerError`] so the caller can judge each
     /// command.
     pub async fn pipeline(&self, pipe: &Pipeline) -> Result<Vec<Value>, LinkError> {
-        let mut conn = self.connection().await?;
-        match pipe.query_async::<Vec<Value>>(&mut conn).await {
-            Ok(v) => Ok(v),
-            Err(e) => Err(self.classify(e)),
-        }
+        pipe.query_async::<Vec<Value>>(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.classify(e))
     }
 
-    /// Runs a Lua script by its SHA, sending the body on a `NOSCRIPT` reply (a restarted
-    /// Redis forgets loaded scripts).
+    /// Runs a Lua script by its SHA, loading it first when Redis does not know it (a
+    /// restarted Redis forgets loaded scripts).
     pub async fn script(
         &self,
-        script: &Lua,
+        script: &Script,
         keys: &[&str],
         args: &[Vec<u8>],
     ) -> Result<Value, LinkError> {
-        let build = |name: &str, first: &str| {
-            let mut c = redis::cmd(name);
-            c.arg(first).arg(keys.len()).arg(keys);
-            for a in args {
-                c.arg(&a[..]);
-            }
-            c
-        };
-        match self.query(&build("EVALSHA", &script.hash)).await {
-            Err(LinkError::Command { source, .. }) if source.code() == Some("NOSCRIPT") => {
-                self.query(&build("EVAL", script.source)).await
-            }
-            other => other,
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(*k);
+        }
+        for a in args {
+            invocation.arg(&a[..]);
+        }
+        match invocation
+            .invoke_async::<Value>(&mut self.conn.clone())
+            .await
+        {
+            Ok(Value::ServerError(e)) => Err(LinkError::Command {
+                side: self.side.as_str(),
+                source: e.into(),
+            }),
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.classify(e)),
         }
     }
 }
@@ -193,46 +170,12 @@ pub fn pipeline() -> Pipeline {
     p
 }
 
-/// A Lua script and its SHA1, run with EVALSHA.
-pub struct Lua {
-    source: &'static str,
-    hash: String,
-}
-
-impl Lua {
-    pub fn new(source: &'static str) -> Lua {
-        Lua {
-            source,
-            hash: redis::Script::new(source).get_hash().to_string(),
-        }
-    }
-}
-
-/// Exponential backoff for a failing loop: 50 ms doubling up to `max`.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    const MIN: Duration = Duration::from_millis(50);
-
-    pub fn new(max: Duration) -> Backoff {
-        Backoff {
-            next: Self::MIN,
-            max,
-        }
-    }
-
-    /// The delay to wait now; doubles the next one.
-    pub fn fail(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        d
-    }
-
-    pub fn reset(&mut self) {
-        self.next = Self::MIN;
-    }
+/// The backoff of a failing task loop: 50 ms doubling up to `max`, for as long as it
+/// fails. Build a fresh one after a success.
+pub fn retry_policy(max: Duration) -> ExponentialBackoff {
+    ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(max)
+        .without_max_times()
+        .build()
 }

@@ -1,265 +1,75 @@
-//! Rejoin of a region that was left behind by a failover (DESIGN.md 4, "Failback").
+//! The rejoin's decisions (DESIGN.md 4, "Failback"), free of I/O: what becomes of each
+//! local entry past the new epoch's start offset. [`crate::rejoin`] reads the entries,
+//! asks the peer and carries the decisions out.
 //!
-//! When the peer is active at a higher epoch, everything the local region holds past
-//! that epoch's start offsets was written after the peer took over. Entries the peer
-//! also holds (same id, same fields) were copied to it late and come back by the normal
-//! copy; entries it does not hold never reached the new active. Those are moved to the
-//! region-local stream `tandem:quarantine` with their origin (stream, original id,
-//! epoch) and reported, never silently dropped. Then each stream's last id is set back
-//! to its last remaining entry (at or before the start offset), so the peer's newer
-//! entries, whose ids may be lower than the removed tail, can be copied; and the local
-//! role becomes `standby` at the peer's epoch.
-//!
-//! Crash safety: each batch is one Lua script (copy to quarantine, delete, count), so a
-//! crash leaves whole batches done or not done; a moved entry is no longer past the
-//! start, so a redo skips it. The last step (reset ids, set the role) is one script
-//! too, and it refuses to run while anything past a start offset remains.
+//! Entries right after the start that the peer holds as they are (same id, same fields:
+//! copied to it late) stay where they are. From the first entry the peer lacks on,
+//! everything goes: the lacking ones to the region-local quarantine stream (reported,
+//! never silently dropped), the others only out of the way, to come back by the copy in
+//! the peer's order (the peer's newer entries may have lower ids than the removed tail).
 
-use crate::epochs;
-use crate::gate::read_role;
-use crate::link::{Link, LinkError, Lua};
-use crate::replication::{replicated, scan_streams};
-use crate::reply::{self, Entry};
-use crate::status::Shared;
-use eventlog::envelope::{StreamId, FIELD_TYPE};
-use eventlog::{keys, Epoch};
-use redis::Value;
-use std::collections::BTreeSet;
-use std::sync::OnceLock;
-
-/// Entries examined per batch (one peer pipeline and one script each).
-const BATCH: usize = 500;
-
-/// KEYS: stream, quarantine stream, checkpoint hash. ARGV: epoch of the moved entries,
-/// checkpoint field counting deletions, then (id, flag) pairs: `q` quarantine and
-/// delete, `d` delete only (the peer holds the same entry; the copy brings it back).
-const MOVE: &str = r#"
-local moved, deleted = 0, 0
-for i = 3, #ARGV, 2 do
-  local id, flag = ARGV[i], ARGV[i + 1]
-  local e = redis.call('XRANGE', KEYS[1], id, id)
-  if #e == 1 then
-    if flag == 'q' then
-      local f = e[1][2]
-      table.insert(f, 'stream'); table.insert(f, KEYS[1])
-      table.insert(f, 'originalId'); table.insert(f, id)
-      table.insert(f, 'epoch'); table.insert(f, ARGV[1])
-      redis.call('XADD', KEYS[2], '*', unpack(f))
-      moved = moved + 1
-    end
-    redis.call('XDEL', KEYS[1], id)
-    deleted = deleted + 1
-  end
-end
-if deleted > 0 then redis.call('HINCRBY', KEYS[3], ARGV[2], deleted) end
-return {moved, deleted}
-"#;
-
-/// KEYS: the n streams, then the role hash, then the checkpoint hash. ARGV: the new
-/// epoch, n, then per stream (start offset, deletion counter field).
-const FINISH: &str = r#"
-local function parse(id)
-  local dash = string.find(id, '-', 1, true)
-  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
-end
-local function gt(a, b)
-  local am, as = parse(a)
-  local bm, bs = parse(b)
-  return am > bm or (am == bm and as > bs)
-end
-local n = tonumber(ARGV[2])
-local role, checkpoint = KEYS[n + 1], KEYS[n + 2]
-for i = 1, n do
-  local key, start, counter = KEYS[i], ARGV[1 + 2 * i], ARGV[2 + 2 * i]
-  if redis.call('EXISTS', key) == 1 then
-    local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
-    if #top == 1 and gt(top[1][1], start) then
-      return redis.error_reply('RETRY entries past the start offset remain in ' .. key)
-    end
-    local info = redis.call('XINFO', 'STREAM', key)
-    local added, len, last
-    for j = 1, #info, 2 do
-      if info[j] == 'entries-added' then added = info[j + 1]
-      elseif info[j] == 'length' then len = info[j + 1]
-      elseif info[j] == 'last-generated-id' then last = info[j + 1] end
-    end
-    local newid = '0-0'
-    if #top == 1 then newid = top[1][1] end
-    if gt(last, newid) then
-      -- Entries-added counts the removed tail too; take it back out so that group lag
-      -- (entries-added minus entries-read) stays comparable with the peer's.
-      local ea = added - tonumber(redis.call('HGET', checkpoint, counter) or '0')
-      if ea < len then ea = len end
-      redis.call('XSETID', key, newid, 'ENTRIESADDED', ea)
-    end
-  end
-  redis.call('HDEL', checkpoint, counter)
-end
-redis.call('HSET', role, 'role', 'standby', 'epoch', ARGV[1])
-return 'OK'
-"#;
-
-fn scripts() -> &'static (Lua, Lua) {
-    static S: OnceLock<(Lua, Lua)> = OnceLock::new();
-    S.get_or_init(|| (Lua::new(MOVE), Lua::new(FINISH)))
+/// What a rejoin does with one local entry past the start offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// The peer holds it and nothing before it diverged: it stays.
+    Keep,
+    /// The peer holds it, but after a divergence: deleted, the copy brings it back.
+    Delete,
+    /// The peer never received it: moved to the quarantine stream.
+    Quarantine,
 }
 
-/// Runs a rejoin to the peer's epoch. Returns how many entries were quarantined.
-pub async fn rejoin(
-    shared: &Shared,
-    local: &Link,
-    peer: &Link,
-    peer_epoch: Epoch,
-) -> Result<u64, LinkError> {
-    let record = match epochs::peer_record(peer, peer_epoch.0).await? {
-        Some(r) => r,
-        None => {
-            // Without the record every local entry is compared with the peer's stream:
-            // slower, but nothing the peer lacks can slip through.
-            tracing::warn!(
-                peer_epoch = peer_epoch.0,
-                "the peer has no tandem:epochs record for its epoch; comparing whole streams"
-            );
-            epochs::EpochRecord::default()
+impl Fate {
+    /// The flag the move script takes for it (a kept entry never reaches the script).
+    pub fn flag(self) -> &'static [u8] {
+        match self {
+            Fate::Keep => b"k",
+            Fate::Delete => b"d",
+            Fate::Quarantine => b"q",
         }
-    };
-    let old_epoch = read_role(local).await?.map(|r| r.epoch).unwrap_or_default();
-    let mut streams: BTreeSet<String> = scan_streams(local).await?.into_iter().collect();
-    streams.extend(
-        record
-            .start_offsets
-            .keys()
-            .filter(|s| replicated(s))
-            .cloned(),
-    );
-    let (move_script, finish_script) = scripts();
-
-    let mut quarantined = 0u64;
-    let mut finish_args: Vec<Vec<u8>> = vec![
-        peer_epoch.0.to_string().into_bytes(),
-        streams.len().to_string().into_bytes(),
-    ];
-    for stream in &streams {
-        // A stream the new epoch's record does not name did not exist when it began.
-        let mut start = record
-            .start_offsets
-            .get(stream)
-            .and_then(|s| StreamId::parse(s))
-            .unwrap_or(StreamId::ZERO);
-        let counter = format!("rejoin:{}:{stream}:deleted", peer_epoch.0);
-        // Entries right after the start that the peer holds as they are (copied to it
-        // late) stay where they are; from the first entry the peer lacks on, everything
-        // goes: the lacking ones to the quarantine, the others only out of the way, to
-        // come back by the copy in the peer's order.
-        let mut diverged = false;
-        loop {
-            let v = local
-                .query(
-                    redis::cmd("XRANGE")
-                        .arg(stream)
-                        .arg(format!("({start}"))
-                        .arg("+")
-                        .arg("COUNT")
-                        .arg(BATCH),
-                )
-                .await?;
-            let tail =
-                reply::entries(v).map_err(|e| LinkError::Other(format!("local XRANGE: {e}")))?;
-            if tail.is_empty() {
-                break;
-            }
-            let held = held_by_peer(peer, stream, &tail).await?;
-            let mut args: Vec<Vec<u8>> = vec![
-                old_epoch.0.to_string().into_bytes(),
-                counter.clone().into_bytes(),
-            ];
-            for (e, held) in tail.iter().zip(&held) {
-                if !diverged && *held {
-                    start = e.id;
-                    continue;
-                }
-                diverged = true;
-                args.push(e.id.to_string().into_bytes());
-                args.push(if *held { b"d".to_vec() } else { b"q".to_vec() });
-                if !held {
-                    tracing::warn!(
-                        stream = %stream,
-                        id = %e.id,
-                        event_type = %event_type(e),
-                        old_epoch = old_epoch.0,
-                        new_epoch = peer_epoch.0,
-                        "quarantining an entry the active peer never received"
-                    );
-                }
-            }
-            if args.len() == 2 {
-                continue;
-            }
-            let v = local
-                .script(
-                    move_script,
-                    &[stream, keys::QUARANTINE, keys::REPLICATION_CHECKPOINT],
-                    &args,
-                )
-                .await?;
-            let moved = reply::array(&v)
-                .and_then(|a| a.first())
-                .and_then(reply::int)
-                .unwrap_or(0) as u64;
-            shared.metrics.quarantined.inc_by(moved);
-            quarantined += moved;
-        }
-        finish_args.push(start.to_string().into_bytes());
-        finish_args.push(counter.into_bytes());
     }
-
-    let mut finish_keys: Vec<&str> = streams.iter().map(String::as_str).collect();
-    finish_keys.push(keys::ROLE);
-    finish_keys.push(keys::REPLICATION_CHECKPOINT);
-    local
-        .script(finish_script, &finish_keys, &finish_args)
-        .await?;
-    epochs::copy(local, peer).await?;
-    tracing::info!(
-        quarantined,
-        old_epoch = old_epoch.0,
-        new_epoch = peer_epoch.0,
-        "local region is now standby at the peer's epoch"
-    );
-    Ok(quarantined)
 }
 
-/// For each local entry: does the peer hold an entry with the same id and the same
-/// fields? Ids alone are not enough: both regions may have generated the same id.
-async fn held_by_peer(peer: &Link, stream: &str, tail: &[Entry]) -> Result<Vec<bool>, LinkError> {
-    let mut pipe = crate::link::pipeline();
-    for e in tail {
-        let id = e.id.to_string();
-        pipe.cmd("XRANGE").arg(stream).arg(&id).arg(&id);
-    }
-    let replies = peer.pipeline(&pipe).await?;
-    tail.iter()
-        .zip(replies)
-        .map(|(e, r)| {
-            if let Value::ServerError(err) = r {
-                return Err(LinkError::Command {
-                    side: "peer",
-                    source: err.into(),
-                });
+/// The fate of each entry of one batch, in stream order, from whether the peer holds
+/// it. `diverged` carries over from one batch to the next of the same stream.
+pub fn fates(held_by_peer: &[bool], diverged: &mut bool) -> Vec<Fate> {
+    held_by_peer
+        .iter()
+        .map(|&held| {
+            if !*diverged && held {
+                return Fate::Keep;
             }
-            let theirs =
-                reply::entries(r).map_err(|x| LinkError::Other(format!("peer XRANGE: {x}")))?;
-            Ok(theirs
-                .first()
-                .is_some_and(|t| t.id == e.id && t.fields == e.fields))
+            *diverged = true;
+            if held {
+                Fate::Delete
+            } else {
+                Fate::Quarantine
+            }
         })
         .collect()
 }
 
-fn event_type(e: &Entry) -> String {
-    e.fields
-        .chunks_exact(2)
-        .find(|kv| kv[0] == FIELD_TYPE.as_bytes())
-        .map(|kv| String::from_utf8_lossy(&kv[1]).into_owned())
-        .unwrap_or_default()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Fate::*;
+
+    #[test]
+    fn the_common_prefix_stays_and_everything_after_the_first_gap_goes() {
+        let mut diverged = false;
+        assert_eq!(
+            fates(&[true, true, false, true, false], &mut diverged),
+            [Keep, Keep, Quarantine, Delete, Quarantine]
+        );
+        assert!(diverged);
+        // The next batch of the same stream: past the divergence, nothing stays.
+        assert_eq!(fates(&[true, false], &mut diverged), [Delete, Quarantine]);
+    }
+
+    #[test]
+    fn a_tail_the_peer_holds_whole_stays() {
+        let mut diverged = false;
+        assert_eq!(fates(&[true, true], &mut diverged), [Keep, Keep]);
+        assert!(!diverged);
+    }
 }

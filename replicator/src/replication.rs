@@ -12,7 +12,7 @@
 //! session starts again from what the local streams actually hold.
 
 use crate::gate::Gate;
-use crate::link::{Backoff, Link, LinkError, Side};
+use crate::link::{retry_policy, Link, LinkError, Side};
 use crate::reply;
 use crate::status::Shared;
 use crate::wire::{self, AddOutcome, Endpoint, RawConn, StreamPart};
@@ -137,7 +137,8 @@ struct Batch {
 
 /// The copier task: one session after another while the gate allows copying.
 pub async fn run(shared: Arc<Shared>, local: Arc<Link>) {
-    let mut backoff = Backoff::new(shared.config.max_backoff());
+    let max_backoff = shared.config.max_backoff();
+    let mut backoff = retry_policy(max_backoff);
     let mut gate = shared.gate.subscribe();
     let mut stop = shared.shutdown_signal();
     loop {
@@ -146,10 +147,10 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>) {
             _ = stop.wait_for(|s| *s) => return,
         }
         match session(&shared, &local).await {
-            Ok(()) => backoff.reset(),
+            Ok(()) => backoff = retry_policy(max_backoff),
             Err(e) => {
                 shared.failed("copy", &e);
-                let delay = backoff.fail();
+                let delay = backoff.next().unwrap_or(max_backoff);
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "copy session ended");
                 if !shared.sleep(delay).await {
                     return;

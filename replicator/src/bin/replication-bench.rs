@@ -177,25 +177,10 @@ fn wait_copied(url: &str, stream: &str, count: u64, timeout_s: u64) {
 }
 
 fn entries_ids(v: Value) -> Vec<String> {
-    // XREAD / XREADGROUP reply: [[stream, [[id, fields], ...]]]
-    let mut out = Vec::new();
-    if let Value::Array(streams) = v {
-        for s in streams {
-            if let Value::Array(mut kv) = s {
-                if let Some(Value::Array(entries)) = kv.pop() {
-                    for e in entries {
-                        if let Value::Array(mut p) = e {
-                            p.truncate(1);
-                            if let Some(id) = p.pop() {
-                                out.push(redis::from_redis_value::<String>(id).expect("id"));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
+    eventlog::entry::Entry::from_read(v)
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
 }
 
 /// A stream id as `(ms, seq)`, ordered like Redis orders them.

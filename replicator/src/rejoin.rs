@@ -1,0 +1,258 @@
+//! Rejoin of a region that was left behind by a failover (DESIGN.md 4, "Failback"): the
+//! Redis side. Which entries move aside is decided in [`crate::quarantine`].
+//!
+//! When the peer is active at a higher epoch, everything the local region holds past
+//! that epoch's start offsets was written after the peer took over. Entries the peer
+//! also holds (same id, same fields) were copied to it late and come back by the normal
+//! copy; entries it does not hold never reached the new active. Those are moved to the
+//! region-local stream `tandem:quarantine` with their origin (stream, original id,
+//! epoch) and reported, never silently dropped. Then each stream's last id is set back
+//! to its last remaining entry (at or before the start offset), so the peer's newer
+//! entries, whose ids may be lower than the removed tail, can be copied; and the local
+//! role becomes `standby` at the peer's epoch.
+//!
+//! Crash safety: each batch is one Lua script (copy to quarantine, delete, count), so a
+//! crash leaves whole batches done or not done; a moved entry is no longer past the
+//! start, so a redo skips it. The last step (reset ids, set the role) is one script
+//! too, and it refuses to run while anything past a start offset remains.
+
+use crate::epochs;
+use crate::link::{Link, LinkError};
+use crate::quarantine::{self, Fate};
+use crate::replication::{replicated, scan_streams};
+use crate::reply;
+use crate::status::Shared;
+use eventlog::entry::Entry;
+use eventlog::envelope::{StreamId, FIELD_TYPE};
+use eventlog::{keys, Epoch};
+use redis::{Script, Value};
+use std::collections::BTreeSet;
+use std::sync::OnceLock;
+
+/// Entries examined per batch (one peer pipeline and one script each).
+const BATCH: usize = 500;
+
+/// KEYS: stream, quarantine stream, checkpoint hash. ARGV: epoch of the moved entries,
+/// checkpoint field counting deletions, then (id, flag) pairs: `q` quarantine and
+/// delete, `d` delete only (the peer holds the same entry; the copy brings it back).
+const MOVE: &str = r#"
+local moved, deleted = 0, 0
+for i = 3, #ARGV, 2 do
+  local id, flag = ARGV[i], ARGV[i + 1]
+  local e = redis.call('XRANGE', KEYS[1], id, id)
+  if #e == 1 then
+    if flag == 'q' then
+      local f = e[1][2]
+      table.insert(f, 'stream'); table.insert(f, KEYS[1])
+      table.insert(f, 'originalId'); table.insert(f, id)
+      table.insert(f, 'epoch'); table.insert(f, ARGV[1])
+      redis.call('XADD', KEYS[2], '*', unpack(f))
+      moved = moved + 1
+    end
+    redis.call('XDEL', KEYS[1], id)
+    deleted = deleted + 1
+  end
+end
+if deleted > 0 then redis.call('HINCRBY', KEYS[3], ARGV[2], deleted) end
+return {moved, deleted}
+"#;
+
+/// KEYS: the n streams, then the role hash, then the checkpoint hash. ARGV: the new
+/// epoch, n, then per stream (start offset, deletion counter field).
+const FINISH: &str = r#"
+local function parse(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+local function gt(a, b)
+  local am, as = parse(a)
+  local bm, bs = parse(b)
+  return am > bm or (am == bm and as > bs)
+end
+local n = tonumber(ARGV[2])
+local role, checkpoint = KEYS[n + 1], KEYS[n + 2]
+for i = 1, n do
+  local key, start, counter = KEYS[i], ARGV[1 + 2 * i], ARGV[2 + 2 * i]
+  if redis.call('EXISTS', key) == 1 then
+    local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+    if #top == 1 and gt(top[1][1], start) then
+      return redis.error_reply('RETRY entries past the start offset remain in ' .. key)
+    end
+    local info = redis.call('XINFO', 'STREAM', key)
+    local added, len, last
+    for j = 1, #info, 2 do
+      if info[j] == 'entries-added' then added = info[j + 1]
+      elseif info[j] == 'length' then len = info[j + 1]
+      elseif info[j] == 'last-generated-id' then last = info[j + 1] end
+    end
+    local newid = '0-0'
+    if #top == 1 then newid = top[1][1] end
+    if gt(last, newid) then
+      -- Entries-added counts the removed tail too; take it back out so that group lag
+      -- (entries-added minus entries-read) stays comparable with the peer's.
+      local ea = added - tonumber(redis.call('HGET', checkpoint, counter) or '0')
+      if ea < len then ea = len end
+      redis.call('XSETID', key, newid, 'ENTRIESADDED', ea)
+    end
+  end
+  redis.call('HDEL', checkpoint, counter)
+end
+redis.call('HSET', role, 'role', 'standby', 'epoch', ARGV[1])
+return 'OK'
+"#;
+
+fn scripts() -> &'static (Script, Script) {
+    static S: OnceLock<(Script, Script)> = OnceLock::new();
+    S.get_or_init(|| (Script::new(MOVE), Script::new(FINISH)))
+}
+
+/// Runs a rejoin to the peer's epoch; `local_epoch` is the epoch the local role record
+/// names (the epoch the entries moved aside were written in). Returns how many entries
+/// were quarantined.
+pub async fn run(
+    shared: &Shared,
+    local: &Link,
+    peer: &Link,
+    local_epoch: Option<Epoch>,
+    peer_epoch: Epoch,
+) -> Result<u64, LinkError> {
+    let record = match epochs::peer_record(peer, peer_epoch.0).await? {
+        Some(r) => r,
+        None => {
+            // Without the record every local entry is compared with the peer's stream:
+            // slower, but nothing the peer lacks can slip through.
+            tracing::warn!(
+                peer_epoch = peer_epoch.0,
+                "the peer has no tandem:epochs record for its epoch; comparing whole streams"
+            );
+            epochs::EpochRecord::default()
+        }
+    };
+    let old_epoch = local_epoch.unwrap_or_default();
+    let mut streams: BTreeSet<String> = scan_streams(local).await?.into_iter().collect();
+    streams.extend(
+        record
+            .start_offsets
+            .keys()
+            .filter(|s| replicated(s))
+            .cloned(),
+    );
+    let (move_script, finish_script) = scripts();
+
+    let mut quarantined = 0u64;
+    let mut finish_args: Vec<Vec<u8>> = vec![
+        peer_epoch.0.to_string().into_bytes(),
+        streams.len().to_string().into_bytes(),
+    ];
+    for stream in &streams {
+        // A stream the new epoch's record does not name did not exist when it began.
+        let mut start = record
+            .start_offsets
+            .get(stream)
+            .and_then(|s| StreamId::parse(s))
+            .unwrap_or(StreamId::ZERO);
+        let counter = format!("rejoin:{}:{stream}:deleted", peer_epoch.0);
+        // What stays, what goes and where: see `quarantine`.
+        let mut diverged = false;
+        loop {
+            let v = local
+                .query(
+                    redis::cmd("XRANGE")
+                        .arg(stream)
+                        .arg(format!("({start}"))
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(BATCH),
+                )
+                .await?;
+            let tail = Entry::from_range(v);
+            if tail.is_empty() {
+                break;
+            }
+            let held = held_by_peer(peer, stream, &tail).await?;
+            let mut args: Vec<Vec<u8>> = vec![
+                old_epoch.0.to_string().into_bytes(),
+                counter.clone().into_bytes(),
+            ];
+            for (e, fate) in tail.iter().zip(quarantine::fates(&held, &mut diverged)) {
+                if fate == Fate::Keep {
+                    start = StreamId::parse(&e.id).ok_or(LinkError::Reply {
+                        side: "local",
+                        what: "XRANGE entry id",
+                    })?;
+                    continue;
+                }
+                if fate == Fate::Quarantine {
+                    tracing::warn!(
+                        stream = %stream,
+                        id = %e.id,
+                        event_type = e.field_str(FIELD_TYPE).unwrap_or_default(),
+                        old_epoch = old_epoch.0,
+                        new_epoch = peer_epoch.0,
+                        "quarantining an entry the active peer never received"
+                    );
+                }
+                args.push(e.id.to_string().into_bytes());
+                args.push(fate.flag().to_vec());
+            }
+            if args.len() == 2 {
+                continue;
+            }
+            let v = local
+                .script(
+                    move_script,
+                    &[stream, keys::QUARANTINE, keys::REPLICATION_CHECKPOINT],
+                    &args,
+                )
+                .await?;
+            let moved = reply::array(&v)
+                .and_then(|a| a.first())
+                .and_then(reply::int)
+                .unwrap_or(0) as u64;
+            shared.metrics.quarantined.inc_by(moved);
+            quarantined += moved;
+        }
+        finish_args.push(start.to_string().into_bytes());
+        finish_args.push(counter.into_bytes());
+    }
+
+    let mut finish_keys: Vec<&str> = streams.iter().map(String::as_str).collect();
+    finish_keys.push(keys::ROLE);
+    finish_keys.push(keys::REPLICATION_CHECKPOINT);
+    local
+        .script(finish_script, &finish_keys, &finish_args)
+        .await?;
+    epochs::copy(local, peer).await?;
+    tracing::info!(
+        quarantined,
+        old_epoch = old_epoch.0,
+        new_epoch = peer_epoch.0,
+        "local region is now standby at the peer's epoch"
+    );
+    Ok(quarantined)
+}
+
+/// For each local entry: does the peer hold an entry with the same id and the same
+/// fields? Ids alone are not enough: both regions may have generated the same id.
+async fn held_by_peer(peer: &Link, stream: &str, tail: &[Entry]) -> Result<Vec<bool>, LinkError> {
+    let mut pipe = crate::link::pipeline();
+    for e in tail {
+        pipe.cmd("XRANGE").arg(stream).arg(&e.id).arg(&e.id);
+    }
+    let replies = peer.pipeline(&pipe).await?;
+    tail.iter()
+        .zip(replies)
+        .map(|(e, r)| {
+            if let Value::ServerError(err) = r {
+                return Err(LinkError::Command {
+                    side: "peer",
+                    source: err.into(),
+                });
+            }
+            let theirs = Entry::from_range(r);
+            Ok(theirs
+                .first()
+                .is_some_and(|t| t.id == e.id && t.fields == e.fields))
+        })
+        .collect()
+}
