@@ -11,7 +11,7 @@
 #            fixed order rate (order_bench, open loop).
 # Ratios are against "base" measured in the same run.
 #
-# Usage: BASE=/tmp/tandem-base bash bench/tracing.sh
+# Usage: BASE=/tmp/tandem-base [NEW=dir] bash bench/tracing.sh
 #        (env: DURATION=10s CONNS=64 ROUNDS=3 RATE=1000 SECONDS_PER_RUN=10 PARTS="gateway node")
 # Needs: redis-server, wrk, curl, python3.
 set -euo pipefail
@@ -25,8 +25,11 @@ RATE=${RATE:-1000}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
 PARTS=${PARTS:-gateway node}
 
-cargo build --release -q -p gateway -p regional-node -p system-tests --bins
-NEW=$PWD/target/release
+# NEW: another build's binaries instead of this tree's release build.
+if [ -z "${NEW:-}" ]; then
+    cargo build --release -q -p gateway -p regional-node -p system-tests --bins
+    NEW=$PWD/target/release
+fi
 
 WORK=$(mktemp -d /tmp/tandem-bench-tracing-XXXXXX)
 PIDS=()
@@ -97,7 +100,7 @@ if [[ " $PARTS " == *" gateway "* ]]; then
     echo "## gateway: wrk -t2 -c$CONNS -d$DURATION on a product read through the gateway; $ROUNDS rounds; $(nproc) cores"
     printf '%-5s %6s %10s %9s %14s\n' build round req/s p99_ms cpu_us/req
     for round in $(seq 1 "$ROUNDS"); do
-        for v in base off on; do
+        for v in ${VARIANTS:-base off on}; do
             GW=$(free_port)
             env $(env_of $v) GATEWAY_LISTEN=127.0.0.1:$GW \
                 GATEWAY_REGIONS="a=http://127.0.0.1:$NA,b=http://127.0.0.1:$NB" \
@@ -134,12 +137,12 @@ PY
     python3 - "$WORK/gateway.txt" <<'PY'
 import sys, statistics as st
 rows = [l.split() for l in open(sys.argv[1])]
-by = {v: [r for r in rows if r[0] == v] for v in ("base", "off", "on")}
+by = {v: [r for r in rows if r[0] == v] for v in ("base", "off", "on") if any(r[0] == v for r in rows)}
 med = lambda v, i: st.median(float(r[i]) for r in by[v])
 b = med("base", 4)
 print("gateway medians: " + "; ".join(
     f"{v} {med(v, 4):.1f} us/req ({med(v, 4) / b:.2f}x base), {med(v, 2):.0f} req/s, p99 {med(v, 3):.2f} ms"
-    for v in ("base", "off", "on")))
+    for v in by))
 PY
     for p in "${PIDS[@]:1}"; do kill "$p" 2>/dev/null || true; done
     stop_redis "$RA"; stop_redis "$RB"
@@ -151,7 +154,7 @@ if [[ " $PARTS " == *" node "* ]]; then
     echo "## node: order_bench at $RATE orders/s for ${SECONDS_PER_RUN}s (fresh Redis each run); $ROUNDS rounds"
     printf '%-5s %6s %9s %14s %16s\n' build round shipped cpu_us/order shipped_p99_ms
     for round in $(seq 1 "$ROUNDS"); do
-        for v in base off on; do
+        for v in ${VARIANTS:-base off on}; do
             RP=$(free_port); NP=$(free_port)
             start_redis "$RP"
             env $(env_of $v) NODE_REGION=a NODE_ROLE=active NODE_LISTEN=127.0.0.1:$NP \
@@ -175,11 +178,11 @@ if [[ " $PARTS " == *" node "* ]]; then
     python3 - "$WORK/node.txt" <<'PY'
 import sys, statistics as st
 rows = [l.split() for l in open(sys.argv[1])]
-by = {v: [r for r in rows if r[0] == v] for v in ("base", "off", "on")}
+by = {v: [r for r in rows if r[0] == v] for v in ("base", "off", "on") if any(r[0] == v for r in rows)}
 med = lambda v, i: st.median(float(r[i]) for r in by[v])
 b = med("base", 3)
 print("node medians: " + "; ".join(
     f"{v} {med(v, 3):.0f} us/order ({med(v, 3) / b:.2f}x base), shipped p99 {med(v, 4):.1f} ms"
-    for v in ("base", "off", "on")))
+    for v in by))
 PY
 fi

@@ -796,11 +796,20 @@ fn new_request_id() -> HeaderValue {
 /// A W3C trace context for a request that came without one while spans are not
 /// exported, so the trace starts here: `00-<32 hex trace id>-<16 hex span id>-01`.
 /// Ids must be unique, not secret: rand's thread-local generator, seeded once from the
-/// OS (a getrandom(2) call per request shows in profiles). Zero ids are invalid.
+/// OS (a getrandom(2) call per request shows in profiles); hex by hand, since this runs
+/// for most requests.
 fn new_traceparent() -> HeaderValue {
-    let (trace, span) = (rand::random::<u128>().max(1), rand::random::<u64>().max(1));
-    HeaderValue::from_maybe_shared(Bytes::from(format!("00-{trace:032x}-{span:016x}-01")))
-        .expect("hex is a valid header value")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    // 16 bytes of trace id, then 8 of span id (all zero: one chance in 2^64, and then
+    // only this request's trace is lost).
+    let ids: [u8; 24] = rand::random();
+    for (i, b) in ids.iter().enumerate() {
+        let at = if i < 16 { 3 + 2 * i } else { 36 + 2 * (i - 16) };
+        out[at] = HEX[usize::from(b >> 4)];
+        out[at + 1] = HEX[usize::from(b & 0xf)];
+    }
+    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
 }
 
 /// The client address as a header value, remembered per thread: keep-alive clients

@@ -17,6 +17,9 @@ pub struct Metrics {
     pub lag_seconds: GaugeVec,
     /// Consumer-group changes applied locally (create, position, pending entries, destroy).
     pub group_syncs: IntCounter,
+    /// Rounds of the role gate (both role records read, a decision published): that the
+    /// gate is alive, and how many decisions a quiet period held.
+    pub gate_checks: IntCounter,
     pub quarantined: IntCounter,
     /// Entries the local stream already held when a batch was retried.
     pub duplicates: IntCounterVec,
@@ -64,6 +67,11 @@ impl Metrics {
             group_syncs: IntCounter::new(
                 "tandem_replicator_group_syncs_total",
                 "Consumer-group changes applied locally (create, set position, pending entries, destroy)",
+            )
+            .unwrap(),
+            gate_checks: IntCounter::new(
+                "tandem_replicator_gate_checks_total",
+                "Rounds of the role gate: both role records read and a decision taken",
             )
             .unwrap(),
             quarantined: IntCounter::new(
@@ -145,6 +153,7 @@ impl Metrics {
         r.register(Box::new(m.lag_events.clone())).unwrap();
         r.register(Box::new(m.lag_seconds.clone())).unwrap();
         r.register(Box::new(m.group_syncs.clone())).unwrap();
+        r.register(Box::new(m.gate_checks.clone())).unwrap();
         r.register(Box::new(m.quarantined.clone())).unwrap();
         r.register(Box::new(m.duplicates.clone())).unwrap();
         r.register(Box::new(m.batch_duration.clone())).unwrap();

@@ -109,6 +109,7 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
             }
         };
         publish(&shared, gate.clone());
+        shared.metrics.gate_checks.inc();
         match gate {
             Gate::Rejoin { peer_epoch } => {
                 // Hold the write lock: no copier batch may land while the tail is moved.
