@@ -13,6 +13,32 @@ use crate::poll::eventually;
 pub const TERMINAL: &[&str] = &["DELIVERED", "REJECTED", "PAYMENT_FAILED", "CANCELLED"];
 
 /// The happy path's events up to shipping.
+/// The events of an order whose payment is declined, up to the released reservation.
+pub const PAYMENT_FAILED_FLOW: &[&str] = &[
+    "OrderPlaced",
+    "InventoryReserved",
+    "OrderConfirmed",
+    "PaymentFailed",
+    "OrderPaymentFailed",
+    "InventoryReleased",
+];
+
+/// The statuses an order may rest in without an operator: terminal, or shipped
+/// (awaiting the carrier).
+pub const SETTLED: &[&str] = &[
+    "SHIPPED",
+    "DELIVERED",
+    "REJECTED",
+    "PAYMENT_FAILED",
+    "CANCELLED",
+];
+
+/// Generous bound for one order's asynchronous workflow on a loaded 2-core machine.
+pub const FLOW: Duration = Duration::from_secs(30);
+
+/// The product most flows start from.
+pub const WIDGET: &str = "WIDGET-001";
+
 pub const HAPPY_PATH_TO_SHIPPED: &[&str] = &[
     "OrderPlaced",
     "InventoryReserved",
@@ -94,12 +120,20 @@ impl Api {
 
     /// Places an order and asserts 201; returns its orderId.
     pub async fn place_ok(&self, body: &Value) -> String {
-        let r = self.place_order(body).await;
-        assert_eq!(r.status, 201, "POST /orders: {}", r.text);
-        r.json["orderId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("201 without orderId: {}", r.text))
-            .to_string()
+        self.place_order(body).await.order_id()
+    }
+
+    /// The starting point of many flows: [`WIDGET`] in stock (price 1000, 10 on hand)
+    /// and one order of one unit for `c-1`, paid with `tok_ok`, shipped: status
+    /// `SHIPPED` and exactly the happy path's events. Returns the order id.
+    pub async fn shipped_order(&self) -> String {
+        self.put_product(WIDGET, 1000, 10).await;
+        let id = self
+            .place_ok(&order_body("c-1", &[(WIDGET, 1)], "tok_ok"))
+            .await;
+        self.wait_status(&id, &["SHIPPED"], FLOW).await;
+        self.wait_events(&id, HAPPY_PATH_TO_SHIPPED, FLOW).await;
+        id
     }
 
     pub async fn order(&self, id: &str) -> Response {

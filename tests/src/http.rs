@@ -27,6 +27,15 @@ impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+
+    /// The `orderId` of an answer to `POST /orders`, which must be 201.
+    pub fn order_id(&self) -> String {
+        assert_eq!(self.status, 201, "POST /orders: {}", self.text);
+        self.json["orderId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("201 without orderId: {}", self.text))
+            .to_string()
+    }
 }
 
 /// Client for one base URL, optionally with a bearer token for `/admin/*`.

@@ -10,6 +10,7 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 
 use crate::http::{HttpClient, Response};
+use crate::poll::{eventually, wait_until};
 use crate::ports::free_port;
 use crate::process::{workspace_binary, Process};
 use crate::redis_server::RedisServer;
@@ -112,6 +113,22 @@ impl Replicator {
             .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
+    }
+
+    /// Waits until the role gate has taken `rounds` more decisions than now (its
+    /// counter in `/metrics`): what a test that asserts "nothing was copied" waits for,
+    /// instead of a bare sleep.
+    pub async fn wait_gate_rounds(&self, rounds: u64) {
+        const SAMPLE: &str = "tandem_replicator_gate_checks_total";
+        let start = self.metric(SAMPLE).await.unwrap_or(0.0);
+        let target = start + rounds as f64;
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{rounds} rounds of the role gate"),
+            || self.metric(SAMPLE),
+            |n| n.is_some_and(|n| n >= target),
+        )
+        .await;
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -389,4 +406,52 @@ pub async fn xlen(conn: &mut MultiplexedConnection, stream: &str) -> u64 {
         .query_async(conn)
         .await
         .expect("XLEN")
+}
+
+/// Waits until both sides hold the same, non-empty list of entries of `stream`: same ids
+/// and fields, in the same order.
+pub async fn wait_streams_equal(
+    peer: &MultiplexedConnection,
+    local: &MultiplexedConnection,
+    stream: &str,
+    deadline: Duration,
+) {
+    eventually(
+        deadline,
+        &format!("{stream} copied with identical ids and fields"),
+        || {
+            let (mut p, mut l) = (peer.clone(), local.clone());
+            async move {
+                let (theirs, ours) = (entries(&mut p, stream).await, entries(&mut l, stream).await);
+                if !theirs.is_empty() && theirs == ours {
+                    Ok(())
+                } else {
+                    Err((theirs.len(), ours.len()))
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until both sides hold the same consumer groups on `stream`: positions,
+/// entries-read and pending entries.
+pub async fn wait_groups_equal(
+    peer: &MultiplexedConnection,
+    local: &MultiplexedConnection,
+    stream: &str,
+    deadline: Duration,
+) {
+    eventually(deadline, &format!("groups of {stream} equal"), || {
+        let (mut p, mut l) = (peer.clone(), local.clone());
+        async move {
+            let (theirs, ours) = (groups(&mut p, stream).await, groups(&mut l, stream).await);
+            if theirs == ours {
+                Ok(())
+            } else {
+                Err((theirs, ours))
+            }
+        }
+    })
+    .await
 }

@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
-use system_tests::api::{metric_sum, order_body};
+use system_tests::api::{metric_sum, order_body, FLOW};
 use system_tests::redis_state::{self, DLQ, EVENTS};
 use system_tests::takeover::{projection_cursor, role_of, wait_role, Takeover, CATCH_UP};
 use system_tests::{eventually, wait_until, Api, Region};
 
-const FLOW: Duration = Duration::from_secs(30);
 /// A rebuild of tens of thousands of events by a debug build on a loaded 2-core machine.
 const REBUILD: Duration = Duration::from_secs(90);
 
@@ -533,16 +532,13 @@ async fn an_unreadable_promotion_intent_holds_copying() {
     let mut conn_a = t.conn_a().await;
     let on_a = redis_state::stream_entries(&mut conn_a, EVENTS).await.len();
     assert_eq!(on_a, before + 1);
-    // (the gate polls every 100 ms: watch for ten of its rounds)
-    let watch_until = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < watch_until {
-        let n = redis_state::stream_entries(&mut conn_b, EVENTS).await.len();
-        assert_eq!(
-            n, before,
-            "b copied while its promotion intent was unreadable"
-        );
-        tokio::time::sleep(system_tests::poll::POLL_INTERVAL).await;
-    }
+    // (ten more decisions of b's gate, each of which would have let a copy start)
+    t.rep_b.wait_gate_rounds(10).await;
+    let n = redis_state::stream_entries(&mut conn_b, EVENTS).await.len();
+    assert_eq!(
+        n, before,
+        "b copied while its promotion intent was unreadable"
+    );
 
     // And copying resumes once the intent reads again
     let _: () = redis::cmd("DEL")

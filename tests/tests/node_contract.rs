@@ -4,12 +4,10 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use system_tests::api::{metric_sum, order_body, HAPPY_PATH_TO_SHIPPED};
+use system_tests::api::{metric_sum, order_body, FLOW, HAPPY_PATH_TO_SHIPPED};
 use system_tests::redis_state;
 use system_tests::{HttpClient, Region};
 use tokio::task::JoinSet;
-
-const FLOW: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn bad_order_inputs_are_refused_without_writing() {
@@ -309,12 +307,7 @@ async fn standby_refuses_writes_until_promoted() {
     assert_eq!(role.json["epoch"], promoted_to, "{}", role.text);
 
     // Then writes work and the workflow runs, stamped with the new epoch
-    api.put_product("WIDGET-001", 1000, 10).await;
-    let id = api
-        .place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok"))
-        .await;
-    api.wait_status(&id, &["SHIPPED"], FLOW).await;
-    api.wait_events(&id, HAPPY_PATH_TO_SHIPPED, FLOW).await;
+    let id = api.shipped_order().await;
     for e in api.events(&id).await {
         assert_eq!(e["epoch"], promoted_to, "{e}");
     }
@@ -371,11 +364,7 @@ async fn metrics_count_requests_events_and_orders() {
     // Given a node that shipped one order and refused one bad request
     let region = Region::start().await;
     let api = &region.api;
-    api.put_product("WIDGET-001", 1000, 10).await;
-    let id = api
-        .place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok"))
-        .await;
-    api.wait_status(&id, &["SHIPPED"], FLOW).await;
+    api.shipped_order().await;
     let bad = api.http.post_raw("/orders", b"{".to_vec()).await;
     assert_eq!(bad.status, 400);
     let mut redis = region.redis.client().await;
@@ -442,12 +431,7 @@ async fn metrics_count_requests_events_and_orders() {
 async fn sigterm_stops_the_node_cleanly() {
     // Given a node that has served traffic
     let mut region = Region::start().await;
-    region.api.put_product("WIDGET-001", 1000, 10).await;
-    let id = region
-        .api
-        .place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok"))
-        .await;
-    region.api.wait_status(&id, &["SHIPPED"], FLOW).await;
+    region.api.shipped_order().await;
 
     // When it receives SIGTERM
     let started = std::time::Instant::now();
@@ -485,11 +469,7 @@ async fn role_stored_in_redis_wins_over_node_role() {
     let role = api.role().await.json;
     assert_eq!(role["role"], "active", "{role}");
     assert_eq!(role["epoch"], seeded["epoch"], "{role}");
-    api.put_product("WIDGET-001", 1000, 10).await;
-    let id = api
-        .place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok"))
-        .await;
-    api.wait_status(&id, &["SHIPPED"], FLOW).await;
+    api.shipped_order().await;
 }
 
 #[tokio::test]
@@ -648,11 +628,7 @@ async fn the_event_store_pages_oldest_first_with_a_cursor() {
     // Given a shipped order (7 events) and its product (1 event)
     let region = Region::start().await;
     let api = &region.api;
-    api.put_product("WIDGET-001", 1000, 10).await;
-    let id = api
-        .place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok"))
-        .await;
-    api.wait_events(&id, HAPPY_PATH_TO_SHIPPED, FLOW).await;
+    api.shipped_order().await;
 
     // When a client reads the whole store two events at a time, following `next`
     let mut seen: Vec<Value> = Vec::new();

@@ -1,19 +1,14 @@
 //! The seed's order flows on one regional node: what a client sees over HTTP (answers,
 //! statuses), what an operator sees (the aggregate's events, the DLQ) and the stock.
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
-use system_tests::api::{metric_sum, order_body, HAPPY_PATH_TO_SHIPPED};
+use system_tests::api::{metric_sum, order_body, FLOW, HAPPY_PATH_TO_SHIPPED, PAYMENT_FAILED_FLOW};
 use system_tests::redis_state;
 use system_tests::{eventually, Region};
 use tokio::task::JoinSet;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-
-/// Generous bound for one order's asynchronous workflow on a loaded 2-core machine.
-const FLOW: Duration = Duration::from_secs(20);
 
 fn happy_path_then(extra: &[&'static str]) -> Vec<&'static str> {
     HAPPY_PATH_TO_SHIPPED
@@ -286,19 +281,7 @@ async fn payment_failure_releases_stock() {
 
     // Then the order ends PAYMENT_FAILED and its reservation is released
     let order = api.wait_status(&id, &["PAYMENT_FAILED"], FLOW).await;
-    api.wait_events(
-        &id,
-        &[
-            "OrderPlaced",
-            "InventoryReserved",
-            "OrderConfirmed",
-            "PaymentFailed",
-            "OrderPaymentFailed",
-            "InventoryReleased",
-        ],
-        FLOW,
-    )
-    .await;
+    api.wait_events(&id, PAYMENT_FAILED_FLOW, FLOW).await;
     let failed = api
         .events(&id)
         .await
@@ -607,12 +590,7 @@ async fn cancelling_a_shipped_order_is_refused() {
     // Given a shipped order
     let region = Region::start().await;
     let api = &region.api;
-    api.put_product("WIDGET-001", 1000, 10).await;
-    let id = api
-        .place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok"))
-        .await;
-    api.wait_status(&id, &["SHIPPED"], FLOW).await;
-    api.wait_events(&id, HAPPY_PATH_TO_SHIPPED, FLOW).await;
+    let id = api.shipped_order().await;
 
     // When the client tries to cancel it
     let r = api.cancel(&id).await;

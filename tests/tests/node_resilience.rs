@@ -7,22 +7,11 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use serde_json::Value;
-use system_tests::api::{metric_sum, order_body, HAPPY_PATH_TO_SHIPPED};
+use system_tests::api::{metric_sum, order_body, FLOW, HAPPY_PATH_TO_SHIPPED, PAYMENT_FAILED_FLOW};
 use system_tests::redis_state::{self, diff_dumps, DERIVED_PATTERNS, EVENTS};
 use system_tests::{Api, Node, NodeOptions, RedisServer, Region};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-
-const FLOW: Duration = Duration::from_secs(30);
-
-const PAYMENT_FAILED_FLOW: &[&str] = &[
-    "OrderPlaced",
-    "InventoryReserved",
-    "OrderConfirmed",
-    "PaymentFailed",
-    "OrderPaymentFailed",
-    "InventoryReleased",
-];
 
 /// Raw stream events grouped by aggregate: aggregateId -> event types, oldest first.
 async fn stream_types_by_aggregate(
@@ -42,11 +31,7 @@ async fn redelivered_events_have_no_second_effect() {
     // Given a shipped order and an idle workflow
     let region = Region::start().await;
     let api = &region.api;
-    api.put_product("WIDGET-001", 1000, 10).await;
-    let id = api
-        .place_ok(&order_body("c-1", &[("WIDGET-001", 1)], "tok_ok"))
-        .await;
-    api.wait_status(&id, &["SHIPPED"], FLOW).await;
+    let id = api.shipped_order().await;
     let mut redis = region.redis.client().await;
     redis_state::wait_workflow_idle(&mut redis, FLOW).await;
     let order_before = api.order(&id).await.json;

@@ -4,52 +4,12 @@
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use system_tests::replicator::{add_events, entries, groups, set_role, Pair, Replicator};
+use system_tests::replicator::{
+    add_events, entries, groups, set_role, wait_groups_equal, wait_streams_equal, Pair, Replicator,
+};
 use system_tests::{eventually, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-async fn wait_streams_equal(
-    peer: &mut MultiplexedConnection,
-    local: &mut MultiplexedConnection,
-    stream: &str,
-) {
-    eventually(
-        DEADLINE,
-        &format!("{stream} copied with identical ids and fields"),
-        || {
-            let (mut p, mut l) = (peer.clone(), local.clone());
-            async move {
-                let (theirs, ours) = (entries(&mut p, stream).await, entries(&mut l, stream).await);
-                if !theirs.is_empty() && theirs == ours {
-                    Ok(())
-                } else {
-                    Err((theirs.len(), ours.len()))
-                }
-            }
-        },
-    )
-    .await
-}
-
-async fn wait_groups_equal(
-    peer: &mut MultiplexedConnection,
-    local: &mut MultiplexedConnection,
-    stream: &str,
-) {
-    eventually(DEADLINE, &format!("groups of {stream} equal"), || {
-        let (mut p, mut l) = (peer.clone(), local.clone());
-        async move {
-            let (theirs, ours) = (groups(&mut p, stream).await, groups(&mut l, stream).await);
-            if theirs == ours {
-                Ok(())
-            } else {
-                Err((theirs, ours))
-            }
-        }
-    })
-    .await
-}
 
 async fn xreadgroup(
     conn: &mut MultiplexedConnection,
@@ -100,13 +60,13 @@ async fn copies_entries_with_identical_ids_and_discovers_new_streams() {
     let rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
 
     // Then the standby holds the same entries with the same ids
-    wait_streams_equal(&mut peer, &mut local, "tandem:events").await;
+    wait_streams_equal(&peer, &local, "tandem:events", DEADLINE).await;
 
     // And entries written later follow, as does a stream that did not exist at start
     add_events(&mut peer, "tandem:events", 250, 50).await;
     add_events(&mut peer, "tandem:dlq", 0, 3).await;
-    wait_streams_equal(&mut peer, &mut local, "tandem:events").await;
-    wait_streams_equal(&mut peer, &mut local, "tandem:dlq").await;
+    wait_streams_equal(&peer, &local, "tandem:events", DEADLINE).await;
+    wait_streams_equal(&peer, &local, "tandem:dlq", DEADLINE).await;
 
     // And the progress is checkpointed per stream
     let top: String = redis::cmd("HGET")
@@ -159,7 +119,7 @@ async fn consumer_group_state_is_copied_and_acks_reach_the_standby() {
     let _rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
 
     // Then last-delivered id, entries-read and the pending entries with their consumers match
-    wait_groups_equal(&mut peer, &mut local, s).await;
+    wait_groups_equal(&peer, &local, s, DEADLINE).await;
     let g = groups(&mut local, s).await;
     let workflow = g
         .iter()
@@ -194,7 +154,7 @@ async fn consumer_group_state_is_copied_and_acks_reach_the_standby() {
     cmd(&mut peer, &["XACK", s, "projector", &c1[0]]).await;
 
     // Then the standby follows: the acks left its pending list too
-    wait_groups_equal(&mut peer, &mut local, s).await;
+    wait_groups_equal(&peer, &local, s, DEADLINE).await;
     let g = groups(&mut local, s).await;
     let workflow = g.iter().find(|g| g.name == "workflow").unwrap();
     assert!(!workflow
@@ -204,7 +164,7 @@ async fn consumer_group_state_is_copied_and_acks_reach_the_standby() {
 
     // And a group destroyed on the peer disappears from the standby
     cmd(&mut peer, &["XGROUP", "DESTROY", s, "projector"]).await;
-    wait_groups_equal(&mut peer, &mut local, s).await;
+    wait_groups_equal(&peer, &local, s, DEADLINE).await;
 }
 
 #[tokio::test]
@@ -242,33 +202,29 @@ async fn stays_idle_while_the_roles_do_not_allow_copying() {
         }
     };
     idle("local region is active").await;
-    // Several gate rounds (100 ms each) pass without a copy.
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(
-            entries(&mut local, "tandem:events").await.len(),
-            0,
-            "copied while local is active"
-        );
-    }
+    // (ten more decisions of the gate, each of which would have let a copy start)
+    rep.wait_gate_rounds(10).await;
+    assert_eq!(
+        entries(&mut local, "tandem:events").await.len(),
+        0,
+        "copied while local is active"
+    );
 
     // When the local region is standby but the peer is standby too (the peer first: for
     // a moment in between, a standby local and an active peer would rightly copy)
     set_role(&mut peer, "standby", 1).await;
     set_role(&mut local, "standby", 1).await;
     idle("peer region is not active").await;
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(
-            entries(&mut local, "tandem:events").await.len(),
-            0,
-            "copied from a standby peer"
-        );
-    }
+    rep.wait_gate_rounds(10).await;
+    assert_eq!(
+        entries(&mut local, "tandem:events").await.len(),
+        0,
+        "copied from a standby peer"
+    );
 
     // When the peer becomes active, copying starts: the gate was the only thing in the way
     set_role(&mut peer, "active", 1).await;
-    wait_streams_equal(&mut peer, &mut local, "tandem:events").await;
+    wait_streams_equal(&peer, &local, "tandem:events", DEADLINE).await;
 
     // And the roles themselves were never copied
     let r: Vec<String> = redis::cmd("HMGET")
@@ -393,15 +349,13 @@ async fn a_local_promotion_in_progress_stops_copying() {
         },
     )
     .await;
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(entries(&mut local, "tandem:events").await.len(), 0);
-    }
+    rep.wait_gate_rounds(5).await;
+    assert_eq!(entries(&mut local, "tandem:events").await.len(), 0);
 
     // And when the peer turns out to be at that epoch already (the promotion lost), it copies
     set_role(&mut peer, "active", 2).await;
     set_role(&mut local, "standby", 2).await;
-    wait_streams_equal(&mut peer, &mut local, "tandem:events").await;
+    wait_streams_equal(&peer, &local, "tandem:events", DEADLINE).await;
 }
 
 #[tokio::test]
@@ -420,7 +374,7 @@ async fn a_group_position_at_an_entry_deleted_on_the_peer_is_still_copied() {
     let _rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
 
     // Then the group is copied although its last-delivered entry never reaches the standby
-    wait_groups_equal(&mut peer, &mut local, s).await;
+    wait_groups_equal(&peer, &local, s, DEADLINE).await;
     assert_eq!(groups(&mut local, s).await[0].last_delivered, ids[4]);
     assert_eq!(groups(&mut local, s).await[0].pending.len(), 4);
 }

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use system_tests::eventually;
-use system_tests::replicator::{add_events, entries, groups, xlen, Pair, Replicator};
+use system_tests::replicator::{add_events, entries, wait_groups_equal, xlen, Pair, Replicator};
 
 const EVENTS: u64 = 100_000;
 
@@ -117,26 +117,6 @@ async fn sigkill_during_copy_resumes_without_gap_or_duplicate() {
     assert!(theirs == ours, "entries differ after resume");
 
     // And the consumer groups are equal
-    eventually(
-        Duration::from_secs(30),
-        "groups equal after the restart",
-        || {
-            let (mut p, mut l) = (peer.clone(), local.clone());
-            async move {
-                let (a, b) = (groups(&mut p, s).await, groups(&mut l, s).await);
-                if a == b {
-                    Ok(())
-                } else {
-                    Err((
-                        a.len(),
-                        b.len(),
-                        a.first().map(|g| g.pending.len()),
-                        b.first().map(|g| g.pending.len()),
-                    ))
-                }
-            }
-        },
-    )
-    .await;
+    wait_groups_equal(&peer, &local, s, Duration::from_secs(30)).await;
     assert!(rep.is_running());
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use system_tests::eventually;
-use system_tests::replicator::{add_events, entries, envelope, role, set_role, Pair, Replicator};
+use system_tests::replicator::{
+    add_events, entries, envelope, role, set_role, wait_streams_equal, Pair, Replicator,
+};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -81,18 +83,7 @@ async fn rejoin_quarantines_the_divergent_tail_and_follows_the_new_active() {
     .await;
 
     // And b's stream equals a's: the new active's entries copied in, the divergent tail gone
-    eventually(DEADLINE, "b follows a", || {
-        let (mut a, mut b) = (a.clone(), b.clone());
-        async move {
-            let (x, y) = (entries(&mut a, s).await, entries(&mut b, s).await);
-            if x == y {
-                Ok(())
-            } else {
-                Err((x.len(), y.len()))
-            }
-        }
-    })
-    .await;
+    wait_streams_equal(&a, &b, s, DEADLINE).await;
     let ids: Vec<String> = entries(&mut b, s)
         .await
         .into_iter()

@@ -4,35 +4,15 @@
 //! holds its last event, promote the standby), with orders in flight on b.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use serde_json::Value;
-use system_tests::api::{order_body, Api};
+use system_tests::api::{order_body, Api, FLOW, SETTLED};
+use system_tests::eventually;
 use system_tests::redis_state::{self, diff_dumps};
 use system_tests::takeover::{
     derived, role_of, union_by_event_id, wait_role, wait_streams_equal, Takeover, CATCH_UP,
 };
-use system_tests::{eventually, Response};
 use tokio::task::JoinSet;
-
-const FLOW: Duration = Duration::from_secs(20);
-
-/// Where an order may rest without an operator.
-const SETTLED: &[&str] = &[
-    "SHIPPED",
-    "DELIVERED",
-    "REJECTED",
-    "PAYMENT_FAILED",
-    "CANCELLED",
-];
-
-fn order_id(r: &Response) -> String {
-    assert_eq!(r.status, 201, "POST /orders: {}", r.text);
-    r.json["orderId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("201 without orderId: {}", r.text))
-        .to_string()
-}
 
 /// Places `n` orders at once (tok_ok, tok_flaky, tok_decline in turn); returns
 /// `(orderId, token)` once every POST was answered.
@@ -43,7 +23,7 @@ async fn place_wave(api: &Api, sku: &str, wave: &str, n: usize) -> Vec<(String, 
         let api = api.clone();
         let token = TOKENS[i % TOKENS.len()];
         let body = order_body(&format!("c-{wave}-{i}"), &[(sku, 1)], token);
-        set.spawn(async move { (order_id(&api.place_order(&body).await), token) });
+        set.spawn(async move { (api.place_order(&body).await.order_id(), token) });
     }
     let mut out = Vec::new();
     while let Some(p) = set.join_next().await {

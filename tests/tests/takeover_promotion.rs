@@ -3,36 +3,14 @@
 //! finishes every order exactly once from the replicated log and group positions.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use serde_json::Value;
-use system_tests::api::{order_body, Api};
+use system_tests::api::{order_body, Api, FLOW, SETTLED};
+use system_tests::eventually;
 use system_tests::redis_state::{self, DLQ, EVENTS};
 use system_tests::takeover::{role_of, union_by_event_id, wait_role, Takeover, CATCH_UP};
-use system_tests::{eventually, Response};
 use tokio::task::JoinSet;
-
-/// Generous bound for the asynchronous workflow of a batch of orders.
-const FLOW: Duration = Duration::from_secs(20);
-
-/// Where an order may rest without an operator: terminal, or shipped (awaiting the
-/// carrier).
-const SETTLED: &[&str] = &[
-    "SHIPPED",
-    "DELIVERED",
-    "REJECTED",
-    "PAYMENT_FAILED",
-    "CANCELLED",
-];
-
-fn order_id(r: &Response) -> String {
-    assert_eq!(r.status, 201, "POST /orders: {}", r.text);
-    r.json["orderId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("201 without orderId: {}", r.text))
-        .to_string()
-}
 
 /// One placed order and what the client asked for.
 #[derive(Debug, Clone)]
@@ -55,7 +33,7 @@ async fn place_wave(api: &Api, sku: &str, wave: usize, n: usize) -> Vec<Placed> 
         set.spawn(async move {
             let r = api.place_order(&body).await;
             Placed {
-                id: order_id(&r),
+                id: r.order_id(),
                 token,
                 quantity,
             }
@@ -385,7 +363,7 @@ async fn idempotent_post_after_failover_returns_the_same_order() {
     a.put_product("IDEM-1", 500, 10).await;
     let body = order_body("c-idem", &[("IDEM-1", 2)], "tok_ok");
     let first = a.place_order_with_key(&body, "idem-failover-1").await;
-    let id = order_id(&first);
+    let id = first.order_id();
     t.wait_b_caught_up().await;
 
     // When region a's node dies and b is promoted at epoch 2

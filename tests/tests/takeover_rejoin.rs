@@ -4,16 +4,13 @@
 //! kept; then its log and read models follow the new active.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
-use system_tests::api::{order_body, Api};
+use system_tests::api::{order_body, Api, FLOW};
 use system_tests::eventually;
 use system_tests::redis_state::{self, diff_dumps};
 use system_tests::takeover::{
     derived, event_ids, role_of, wait_role, wait_streams_equal, Takeover, CATCH_UP,
 };
-
-const FLOW: Duration = Duration::from_secs(20);
 
 /// Places `n` orders one after the other and waits until each has shipped.
 async fn ship_orders(api: &Api, customer: &str, sku: &str, n: usize) -> Vec<String> {

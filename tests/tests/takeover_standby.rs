@@ -4,22 +4,11 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use system_tests::api::{metric_sum, order_body, Api};
+use system_tests::api::{metric_sum, order_body, Api, FLOW, PAYMENT_FAILED_FLOW};
 use system_tests::redis_state::{self, diff_dumps, DLQ, EVENTS};
 use system_tests::takeover::{derived, Takeover};
 use system_tests::{eventually, Response};
 use tokio::task::JoinSet;
-
-/// Generous bound for one order's asynchronous workflow on a loaded machine.
-const FLOW: Duration = Duration::from_secs(20);
-
-fn order_id(r: &Response) -> String {
-    assert_eq!(r.status, 201, "POST /orders: {}", r.text);
-    r.json["orderId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("201 without orderId: {}", r.text))
-        .to_string()
-}
 
 /// Places orders for the last units of a fresh product from many clients at once until
 /// the asynchronous reservation rejects one that passed the pre-check (the seed's
@@ -41,7 +30,7 @@ async fn provoke_a_rejection(api: &Api) -> (Vec<String>, Vec<String>) {
         while let Some(r) = set.join_next().await {
             let r = r.expect("join");
             match r.status {
-                201 => round_ids.push(order_id(&r)),
+                201 => round_ids.push(r.order_id()),
                 400 => assert_eq!(r.error_code(), "products_unavailable", "{}", r.text),
                 other => panic!("unexpected answer {other}: {}", r.text),
             }
@@ -96,19 +85,7 @@ async fn standby_read_models_equal_the_active() {
         .place_ok(&order_body("c-3", &[("RM-1", 1)], "tok_decline"))
         .await;
     a.wait_status(&declined, &["PAYMENT_FAILED"], FLOW).await;
-    a.wait_events(
-        &declined,
-        &[
-            "OrderPlaced",
-            "InventoryReserved",
-            "OrderConfirmed",
-            "PaymentFailed",
-            "OrderPaymentFailed",
-            "InventoryReleased",
-        ],
-        FLOW,
-    )
-    .await;
+    a.wait_events(&declined, PAYMENT_FAILED_FLOW, FLOW).await;
     orders.push(declined);
     // a payment that fails every attempt (dead-lettered), then cancelled while CONFIRMED,
     let cancelled = a
@@ -250,7 +227,7 @@ async fn replicated_durability_waits_for_the_standby_and_can_refuse_without_it()
 
     // Then it is acknowledged 201, and at that moment b's stream already holds its
     // OrderPlaced (read before anything else can happen)
-    let id = order_id(&placed);
+    let id = placed.order_id();
     assert_eq!(placed.header("tandem-durability"), None);
     let on_b = order_placed_on(&mut conn_b, &id).await;
     assert!(
@@ -328,7 +305,7 @@ async fn replicated_durability_waits_for_the_standby_and_can_refuse_without_it()
     let retried = a.place_order_with_key(&body2, "dur-key-2").await;
 
     // Then it gets the same order, and there is still only one of it
-    assert_eq!(order_id(&retried), id2, "{}", retried.text);
+    assert_eq!(retried.order_id(), id2, "{}", retried.text);
     let placed_events = a
         .events_query(&format!("eventType=OrderPlaced&aggregateId={id2}"))
         .await;
@@ -353,7 +330,7 @@ async fn replicated_durability_waits_for_the_standby_and_can_refuse_without_it()
         "dur-key-4",
     )
     .await;
-    let id4 = order_id(&fresh);
+    let id4 = fresh.order_id();
     assert!(order_placed_on(&mut conn_b, &id4).await);
 }
 
@@ -370,7 +347,7 @@ async fn replicated_durability_falls_back_to_local_acks_while_the_standby_is_dow
     let first = a
         .place_order(&order_body("c-fb-0", &[("FB-1", 1)], "tok_ok"))
         .await;
-    order_id(&first);
+    first.order_id();
     assert_eq!(first.header("tandem-durability"), None);
 
     // When the standby's Redis hangs
@@ -392,7 +369,7 @@ async fn replicated_durability_falls_back_to_local_acks_while_the_standby_is_dow
         let r = a
             .place_order(&order_body(&format!("c-fb-{i}"), &[("FB-1", 1)], "tok_ok"))
             .await;
-        local_ids.push(order_id(&r));
+        local_ids.push(r.order_id());
         assert_eq!(r.header("tandem-durability"), Some("local"), "{}", r.text);
         assert!(
             started.elapsed() < Duration::from_millis(1000),
@@ -426,7 +403,7 @@ async fn replicated_durability_falls_back_to_local_acks_while_the_standby_is_dow
     let r = a
         .place_order(&order_body("c-fb-back", &[("FB-1", 1)], "tok_ok"))
         .await;
-    let id = order_id(&r);
+    let id = r.order_id();
     assert_eq!(r.header("tandem-durability"), None, "{}", r.text);
     assert!(order_placed_on(&mut conn_b, &id).await);
 }
