@@ -5,7 +5,11 @@
 #   region b: redis-server :7102, regional-node :8082 (standby), replicator :9102 (copies a -> b)
 #   gateway:  :8080, the one endpoint clients use; it fails over between a and b.
 #
-# Installs redis-server from Debian's packages when it is missing, builds the release
+# GATEWAYS=2 runs two gateways instead (:8080 gw-1 and :8090 gw-2) sharing failover
+# control through an etcd member (:2479, Debian's etcd-server): either serves clients,
+# one controls failover; kill it and the other takes over.
+#
+# Installs redis-server (and etcd-server) from Debian's packages when missing, builds the release
 # binaries, runs everything in the foreground and stops it all on Ctrl-C / SIGTERM.
 # State (Redis AOF files, the gateway's epoch, logs) lives in .run/ and survives restarts;
 # delete .run/ to start from scratch. Ports can be moved with the variables below.
@@ -16,17 +20,23 @@ REDIS_A=${REDIS_A:-7101} REDIS_B=${REDIS_B:-7102}
 NODE_A=${NODE_A:-8081} NODE_B=${NODE_B:-8082}
 REPL_A=${REPL_A:-9101} REPL_B=${REPL_B:-9102}
 GATEWAY=${GATEWAY:-8080}
+GATEWAYS=${GATEWAYS:-1} GATEWAY2=${GATEWAY2:-8090}
+ETCD=${ETCD:-2479} ETCD_PEER=${ETCD_PEER:-2480}
 RUN=${RUN_DIR:-.run}
+case $GATEWAYS in 1|2) ;; *) echo "run-local: GATEWAYS must be 1 or 2" >&2; exit 64 ;; esac
 
-if ! command -v redis-server >/dev/null 2>&1; then
-    echo "run-local: installing redis-server from Debian's packages" >&2
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[ "$GATEWAYS" = 2 ] && ! command -v etcd >/dev/null 2>&1 && missing+=(etcd-server)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "run-local: installing ${missing[*]} from Debian's packages" >&2
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update </dev/null && $SUDO apt-get install -y --no-install-recommends redis-server </dev/null
+    $SUDO apt-get update </dev/null && $SUDO apt-get install -y --no-install-recommends "${missing[@]}" </dev/null
 fi
 
 cargo build --release --bins -p regional-node -p replicator -p gateway
-mkdir -p "$RUN/logs" "$RUN/redis-a" "$RUN/redis-b" "$RUN/gateway"
+mkdir -p "$RUN/logs" "$RUN/redis-a" "$RUN/redis-b" "$RUN/gateway" "$RUN/etcd"
 pids=()
 names=()
 stopped=""
@@ -76,14 +86,33 @@ start replicator-b env REPLICATOR_LOCAL_REGION=b REPLICATOR_LOCAL_REDIS_URL=redi
     REPLICATOR_LISTEN=127.0.0.1:$REPL_B target/release/replicator
 wait_http "http://127.0.0.1:$NODE_A/health/live"
 wait_http "http://127.0.0.1:$NODE_B/health/live"
-start gateway env GATEWAY_LISTEN=127.0.0.1:$GATEWAY \
-    GATEWAY_REGIONS=a=http://127.0.0.1:$NODE_A,b=http://127.0.0.1:$NODE_B \
-    GATEWAY_PRIMARY=a GATEWAY_STATE_DIR="$PWD/$RUN/gateway" target/release/gateway
+REGIONS=a=http://127.0.0.1:$NODE_A,b=http://127.0.0.1:$NODE_B
+if [ "$GATEWAYS" = 1 ]; then
+    start gateway env GATEWAY_LISTEN=127.0.0.1:$GATEWAY GATEWAY_REGIONS=$REGIONS \
+        GATEWAY_PRIMARY=a GATEWAY_STATE_DIR="$PWD/$RUN/gateway" target/release/gateway
+    GATEWAY_URLS=":$GATEWAY"
+else
+    # One etcd member; heartbeat 50 ms / election 500 ms let it grant the gateways'
+    # 1 s controller lease (its minimum TTL is 1.5 election timeouts).
+    start etcd etcd --name local --data-dir "$PWD/$RUN/etcd" \
+        --listen-client-urls http://127.0.0.1:$ETCD --advertise-client-urls http://127.0.0.1:$ETCD \
+        --listen-peer-urls http://127.0.0.1:$ETCD_PEER --initial-advertise-peer-urls http://127.0.0.1:$ETCD_PEER \
+        --initial-cluster local=http://127.0.0.1:$ETCD_PEER --heartbeat-interval 50 --election-timeout 500 \
+        --logger zap --log-level warn
+    wait_http "http://127.0.0.1:$ETCD/health"
+    for n in 1 2; do
+        port=$GATEWAY; [ $n = 2 ] && port=$GATEWAY2
+        start "gateway-$n" env GATEWAY_ID=gw-$n GATEWAY_LISTEN=127.0.0.1:$port GATEWAY_REGIONS=$REGIONS \
+            GATEWAY_PRIMARY=a GATEWAY_ETCD_ENDPOINTS=http://127.0.0.1:$ETCD target/release/gateway
+    done
+    wait_http "http://127.0.0.1:$GATEWAY2/gateway/health"
+    GATEWAY_URLS=":$GATEWAY :$GATEWAY2 (curl :$GATEWAY/gateway/regions names the controller)"
+fi
 wait_http "http://127.0.0.1:$GATEWAY/gateway/health"
 
 cat <<MSG
 
-Tandem is running. Try:
+Tandem is running; gateways: $GATEWAY_URLS. Try:
   curl -X PUT localhost:$GATEWAY/api/v1/products/WIDGET-001 -d '{"name":"Widget","price":1000,"currency":"USD","stock":150}'
   curl -X POST localhost:$GATEWAY/orders -H 'Idempotency-Key: demo-1' \\
        -d '{"customerId":"c-1","items":[{"sku":"WIDGET-001","quantity":2}],"shippingAddress":"1 Main St","paymentToken":"tok_ok"}'

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The project's test command (README): installs what the tests need when it is missing
-# (Debian's redis-server; prometheus for promtool; docker-compose where a Docker engine
-# runs), builds every binary once, then runs every test. The system tests in tests/
-# start the real binaries from target/debug and their own redis-server processes on free
-# ports; tests/tests/compose_stack.rs builds the container images from the same binaries
-# (deploy/build-images.sh, which builds the Debian base image itself when it is missing)
-# and runs the docker-compose.yml stack.
+# (Debian's redis-server and etcd-server; prometheus for promtool; docker-compose where
+# a Docker engine runs), builds every binary once, then runs every test. The system
+# tests in tests/ start the real binaries from target/debug and their own redis-server
+# and etcd processes on free ports; tests/tests/compose_stack.rs builds the container
+# images from the same binaries (deploy/build-images.sh, which builds the Debian base
+# image itself when it is missing) and runs the docker-compose.yml stack.
 #
 # Without a Docker engine the compose test is skipped with a message, unless CI is set
 # or TANDEM_REQUIRE_DOCKER=1 (.ci/run sets it): then it fails.
@@ -19,6 +19,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v objcopy >/dev/null 2>&1 || missing+=(binutils)
 if docker info >/dev/null 2>&1; then
@@ -30,12 +31,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "scripts/test.sh: installing Debian's ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update </dev/null
-    # The redis-server and prometheus packages start services on their default ports;
-    # the tests never use them.
+    # The redis-server, etcd-server and prometheus packages may start services on their
+    # default ports; the tests never use them.
     $SUDO apt-get install -y --no-install-recommends "${missing[@]}" </dev/null
 fi
 redis-server --version
 promtool --version 2>&1 | head -n 1
+etcd --version | sed -n 1p
 
 # One profile (dev) for both steps, so every crate is compiled once.
 cargo build --workspace --bins

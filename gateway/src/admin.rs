@@ -160,6 +160,7 @@ fn regions(shared: &Shared) -> serde_json::Value {
     serde_json::json!({
         "active": active.map(|i| routing.region(i).id.clone()),
         "epoch": routing.epoch(),
+        "controller": shared.controller.controller_id(),
         "regions": list,
     })
 }

@@ -78,6 +78,13 @@ struct RawConfig {
     idle_timeout_ms: u64,
     linger_ms: u64,
     linger_bytes: u64,
+    /// GATEWAY_ID: this gateway's name among several.
+    id: Option<String>,
+    /// GATEWAY_ETCD_ENDPOINTS: set, failover control is shared through etcd.
+    etcd_endpoints: Option<String>,
+    etcd_prefix: String,
+    etcd_lease_ttl_s: u64,
+    etcd_timeout_ms: u64,
 }
 
 /// One upstream region as configured.
@@ -89,6 +96,21 @@ pub struct RegionConfig {
     pub url: String,
     /// `host:port` taken from `url`.
     pub authority: hyper::http::uri::Authority,
+}
+
+/// Failover control shared by several gateways through etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Client URLs of the cluster's members, e.g. `http://10.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Prefix of the keys the gateways share (`<prefix>/controller`, `<prefix>/epoch`), so
+    /// several deployments can use one cluster.
+    pub prefix: String,
+    /// TTL of the controller's etcd lease. etcd counts whole seconds and raises a TTL
+    /// below 1.5 of its election timeout.
+    pub lease_ttl: Duration,
+    /// Timeout of one request to one etcd member.
+    pub timeout: Duration,
 }
 
 /// The validated configuration.
@@ -140,6 +162,11 @@ pub struct Config {
     /// public route open, the local default.
     pub auth: Option<AuthConfig>,
     pub connections: ConnectionLimits,
+    /// This gateway's name (`GATEWAY_ID`, default the host name): sent to the nodes
+    /// with every control call and stored in etcd while it controls failover.
+    pub id: String,
+    /// `None`: this gateway alone controls failover, its epoch in `state_dir`.
+    pub etcd: Option<EtcdConfig>,
 }
 
 /// Where the JSON Web Key Set comes from.
@@ -223,7 +250,10 @@ impl Config {
             .set_default("header_read_timeout_ms", 30_000)?
             .set_default("idle_timeout_ms", 60_000)?
             .set_default("linger_ms", 30_000)?
-            .set_default("linger_bytes", 64 * 1024 * 1024)?;
+            .set_default("linger_bytes", 64 * 1024 * 1024)?
+            .set_default("etcd_prefix", "/tandem")?
+            .set_default("etcd_lease_ttl_s", 1)?
+            .set_default("etcd_timeout_ms", 250)?;
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
@@ -334,6 +364,45 @@ impl Config {
             linger: Duration::from_millis(raw.linger_ms),
             linger_bytes: raw.linger_bytes,
         };
+        let id = match empty_is_none(raw.id) {
+            Some(id) => id,
+            None => hostname(),
+        };
+        let id_ok = id.len() <= 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !id_ok {
+            return Err(invalid("id", format!("{id:?}: use 1-64 of [A-Za-z0-9._-]")));
+        }
+        let etcd = match empty_is_none(raw.etcd_endpoints) {
+            None => None,
+            Some(list) => Some(parse_etcd(
+                &list,
+                raw.etcd_prefix,
+                raw.etcd_lease_ttl_s,
+                raw.etcd_timeout_ms,
+            )?),
+        };
+        if let Some(etcd) = &etcd {
+            // The controller clips the node lease it grants to its own etcd lease (minus
+            // the renewal timeout and the margin); what is left must outlast two probe
+            // periods, or the active region's lease lapses between renewals.
+            let lease_timeout = Duration::from_millis(raw.health_timeout_ms.max(raw.lease_ms / 3));
+            let left = etcd
+                .lease_ttl
+                .saturating_sub(lease_timeout + Duration::from_millis(raw.lease_margin_ms));
+            if left < Duration::from_millis(2 * raw.health_interval_ms) {
+                return Err(invalid(
+                    "etcd_lease_ttl_s",
+                    format!(
+                        "{:?} leaves {left:?} of node lease after the renewal timeout \
+                         ({lease_timeout:?}) and lease_margin_ms: need two probe periods",
+                        etcd.lease_ttl
+                    ),
+                ));
+            }
+        }
         Ok(Config {
             listen,
             regions,
@@ -369,8 +438,83 @@ impl Config {
             },
             auth,
             connections,
+            id,
+            etcd,
         })
     }
+
+    /// How long a lease renewal may take. A node may check its peer's Redis while
+    /// granting, which is slow when that Redis is down, so a third of the lease rather
+    /// than the probe timeout; an unanswered renewal counts as running until then.
+    pub fn lease_timeout(&self) -> Duration {
+        self.health_timeout.max(self.lease / 3)
+    }
+}
+
+/// The host's name, the default `GATEWAY_ID`.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".to_string())
+}
+
+/// Parses `http://127.0.0.1:2379,http://127.0.0.1:22379` and the other etcd settings.
+fn parse_etcd(
+    list: &str,
+    prefix: String,
+    lease_ttl_s: u64,
+    timeout_ms: u64,
+) -> Result<EtcdConfig, ConfigError> {
+    let mut endpoints = Vec::new();
+    for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+            .ok_or_else(|| {
+                invalid(
+                    "etcd_endpoints",
+                    format!("{url:?}: give http://host:port (or https://)"),
+                )
+            })?;
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') {
+            return Err(invalid(
+                "etcd_endpoints",
+                format!("{url:?}: give scheme and host:port only, no path"),
+            ));
+        }
+        endpoints.push(url.trim_end_matches('/').to_string());
+    }
+    if endpoints.is_empty() {
+        return Err(invalid("etcd_endpoints", "no endpoint given"));
+    }
+    let prefix = prefix.trim_end_matches('/').to_string();
+    if !prefix.starts_with('/') {
+        return Err(invalid(
+            "etcd_prefix",
+            format!("{prefix:?} must start with /"),
+        ));
+    }
+    if !(1..=60).contains(&lease_ttl_s) {
+        return Err(invalid("etcd_lease_ttl_s", "must be 1-60 seconds"));
+    }
+    let lease_ttl = Duration::from_secs(lease_ttl_s);
+    let timeout = Duration::from_millis(timeout_ms);
+    if timeout.is_zero() || timeout * 2 > lease_ttl {
+        return Err(invalid(
+            "etcd_timeout_ms",
+            "must be above 0 and at most half of etcd_lease_ttl_s",
+        ));
+    }
+    Ok(EtcdConfig {
+        endpoints,
+        prefix,
+        lease_ttl,
+        timeout,
+    })
 }
 
 /// A path, or an `https://` URL.
@@ -462,5 +606,43 @@ mod tests {
             JwksSource::Url(_)
         ));
         assert!(parse_jwks_source("http://idp.example/jwks").is_err());
+    }
+
+    #[test]
+    fn etcd_endpoints_parse_and_bad_settings_name_their_key() {
+        let e = parse_etcd(
+            " http://127.0.0.1:2379/,https://e2:2379",
+            "/tandem/".into(),
+            1,
+            250,
+        )
+        .unwrap();
+        assert_eq!(e.endpoints, ["http://127.0.0.1:2379", "https://e2:2379"]);
+        assert_eq!(e.prefix, "/tandem");
+        let key = |r: Result<EtcdConfig, ConfigError>| match r {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            key(parse_etcd("127.0.0.1:2379", "/t".into(), 1, 250)),
+            "etcd_endpoints"
+        );
+        assert_eq!(
+            key(parse_etcd("http://h:1/v3", "/t".into(), 1, 250)),
+            "etcd_endpoints"
+        );
+        assert_eq!(key(parse_etcd(",", "/t".into(), 1, 250)), "etcd_endpoints");
+        assert_eq!(
+            key(parse_etcd("http://h:1", "t".into(), 1, 250)),
+            "etcd_prefix"
+        );
+        assert_eq!(
+            key(parse_etcd("http://h:1", "/t".into(), 0, 250)),
+            "etcd_lease_ttl_s"
+        );
+        assert_eq!(
+            key(parse_etcd("http://h:1", "/t".into(), 1, 600)),
+            "etcd_timeout_ms"
+        );
     }
 }

@@ -1,8 +1,14 @@
 //! Failover control: the gateway is the witness that decides which region is active.
 //!
+//! Who may act is the [`Authority`]: this gateway alone, its epochs in a local file; or,
+//! with several gateways, the one holding control in etcd ([`crate::election`]). The
+//! others follow: they route to the region that reports itself active at the highest
+//! epoch, and never renew, promote or demote.
+//!
 //! Invariants:
-//! - An epoch is written to disk before any region is promoted to it, and the gateway
-//!   never promotes at an epoch at or below one it has written, also after a restart.
+//! - An epoch is recorded (on disk, or in etcd by compare-and-swap) before any region is
+//!   promoted to it, and no epoch at or below a recorded one is ever used again, also
+//!   after a restart.
 //! - The active region holds a lease that the gateway renews after every successful
 //!   probe. A standby is promoted only once the old lease must have lapsed (the latest
 //!   bound of any renewal sent, plus a margin), because a lapsed lease is what makes the
@@ -11,6 +17,7 @@
 //!   current epoch as soon as it answers again.
 
 use crate::config::Config;
+use crate::election::Election;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::node_api::{NodeApi, NodeError, RoleReport};
@@ -94,6 +101,14 @@ impl EpochStore {
     }
 }
 
+/// Where epochs are recorded and who may act on the regions.
+pub enum Authority {
+    /// This gateway alone; its highest epoch in `GATEWAY_STATE_DIR`.
+    Local(EpochStore),
+    /// Whichever gateway holds control in etcd; epochs allocated there.
+    Etcd(Arc<Election>),
+}
+
 /// The lease the gateway grants the active region.
 struct Lease {
     region: Option<usize>,
@@ -110,6 +125,8 @@ struct Lease {
     /// The node has acknowledged a lease at this epoch. A node fences itself only
     /// once it has been given a lease: until then, nothing but a demotion stops it.
     leased: bool,
+    /// With etcd: the epoch record says so too, for the next controller.
+    recorded: bool,
 }
 
 impl Lease {
@@ -133,13 +150,17 @@ pub struct Controller {
     config: Arc<Config>,
     routing: Arc<Routing>,
     api: NodeApi,
-    store: EpochStore,
+    authority: Authority,
     metrics: Arc<Metrics>,
     lease: Mutex<Lease>,
     /// One failover or switchover at a time.
     transition: tokio::sync::Mutex<()>,
     /// Bootstrap finished: an active region is known.
     ready: AtomicBool,
+    /// With etcd: this gateway holds control (from taking stock of the regions on).
+    controlling: AtomicBool,
+    /// Shutting down: control is being handed over.
+    stopping: AtomicBool,
     started: Instant,
 }
 
@@ -148,14 +169,17 @@ impl Controller {
         config: Arc<Config>,
         routing: Arc<Routing>,
         api: NodeApi,
-        store: EpochStore,
+        authority: Authority,
         metrics: Arc<Metrics>,
     ) -> Controller {
+        if matches!(authority, Authority::Local(_)) {
+            metrics.controller.set(1);
+        }
         Controller {
             config,
             routing,
             api,
-            store,
+            authority,
             metrics,
             lease: Mutex::new(Lease {
                 region: None,
@@ -165,15 +189,55 @@ impl Controller {
                 pending_until: None,
                 stopped: true,
                 leased: false,
+                recorded: false,
             }),
             transition: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
+            controlling: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             started: Instant::now(),
         }
     }
 
+    /// An active region is known: the gateway can route writes.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        match self.authority {
+            Authority::Local(_) => self.ready.load(Ordering::Acquire),
+            Authority::Etcd(_) => self.routing.active().is_some(),
+        }
+    }
+
+    /// The id of the gateway in control of failover, if known.
+    pub fn controller_id(&self) -> Option<String> {
+        match &self.authority {
+            Authority::Local(_) => Some(self.config.id.clone()),
+            Authority::Etcd(e) if self.acting() => Some(e.id().to_string()),
+            Authority::Etcd(e) => e.holder().filter(|id| id != e.id()),
+        }
+    }
+
+    /// This gateway may act on the regions now (renew, promote, demote).
+    fn acting(&self) -> bool {
+        match &self.authority {
+            Authority::Local(_) => true,
+            Authority::Etcd(e) => {
+                self.controlling.load(Ordering::Acquire)
+                    && !self.stopping.load(Ordering::Acquire)
+                    && e.may_act()
+            }
+        }
+    }
+
+    fn not_controller(&self) -> GatewayError {
+        let holder = self.controller_id();
+        GatewayError::Conflict {
+            code: "not_controller",
+            message: format!(
+                "gateway {} does not control failover{}",
+                self.config.id,
+                holder.map_or(String::new(), |h| format!("; gateway {h} does"))
+            ),
+        }
     }
 
     fn lease(&self) -> std::sync::MutexGuard<'_, Lease> {
@@ -181,7 +245,12 @@ impl Controller {
     }
 
     /// Runs bootstrap, then watches the active region and fails over when it fails.
+    /// With etcd, does so only while this gateway holds control.
     pub async fn run(self: Arc<Self>) {
+        if let Authority::Etcd(election) = &self.authority {
+            let election = election.clone();
+            return self.run_shared(election).await;
+        }
         self.bootstrap().await;
         let mut changes = self.routing.subscribe();
         loop {
@@ -189,6 +258,172 @@ impl Controller {
             self.check().await;
             let _ = tokio::time::timeout(self.config.health_interval, changes.changed()).await;
         }
+    }
+
+    /// Several gateways: follow (route by what the regions report) until this one holds
+    /// control, then take stock and act until control ends.
+    async fn run_shared(self: Arc<Self>, election: Arc<Election>) {
+        let mut control = election.subscribe();
+        let mut changes = self.routing.subscribe();
+        loop {
+            if control.wait_for(|c| *c).await.is_err() {
+                return;
+            }
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            // Acting from here on: taking stock may renew a lease or promote.
+            self.controlling.store(true, Ordering::Release);
+            self.metrics.controller.set(1);
+            if !self.take_control(&election).await {
+                self.controlling.store(false, Ordering::Release);
+                self.metrics.controller.set(0);
+                tokio::time::sleep(self.config.health_interval).await;
+                continue;
+            }
+            while *control.borrow_and_update() && !self.stopping.load(Ordering::Acquire) {
+                changes.borrow_and_update();
+                self.check().await;
+                tokio::select! {
+                    _ = tokio::time::timeout(self.config.health_interval, changes.changed()) => {}
+                    _ = control.changed() => {}
+                }
+            }
+            self.controlling.store(false, Ordering::Release);
+            self.lease().stopped = true;
+            self.metrics.controller.set(0);
+            tracing::warn!("no longer in control of failover; following the regions' reports");
+        }
+    }
+
+    /// On gaining control: learn the allocated epoch and the regions' roles, and carry on
+    /// from there. A region active at (or above) the last allocated epoch keeps its role
+    /// and gets its lease renewed at once; every lease the previous controller granted
+    /// ended when its control did, so none has to be waited out.
+    async fn take_control(&self, election: &Election) -> bool {
+        let _t = self.transition.lock().await;
+        let record = match election.record().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the epoch record; not taking control yet");
+                return false;
+            }
+        };
+        let regions = self.routing.regions().to_vec();
+        let reports = self.role_reports().await;
+        let seen = reports.iter().flatten().map(|r| r.epoch).max().unwrap_or(0);
+        let allocated = record.as_ref().map_or(0, |r| r.epoch);
+        let best_active = reports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().filter(|r| r.is_active()).map(|r| (i, r)))
+            .max_by_key(|(_, r)| r.epoch);
+        let recorded_leased = |i: usize, epoch: u64| {
+            record
+                .as_ref()
+                .is_some_and(|r| r.leased && r.epoch == epoch && r.region == regions[i].id)
+        };
+        if let Some((i, rep)) = best_active.filter(|(_, r)| r.epoch >= allocated) {
+            self.take_office(i, rep.epoch, rep).await;
+            if recorded_leased(i, rep.epoch) {
+                let mut lease = self.lease();
+                lease.leased = true;
+                lease.recorded = true;
+            }
+            self.ready.store(true, Ordering::Release);
+            tracing::info!(region = %regions[i].id, epoch = rep.epoch, "took control; the active region keeps its role");
+            return true;
+        }
+        if let Some(rec) = &record {
+            if let Some(r) = regions.iter().position(|r| r.id == rec.region) {
+                if reports[r].is_none() {
+                    // The region of the last allocated epoch does not answer: it may be
+                    // active there. Hold it as the active region; the failover path then
+                    // decides as for any active region that fails its checks.
+                    {
+                        let mut lease = self.lease();
+                        lease.region = Some(r);
+                        lease.epoch = rec.epoch;
+                        lease.leased = rec.leased;
+                        lease.recorded = rec.leased;
+                        lease.stopped = false;
+                        lease.until = lease.until.max(Instant::now());
+                    }
+                    self.routing.set_active(r, rec.epoch);
+                    self.ready.store(true, Ordering::Release);
+                    tracing::warn!(region = %rec.region, epoch = rec.epoch,
+                        "took control; the region of the last epoch does not answer");
+                    return true;
+                }
+                if let Some((i, rep)) = best_active {
+                    // It answers and is not active at that epoch: that promotion never
+                    // happened; the region that is active keeps its role.
+                    self.take_office(i, rep.epoch, rep).await;
+                    self.ready.store(true, Ordering::Release);
+                    tracing::info!(region = %regions[i].id, epoch = rep.epoch, allocated,
+                        "took control; an allocated epoch was never used");
+                    return true;
+                }
+            }
+        }
+        // No region is active: the system's first start, or every region lost its role.
+        let Some(primary) = regions.iter().position(|r| r.id == self.config.primary) else {
+            return false;
+        };
+        if reports[primary].is_none() {
+            tracing::info!(region = %self.config.primary, "waiting for the primary region to answer");
+            return false;
+        }
+        match self.promote(primary, seen.max(allocated)).await {
+            Ok((epoch, report)) => {
+                self.take_office(primary, epoch, &report).await;
+                self.ready.store(true, Ordering::Release);
+                tracing::info!(region = %regions[primary].id, epoch, "took control; made the primary region active");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not make the primary region active");
+                false
+            }
+        }
+    }
+
+    /// Each region's `GET /admin/role`, `None` where it did not answer.
+    async fn role_reports(&self) -> Vec<Option<RoleReport>> {
+        let mut reports = Vec::with_capacity(self.routing.regions().len());
+        for r in self.routing.regions() {
+            match self.api.role(&r.url, self.config.health_timeout * 5).await {
+                Ok(rep) => reports.push(Some(rep)),
+                Err(e) => {
+                    tracing::debug!(region = %r.id, error = %e, "role query failed");
+                    reports.push(None);
+                }
+            }
+        }
+        reports
+    }
+
+    /// Shutting down: stop acting, let the node leases this gateway granted run out,
+    /// then give control up so another gateway takes over at once.
+    pub async fn resign(&self) {
+        let Authority::Etcd(election) = &self.authority else {
+            return;
+        };
+        self.stopping.store(true, Ordering::Release);
+        if self.controlling.swap(false, Ordering::AcqRel) {
+            let bound = {
+                let mut lease = self.lease();
+                lease.stopped = true;
+                lease.bound()
+            };
+            self.metrics.controller.set(0);
+            tracing::info!(
+                wait_ms = bound.saturating_duration_since(Instant::now()).as_millis() as u64,
+                "handing control over once the active region's lease has run out"
+            );
+            tokio::time::sleep_until((bound + self.config.lease_margin).into()).await;
+        }
+        election.resign().await;
     }
 
     /// One look at the active region: fail over if it is unhealthy and a standby is not.
@@ -220,14 +455,39 @@ impl Controller {
             .map(|r| r.index)
     }
 
-    /// The next epoch: above everything persisted and everything seen.
-    fn next_epoch(&self, seen: u64) -> u64 {
-        self.store.high().max(self.routing.epoch()).max(seen) + 1
+    /// Records the next epoch, above everything recorded and everything seen, for
+    /// `region`; nobody will use it again.
+    async fn allocate(&self, seen: u64, region: &str) -> Result<u64, NodeError> {
+        match &self.authority {
+            Authority::Local(store) => {
+                let epoch = store.high().max(self.routing.epoch()).max(seen) + 1;
+                store.record(epoch, region).map_err(|e| {
+                    tracing::error!(error = %e, "cannot persist the epoch");
+                    NodeError::Transport(format!("persist epoch: {e}"))
+                })?;
+                Ok(epoch)
+            }
+            Authority::Etcd(election) => {
+                if !self.acting() {
+                    return Err(NodeError::Transport("not in control of failover".into()));
+                }
+                election
+                    .allocate(self.routing.epoch().max(seen), region)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "cannot allocate an epoch in etcd");
+                        NodeError::Transport(format!("allocate an epoch in etcd: {e}"))
+                    })
+            }
+        }
     }
 
     async fn fail_over(&self, from: usize, mut to: usize, reason: &'static str) {
         let _t = self.transition.lock().await;
-        if self.routing.active() != Some(from) || self.routing.region(from).is_healthy() {
+        if self.routing.active() != Some(from)
+            || self.routing.region(from).is_healthy()
+            || !self.acting()
+        {
             return;
         }
         let from_id = self.routing.region(from).id.clone();
@@ -248,6 +508,11 @@ impl Controller {
             "active region failed its checks; promoting the standby once the lease has lapsed"
         );
         tokio::time::sleep_until(lapse.into()).await;
+        if !self.acting() {
+            tracing::warn!("lost control of failover while waiting; not promoting");
+            self.routing.set_switching(false);
+            return;
+        }
         if !self.routing.region(to).is_healthy() {
             match self.candidate(from) {
                 Some(c) => to = c,
@@ -287,11 +552,10 @@ impl Controller {
     /// before anyone else is promoted. Returns true when it was.
     async fn demote_unleased(&self, from: usize) -> bool {
         let region = self.routing.region(from).clone();
-        let epoch = self.next_epoch(0);
-        if let Err(e) = self.store.record(epoch, &region.id) {
-            tracing::error!(error = %e, "cannot persist the epoch; not failing over");
+        let Ok(epoch) = self.allocate(0, &region.id).await else {
+            tracing::error!("no epoch to demote at; not failing over");
             return false;
-        }
+        };
         match self
             .api
             .demote(&region.url, epoch, self.config.health_timeout * 5)
@@ -307,17 +571,18 @@ impl Controller {
         }
     }
 
-    /// Persists a new epoch and promotes `to` at it; on `stale_epoch` learns the
+    /// Records a new epoch and promotes `to` at it; on `stale_epoch` learns the
     /// region's epoch and tries once more above it.
     async fn promote(&self, to: usize, seen: u64) -> Result<(u64, RoleReport), NodeError> {
         let region = self.routing.region(to).clone();
-        let mut epoch = self.next_epoch(seen);
+        let mut above = seen;
         for attempt in 0..3 {
-            if let Err(e) = self.store.record(epoch, &region.id) {
-                tracing::error!(error = %e, "cannot persist the epoch; not promoting");
-                return Err(NodeError::Transport(format!("persist epoch: {e}")));
-            }
-            match self.api.promote(&region.url, epoch, CONTROL_TIMEOUT).await {
+            let epoch = self.allocate(above, &region.id).await?;
+            match self
+                .api
+                .promote(&region.url, epoch, CONTROL_TIMEOUT, || self.acting())
+                .await
+            {
                 Ok(report) => return Ok((epoch, report)),
                 Err(e) if e.code().as_deref() == Some("stale_epoch") && attempt < 2 => {
                     let theirs = self
@@ -326,7 +591,7 @@ impl Controller {
                         .await
                         .map(|r| r.epoch)
                         .unwrap_or(epoch);
-                    epoch = self.next_epoch(theirs.max(epoch));
+                    above = theirs.max(epoch);
                 }
                 Err(e) => return Err(e),
             }
@@ -357,16 +622,32 @@ impl Controller {
     /// region's lease; demotes a region that claims to be active but is not. Returns
     /// false when the region refused its lease (it is not active at our epoch).
     pub async fn after_probe(&self, index: usize, report: &RoleReport) -> bool {
-        if !self.is_ready() {
-            return true;
+        match self.authority {
+            Authority::Etcd(_) if !self.controlling.load(Ordering::Acquire) => {
+                self.follow(index, report);
+                return true;
+            }
+            Authority::Local(_) if !self.is_ready() => return true,
+            _ => {}
         }
         if self.routing.active() == Some(index) {
             return self.renew(index).await;
         }
-        if report.is_active() && !self.routing.is_switching() {
+        if report.is_active() && !self.routing.is_switching() && self.acting() {
             let epoch = self.routing.epoch();
             let region = self.routing.region(index);
             if report.epoch > epoch {
+                if let Authority::Etcd(_) = self.authority {
+                    // Only controllers allocate epochs: this is a promotion a previous
+                    // controller finished after this one took stock. It is the active
+                    // region now; the other one is demoted when it answers next.
+                    if let Ok(_t) = self.transition.try_lock() {
+                        tracing::warn!(region = %region.id, epoch = report.epoch,
+                            "a region is active at a higher epoch than ours; following it");
+                        self.take_office(index, report.epoch, report).await;
+                    }
+                    return true;
+                }
                 tracing::error!(region = %region.id, their_epoch = report.epoch, our_epoch = epoch,
                     "a region is active at a higher epoch than ours; not touching it");
                 return true;
@@ -379,16 +660,55 @@ impl Controller {
         true
     }
 
-    /// How long a renewal may take. A node may check its peer's Redis while granting,
-    /// which is slow when that Redis is down, so a third of the lease rather than the
-    /// probe timeout; an unanswered renewal counts as running until then.
+    /// A gateway that does not control failover routes writes to the region that
+    /// reports itself active at the highest epoch.
+    fn follow(&self, index: usize, report: &RoleReport) {
+        let known = self.routing.active();
+        if report.is_active() {
+            if known.is_none() || report.epoch > self.routing.epoch() {
+                tracing::info!(region = %self.routing.region(index).id, epoch = report.epoch,
+                    "following the active region");
+                self.routing.set_active(index, report.epoch);
+            }
+            if self.routing.is_switching() && self.routing.active() == Some(index) {
+                self.routing.set_switching(false);
+            }
+        } else if known == Some(index) && !self.routing.is_switching() {
+            // The region writes went to stepped down (a switchover or failover is under
+            // way): hold writes until a region reports itself active, rather than send
+            // them where they are refused.
+            tracing::info!(region = %self.routing.region(index).id, role = %report.role,
+                "the active region stepped down; holding writes for its successor");
+            self.routing.set_switching(true);
+        }
+    }
+
     fn lease_timeout(&self) -> Duration {
-        self.config.health_timeout.max(self.config.lease / 3)
+        self.config.lease_timeout()
+    }
+
+    /// The lease to grant now, `None` when this gateway may not renew. With etcd it is
+    /// clipped to end (at the latest arrival of the renewal, plus the margin) before
+    /// this gateway's control may end: no lease outlives the control that granted it.
+    fn renewal_ttl(&self) -> Option<Duration> {
+        let Authority::Etcd(election) = &self.authority else {
+            return Some(self.config.lease);
+        };
+        if !self.acting() {
+            return None;
+        }
+        let until = election.held_until()?;
+        let latest_arrival = Instant::now() + self.lease_timeout() + self.config.lease_margin;
+        let left = until.checked_duration_since(latest_arrival)?;
+        let ttl = self.config.lease.min(left);
+        (ttl.as_millis() >= 1).then_some(ttl)
     }
 
     /// Sends one lease renewal to the active region, unless renewals are stopped.
     async fn renew(&self, index: usize) -> bool {
-        let ttl = self.config.lease;
+        let Some(ttl) = self.renewal_ttl() else {
+            return true;
+        };
         let timeout = self.lease_timeout();
         let epoch = {
             let mut lease = self.lease();
@@ -402,26 +722,38 @@ impl Controller {
         };
         let region = self.routing.region(index);
         let result = self.api.lease(&region.url, epoch, ttl, timeout).await;
-        let mut lease = self.lease();
-        lease.in_flight -= 1;
-        match &result {
-            Ok(report) => {
-                let remaining = Duration::from_millis(report.lease_remaining_ms.unwrap_or(0));
-                lease.until = lease.until.max(Instant::now() + ttl.max(remaining));
-                lease.leased = true;
+        {
+            let mut lease = self.lease();
+            lease.in_flight -= 1;
+            match &result {
+                Ok(report) => {
+                    let remaining = Duration::from_millis(report.lease_remaining_ms.unwrap_or(0));
+                    lease.until = lease.until.max(Instant::now() + ttl.max(remaining));
+                    lease.leased = true;
+                }
+                // Never reached the node: it extends nothing.
+                Err(e) if e.extended_nothing() => {}
+                // The node may still act on it: keep the pessimistic bound for good.
+                Err(_) => {
+                    let pending = lease.bound();
+                    lease.until = pending;
+                }
             }
-            // Never reached the node: it extends nothing.
-            Err(e) if e.extended_nothing() => {}
-            // The node may still act on it: keep the pessimistic bound for good.
-            Err(_) => {
-                let pending = lease.bound();
-                lease.until = pending;
+            if lease.in_flight == 0 {
+                lease.pending_until = None;
             }
         }
-        if lease.in_flight == 0 {
-            lease.pending_until = None;
+        if let (Authority::Etcd(election), Ok(_)) = (&self.authority, &result) {
+            // Tell the next controller that this region fences itself now (once per
+            // epoch: until the record says so).
+            let recorded = self.lease().recorded;
+            if !recorded && election.mark_leased(epoch).await {
+                let mut lease = self.lease();
+                if lease.epoch == epoch {
+                    lease.recorded = true;
+                }
+            }
         }
-        drop(lease);
         match result {
             Ok(_) => true,
             Err(e) => {
@@ -447,18 +779,12 @@ impl Controller {
     }
 
     async fn try_bootstrap(&self) -> Result<bool, NodeError> {
+        let Authority::Local(store) = &self.authority else {
+            return Ok(false);
+        };
         let regions = self.routing.regions().to_vec();
-        let mut reports: Vec<Option<RoleReport>> = Vec::with_capacity(regions.len());
-        for r in &regions {
-            match self.api.role(&r.url, self.config.health_timeout * 5).await {
-                Ok(rep) => reports.push(Some(rep)),
-                Err(e) => {
-                    tracing::debug!(region = %r.id, error = %e, "role query failed");
-                    reports.push(None);
-                }
-            }
-        }
-        let persisted = self.store.high();
+        let reports = self.role_reports().await;
+        let persisted = store.high();
         let seen = reports.iter().flatten().map(|r| r.epoch).max().unwrap_or(0);
         let best_active = reports
             .iter()
@@ -467,7 +793,7 @@ impl Controller {
             .max_by_key(|(_, r)| r.epoch);
         if let Some((i, rep)) = best_active {
             if rep.epoch >= persisted && rep.epoch > 0 {
-                self.store
+                store
                     .record(rep.epoch, &regions[i].id)
                     .map_err(|e| NodeError::Transport(format!("persist epoch: {e}")))?;
                 // A previous life of this gateway may have granted a lease we no
@@ -503,7 +829,13 @@ impl Controller {
     /// Planned switchover: stop writes, demote the active one, wait until the target
     /// holds every event, promote it. Nothing acknowledged is lost.
     pub async fn switchover(&self, to_id: &str) -> Result<Switchover, GatewayError> {
+        if !self.acting() {
+            return Err(self.not_controller());
+        }
         let _t = self.transition.lock().await;
+        if !self.acting() {
+            return Err(self.not_controller());
+        }
         let conflict = |code, message: String| GatewayError::Conflict { code, message };
         let to = self
             .routing
@@ -556,10 +888,10 @@ impl Controller {
             code,
             message: e.to_string(),
         };
-        let epoch = self.next_epoch(0);
-        self.store
-            .record(epoch, &to.id)
-            .map_err(|e| failed("persist_failed", NodeError::Transport(e.to_string())))?;
+        let epoch = self
+            .allocate(0, &to.id)
+            .await
+            .map_err(|e| failed("persist_failed", e))?;
         if let Err(e) = self.api.demote(&from.url, epoch, CONTROL_TIMEOUT).await {
             // `from` is still active at its epoch: keep renewing its lease.
             self.lease().stopped = false;
@@ -596,7 +928,11 @@ impl Controller {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let report = match self.api.promote(&to.url, epoch, CONTROL_TIMEOUT).await {
+        let report = match self
+            .api
+            .promote(&to.url, epoch, CONTROL_TIMEOUT, || self.acting())
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 if let Ok((back, report)) = self.promote(from.index, epoch).await {

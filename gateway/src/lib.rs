@@ -10,6 +10,9 @@
 //! - [`routing`]: the region table; which region gets a read or a write.
 //! - [`health`]: active probes with rise/fall thresholds.
 //! - [`failover`]: epochs, leases, promotion after the lease lapses, planned switchover.
+//! - [`election`]: with several gateways, which one controls failover, and the epoch
+//!   counter, both in etcd.
+//! - [`etcd`]: the small etcd v3 client (JSON gateway) that election uses.
 //! - [`node_api`]: the regional node's health and admin endpoints as the gateway calls them.
 //! - [`auth`]: the OAuth2 resource server: bearer JWTs checked, the caller's `sub` and scopes.
 //! - [`jwks`]: the signing keys tokens are checked against, loaded, cached and rotated.
@@ -27,7 +30,9 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod connections;
+pub mod election;
 pub mod error;
+pub mod etcd;
 pub mod failover;
 pub mod health;
 pub mod jwks;
@@ -41,7 +46,8 @@ pub mod tls;
 
 use auth::Authenticator;
 use config::Config;
-use failover::{Controller, EpochStore};
+use election::Election;
+use failover::{Authority, Controller, EpochStore};
 use limits::RateLimiter;
 use limits::RetryBudget;
 use metrics::Metrics;
@@ -66,6 +72,8 @@ pub struct Shared {
     pub auth: Option<Authenticator>,
     /// The connection caps, across all workers.
     pub connections: Arc<connections::Connections>,
+    /// With etcd: the election this gateway takes part in.
+    pub election: Option<Arc<Election>>,
 }
 
 /// Why the gateway could not start.
@@ -82,6 +90,8 @@ pub enum StartError {
     State(std::io::Error),
     #[error(transparent)]
     Jwks(#[from] jwks::JwksError),
+    #[error("GATEWAY_ETCD_ENDPOINTS: {0}")]
+    Etcd(etcd::EtcdError),
 }
 
 impl StartError {
@@ -109,7 +119,18 @@ impl Application {
             Some((cert, key)) => Some(tls::acceptor(cert, key)?),
             None => None,
         };
-        let store = EpochStore::open(config.state_dir.as_deref()).map_err(StartError::State)?;
+        let election = match &config.etcd {
+            Some(etcd) => Some(Arc::new(
+                Election::new(&config.id, config.lease_margin, etcd).map_err(StartError::Etcd)?,
+            )),
+            None => None,
+        };
+        let authority = match &election {
+            Some(e) => Authority::Etcd(e.clone()),
+            None => Authority::Local(
+                EpochStore::open(config.state_dir.as_deref()).map_err(StartError::State)?,
+            ),
+        };
         let listener = server::bind_first(config.listen).map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
@@ -117,7 +138,11 @@ impl Application {
         let ids: Vec<String> = config.regions.iter().map(|r| r.id.clone()).collect();
         let metrics = Arc::new(Metrics::new(&ids));
         let routing = Arc::new(Routing::new(&config, metrics.clone()));
-        let node_api = NodeApi::new(config.node_token.clone(), config.connect_timeout);
+        let node_api = NodeApi::new(
+            config.node_token.clone(),
+            config.connect_timeout,
+            &config.id,
+        );
         let auth = match &config.auth {
             Some(cfg) => {
                 let ring = jwks::KeyRing::load(cfg, metrics.clone()).await?;
@@ -135,7 +160,7 @@ impl Application {
             config.clone(),
             routing.clone(),
             node_api.clone(),
-            store,
+            authority,
             metrics.clone(),
         ));
         let connections = Arc::new(connections::Connections::new(
@@ -155,6 +180,7 @@ impl Application {
             node_api,
             auth,
             connections,
+            election,
         });
         Ok(Application {
             listener,
@@ -175,6 +201,9 @@ impl Application {
         let mut tasks = Vec::new();
         for i in 0..shared.routing.regions().len() {
             tasks.push(tokio::spawn(health::probe_loop(shared.clone(), i)));
+        }
+        if let Some(election) = &shared.election {
+            tasks.push(tokio::spawn(election.clone().run()));
         }
         tasks.push(tokio::spawn(shared.controller.clone().run()));
         if let Some(auth) = &shared.auth {
@@ -217,10 +246,15 @@ impl Application {
             tls = self.tls.is_some(),
             regions = shared.config.regions.len(),
             workers = threads.len() + 1,
+            id = %shared.config.id,
+            etcd = shared.config.etcd.is_some(),
             "gateway listening"
         );
+        let controller = shared.controller.clone();
         let stopper = tokio::spawn(async move {
             shutdown.await;
+            // Hand failover control over first (with etcd), while requests are served.
+            controller.resign().await;
             let _ = stop_tx.send(true);
         });
         let mut stop = stop_rx;

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub region_healthy: IntGaugeVec,
     pub active_region: IntGaugeVec,
     pub epoch: IntGauge,
+    pub controller: IntGauge,
     pub failovers: IntCounterVec,
     pub retries: IntCounterVec,
     pub rejected: IntCounterVec,
@@ -72,6 +73,11 @@ impl Metrics {
         .expect("metric");
         let epoch =
             IntGauge::new("tandem_gateway_epoch", "The active region's epoch.").expect("metric");
+        let controller = IntGauge::new(
+            "tandem_gateway_controller",
+            "1 while this gateway controls failover (always, without etcd).",
+        )
+        .expect("metric");
         let failovers = IntCounterVec::new(
             Opts::new(
                 "tandem_gateway_failovers_total",
@@ -149,6 +155,7 @@ impl Metrics {
             Box::new(region_healthy.clone()),
             Box::new(active_region.clone()),
             Box::new(epoch.clone()),
+            Box::new(controller.clone()),
             Box::new(failovers.clone()),
             Box::new(retries.clone()),
             Box::new(rejected.clone()),
@@ -191,6 +198,7 @@ impl Metrics {
             region_healthy,
             active_region,
             epoch,
+            controller,
             failovers,
             retries,
             rejected,

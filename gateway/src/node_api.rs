@@ -78,10 +78,16 @@ impl RoleReport {
 pub struct NodeApi {
     client: Client<HttpConnector, Full<Bytes>>,
     token: Option<String>,
+    /// `GATEWAY_ID`, sent as `Tandem-Gateway` so a node's log says who renewed,
+    /// promoted or demoted it.
+    caller: hyper::http::HeaderValue,
 }
 
+/// The header naming the calling gateway.
+pub const CALLER_HEADER: &str = "tandem-gateway";
+
 impl NodeApi {
-    pub fn new(token: Option<String>, connect_timeout: Duration) -> NodeApi {
+    pub fn new(token: Option<String>, connect_timeout: Duration, caller: &str) -> NodeApi {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
@@ -89,7 +95,14 @@ impl NodeApi {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(4)
             .build(connector);
-        NodeApi { client, token }
+        // The id was validated as [A-Za-z0-9._-]: always a valid header value.
+        let caller = hyper::http::HeaderValue::from_str(caller)
+            .unwrap_or_else(|_| hyper::http::HeaderValue::from_static("gateway"));
+        NodeApi {
+            client,
+            token,
+            caller,
+        }
     }
 
     /// `GET /health/ready`; a 503 is an error.
@@ -107,12 +120,14 @@ impl NodeApi {
     /// `POST /admin/promote {"epoch":N}`. A node applying a replicated backlog answers
     /// 503 `promotion_in_progress` while it works (it never becomes active on an
     /// incomplete projection); the same epoch is asked again until it is done, or fails,
-    /// or [`PROMOTION_DEADLINE`] passes.
+    /// or [`PROMOTION_DEADLINE`] passes, or `may_go_on` says the caller may no longer act
+    /// (with several gateways: it lost control of failover).
     pub async fn promote(
         &self,
         base: &str,
         epoch: u64,
         timeout: Duration,
+        may_go_on: impl Fn() -> bool,
     ) -> Result<RoleReport, NodeError> {
         let body = serde_json::json!({ "epoch": epoch });
         let deadline = tokio::time::Instant::now() + PROMOTION_DEADLINE;
@@ -129,7 +144,8 @@ impl NodeApi {
             match result {
                 Err(e)
                     if e.code().as_deref() == Some("promotion_in_progress")
-                        && tokio::time::Instant::now() < deadline =>
+                        && tokio::time::Instant::now() < deadline
+                        && may_go_on() =>
                 {
                     tracing::info!(%base, epoch, "promotion still applying the backlog; asking again");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -175,7 +191,8 @@ impl NodeApi {
         let mut builder = Request::builder()
             .method(method)
             .uri(format!("{base}{path}"))
-            .header(header::ACCEPT, "application/json");
+            .header(header::ACCEPT, "application/json")
+            .header(CALLER_HEADER, self.caller.clone());
         if let Some(token) = &self.token {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }

@@ -73,6 +73,12 @@ impl GatewayOptions {
         self.tls = Some((cert.to_path_buf(), key.to_path_buf()));
         self
     }
+
+    /// One of several gateways sharing failover control through etcd.
+    pub fn etcd(self, id: &str, endpoints: &str) -> Self {
+        self.env("GATEWAY_ID", id)
+            .env("GATEWAY_ETCD_ENDPOINTS", endpoints)
+    }
 }
 
 /// A running gateway; killed on drop.
@@ -110,9 +116,12 @@ impl Gateway {
         panic!("gateway did not come up after 3 attempts:\n{last}");
     }
 
-    /// Stops (SIGTERM) and starts it again on the same port with the same state dir.
+    /// Stops (SIGTERM) and starts it again on the same port with the same state dir;
+    /// after [`kill`](Self::kill), just starts it again.
     pub async fn restart(&mut self) {
-        self.process.terminate(Duration::from_secs(10)).await;
+        if self.process.is_running() {
+            self.process.terminate(Duration::from_secs(10)).await;
+        }
         for attempt in 10..30 {
             self.process = spawn_gateway(&self.options, self.port, attempt, &self.workdir);
             if self.wait_listening().await.is_ok() {
@@ -186,6 +195,30 @@ impl Gateway {
 
     pub async fn regions(&self) -> Value {
         self.http().get("/gateway/regions").await.json
+    }
+
+    /// The gateway in control of failover, as this one reports it.
+    pub async fn controller(&self) -> Option<String> {
+        self.regions().await["controller"]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    /// Waits until this gateway reports `id` in control of failover.
+    pub async fn wait_controller(&self, id: &str, deadline: Duration) {
+        let http = self.http();
+        eventually(deadline, &format!("{id} in control"), || {
+            let http = http.clone();
+            async move {
+                let view = http.get("/gateway/regions").await.json;
+                if view["controller"] == id {
+                    Ok(())
+                } else {
+                    Err(view)
+                }
+            }
+        })
+        .await
     }
 
     /// Waits until the gateway reports `region` active at an epoch of at least
@@ -267,6 +300,11 @@ impl Gateway {
 
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.process.exited()
+    }
+
+    /// SIGKILL: no chance to hand control over, as in a crash.
+    pub fn kill(&mut self) {
+        self.process.kill();
     }
 
     pub async fn terminate(&mut self, deadline: Duration) -> std::process::ExitStatus {
@@ -439,6 +477,28 @@ impl RegionNode {
         self.http().get("/admin/role").await.json
     }
 
+    /// Waits until this node serves product `sku` (e.g. replicated from the active).
+    pub async fn wait_product(&self, sku: &str, deadline: Duration) {
+        let http = self.http();
+        let path = format!("/api/v1/products/{sku}");
+        eventually(
+            deadline,
+            &format!("product {sku} in {}", self.region),
+            || {
+                let (http, path) = (http.clone(), path.clone());
+                async move {
+                    let r = http.get(&path).await;
+                    if r.status == 200 {
+                        Ok(())
+                    } else {
+                        Err(r.status)
+                    }
+                }
+            },
+        )
+        .await
+    }
+
     pub fn kill(&mut self) {
         self.process.kill();
     }
@@ -456,6 +516,83 @@ impl RegionNode {
     pub fn log_tail(&self, lines: usize) -> String {
         self.process.log_tail(lines)
     }
+
+    /// Every promote, demote and lease call this node received (in every life of the
+    /// process), oldest first. Needs the node started with [`CONTROL_CALL_LOGS`].
+    pub fn control_calls(&self) -> Vec<ControlCall> {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.workdir.path())
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        logs.retain(|p| p.extension().is_some_and(|e| e == "log"));
+        let mut calls = Vec::new();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            calls.extend(text.lines().filter_map(ControlCall::parse));
+        }
+        calls.sort_by_key(|c| c.at_us);
+        calls
+    }
+}
+
+/// Node variables that make it log every control call as a JSON line.
+pub const CONTROL_CALL_LOGS: [(&str, &str); 2] = [
+    ("LOG_FORMAT", "json"),
+    ("RUST_LOG", "info,regional_node::api::admin=debug"),
+];
+
+/// One promote, demote or lease call as a node logged it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlCall {
+    /// When the node logged it (after acting on it), microseconds since the Unix epoch.
+    pub at_us: i64,
+    /// The calling gateway's `GATEWAY_ID`.
+    pub caller: String,
+    /// `promote`, `demote` or `lease`.
+    pub action: String,
+    pub epoch: u64,
+    pub ttl_ms: Option<u64>,
+    /// The node granted it.
+    pub ok: bool,
+}
+
+impl ControlCall {
+    fn parse(line: &str) -> Option<ControlCall> {
+        let v: Value = serde_json::from_str(line).ok()?;
+        // The node's JSON lines carry the event's fields at the top level.
+        let f = v.get("fields").unwrap_or(&v);
+        if f["message"] != "control call" {
+            return None;
+        }
+        Some(ControlCall {
+            at_us: rfc3339_micros(v["timestamp"].as_str()?)?,
+            caller: f["caller"].as_str()?.to_string(),
+            action: f["action"].as_str()?.to_string(),
+            epoch: f["epoch"].as_u64()?,
+            ttl_ms: f["ttl_ms"].as_u64(),
+            ok: f["outcome"] == "ok",
+        })
+    }
+}
+
+/// `2026-01-02T03:04:05.123456Z` as microseconds since the Unix epoch (UTC only).
+fn rfc3339_micros(s: &str) -> Option<i64> {
+    let (date, time) = s.strip_suffix('Z')?.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    let digits: String = frac.chars().chain("000000".chars()).take(6).collect();
+    let micros: i64 = digits.parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1_000_000) + micros)
 }
 
 fn spawn_node(env: &[(String, String)], region: &str, port: u16, n: u32, dir: &WorkDir) -> Process {
@@ -733,4 +870,23 @@ pub fn metric(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> 
         }
     }
     sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339_micros;
+
+    #[test]
+    fn log_timestamps_parse_to_unix_micros() {
+        assert_eq!(rfc3339_micros("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            rfc3339_micros("2000-03-01T00:00:01.5Z"),
+            Some(951_868_801_500_000)
+        );
+        assert_eq!(
+            rfc3339_micros("2026-11-30T04:12:01.123456Z"),
+            Some(1_796_011_921_123_456)
+        );
+        assert_eq!(rfc3339_micros("not a time"), None);
+    }
 }

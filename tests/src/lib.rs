@@ -16,10 +16,14 @@
 //! - [`region`]: a private Redis plus one active node, the usual test fixture.
 //! - [`tokens`]: a test identity provider: key pairs, JWKS (file or HTTPS), signed tokens.
 //! - [`otlp`]: an OTLP/HTTP receiver that keeps the spans the binaries export.
+//! - [`gateway`]: the gateway binary, two regions in front of it, a blackholing proxy.
+//! - [`etcd`]: real etcd members (one, or a cluster of three) for gateways that share
+//!   failover control.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod compose;
+pub mod etcd;
 pub mod gateway;
 pub mod http;
 pub mod node;

@@ -7,7 +7,7 @@ use crate::jobs::{Jobs, Waited};
 use crate::projector::{self, ProjectError, RebuildReport};
 use crate::promotion::{self, PromotionError};
 use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
-use axum::http::{request::Parts, StatusCode};
+use axum::http::{request::Parts, HeaderMap, StatusCode};
 use axum::Json;
 use eventlog::{keys, Role};
 use serde_json::{json, Value};
@@ -112,12 +112,42 @@ pub async fn role(_: Admin, State(st): State<AppState>) -> Result<Json<Value>, A
     Ok(Json(role_json(&st).await?))
 }
 
+/// Who asked for a role change or a lease: the gateway's `Tandem-Gateway` header.
+/// Each such call is logged with it (promote and demote at info, lease renewals at
+/// debug), so an operator can tell which gateway acted when, as several may run.
+fn caller(headers: &HeaderMap) -> &str {
+    headers
+        .get("tandem-gateway")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+}
+
+fn outcome<T>(result: &Result<T, impl std::fmt::Display>) -> String {
+    match result {
+        Ok(_) => "ok".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
 pub async fn promote(
     _: Admin,
     State(st): State<AppState>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
     let epoch = epoch_of(&body)?;
+    let result = start_promotion(&st, epoch).await;
+    tracing::info!(
+        caller = caller(&headers),
+        action = "promote",
+        epoch,
+        outcome = result.as_ref().map_or_else(|e| e.code, |_| "ok"),
+        "control call"
+    );
+    result
+}
+
+async fn start_promotion(st: &AppState, epoch: u64) -> Result<Json<Value>, ApiError> {
     let (wf, limit) = (st.wf.clone(), st.config.promotion_timeout());
     let job = st
         .jobs
@@ -133,7 +163,7 @@ pub async fn promote(
             ))
         })?;
     match job.wait(PROMOTE_WAIT).await {
-        Waited::Done(Ok(())) => Ok(Json(role_json(&st).await?)),
+        Waited::Done(Ok(())) => Ok(Json(role_json(st).await?)),
         Waited::Done(Err(e)) => Err(ApiError::from(&*e)),
         Waited::Running => Err(in_progress(format!(
             "the promotion to epoch {epoch} is still running (applying the replicated backlog); \
@@ -153,16 +183,20 @@ fn in_progress(message: String) -> ApiError {
 pub async fn demote(
     _: Admin,
     State(st): State<AppState>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
     let epoch = epoch_of(&body)?;
-    st.wf.roles.transition(Role::Standby, epoch).await?;
+    let result = st.wf.roles.transition(Role::Standby, epoch).await;
+    tracing::info!(caller = caller(&headers), action = "demote", epoch, outcome = %outcome(&result), "control call");
+    result?;
     Ok(Json(role_json(&st).await?))
 }
 
 pub async fn lease(
     _: Admin,
     State(st): State<AppState>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
     let epoch = epoch_of(&body)?;
@@ -171,11 +205,13 @@ pub async fn lease(
         .and_then(Value::as_u64)
         .filter(|t| (1..=60_000).contains(t))
         .ok_or_else(|| ApiError::validation("ttlMs must be 1-60000", vec!["ttlMs".into()]))?;
-    let role = st
+    let result = st
         .wf
         .roles
         .grant_lease(epoch, Duration::from_millis(ttl))
-        .await?;
+        .await;
+    tracing::debug!(caller = caller(&headers), action = "lease", epoch, ttl_ms = ttl, outcome = %outcome(&result), "control call");
+    let role = result?;
     Ok(Json(json!({
         "region": st.config.region,
         "role": role.role,

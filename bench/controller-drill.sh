@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Controller drill benchmark (not a test): recovery time (RTO) when the gateway that
+# controls failover dies together with the active region, next to the single-gateway
+# region kill, N runs each, release binaries.
+#
+#   single     - one gateway (epoch in a file) in front of two replicated regions; region
+#                a's node and Redis SIGKILLed (tests/tests/gateway_failover.rs,
+#                order_stream_survives_killing_the_active_region).
+#   controller - two gateways sharing control through a three-member etcd cluster
+#                (Debian's etcd-server, 1 s controller lease); the controlling gateway,
+#                a's node and a's Redis SIGKILLed at once; clients switch gateway on every
+#                request (tests/tests/gateway_controllers.rs,
+#                controller_and_active_region_die_together_and_b_is_promoted_once).
+#
+# RTO: from the kill to the first order answered 201 by region b. Goal: under 2 s.
+# Usage: bench/controller-drill.sh [N]          (N=10)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-10}
+
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v etcd >/dev/null || need+=(etcd-server)
+if [ ${#need[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update </dev/null >/dev/null
+    apt-get install -y --no-install-recommends "${need[@]}" </dev/null >/dev/null
+fi
+cargo build --release -q --bins -p regional-node -p replicator -p gateway
+
+OUT=$(mktemp /tmp/tandem-controller-drill-XXXXXX)
+trap 'rm -f "$OUT"' EXIT
+export TANDEM_BIN_DIR="$PWD/target/release"
+for i in $(seq 1 "$N"); do
+    echo "## run $i/$N" >&2
+    cargo test -q -p system-tests --test gateway_failover -- --nocapture --test-threads 1 \
+        order_stream_survives_killing_the_active_region 2>&1 |
+        grep -oE '\[drill\] kill: first order from b [0-9.]+(ms|s|µs)' >>"$OUT" || true
+    cargo test -q -p system-tests --test gateway_controllers -- --nocapture --test-threads 1 \
+        controller_and_active_region_die_together_and_b_is_promoted_once 2>&1 |
+        grep -oE '\[drill\] controller\+region kill: first order from b [0-9.]+(ms|s|µs)' >>"$OUT" || true
+done
+
+python3 - "$OUT" "$N" <<'PY'
+import re, sys
+
+def pct(v, p):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(round(p * (len(v) - 1))))] if v else float("nan")
+
+def secs(s):
+    m = re.match(r"([0-9.]+)(ms|s|µs)", s)
+    x = float(m.group(1))
+    return {"ms": x / 1000, "s": x, "µs": x / 1e6}[m.group(2)]
+
+rto = {"single": [], "controller": []}
+for line in open(sys.argv[1]):
+    m = re.search(r"\[drill\] (kill|controller\+region kill): first order from b (\S+)", line)
+    if m:
+        rto["single" if m.group(1) == "kill" else "controller"].append(secs(m.group(2)))
+print(f"runs asked: {sys.argv[2]}")
+print("drill                                  runs  RTO p50    RTO p95    max")
+names = {"single": "single gateway: region a killed",
+         "controller": "controller gateway + region a killed"}
+for k in ("single", "controller"):
+    v = rto[k]
+    print(f"{names[k]:38} {len(v):4}  {pct(v, .5) * 1000:7.0f} ms {pct(v, .95) * 1000:7.0f} ms "
+          f"{max(v, default=float('nan')) * 1000:7.0f} ms")
+s, c = rto["single"], rto["controller"]
+if s and c:
+    print(f"ratio controller/single at p50: {pct(c, .5) / pct(s, .5):.2f}x")
+PY
