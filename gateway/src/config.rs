@@ -253,7 +253,7 @@ impl Config {
             .set_default("linger_bytes", 64 * 1024 * 1024)?
             .set_default("etcd_prefix", "/tandem")?
             .set_default("etcd_lease_ttl_s", 1)?
-            .set_default("etcd_timeout_ms", 250)?;
+            .set_default("etcd_timeout_ms", 500)?;
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }

@@ -167,7 +167,22 @@ impl Election {
                     CAMPAIGN_POLL
                 }
                 Some(t) => {
-                    self.keep(t).await;
+                    // A keep-alive may hang on an unreachable member for a while: say
+                    // when control ends even if it is still waiting.
+                    let keep = self.keep(t);
+                    tokio::pin!(keep);
+                    let end = t.until.checked_sub(self.margin).unwrap_or(t.until);
+                    if Instant::now() < end {
+                        tokio::select! {
+                            _ = &mut keep => {}
+                            _ = tokio::time::sleep_until(end.into()) => {
+                                self.publish();
+                                keep.await;
+                            }
+                        }
+                    } else {
+                        keep.await;
+                    }
                     // Wake up in time to report the end of control when renewals fail.
                     let left = t
                         .until

@@ -21,7 +21,7 @@ use crate::election::Election;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::node_api::{NodeApi, NodeError, RoleReport};
-use crate::routing::Routing;
+use crate::routing::{Routing, Verdict};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -324,6 +324,13 @@ impl Controller {
                 .is_some_and(|r| r.leased && r.epoch == epoch && r.region == regions[i].id)
         };
         if let Some((i, rep)) = best_active.filter(|(_, r)| r.epoch >= allocated) {
+            // It just answered. Requests may have ejected it while this gateway only
+            // followed (it refuses writes for a moment when its lease has lapsed and
+            // its peer's word is stale, as while nobody could renew): a failover needs
+            // this controller's own probes to find it failing.
+            if !self.routing.region(i).is_healthy() {
+                self.routing.set_healthy(i, true, Verdict::Probe);
+            }
             self.take_office(i, rep.epoch, rep).await;
             if recorded_leased(i, rep.epoch) {
                 let mut lease = self.lease();

@@ -3,7 +3,9 @@
 //!
 //! Members run with a 50 ms heartbeat and a 500 ms election timeout (what a LAN or
 //! loopback cluster uses), so etcd accepts 1 s leases (its minimum TTL is 1.5 election
-//! timeouts, rounded up to whole seconds).
+//! timeouts, rounded up to whole seconds). Their data lives in `/dev/shm` when there is
+//! one: etcd preallocates 64 MB of log per member and fsyncs every write, which a busy
+//! shared disk makes slow (and the logs stay in the work dir).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -48,6 +50,8 @@ pub struct EtcdCluster {
     pub members: Vec<EtcdMember>,
     token: String,
     workdir: WorkDir,
+    /// The members' data directories; removed on drop.
+    data: PathBuf,
 }
 
 impl EtcdCluster {
@@ -71,10 +75,12 @@ impl EtcdCluster {
                     starts: 0,
                 })
                 .collect();
+            let data = data_root(&workdir);
             let mut cluster = EtcdCluster {
                 members,
                 token: format!("tandem-test-{}-{attempt}", std::process::id()),
                 workdir,
+                data,
             };
             for i in 0..n {
                 cluster.spawn(i);
@@ -91,9 +97,7 @@ impl EtcdCluster {
     }
 
     fn data_dir(&self, i: usize) -> PathBuf {
-        self.workdir
-            .path()
-            .join(format!("{}.etcd", self.members[i].name))
+        self.data.join(format!("{}.etcd", self.members[i].name))
     }
 
     fn spawn(&mut self, i: usize) {
@@ -225,7 +229,20 @@ impl EtcdCluster {
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         self.kill_all();
+        let _ = std::fs::remove_dir_all(&self.data);
     }
+}
+
+/// A fresh directory for the members' data: in `/dev/shm` if present, else the work dir.
+fn data_root(workdir: &WorkDir) -> PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    let root = match workdir.path().file_name() {
+        Some(name) if shm.is_dir() => shm.join(name),
+        _ => workdir.path().join("data"),
+    };
+    std::fs::create_dir_all(&root)
+        .unwrap_or_else(|e| panic!("create etcd data dir {}: {e}", root.display()));
+    root
 }
 
 /// `etcd` from `$PATH` (Debian's `etcd-server`; `scripts/test.sh` installs it).

@@ -13,7 +13,7 @@ use system_tests::free_port;
 use system_tests::gateway::Blackhole;
 use system_tests::poll::eventually;
 
-const TIMEOUT: Duration = Duration::from_millis(250);
+const TIMEOUT: Duration = Duration::from_millis(500);
 const MARGIN: Duration = Duration::from_millis(50);
 
 fn client(endpoints: Vec<String>) -> EtcdClient {
