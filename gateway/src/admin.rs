@@ -30,6 +30,10 @@ async fn route(
     let segs: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method(), segs.as_slice()) {
         (&Method::GET, ["metrics"]) => {
+            // Control can end between two changes the controller task sees (a
+            // keep-alive that fails): read it as of now.
+            let controlling = shared.controller.is_controller();
+            shared.metrics.controller.set(i64::from(controlling));
             let mut resp = Response::new(full_body(shared.metrics.render()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -216,6 +216,11 @@ impl Controller {
         }
     }
 
+    /// This gateway controls failover now (`tandem_gateway_controller`).
+    pub fn is_controller(&self) -> bool {
+        self.acting()
+    }
+
     /// This gateway may act on the regions now (renew, promote, demote).
     fn acting(&self) -> bool {
         match &self.authority {
