@@ -2,12 +2,14 @@
 //!
 //! # Layout
 //! - [`envelope`]: the canonical event envelope and how it is stored in a stream entry.
-//! - [`entry`]: stream entries parsed from Redis replies (XRANGE, XREAD, XAUTOCLAIM).
+//! - `entry`: stream entries parsed from Redis replies (XRANGE, XREAD, XAUTOCLAIM); with
+//!   the `redis` feature.
 //! - [`keys`]: the Redis key layout of one region (streams, role, derived state).
 //! - [`roles`]: regions, roles and epochs, and how they are stored.
 //! - [`time`]: RFC 3339 timestamps for `occurredAt`.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "redis")]
 pub mod entry;
 pub mod envelope;
 pub mod keys;
