@@ -223,7 +223,7 @@ async fn refresh_gauges(wf: Workflow, mut stop: watch::Receiver<bool>) {
             .with_label_values(&[group.name()])
             .set(0.0);
     }
-    for status in crate::orders::Status::ALL {
+    for status in orders_model::Status::ALL {
         wf.metrics
             .orders
             .with_label_values(&[status.as_str()])

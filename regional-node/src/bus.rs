@@ -10,14 +10,14 @@
 //! then parked in the dead-letter stream. Entries left pending by a dead consumer are
 //! taken over with XAUTOCLAIM once idle for `reclaim_idle_ms`.
 
-use crate::events::{Cause, DeadLetterReplayed, DomainEvent};
-use crate::projections::State;
 use crate::store::Tx;
 use crate::store::{Entry, Store, StoreError};
 use crate::workflow::{Decision, Reads, Retry, Workflow, WorkflowError};
 use crate::{inventory, orders, payments, shipments};
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 use eventlog::{keys, Envelope};
+use orders_model::events::{Cause, DeadLetterReplayed, DomainEvent, EventType};
+use orders_model::State;
 use redis::Value;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -39,70 +39,25 @@ const READ_RETRY: ExponentialBuilder = ExponentialBuilder::new()
     .with_max_delay(Duration::from_secs(1))
     .without_max_times();
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Group {
-    Inventory,
-    Payments,
-    Shipments,
-    Orders,
-}
+/// The consumer groups: one per module of the workflow, named after it. Which event
+/// types a group reads is derived from the order's state machine
+/// ([`orders_model::Module::reacts_to`]); it acknowledges the rest unread.
+pub use orders_model::Module as Group;
 
-impl Group {
-    pub const ALL: [Group; 4] = [
-        Group::Inventory,
-        Group::Payments,
-        Group::Shipments,
-        Group::Orders,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Group::Inventory => "inventory",
-            Group::Payments => "payments",
-            Group::Shipments => "shipments",
-            Group::Orders => "orders",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Group> {
-        Group::ALL.into_iter().find(|g| g.name() == name)
-    }
-
-    /// The event types the group reacts to; it acknowledges the rest unread.
-    pub fn wants(self, event_type: &str) -> bool {
-        match self {
-            Group::Inventory => matches!(
-                event_type,
-                "OrderPlaced" | "OrderCancelled" | "OrderPaymentFailed"
-            ),
-            Group::Payments => matches!(event_type, "OrderConfirmed" | "OrderCancelled"),
-            Group::Shipments => event_type == "OrderPaid",
-            Group::Orders => matches!(
-                event_type,
-                "InventoryReserved"
-                    | "InventoryReservationFailed"
-                    | "PaymentProcessed"
-                    | "PaymentFailed"
-                    | "ShipmentCreated"
-                    | "ShipmentDelivered"
-            ),
-        }
-    }
-
-    pub async fn handle(
-        self,
-        wf: &Workflow,
-        env: &Envelope,
-        event: &DomainEvent,
-        attempt: u32,
-        ack: Option<(&str, &str)>,
-    ) -> Result<Option<Tx>, WorkflowError> {
-        match self {
-            Group::Inventory => inventory::on_event(wf, env, event, ack).await,
-            Group::Payments => payments::on_event(wf, env, event, attempt, ack).await,
-            Group::Shipments => shipments::on_event(wf, env, event, ack).await,
-            Group::Orders => orders::on_event(wf, env, event, ack).await,
-        }
+/// Hands an event to its group's module.
+pub async fn handle(
+    group: Group,
+    wf: &Workflow,
+    env: &Envelope,
+    event: &DomainEvent,
+    attempt: u32,
+    ack: Option<(&str, &str)>,
+) -> Result<Option<Tx>, WorkflowError> {
+    match group {
+        Group::Inventory => inventory::on_event(wf, env, event, ack).await,
+        Group::Payments => payments::on_event(wf, env, event, attempt, ack).await,
+        Group::Shipments => shipments::on_event(wf, env, event, ack).await,
+        Group::Orders => orders::on_event(wf, env, event, ack).await,
     }
 }
 
@@ -307,9 +262,10 @@ async fn dispatch(
             skipped.push(entry.id);
             continue;
         }
+        // An entry without a type is handed on, and parked as unreadable there.
         let wanted = entry
             .field_str(eventlog::envelope::FIELD_TYPE)
-            .is_none_or(|t| group.wants(t));
+            .is_none_or(|t| t.parse::<EventType>().is_ok_and(|ty| group.reacts_to(ty)));
         if !wanted {
             skipped.push(entry.id);
             continue;
@@ -391,9 +347,15 @@ async fn handle_entry(
     let ty = env.event_type.as_str();
     let mut attempt = 1;
     let outcome = async { loop {
-        let result = group
-            .handle(wf, &env, &event, attempt, Some((group.name(), &entry.id)))
-            .await;
+        let result = handle(
+            group,
+            wf,
+            &env,
+            &event,
+            attempt,
+            Some((group.name(), &entry.id)),
+        )
+        .await;
         let err = match result {
             Ok(Some(_)) => break "ok",
             Ok(None) => match wf
@@ -559,25 +521,6 @@ async fn park(
     }
 }
 
-/// One dead-letter entry, as `GET /admin/dlq` shows it.
-pub fn dlq_view(entry: &Entry) -> serde_json::Value {
-    let event: serde_json::Value = entry
-        .field_str("event")
-        .and_then(|s| serde_json::from_str(s).ok())
-        .unwrap_or(serde_json::Value::Null);
-    serde_json::json!({
-        "id": entry.id,
-        "group": entry.field_str("group"),
-        "entryId": entry.field_str("entryId"),
-        "eventId": entry.field_str("eventId"),
-        "eventType": entry.field_str("eventType"),
-        "error": entry.field_str("error"),
-        "attempts": entry.field_str("attempts").and_then(|a| a.parse::<u32>().ok()),
-        "at": entry.field_str("at"),
-        "event": event,
-    })
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error("dead-letter entry {0} not found")]
@@ -588,8 +531,18 @@ pub enum ReplayError {
     Failed(WorkflowError),
 }
 
+/// A dead-letter entry that was replayed and left the dead-letter list.
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    pub dlq_id: String,
+    pub group: Group,
+    pub event_id: String,
+    /// `handled` or `nothing_to_do` (see [`DeadLetterReplayed`]).
+    pub outcome: &'static str,
+}
+
 /// Runs a parked entry's handler once more; on success the entry leaves the DLQ.
-pub async fn replay(wf: &Workflow, dlq_id: &str) -> Result<serde_json::Value, ReplayError> {
+pub async fn replay(wf: &Workflow, dlq_id: &str) -> Result<Replayed, ReplayError> {
     let entries = wf
         .store
         .xrange(keys::DLQ, dlq_id, dlq_id, 1)
@@ -623,8 +576,7 @@ pub async fn replay(wf: &Workflow, dlq_id: &str) -> Result<serde_json::Value, Re
     if done.is_some() {
         return Err(not_found());
     }
-    let outcome = group
-        .handle(wf, &env, &event, attempts + 1, None)
+    let outcome = handle(group, wf, &env, &event, attempts + 1, None)
         .await
         .map_err(ReplayError::Failed)?;
     let outcome = if outcome.is_some() {
@@ -669,12 +621,12 @@ pub async fn replay(wf: &Workflow, dlq_id: &str) -> Result<serde_json::Value, Re
         .events_handled
         .with_label_values(&[group.name(), &env.event_type, "replayed"])
         .inc();
-    Ok(serde_json::json!({
-        "id": dlq_id,
-        "group": group.name(),
-        "eventId": env.event_id,
-        "outcome": outcome,
-    }))
+    Ok(Replayed {
+        dlq_id: dlq_id.to_string(),
+        group,
+        event_id: env.event_id,
+        outcome,
+    })
 }
 
 /// The dead-letter entries among `entries` that have not been replayed.
@@ -745,7 +697,7 @@ pub async fn refresh_gauges(wf: &Workflow) -> Result<(), StoreError> {
         .store
         .query(redis::cmd("HGETALL").arg(keys::ORDER_COUNTS))
         .await?;
-    for status in crate::orders::Status::ALL {
+    for status in orders_model::Status::ALL {
         m.orders
             .with_label_values(&[status.as_str()])
             .set(*counts.get(status.as_str()).unwrap_or(&0) as f64);

@@ -5,11 +5,12 @@
 //! - [`config`]: typed configuration (`NODE_*`).
 //! - [`api`]: the HTTP API of API.md.
 //! - [`durability`]: `replicated` durability: waiting for the standby, and the fallback.
-//! - [`events`]: the domain events and their envelope.
 //! - [`orders`], [`inventory`], [`payments`], [`shipments`]: the modules of the
-//!   workflow: their state, commands and consumer-group handlers.
-//! - [`projections`]: the one pure `apply(state, event)` all derived state comes from.
-//! - [`workflow`]: decide -> apply -> commit, and the errors and retry policy.
+//!   workflow: their commands and consumer-group handlers. What they decide with (the
+//!   events, orders, products, the state machine and the pure `apply`) is the
+//!   `orders-model` crate's.
+//! - [`workflow`]: decide -> apply -> commit, a consumer group's turn on an event, and
+//!   the errors and retry policy.
 //! - [`store`]: Redis access and the atomic commit script.
 //! - [`bus`]: consumer groups, retries, dead letters, reclaiming.
 //! - [`projector`]: standby projection and rebuild from the event stream.
@@ -23,13 +24,11 @@ pub mod app;
 pub mod bus;
 pub mod config;
 pub mod durability;
-pub mod events;
 pub mod inventory;
 pub mod jobs;
 pub mod metrics;
 pub mod orders;
 pub mod payments;
-pub mod projections;
 pub mod projector;
 pub mod promotion;
 pub mod roles;

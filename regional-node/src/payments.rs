@@ -4,11 +4,12 @@
 //! The provider's outcome is decided by the test token (API.md), so every failure
 //! path is reachable from outside without mocks inside the code.
 
-use crate::events::*;
-use crate::orders::{react, PaymentState, Reaction, Status};
 use crate::store::Tx;
-use crate::workflow::{Workflow, WorkflowError};
+use crate::workflow::{Reaction, Workflow, WorkflowError};
 use eventlog::Envelope;
+use orders_model::events::*;
+use orders_model::flow::PaymentStep;
+use orders_model::{OrderId, Step};
 
 /// What the provider said about a charge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,11 +36,12 @@ pub fn charge(token: &str, attempt: u32) -> Result<Charge, WorkflowError> {
 
 /// Payment ids are derived from the order: one order, one payment, whichever node
 /// or region charges it.
-pub fn payment_id(order_id: &str) -> String {
-    format!("pay_{}", order_id.replace('-', ""))
+pub fn payment_id(order_id: &OrderId) -> String {
+    format!("pay_{}", order_id.as_str().replace('-', ""))
 }
 
-/// The `payments` group.
+/// The `payments` group: charges confirmed orders, refunds cancelled ones that were
+/// charged.
 pub async fn on_event(
     wf: &Workflow,
     env: &Envelope,
@@ -47,12 +49,10 @@ pub async fn on_event(
     attempt: u32,
     ack: Option<(&str, &str)>,
 ) -> Result<Option<Tx>, WorkflowError> {
-    react(wf, env, event, ack, None, |_, order| {
+    wf.react(env, event, ack, None, Step::payments, |_, order, step| {
         let order_id = order.order_id.clone();
-        Ok(Reaction::Next(match event {
-            DomainEvent::OrderConfirmed(_)
-                if order.status == Status::Confirmed && order.payment.is_none() =>
-            {
+        Ok(Reaction::Next(match step {
+            PaymentStep::Charge => {
                 let payment_id = payment_id(&order_id);
                 match charge(&order.payment_token, attempt)? {
                     Charge::Approved => DomainEvent::PaymentProcessed(PaymentProcessed {
@@ -68,18 +68,15 @@ pub async fn on_event(
                     }),
                 }
             }
-            DomainEvent::OrderCancelled(_) if order.payment == Some(PaymentState::Processed) => {
-                DomainEvent::PaymentRefunded(PaymentProcessed {
-                    payment_id: order
-                        .payment_id
-                        .clone()
-                        .unwrap_or_else(|| payment_id(&order_id)),
-                    order_id,
-                    amount: order.amount,
-                    currency: order.currency.clone(),
-                })
-            }
-            _ => return Ok(Reaction::Nothing),
+            PaymentStep::Refund => DomainEvent::PaymentRefunded(PaymentProcessed {
+                payment_id: order
+                    .payment_id
+                    .clone()
+                    .unwrap_or_else(|| payment_id(&order_id)),
+                order_id,
+                amount: order.amount,
+                currency: order.currency.clone(),
+            }),
         }))
     })
     .await

@@ -1,11 +1,11 @@
 //! Derived state from the event log: the standby's projector (applies replicated
 //! events as they arrive, so its read models stay warm) and the rebuild from scratch.
 
-use crate::events::DomainEvent;
-use crate::projections::{apply, keys_for, MemState};
 use crate::roles::Roles;
 use crate::store::{Entry, Store, StoreError, Tx};
 use eventlog::{keys, roles::fields, Role};
+use orders_model::apply::{apply, keys_for, MemState};
+use orders_model::DomainEvent;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;

@@ -1,26 +1,15 @@
 //! Shipments: the `shipments` consumer group that creates a shipment for every paid
 //! order, and the dispatch and deliver commands of the carrier.
 
-use crate::events::*;
-use crate::orders::{load_order, react, Order, Reaction, ShipmentState, Status};
 use crate::store::Tx;
-use crate::workflow::{Decision, Reads, Workflow, WorkflowError};
+use crate::workflow::{Decision, Reaction, Reads, Workflow, WorkflowError};
 use eventlog::{keys, Envelope};
-use serde_json::Value;
+use orders_model::apply::{self, ApplyError};
+use orders_model::events::*;
+use orders_model::flow::ShipmentStep;
+use orders_model::{Input, Module, Order, OrderId, ShipmentId, Step};
 
 const CARRIERS: [&str; 3] = ["UPS", "DHL", "FedEx"];
-
-/// The shipment part of an order, as `POST /shipments/{id}/...` answers it.
-pub fn view(order: &Order) -> Value {
-    serde_json::json!({
-        "shipmentId": order.shipment_id,
-        "orderId": order.order_id,
-        "status": order.shipment,
-        "trackingNumber": order.tracking_number,
-        "carrier": order.carrier,
-        "orderStatus": order.status,
-    })
-}
 
 /// The `shipments` group.
 pub async fn on_event(
@@ -31,78 +20,88 @@ pub async fn on_event(
 ) -> Result<Option<Tx>, WorkflowError> {
     // Chosen once per delivery, outside the decision, so a retried decision after a
     // conflict proposes the same shipment.
-    let shipment_id = uuid::Uuid::new_v4().to_string();
+    let shipment_id =
+        ShipmentId::parse(&uuid::Uuid::new_v4().to_string()).expect("a UUID is a shipment id");
     let tracking = format!("TRK{:010}", rand::random::<u32>());
-    let new_key = Some(keys::shipment(&shipment_id));
-    react(wf, env, event, ack, new_key, |_, order| {
-        let paid = matches!(event, DomainEvent::OrderPaid(_)) && order.status == Status::Paid;
-        if !paid || order.shipment.is_some() {
-            return Ok(Reaction::Nothing);
-        }
-        let carrier =
-            CARRIERS[order.order_id.bytes().map(usize::from).sum::<usize>() % CARRIERS.len()];
-        Ok(Reaction::Next(DomainEvent::ShipmentCreated(
-            ShipmentCreated {
-                order_id: order.order_id.clone(),
-                shipment_id: shipment_id.clone(),
-                tracking_number: tracking.clone(),
-                carrier: carrier.into(),
-            },
-        )))
-    })
+    let new_key = Some(keys::shipment(shipment_id.as_str()));
+    wf.react(
+        env,
+        event,
+        ack,
+        new_key,
+        Step::shipments,
+        |_, order, step| {
+            Ok(match step {
+                ShipmentStep::Create => {
+                    let carrier = CARRIERS[order
+                        .order_id
+                        .as_str()
+                        .bytes()
+                        .map(usize::from)
+                        .sum::<usize>()
+                        % CARRIERS.len()];
+                    Reaction::Next(DomainEvent::ShipmentCreated(ShipmentCreated {
+                        order_id: order.order_id.clone(),
+                        shipment_id: shipment_id.clone(),
+                        tracking_number: tracking.clone(),
+                        carrier: carrier.into(),
+                    }))
+                }
+                // The carrier's steps come from its commands (`advance`), not from events.
+                ShipmentStep::Dispatch | ShipmentStep::Deliver => Reaction::Nothing,
+            })
+        },
+    )
     .await
 }
 
 /// Which carrier step a command takes.
 #[derive(Debug, Clone, Copy)]
-pub enum Step {
+pub enum CarrierStep {
     Dispatch,
     Deliver,
 }
 
-/// `POST /shipments/{id}/dispatch` and `/deliver`.
+/// `POST /shipments/{id}/dispatch` and `/deliver`: allowed where the order's state
+/// machine allows them.
 pub async fn advance(
     wf: &Workflow,
-    shipment_id: &str,
-    step: Step,
+    shipment_id: &ShipmentId,
+    step: CarrierStep,
     cause: &Cause,
 ) -> Result<Order, WorkflowError> {
-    let not_found = || WorkflowError::NotFound(format!("shipment {shipment_id}"));
-    let order_id = wf
-        .store
-        .get(&keys::shipment(shipment_id))
-        .await?
-        .ok_or_else(not_found)?;
+    let not_found = || WorkflowError::NotFound(format!("shipment {}", shipment_id.as_str()));
+    let key = keys::shipment(shipment_id.as_str());
+    let raw = wf.store.get(&key).await?.ok_or_else(not_found)?;
+    let order_id = OrderId::parse(&raw).ok_or_else(|| ApplyError::Corrupt {
+        key,
+        source: serde::de::Error::custom(format!("{raw:?} is not an order id")),
+    })?;
+    let (input, verb) = match step {
+        CarrierStep::Dispatch => (Input::Dispatch, "dispatch"),
+        CarrierStep::Deliver => (Input::Deliver, "deliver"),
+    };
     let done = wf
         .execute(
-            Reads::keys(vec![keys::order(&order_id)]),
+            Reads::keys(vec![keys::order(order_id.as_str())]),
             cause,
             None,
             |tx| {
-                let order = load_order(tx, &order_id)?.ok_or_else(not_found)?;
+                let order = apply::order(tx, &order_id)?.ok_or_else(not_found)?;
                 let shipment = ShipmentRef {
                     order_id: order_id.clone(),
-                    shipment_id: shipment_id.to_string(),
+                    shipment_id: shipment_id.clone(),
                 };
-                let event = match (step, order.shipment, order.status) {
-                    (Step::Dispatch, Some(ShipmentState::Created), Status::Shipped) => {
-                        DomainEvent::ShipmentDispatched(shipment)
-                    }
-                    (Step::Deliver, Some(ShipmentState::Dispatched), Status::Shipped) => {
-                        DomainEvent::ShipmentDelivered(shipment)
-                    }
-                    (_, state, status) => {
+                let next = order.next(input).step_of(Module::Shipments);
+                let event = match next.and_then(Step::shipments) {
+                    Some(ShipmentStep::Dispatch) => DomainEvent::ShipmentDispatched(shipment),
+                    Some(ShipmentStep::Deliver) => DomainEvent::ShipmentDelivered(shipment),
+                    Some(ShipmentStep::Create) | None => {
                         return Err(WorkflowError::InvalidState(format!(
-                            "shipment {shipment_id} is {} (order {}): cannot {}",
-                            state
-                                .map(|s| format!("{s:?}").to_uppercase())
-                                .unwrap_or_else(|| "unknown".into()),
-                            status.as_str(),
-                            if matches!(step, Step::Dispatch) {
-                                "dispatch"
-                            } else {
-                                "deliver"
-                            }
+                            "shipment {} is {} (order {}): cannot {verb}",
+                            shipment_id.as_str(),
+                            order.shipment.map(|s| s.as_str()).unwrap_or("unknown"),
+                            order.status,
                         )))
                     }
                 };
@@ -114,5 +113,5 @@ pub async fn advance(
         )
         .await?
         .expect("a shipment step always emits");
-    Ok(load_order(&done, &order_id)?.expect("the order exists"))
+    Ok(apply::order(&done, &order_id)?.expect("the order exists"))
 }

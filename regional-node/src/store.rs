@@ -9,9 +9,9 @@
 //! concurrent writer's commit makes ours fail with [`CommitOutcome::Conflict`], and
 //! the caller decides again on fresh state.
 
-use crate::events::DomainEvent;
-use crate::projections::{ApplyError, State};
 use eventlog::{keys, roles::fields, Envelope, RoleRecord};
+use orders_model::DomainEvent;
+use orders_model::{ApplyError, State};
 use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, Script, Value};
 use std::collections::BTreeMap;

@@ -4,12 +4,19 @@
 //! A decision is a pure function of the state it read ([`Tx`]). If the commit finds
 //! any of that state changed, the decision is taken again on fresh state, so two
 //! nodes (or two workers) can never both act on the same order step.
+//!
+//! A consumer group decides through [`Workflow::react`]: the order's state machine
+//! (`orders_model::flow`) says which step, if any, the group takes; the group's module
+//! only says how.
 
-use crate::events::{envelopes, Cause, DomainEvent, Writer};
 use crate::metrics::Metrics;
-use crate::projections::{apply, keys_for, ApplyError};
 use crate::roles::Roles;
 use crate::store::{CommitOutcome, Store, StoreError, Tx};
+use eventlog::{keys, Envelope};
+use orders_model::apply::{self, apply, keys_for, ApplyError};
+use orders_model::events::{Cause, DomainEvent, Writer};
+use orders_model::product::{Availability, Sku};
+use orders_model::{Input, Next, Order, Step};
 use std::time::Duration;
 
 /// What a decision asks for.
@@ -33,9 +40,9 @@ pub enum WorkflowError {
     #[error("{0}")]
     InvalidState(String),
     #[error("products unavailable")]
-    ProductsUnavailable(Vec<crate::inventory::Availability>),
-    #[error("unknown sku: {}", .0.join(", "))]
-    UnknownSku(Vec<String>),
+    ProductsUnavailable(Vec<Availability>),
+    #[error("unknown sku: {}", .0.iter().map(Sku::as_str).collect::<Vec<_>>().join(", "))]
+    UnknownSku(Vec<Sku>),
     #[error("{0}")]
     Validation(String),
     #[error("this Idempotency-Key was used with another request body")]
@@ -237,4 +244,93 @@ impl Workflow {
             }
         }
     }
+
+    /// A consumer group's turn on an event of an order: loads the order, asks its state
+    /// machine what follows the event, and when that gives the group a step that is due
+    /// (`step_of` picks the group's kind of step), lets `take` decide the event that
+    /// records it. The event is committed together with the entry's acknowledgement
+    /// (`ack`). `new_key` names a key the step may create.
+    pub async fn react<S, F>(
+        &self,
+        env: &Envelope,
+        event: &DomainEvent,
+        ack: Option<(&str, &str)>,
+        new_key: Option<String>,
+        step_of: fn(Step) -> Option<S>,
+        mut take: F,
+    ) -> Result<Option<Tx>, WorkflowError>
+    where
+        F: FnMut(&Tx, &Order, S) -> Result<Reaction, WorkflowError>,
+    {
+        let Some(order_id) = event.order_id() else {
+            return Ok(None);
+        };
+        let input = Input::Event(event.event_type());
+        let reads = Reads {
+            keys: vec![keys::order(order_id.as_str())],
+            new_key,
+            ..Reads::default()
+        };
+        self.execute(reads, &Cause::event(env), ack, |tx| {
+            let Some(order) = apply::order(tx, order_id)? else {
+                return Ok(Decision::Nothing);
+            };
+            let Next::Steps(steps) = order.next(input) else {
+                return Ok(Decision::Nothing);
+            };
+            let due = steps.iter().filter(|s| s.is_due(&order));
+            let Some(step) = due.copied().find_map(step_of) else {
+                return Ok(Decision::Nothing);
+            };
+            Ok(match take(tx, &order, step)? {
+                Reaction::Next(next) => Decision::Emit {
+                    last_sequence: order.version,
+                    events: vec![next],
+                },
+                Reaction::Nothing => Decision::Nothing,
+                Reaction::Load(keys) => Decision::Load(keys),
+            })
+        })
+        .await
+    }
+}
+
+/// What a module makes of the step the state machine gave it.
+pub enum Reaction {
+    /// Record this event of the order.
+    Next(DomainEvent),
+    /// Nothing to record.
+    Nothing,
+    /// Read these keys too, then decide again.
+    Load(Vec<String>),
+}
+
+/// Keys among `wanted` that the transaction has not read yet.
+pub fn missing_keys(tx: &Tx, wanted: Vec<String>) -> Option<Vec<String>> {
+    use orders_model::State;
+    let missing: Vec<String> = wanted.into_iter().filter(|k| tx.get(k).is_err()).collect();
+    (!missing.is_empty()).then_some(missing)
+}
+
+/// Puts events for one aggregate whose last sequence is `last_sequence` in their
+/// envelopes, with new event ids and the time now.
+fn envelopes(
+    events: Vec<DomainEvent>,
+    last_sequence: u64,
+    cause: &Cause,
+    writer: &Writer,
+) -> Vec<(Envelope, DomainEvent)> {
+    let now = eventlog::time::rfc3339_ms(eventlog::time::now_ms());
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| {
+            let sequence = last_sequence + 1 + i as u64;
+            let id = uuid::Uuid::new_v4().to_string();
+            (
+                event.envelope(sequence, cause, writer, id, now.clone()),
+                event,
+            )
+        })
+        .collect()
 }

@@ -6,6 +6,7 @@ use crate::bus;
 use crate::jobs::{Jobs, Waited};
 use crate::projector::{self, ProjectError, RebuildReport};
 use crate::promotion::{self, PromotionError};
+use crate::store::Entry;
 use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::http::{request::Parts, HeaderMap, StatusCode};
 use axum::Json;
@@ -224,7 +225,7 @@ pub async fn dlq(_: Admin, State(st): State<AppState>) -> Result<Json<Value>, Ap
     let entries = st.wf.store.xrange(keys::DLQ, "-", "+", 1000).await?;
     let entries = bus::unreplayed(&st.wf.store, entries).await?;
     Ok(Json(
-        json!({ "entries": entries.iter().map(bus::dlq_view).collect::<Vec<_>>() }),
+        json!({ "entries": entries.iter().map(dlq_view).collect::<Vec<_>>() }),
     ))
 }
 
@@ -236,7 +237,36 @@ pub async fn replay(
     if eventlog::envelope::StreamId::parse(&entry_id).is_none() {
         return Err(ApiError::not_found(format!("dead-letter entry {entry_id}")));
     }
-    Ok(Json(bus::replay(&st.wf, &entry_id).await?))
+    let replayed = bus::replay(&st.wf, &entry_id).await?;
+    Ok(Json(json!({
+        "id": replayed.dlq_id,
+        "group": replayed.group.name(),
+        "eventId": replayed.event_id,
+        "outcome": replayed.outcome,
+    })))
+}
+
+/// One dead-letter entry, as `GET /admin/dlq` shows it.
+fn dlq_view(entry: &Entry) -> Value {
+    json!({
+        "id": entry.id,
+        "group": entry.field_str("group"),
+        "entryId": entry.field_str("entryId"),
+        "eventId": entry.field_str("eventId"),
+        "eventType": entry.field_str("eventType"),
+        "error": entry.field_str("error"),
+        "attempts": entry.field_str("attempts").and_then(|a| a.parse::<u32>().ok()),
+        "at": entry.field_str("at"),
+        "event": stored_event(entry),
+    })
+}
+
+/// The event JSON an entry of the dead-letter or quarantine stream holds.
+fn stored_event(entry: &Entry) -> Value {
+    entry
+        .field_str("event")
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or(Value::Null)
 }
 
 pub async fn rebuild(
@@ -278,16 +308,12 @@ pub async fn quarantine(_: Admin, State(st): State<AppState>) -> Result<Json<Val
     let view: Vec<Value> = entries
         .iter()
         .map(|e| {
-            let event: Value = e
-                .field_str("event")
-                .and_then(|s| serde_json::from_str(s).ok())
-                .unwrap_or(Value::Null);
             json!({
                 "id": e.id,
                 "stream": e.field_str("stream"),
                 "originalId": e.field_str("originalId"),
                 "epoch": e.field_str("epoch"),
-                "event": event,
+                "event": stored_event(e),
             })
         })
         .collect();

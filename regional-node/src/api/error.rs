@@ -118,14 +118,14 @@ impl From<WorkflowError> for ApiError {
                     "some items are not available in the requested quantity",
                 )
             },
-            UnknownSku(skus) => ApiError {
-                fields: skus.clone(),
-                ..ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "unknown_sku",
-                    format!("unknown sku: {}", skus.join(", ")),
-                )
-            },
+            UnknownSku(skus) => {
+                let skus: Vec<String> = skus.iter().map(|s| s.as_str().to_string()).collect();
+                ApiError {
+                    message: format!("unknown sku: {}", skus.join(", ")),
+                    fields: skus,
+                    ..ApiError::new(StatusCode::BAD_REQUEST, "unknown_sku", "")
+                }
+            }
             Validation(msg) => ApiError::validation(msg, Vec::new()),
             IdempotencyKeyReused => ApiError::new(
                 StatusCode::CONFLICT,

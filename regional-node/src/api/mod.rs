@@ -6,6 +6,7 @@ mod error;
 mod events;
 mod ops;
 mod public;
+mod requests;
 
 pub use error::ApiError;
 

@@ -1,37 +1,20 @@
 //! Public endpoints: orders, products and inventory, shipments.
 
-use super::{ApiError, AppState, JsonBody, OptionalJsonBody, RequestContext};
+use super::{requests, ApiError, AppState, JsonBody, OptionalJsonBody, RequestContext};
 use crate::config::Durability;
 use crate::durability::{Confirmation, Fallback};
-use crate::events::Cause;
-use crate::inventory::{self, Product, Sku, UpsertProduct};
-use crate::orders::{self, Order, PlaceOrder, Placed};
-use crate::shipments::{self, Step};
-use crate::store::Tx;
+use crate::shipments::{self, CarrierStep};
+use crate::{inventory, orders};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use eventlog::envelope::StreamId;
 use eventlog::keys;
+use orders_model::order::PlacedOrder;
+use orders_model::{Cause, Order, OrderId, Product, Sku};
 use serde_json::{json, Value};
 use std::time::Duration;
-
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(raw) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    let key = raw
-        .to_str()
-        .ok()
-        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()));
-    key.map(|k| Some(k.to_string())).ok_or_else(|| {
-        ApiError::validation(
-            "Idempotency-Key must be 1-255 visible ASCII characters",
-            vec!["Idempotency-Key".into()],
-        )
-    })
-}
 
 pub async fn place_order(
     State(st): State<AppState>,
@@ -39,9 +22,8 @@ pub async fn place_order(
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    let key = idempotency_key(&headers)?;
-    let cmd =
-        PlaceOrder::parse(&body).map_err(|(msg, fields)| ApiError::validation(msg, fields))?;
+    let key = requests::idempotency_key(&headers)?;
+    let cmd = requests::place_order(&body)?;
     let replicated = st.config.durability == Durability::Replicated;
     let refuse = st.config.replicated_fallback == Fallback::Refuse;
     if replicated && refuse && st.standby.is_degraded() {
@@ -56,11 +38,11 @@ pub async fn place_order(
         }
     }
     let cause = Cause::request(&ctx.request_id, ctx.traceparent.clone());
-    let (answer, replayed) = match orders::place(&st.wf, &cmd, key.as_deref(), &cause).await? {
-        Placed::New(answer) => (answer, false),
-        Placed::Replayed(answer) => (answer, true),
+    let (answer, replayed) = match orders::place(&st.wf, &cmd, key.as_ref(), &cause).await? {
+        orders::Placed::New(answer) => (answer, false),
+        orders::Placed::Replayed(answer) => (answer, true),
     };
-    let order_id = answer["orderId"].as_str().unwrap_or_default().to_string();
+    let order_id = answer.order_id.clone();
     let local_only = if !replicated {
         false
     } else if replayed {
@@ -81,7 +63,7 @@ pub async fn place_order(
         }
         true
     };
-    let mut response = (StatusCode::CREATED, Json(answer)).into_response();
+    let mut response = (StatusCode::CREATED, Json(placed_view(&answer))).into_response();
     let headers = response.headers_mut();
     if let Ok(location) = HeaderValue::from_str(&format!("/orders/{order_id}")) {
         headers.insert(header::LOCATION, location);
@@ -107,13 +89,13 @@ fn replication_unavailable() -> ApiError {
 
 /// `replicated` durability: waits until the standby's Redis holds the order's first
 /// event (see `durability`).
-async fn await_standby(st: &AppState, order_id: &str) -> Result<Confirmation, ApiError> {
+async fn await_standby(st: &AppState, order_id: &OrderId) -> Result<Confirmation, ApiError> {
     let ids: Vec<String> = st
         .wf
         .store
         .query(
             redis::cmd("LRANGE")
-                .arg(keys::aggregate(order_id))
+                .arg(keys::aggregate(order_id.as_str()))
                 .arg(0)
                 .arg(0),
         )
@@ -125,28 +107,13 @@ async fn await_standby(st: &AppState, order_id: &str) -> Result<Confirmation, Ap
     Ok(st.standby.confirm(id, limit).await)
 }
 
-fn order_id_checked(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    {
-        return Err(ApiError::not_found(format!("order {id}")));
-    }
-    Ok(())
-}
-
 pub async fn get_order(
     State(st): State<AppState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    order_id_checked(&order_id)?;
-    let raw = st
-        .wf
-        .store
-        .get(&keys::order(&order_id))
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("order {order_id}")))?;
-    let order: Order =
-        serde_json::from_str(&raw).map_err(|e| crate::store::StoreError::Redis(e.to_string()))?;
-    Ok(Json(order.view()))
+    let order_id = requests::order_id(&order_id)?;
+    let order = orders::find(&st.wf, &order_id).await?;
+    Ok(Json(order_view(&order)))
 }
 
 pub async fn cancel_order(
@@ -155,24 +122,11 @@ pub async fn cancel_order(
     Path(order_id): Path<String>,
     OptionalJsonBody(body): OptionalJsonBody,
 ) -> Result<Json<Value>, ApiError> {
-    order_id_checked(&order_id)?;
-    let reason = match body.as_ref().map(|b| b.get("reason")) {
-        None | Some(None) | Some(Some(Value::Null)) => None,
-        Some(Some(Value::String(r))) if r.len() <= 500 => Some(r.clone()),
-        Some(Some(_)) => {
-            return Err(ApiError::validation(
-                "reason must be text of at most 500 characters",
-                vec!["reason".into()],
-            ))
-        }
-    };
+    let order_id = requests::order_id(&order_id)?;
+    let reason = requests::cancel_reason(body.as_ref())?;
     let cause = Cause::request(&ctx.request_id, ctx.traceparent.clone());
     let order = orders::cancel(&st.wf, &order_id, reason, &cause).await?;
-    Ok(Json(order.view()))
-}
-
-fn sku_from_path(sku: &str) -> Result<Sku, ApiError> {
-    Sku::parse(sku).map_err(|msg| ApiError::validation(msg, vec!["sku".into()]))
+    Ok(Json(order_view(&order)))
 }
 
 pub async fn upsert_product(
@@ -181,9 +135,8 @@ pub async fn upsert_product(
     Path(sku): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    let sku = sku_from_path(&sku)?;
-    let cmd =
-        UpsertProduct::parse(&body).map_err(|(msg, fields)| ApiError::validation(msg, fields))?;
+    let sku = requests::sku(&sku)?;
+    let cmd = requests::upsert_product(&body)?;
     let cause = Cause::request(&ctx.request_id, ctx.traceparent.clone());
     let (product, created) = inventory::upsert(&st.wf, &sku, &cmd, &cause).await?;
     let status = if created {
@@ -191,7 +144,7 @@ pub async fn upsert_product(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(product.view())).into_response())
+    Ok((status, Json(product_view(&product))).into_response())
 }
 
 pub async fn get_product(
@@ -199,15 +152,8 @@ pub async fn get_product(
     Path(sku): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let sku = Sku::parse(&sku).map_err(|_| ApiError::not_found(format!("product {sku}")))?;
-    let raw = st
-        .wf
-        .store
-        .get(&keys::product(sku.as_str()))
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("product {}", sku.as_str())))?;
-    let product: Product =
-        serde_json::from_str(&raw).map_err(|e| crate::store::StoreError::Redis(e.to_string()))?;
-    Ok(Json(product.view()))
+    let product = inventory::find(&st.wf, &sku).await?;
+    Ok(Json(product_view(&product)))
 }
 
 /// Seed shape: `{"items":[{"product_id","quantity"}]}` -> per-item availability.
@@ -215,47 +161,8 @@ pub async fn check_availability(
     State(st): State<AppState>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
-    let mut bad = Vec::new();
-    let mut items = Vec::new();
-    match body.get("items").and_then(Value::as_array) {
-        Some(list) if !list.is_empty() && list.len() <= orders::MAX_ITEMS => {
-            for (i, item) in list.iter().enumerate() {
-                let sku = item
-                    .get("product_id")
-                    .and_then(Value::as_str)
-                    .and_then(|s| Sku::parse(s).ok());
-                let qty = item
-                    .get("quantity")
-                    .and_then(Value::as_i64)
-                    .filter(|q| (1..=orders::MAX_QUANTITY).contains(q));
-                if sku.is_none() {
-                    bad.push(format!("items[{i}].product_id"));
-                }
-                if qty.is_none() {
-                    bad.push(format!("items[{i}].quantity"));
-                }
-                if let (Some(s), Some(q)) = (sku, qty) {
-                    items.push((s, q));
-                }
-            }
-        }
-        _ => bad.push("items".into()),
-    }
-    if !bad.is_empty() {
-        return Err(ApiError::validation(
-            format!("invalid fields: {}", bad.join(", ")),
-            bad,
-        ));
-    }
-    // A read answered as is: no cached values, which another node may have outdated.
-    let mut tx = Tx::fresh();
-    tx.peek(
-        &st.wf.store,
-        items.iter().map(|(s, _)| keys::product(s.as_str())),
-    )
-    .await?;
-    let products = inventory::products_for(&tx, items.iter().map(|(s, _)| s))?;
-    let availability = inventory::availability(&products, &items);
+    let items = requests::availability_check(&body)?;
+    let availability = inventory::check_availability(&st.wf, &items).await?;
     let all = availability.iter().all(|a| a.is_available);
     Ok(Json(json!({ "all_available": all, "items": availability })))
 }
@@ -265,7 +172,7 @@ pub async fn dispatch(
     ctx: RequestContext,
     id: Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    shipment_step(st, ctx, id, Step::Dispatch).await
+    shipment_step(st, ctx, id, CarrierStep::Dispatch).await
 }
 
 pub async fn deliver(
@@ -273,18 +180,77 @@ pub async fn deliver(
     ctx: RequestContext,
     id: Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    shipment_step(st, ctx, id, Step::Deliver).await
+    shipment_step(st, ctx, id, CarrierStep::Deliver).await
 }
 
 async fn shipment_step(
     State(st): State<AppState>,
     ctx: RequestContext,
     Path(shipment_id): Path<String>,
-    step: Step,
+    step: CarrierStep,
 ) -> Result<Json<Value>, ApiError> {
-    order_id_checked(&shipment_id)
-        .map_err(|_| ApiError::not_found(format!("shipment {shipment_id}")))?;
+    let shipment_id = requests::shipment_id(&shipment_id)?;
     let cause = Cause::request(&ctx.request_id, ctx.traceparent.clone());
     let order = shipments::advance(&st.wf, &shipment_id, step, &cause).await?;
-    Ok(Json(shipments::view(&order)))
+    Ok(Json(shipment_view(&order)))
+}
+
+/// The answer to a new order (201), and to its retries.
+fn placed_view(p: &PlacedOrder) -> Value {
+    json!({
+        "orderId": p.order_id,
+        "status": p.status,
+        "amount": p.amount,
+        "currency": p.currency,
+        "region": p.region,
+    })
+}
+
+/// `GET /orders/{id}` (the payment token stays inside).
+fn order_view(o: &Order) -> Value {
+    json!({
+        "orderId": o.order_id,
+        "customerId": o.customer_id,
+        "status": o.status,
+        "items": o.items,
+        "amount": o.amount,
+        "currency": o.currency,
+        "shippingAddress": o.shipping_address,
+        "paymentId": o.payment_id,
+        "paymentStatus": o.payment,
+        "shipmentId": o.shipment_id,
+        "shipmentStatus": o.shipment,
+        "trackingNumber": o.tracking_number,
+        "carrier": o.carrier,
+        "region": o.region,
+        "version": o.version,
+        "createdAt": o.created_at,
+        "updatedAt": o.updated_at,
+        "history": o.history,
+    })
+}
+
+fn product_view(p: &Product) -> Value {
+    json!({
+        "sku": p.sku,
+        "name": p.name,
+        "price": p.price,
+        "currency": p.currency,
+        "stock": p.stock,
+        "reserved": p.reserved,
+        "available": p.available(),
+        "version": p.version,
+    })
+}
+
+/// The shipment part of an order, as `POST /shipments/{id}/...` answers it.
+fn shipment_view(o: &Order) -> Value {
+    json!({
+        "shipmentId": o.shipment_id,
+        "orderId": o.order_id,
+        "status": o.shipment,
+        "trackingNumber": o.tracking_number,
+        "carrier": o.carrier,
+        "orderStatus": o.status,
+    })
 }

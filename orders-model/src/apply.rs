@@ -4,11 +4,15 @@
 //! the active region (the new state is written with the event in one atomic step), on
 //! replicated events in the standby, and in `POST /admin/rebuild`. It therefore reads
 //! nothing but the event and the keys the event names ([`keys_for`]), and never the
-//! clock or randomness.
+//! clock or randomness. It folds what the log holds: whether an event was allowed is
+//! decided before it is written ([`crate::flow`]), not here.
 
 use crate::events::DomainEvent;
-use crate::inventory::Product;
-use crate::orders::{HistoryEntry, InventoryHold, Order, PaymentState, ShipmentState, Status};
+use crate::order::{
+    HistoryEntry, IdempotencyRecord, InventoryHold, Order, OrderId, PaymentState, ShipmentState,
+    Status,
+};
+use crate::product::{ItemQuantity, Product, Sku};
 use eventlog::{keys, Envelope};
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -63,12 +67,22 @@ fn put_json<T: Serialize>(state: &mut impl State, key: &str, value: &T) {
     );
 }
 
+/// The order stored under its key, if any.
+pub fn order(state: &impl State, id: &OrderId) -> Result<Option<Order>, ApplyError> {
+    get_json(state, &keys::order(id.as_str()))
+}
+
+/// The product stored under its key, if any.
+pub fn product(state: &impl State, sku: &Sku) -> Result<Option<Product>, ApplyError> {
+    get_json(state, &keys::product(sku.as_str()))
+}
+
 /// Every key `apply` reads or writes for this event (counters excluded).
 pub fn keys_for(event: &DomainEvent) -> Vec<String> {
     use DomainEvent::*;
     let mut keys = Vec::new();
     match event {
-        ProductUpserted(p) => return vec![keys::product(&p.sku)],
+        ProductUpserted(p) => return vec![keys::product(p.sku.as_str())],
         DeadLetterReplayed(e) => return vec![keys::dlq_replayed(&e.dlq_id)],
         _ => {}
     }
@@ -76,14 +90,14 @@ pub fn keys_for(event: &DomainEvent) -> Vec<String> {
     match event {
         OrderPlaced(e) => {
             if let Some(k) = &e.idempotency_key {
-                keys.push(keys::idempotency(k));
+                keys.push(keys::idempotency(k.as_str()));
             }
         }
         InventoryReserved(e) | InventoryReleased(e) => {
-            keys.extend(e.items.iter().map(|i| keys::product(&i.sku)));
+            keys.extend(e.items.iter().map(|i| keys::product(i.sku.as_str())));
         }
-        OrderShipped(e) => keys.extend(e.items.iter().map(|i| keys::product(&i.sku))),
-        ShipmentCreated(e) => keys.push(keys::shipment(&e.shipment_id)),
+        OrderShipped(e) => keys.extend(e.items.iter().map(|i| keys::product(i.sku.as_str()))),
+        ShipmentCreated(e) => keys.push(keys::shipment(e.shipment_id.as_str())),
         _ => {}
     }
     keys.sort();
@@ -100,7 +114,7 @@ pub fn apply(
 ) -> Result<(), ApplyError> {
     use DomainEvent::*;
     if let ProductUpserted(p) = event {
-        let key = keys::product(&p.sku);
+        let key = keys::product(p.sku.as_str());
         let reserved = get_json::<Product>(state, &key)?
             .map(|old| old.reserved)
             .unwrap_or(0);
@@ -131,15 +145,20 @@ pub fn apply(
         OrderPlaced(e) => {
             if let Some(k) = &e.idempotency_key {
                 // The first answer, kept with the body's fingerprint for retries.
-                let mut first =
-                    crate::orders::placed_answer(&e.order_id, e.amount, &e.currency, &env.region);
-                first["requestHash"] = serde_json::json!(e.request_hash);
-                put_json(state, &keys::idempotency(k), &first);
+                let first = IdempotencyRecord {
+                    amount: e.amount,
+                    currency: e.currency.clone(),
+                    order_id: e.order_id.clone(),
+                    region: env.region.clone(),
+                    request_hash: e.request_hash.clone(),
+                    status: Status::Pending,
+                };
+                put_json(state, &keys::idempotency(k.as_str()), &first);
             }
-            Order::placed(e, env)
+            placed(e, env)
         }
         _ => get_json::<Order>(state, &order_key)?.ok_or_else(|| ApplyError::MissingOrder {
-            event_type: event.event_type(),
+            event_type: event.event_type().as_str(),
             order_id: event.aggregate_id().to_string(),
         })?,
     };
@@ -149,8 +168,11 @@ pub fn apply(
         Some(order.status)
     };
 
+    // The order's own events set its status; the other modules' set their part.
+    if let Some(status) = Status::set_by(event.event_type()) {
+        order.status = status;
+    }
     match event {
-        ProductUpserted(_) | DeadLetterReplayed(_) | OrderPlaced(_) => {}
         InventoryReserved(e) => {
             order.inventory = Some(InventoryHold::Reserved);
             adjust_products(state, &e.items, 0, 1)?;
@@ -160,8 +182,6 @@ pub fn apply(
             order.inventory = Some(InventoryHold::Released);
             adjust_products(state, &e.items, 0, -1)?;
         }
-        OrderConfirmed(_) => order.status = Status::Confirmed,
-        OrderRejected(_) => order.status = Status::Rejected,
         PaymentProcessed(e) => {
             order.payment = Some(PaymentState::Processed);
             order.payment_id = Some(e.payment_id.clone());
@@ -171,24 +191,30 @@ pub fn apply(
             order.payment_id = Some(e.payment_id.clone());
         }
         PaymentRefunded(_) => order.payment = Some(PaymentState::Refunded),
-        OrderPaid(_) => order.status = Status::Paid,
-        OrderPaymentFailed(_) => order.status = Status::PaymentFailed,
         ShipmentCreated(e) => {
             order.shipment = Some(ShipmentState::Created);
             order.shipment_id = Some(e.shipment_id.clone());
             order.tracking_number = Some(e.tracking_number.clone());
             order.carrier = Some(e.carrier.clone());
-            state.put(&keys::shipment(&e.shipment_id), e.order_id.clone());
+            state.put(
+                &keys::shipment(e.shipment_id.as_str()),
+                e.order_id.as_str().to_string(),
+            );
         }
         OrderShipped(e) => {
-            order.status = Status::Shipped;
             order.inventory = Some(InventoryHold::Shipped);
             adjust_products(state, &e.items, -1, -1)?;
         }
         ShipmentDispatched(_) => order.shipment = Some(ShipmentState::Dispatched),
         ShipmentDelivered(_) => order.shipment = Some(ShipmentState::Delivered),
-        OrderDelivered(_) => order.status = Status::Delivered,
-        OrderCancelled(_) => order.status = Status::Cancelled,
+        OrderPlaced(_)
+        | OrderConfirmed(_)
+        | OrderRejected(_)
+        | OrderPaid(_)
+        | OrderPaymentFailed(_)
+        | OrderDelivered(_)
+        | OrderCancelled(_) => {}
+        ProductUpserted(_) | DeadLetterReplayed(_) => unreachable!("applied above"),
     }
 
     order.version = env.sequence;
@@ -208,20 +234,47 @@ pub fn apply(
     Ok(())
 }
 
+/// The order as its OrderPlaced event creates it.
+fn placed(e: &crate::events::OrderPlaced, env: &Envelope) -> Order {
+    Order {
+        order_id: e.order_id.clone(),
+        customer_id: e.customer_id.clone(),
+        status: Status::Pending,
+        items: e.items.clone(),
+        amount: e.amount,
+        currency: e.currency.clone(),
+        shipping_address: e.shipping_address.clone(),
+        payment_token: e.payment_token.clone(),
+        payment_id: None,
+        shipment_id: None,
+        tracking_number: None,
+        carrier: None,
+        inventory: None,
+        payment: None,
+        shipment: None,
+        region: env.region.clone(),
+        version: env.sequence,
+        created_at: env.occurred_at.clone(),
+        updated_at: env.occurred_at.clone(),
+        // `apply` records every status change, the first one included.
+        history: Vec::new(),
+    }
+}
+
 /// Moves quantities: `stock_sign` and `reserved_sign` say which way each count goes.
 fn adjust_products(
     state: &mut impl State,
-    items: &[crate::events::ItemQuantity],
+    items: &[ItemQuantity],
     stock_sign: i64,
     reserved_sign: i64,
 ) -> Result<(), ApplyError> {
     for item in items {
-        let key = keys::product(&item.sku);
+        let key = keys::product(item.sku.as_str());
         // A product is only ever created by ProductUpserted; an inventory event for an
         // unknown one can only come from a corrupted log, so it is skipped, not invented.
         if let Some(mut p) = get_json::<Product>(state, &key)? {
-            p.stock += stock_sign * item.quantity;
-            p.reserved += reserved_sign * item.quantity;
+            p.stock += stock_sign * item.quantity.get();
+            p.reserved += reserved_sign * item.quantity.get();
             put_json(state, &key, &p);
         }
     }
@@ -277,6 +330,8 @@ impl MemState {
 mod tests {
     use super::*;
     use crate::events::*;
+    use crate::order::{LineItem, OrderId, ShipmentId};
+    use crate::product::{Currency, Quantity};
 
     fn env_for(event: &DomainEvent, seq: u64) -> Envelope {
         let cause = Cause::request("r", None);
@@ -284,32 +339,33 @@ mod tests {
             region: "a".into(),
             epoch: 1,
         };
-        envelopes(vec![event.clone()], seq - 1, &cause, &writer)
-            .remove(0)
-            .0
+        event.envelope(seq, &cause, &writer, format!("e-{seq}"), "t".into())
     }
 
     #[test]
     fn reservation_and_shipping_move_stock() {
         let mut s = MemState::default();
+        let w = Sku::parse("W").unwrap();
+        let o = OrderId::parse("o").unwrap();
         let up = DomainEvent::ProductUpserted(ProductUpserted {
-            sku: "W".into(),
+            sku: w.clone(),
             name: "Widget".into(),
             price: 1000,
-            currency: "USD".into(),
+            currency: Currency::usd(),
             stock: 10,
         });
         apply(&mut s, &env_for(&up, 1), &up).unwrap();
+        let three = Quantity::parse(3).unwrap();
         let placed = DomainEvent::OrderPlaced(OrderPlaced {
-            order_id: "o".into(),
+            order_id: o.clone(),
             customer_id: "c".into(),
             items: vec![LineItem {
-                sku: "W".into(),
-                quantity: 3,
+                sku: w.clone(),
+                quantity: three,
                 unit_price: 1000,
             }],
             amount: 3000,
-            currency: "USD".into(),
+            currency: Currency::usd(),
             shipping_address: "x".into(),
             payment_token: "tok_ok".into(),
             idempotency_key: None,
@@ -317,31 +373,41 @@ mod tests {
         });
         apply(&mut s, &env_for(&placed, 1), &placed).unwrap();
         let items = vec![ItemQuantity {
-            sku: "W".into(),
-            quantity: 3,
+            sku: w.clone(),
+            quantity: three,
         }];
         let reserved = DomainEvent::InventoryReserved(InventoryChange {
-            order_id: "o".into(),
+            order_id: o.clone(),
             items: items.clone(),
             reason: None,
         });
         apply(&mut s, &env_for(&reserved, 2), &reserved).unwrap();
-        let p: Product = get_json(&s, "tandem:product:W").unwrap().unwrap();
+        let p = product(&s, &w).unwrap().unwrap();
         assert_eq!((p.stock, p.reserved), (10, 3));
         let shipped = DomainEvent::OrderShipped(OrderShipped {
-            order_id: "o".into(),
-            shipment_id: "s".into(),
+            order_id: o.clone(),
+            shipment_id: ShipmentId::parse("s").unwrap(),
             tracking_number: "TRK1".into(),
             carrier: "UPS".into(),
             items,
         });
         apply(&mut s, &env_for(&shipped, 3), &shipped).unwrap();
-        let p: Product = get_json(&s, "tandem:product:W").unwrap().unwrap();
+        let p = product(&s, &w).unwrap().unwrap();
         assert_eq!((p.stock, p.reserved), (7, 0));
-        let o: Order = get_json(&s, "tandem:order:o").unwrap().unwrap();
-        assert_eq!(o.status, Status::Shipped);
-        assert_eq!(o.version, 3);
+        let order = order(&s, &o).unwrap().unwrap();
+        assert_eq!(order.status, Status::Shipped);
+        assert_eq!(order.version, 3);
         assert_eq!(s.counters[keys::ORDER_COUNTS]["SHIPPED"], 1);
         assert_eq!(s.counters[keys::ORDER_COUNTS]["PENDING"], 0);
+    }
+
+    #[test]
+    fn an_event_for_an_unknown_order_is_an_error() {
+        let mut s = MemState::default();
+        let confirmed = DomainEvent::OrderConfirmed(OrderRef {
+            order_id: OrderId::parse("nope").unwrap(),
+        });
+        let err = apply(&mut s, &env_for(&confirmed, 2), &confirmed).unwrap_err();
+        assert!(matches!(err, ApplyError::MissingOrder { .. }), "{err}");
     }
 }

@@ -10,11 +10,19 @@
 //! Events are self-describing: each carries every id and item it affects, so the
 //! projection can apply it without reading anything but the keys it names.
 
+use crate::order::{IdempotencyKey, LineItem, OrderId, ShipmentId, Status};
+use crate::product::{Currency, ItemQuantity, Sku};
 use eventlog::{Envelope, ENVELOPE_VERSION};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// An event as the workflow decides and applies it. [`EventType`] names its kind (the
+/// envelope's `eventType`, the serde tag), generated from this enum's variants.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, strum::EnumDiscriminants)]
 #[serde(tag = "eventType", content = "payload")]
+#[strum_discriminants(
+    name(EventType),
+    derive(Hash, strum::IntoStaticStr, strum::EnumString, strum::VariantArray)
+)]
 pub enum DomainEvent {
     ProductUpserted(ProductUpserted),
     OrderPlaced(OrderPlaced),
@@ -37,44 +45,36 @@ pub enum DomainEvent {
     DeadLetterReplayed(DeadLetterReplayed),
 }
 
+impl EventType {
+    /// The name in the envelope's `eventType` and the stream entry's `type` field.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProductUpserted {
-    pub sku: String,
+    pub sku: Sku,
     pub name: String,
     pub price: i64,
-    pub currency: String,
+    pub currency: Currency,
     pub stock: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct LineItem {
-    pub sku: String,
-    pub quantity: i64,
-    pub unit_price: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ItemQuantity {
-    pub sku: String,
-    pub quantity: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct OrderPlaced {
-    pub order_id: String,
+    pub order_id: OrderId,
     pub customer_id: String,
     pub items: Vec<LineItem>,
     pub amount: i64,
-    pub currency: String,
+    pub currency: Currency,
     pub shipping_address: String,
     pub payment_token: String,
     /// Stored with the order so a retried POST finds its first answer, in either region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency_key: Option<String>,
+    pub idempotency_key: Option<IdempotencyKey>,
     /// Fingerprint of the request body that used the key: same key, other body -> 409.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_hash: Option<String>,
@@ -83,16 +83,18 @@ pub struct OrderPlaced {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InventoryChange {
-    pub order_id: String,
+    pub order_id: OrderId,
     pub items: Vec<ItemQuantity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
+/// A line the stock could not cover when it was to be reserved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Shortage {
-    pub sku: String,
+    pub sku: Sku,
+    /// 0 for a product no longer in the catalogue.
     pub requested: i64,
     pub available: i64,
 }
@@ -100,7 +102,7 @@ pub struct Shortage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InventoryReservationFailed {
-    pub order_id: String,
+    pub order_id: OrderId,
     pub reason: String,
     pub items: Vec<Shortage>,
 }
@@ -108,29 +110,29 @@ pub struct InventoryReservationFailed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderRef {
-    pub order_id: String,
+    pub order_id: OrderId,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderReason {
-    pub order_id: String,
+    pub order_id: OrderId,
     pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PaymentProcessed {
-    pub order_id: String,
+    pub order_id: OrderId,
     pub payment_id: String,
     pub amount: i64,
-    pub currency: String,
+    pub currency: Currency,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PaymentFailed {
-    pub order_id: String,
+    pub order_id: OrderId,
     pub payment_id: String,
     pub reason: String,
 }
@@ -138,15 +140,15 @@ pub struct PaymentFailed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderPaid {
-    pub order_id: String,
+    pub order_id: OrderId,
     pub payment_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ShipmentCreated {
-    pub order_id: String,
-    pub shipment_id: String,
+    pub order_id: OrderId,
+    pub shipment_id: ShipmentId,
     pub tracking_number: String,
     pub carrier: String,
 }
@@ -154,8 +156,8 @@ pub struct ShipmentCreated {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderShipped {
-    pub order_id: String,
-    pub shipment_id: String,
+    pub order_id: OrderId,
+    pub shipment_id: ShipmentId,
     pub tracking_number: String,
     pub carrier: String,
     /// Shipping moves these quantities out of stock and out of the reservation.
@@ -165,17 +167,17 @@ pub struct OrderShipped {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ShipmentRef {
-    pub order_id: String,
-    pub shipment_id: String,
+    pub order_id: OrderId,
+    pub shipment_id: ShipmentId,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderCancelled {
-    pub order_id: String,
+    pub order_id: OrderId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    pub previous_status: String,
+    pub previous_status: Status,
 }
 
 /// An operator replayed a dead-letter entry and it left the dead-letter list. Its own
@@ -204,29 +206,8 @@ pub struct UnknownEvent {
 }
 
 impl DomainEvent {
-    pub fn event_type(&self) -> &'static str {
-        use DomainEvent::*;
-        match self {
-            ProductUpserted(_) => "ProductUpserted",
-            OrderPlaced(_) => "OrderPlaced",
-            InventoryReserved(_) => "InventoryReserved",
-            InventoryReservationFailed(_) => "InventoryReservationFailed",
-            OrderConfirmed(_) => "OrderConfirmed",
-            OrderRejected(_) => "OrderRejected",
-            PaymentProcessed(_) => "PaymentProcessed",
-            PaymentFailed(_) => "PaymentFailed",
-            OrderPaid(_) => "OrderPaid",
-            OrderPaymentFailed(_) => "OrderPaymentFailed",
-            ShipmentCreated(_) => "ShipmentCreated",
-            OrderShipped(_) => "OrderShipped",
-            ShipmentDispatched(_) => "ShipmentDispatched",
-            ShipmentDelivered(_) => "ShipmentDelivered",
-            OrderDelivered(_) => "OrderDelivered",
-            OrderCancelled(_) => "OrderCancelled",
-            InventoryReleased(_) => "InventoryReleased",
-            PaymentRefunded(_) => "PaymentRefunded",
-            DeadLetterReplayed(_) => "DeadLetterReplayed",
-        }
+    pub fn event_type(&self) -> EventType {
+        self.into()
     }
 
     /// The module that emits the event; it is the envelope's `aggregateType`.
@@ -244,11 +225,11 @@ impl DomainEvent {
         }
     }
 
-    /// The aggregate the event belongs to: the sku for products, else the order id.
-    pub fn aggregate_id(&self) -> &str {
+    /// The order the event belongs to; `None` for products and dead letters.
+    pub fn order_id(&self) -> Option<&OrderId> {
         use DomainEvent::*;
-        match self {
-            ProductUpserted(p) => &p.sku,
+        Some(match self {
+            ProductUpserted(_) | DeadLetterReplayed(_) => return None,
             OrderPlaced(e) => &e.order_id,
             InventoryReserved(e) | InventoryReleased(e) => &e.order_id,
             InventoryReservationFailed(e) => &e.order_id,
@@ -261,12 +242,21 @@ impl DomainEvent {
             OrderShipped(e) => &e.order_id,
             ShipmentDispatched(e) | ShipmentDelivered(e) => &e.order_id,
             OrderCancelled(e) => &e.order_id,
-            DeadLetterReplayed(e) => &e.dlq_id,
+        })
+    }
+
+    /// The aggregate the event belongs to: the sku for products, the entry id for dead
+    /// letters, else the order id.
+    pub fn aggregate_id(&self) -> &str {
+        match self {
+            DomainEvent::ProductUpserted(p) => p.sku.as_str(),
+            DomainEvent::DeadLetterReplayed(e) => &e.dlq_id,
+            other => other.order_id().map(OrderId::as_str).unwrap_or_default(),
         }
     }
 
     /// Reads the payload of an envelope. Unknown event types are an error the caller
-    /// decides about (a projection skips them; schema changes are additive).
+    /// decides about (a projection halts; schema changes are additive).
     pub fn from_envelope(env: &Envelope) -> Result<DomainEvent, UnknownEvent> {
         let tagged = serde_json::json!({ "eventType": env.event_type, "payload": env.payload });
         serde_json::from_value(tagged).map_err(|source| UnknownEvent {
@@ -282,6 +272,33 @@ impl DomainEvent {
             .get_mut("payload")
             .map(serde_json::Value::take)
             .unwrap_or_default()
+    }
+
+    /// The event in its envelope, as number `sequence` of its aggregate. The id and the
+    /// time are the caller's: the model reads no clock and draws no random numbers.
+    pub fn envelope(
+        &self,
+        sequence: u64,
+        cause: &Cause,
+        writer: &Writer,
+        event_id: String,
+        occurred_at: String,
+    ) -> Envelope {
+        Envelope {
+            event_id,
+            event_type: self.event_type().as_str().to_string(),
+            aggregate_id: self.aggregate_id().to_string(),
+            aggregate_type: self.aggregate_type().to_string(),
+            sequence,
+            occurred_at,
+            version: ENVELOPE_VERSION,
+            correlation_id: cause.correlation_id.clone(),
+            causation_id: cause.causation_id.clone(),
+            region: writer.region.clone(),
+            epoch: writer.epoch,
+            traceparent: cause.traceparent.clone(),
+            payload: self.payload(),
+        }
     }
 }
 
@@ -320,61 +337,55 @@ pub struct Writer {
     pub epoch: u64,
 }
 
-/// Wraps events for one aggregate whose last sequence is `last_sequence`.
-pub fn envelopes(
-    events: Vec<DomainEvent>,
-    last_sequence: u64,
-    cause: &Cause,
-    writer: &Writer,
-) -> Vec<(Envelope, DomainEvent)> {
-    let now = eventlog::time::rfc3339_ms(eventlog::time::now_ms());
-    events
-        .into_iter()
-        .enumerate()
-        .map(|(i, event)| {
-            let env = Envelope {
-                event_id: uuid::Uuid::new_v4().to_string(),
-                event_type: event.event_type().to_string(),
-                aggregate_id: event.aggregate_id().to_string(),
-                aggregate_type: event.aggregate_type().to_string(),
-                sequence: last_sequence + 1 + i as u64,
-                occurred_at: now.clone(),
-                version: ENVELOPE_VERSION,
-                correlation_id: cause.correlation_id.clone(),
-                causation_id: cause.causation_id.clone(),
-                region: writer.region.clone(),
-                epoch: writer.epoch,
-                traceparent: cause.traceparent.clone(),
-                payload: event.payload(),
-            };
-            (env, event)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use strum::VariantArray;
+
+    fn order_id() -> OrderId {
+        OrderId::parse("o-1").unwrap()
+    }
 
     #[test]
     fn payload_round_trips_through_the_envelope() {
         let ev = DomainEvent::OrderConfirmed(OrderRef {
-            order_id: "o-1".into(),
+            order_id: order_id(),
         });
         let cause = Cause::request("r-1", None);
         let writer = Writer {
             region: "a".into(),
             epoch: 2,
         };
-        let (env, _) = envelopes(vec![ev.clone()], 1, &cause, &writer).remove(0);
+        let env = ev.envelope(2, &cause, &writer, "e-1".into(), "t".into());
         assert_eq!(env.sequence, 2);
         assert_eq!(env.event_type, "OrderConfirmed");
+        assert_eq!(env.aggregate_id, "o-1");
         assert_eq!(env.payload, serde_json::json!({"orderId": "o-1"}));
         assert_eq!(DomainEvent::from_envelope(&env).unwrap(), ev);
         let unknown = Envelope {
             event_type: "OrderTeleported".into(),
-            ..env
+            ..env.clone()
         };
         assert!(DomainEvent::from_envelope(&unknown).is_err());
+        // A payload with a value no order may hold is unreadable too.
+        let bad = Envelope {
+            payload: serde_json::json!({"orderId": "o:1"}),
+            ..env
+        };
+        assert!(DomainEvent::from_envelope(&bad).is_err());
+    }
+
+    #[test]
+    fn event_type_names_are_the_serde_tags() {
+        // Every type's name parses back, and is the tag serde writes for the variant.
+        for ty in EventType::VARIANTS {
+            assert_eq!(ty.as_str().parse::<EventType>().unwrap(), *ty);
+        }
+        let ev = DomainEvent::OrderDelivered(OrderRef {
+            order_id: order_id(),
+        });
+        let tagged = serde_json::to_value(&ev).unwrap();
+        assert_eq!(tagged["eventType"], ev.event_type().as_str());
+        assert!("OrderTeleported".parse::<EventType>().is_err());
     }
 }
