@@ -12,7 +12,7 @@
 
 use crate::store::Tx;
 use crate::store::{Entry, Store, StoreError};
-use crate::workflow::{Decision, Reads, Retry, Workflow, WorkflowError};
+use crate::workflow::{Decision, Delivery, Reads, Retry, Workflow, WorkflowError};
 use crate::{inventory, orders, payments, shipments};
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 use eventlog::{keys, Envelope};
@@ -44,20 +44,17 @@ const READ_RETRY: ExponentialBuilder = ExponentialBuilder::new()
 /// ([`orders_model::Module::reacts_to`]); it acknowledges the rest unread.
 pub use orders_model::Module as Group;
 
-/// Hands an event to its group's module.
+/// Hands a delivered event to its group's module.
 pub async fn handle(
     group: Group,
     wf: &Workflow,
-    env: &Envelope,
-    event: &DomainEvent,
-    attempt: u32,
-    ack: Option<(&str, &str)>,
+    d: &Delivery<'_>,
 ) -> Result<Option<Tx>, WorkflowError> {
     match group {
-        Group::Inventory => inventory::on_event(wf, env, event, ack).await,
-        Group::Payments => payments::on_event(wf, env, event, attempt, ack).await,
-        Group::Shipments => shipments::on_event(wf, env, event, ack).await,
-        Group::Orders => orders::on_event(wf, env, event, ack).await,
+        Group::Inventory => inventory::on_event(wf, d).await,
+        Group::Payments => payments::on_event(wf, d).await,
+        Group::Shipments => shipments::on_event(wf, d).await,
+        Group::Orders => orders::on_event(wf, d).await,
     }
 }
 
@@ -347,15 +344,13 @@ async fn handle_entry(
     let ty = env.event_type.as_str();
     let mut attempt = 1;
     let outcome = async { loop {
-        let result = handle(
-            group,
-            wf,
-            &env,
-            &event,
+        let delivery = Delivery {
+            env: &env,
+            event: &event,
             attempt,
-            Some((group.name(), &entry.id)),
-        )
-        .await;
+            ack: Some((group.name(), &entry.id)),
+        };
+        let result = handle(group, wf, &delivery).await;
         let err = match result {
             Ok(Some(_)) => break "ok",
             Ok(None) => match wf
@@ -576,7 +571,13 @@ pub async fn replay(wf: &Workflow, dlq_id: &str) -> Result<Replayed, ReplayError
     if done.is_some() {
         return Err(not_found());
     }
-    let outcome = handle(group, wf, &env, &event, attempts + 1, None)
+    let delivery = Delivery {
+        env: &env,
+        event: &event,
+        attempt: attempts + 1,
+        ack: None,
+    };
+    let outcome = handle(group, wf, &delivery)
         .await
         .map_err(ReplayError::Failed)?;
     let outcome = if outcome.is_some() {

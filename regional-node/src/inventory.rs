@@ -3,9 +3,9 @@
 //! product and the availability rule are the model's (`orders_model::product`).
 
 use crate::store::Tx;
-use crate::workflow::{missing_keys, Decision, Reaction, Reads, Workflow, WorkflowError};
-use eventlog::{keys, Envelope};
-use orders_model::apply::{self, ApplyError};
+use crate::workflow::{missing_keys, Decision, Delivery, Reaction, Workflow, WorkflowError};
+use eventlog::keys;
+use orders_model::apply;
 use orders_model::events::*;
 use orders_model::flow::InventoryStep;
 use orders_model::product::{availability, Availability, ItemQuantity, UpsertProduct};
@@ -49,13 +49,8 @@ pub async fn check_availability(
 
 /// `GET /api/v1/products/{sku}`.
 pub async fn find(wf: &Workflow, sku: &Sku) -> Result<Product, WorkflowError> {
-    let key = keys::product(sku.as_str());
-    let raw = wf
-        .store
-        .get(&key)
-        .await?
-        .ok_or_else(|| WorkflowError::NotFound(format!("product {sku}")))?;
-    Ok(serde_json::from_str(&raw).map_err(|source| ApplyError::Corrupt { key, source })?)
+    let product = wf.store.get_json(&keys::product(sku.as_str())).await?;
+    product.ok_or_else(|| WorkflowError::NotFound(format!("product {sku}")))
 }
 
 /// `PUT /api/v1/products/{sku}`: a ProductUpserted event. Returns the product and
@@ -68,49 +63,38 @@ pub async fn upsert(
 ) -> Result<(Product, bool), WorkflowError> {
     let mut created = false;
     let done = wf
-        .execute(
-            Reads::keys(vec![keys::product(sku.as_str())]),
-            cause,
-            None,
-            |tx| {
-                let old = apply::product(tx, sku)?;
-                if let Some(p) = &old {
-                    if cmd.stock.get() < p.reserved {
-                        return Err(WorkflowError::InvalidState(format!(
-                            "stock {} is below the {} units reserved for open orders",
-                            cmd.stock.get(),
-                            p.reserved
-                        )));
-                    }
+        .command(keys::product(sku.as_str()), cause, |tx| {
+            let old = apply::product(tx, sku)?;
+            if let Some(p) = &old {
+                if cmd.stock.get() < p.reserved {
+                    return Err(WorkflowError::InvalidState(format!(
+                        "stock {} is below the {} units reserved for open orders",
+                        cmd.stock.get(),
+                        p.reserved
+                    )));
                 }
-                created = old.is_none();
-                Ok(Decision::Emit {
-                    last_sequence: old.map(|p| p.version).unwrap_or(0),
-                    events: vec![DomainEvent::ProductUpserted(ProductUpserted {
-                        sku: sku.clone(),
-                        name: cmd.name.to_string(),
-                        price: cmd.price.get(),
-                        currency: cmd.currency.clone(),
-                        stock: cmd.stock.get(),
-                    })],
-                })
-            },
-        )
-        .await?
-        .expect("an upsert always emits");
+            }
+            created = old.is_none();
+            Ok(Decision::Emit {
+                last_sequence: old.map(|p| p.version).unwrap_or(0),
+                events: vec![DomainEvent::ProductUpserted(ProductUpserted {
+                    sku: sku.clone(),
+                    name: cmd.name.to_string(),
+                    price: cmd.price.get(),
+                    currency: cmd.currency.clone(),
+                    stock: cmd.stock.get(),
+                })],
+            })
+        })
+        .await?;
     let product = apply::product(&done, sku)?.expect("just written");
     Ok((product, created))
 }
 
 /// The `inventory` group: reserves stock for placed orders, releases it when an order
 /// is cancelled or its payment fails.
-pub async fn on_event(
-    wf: &Workflow,
-    env: &Envelope,
-    event: &DomainEvent,
-    ack: Option<(&str, &str)>,
-) -> Result<Option<Tx>, WorkflowError> {
-    wf.react(env, event, ack, None, Step::inventory, |tx, order, step| {
+pub async fn on_event(wf: &Workflow, d: &Delivery<'_>) -> Result<Option<Tx>, WorkflowError> {
+    wf.react(d, None, Step::inventory, |tx, order, step| {
         let order_id = order.order_id.clone();
         Ok(Reaction::Next(match step {
             InventoryStep::Reserve => {

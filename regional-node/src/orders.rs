@@ -4,9 +4,9 @@
 
 use crate::inventory;
 use crate::store::Tx;
-use crate::workflow::{missing_keys, Decision, Reaction, Reads, Workflow, WorkflowError};
-use eventlog::{keys, Envelope};
-use orders_model::apply::{self, ApplyError, State};
+use crate::workflow::{missing_keys, Decision, Delivery, Reaction, Reads, Workflow, WorkflowError};
+use eventlog::keys;
+use orders_model::apply::{self, State};
 use orders_model::events::*;
 use orders_model::order::{IdempotencyKey, IdempotencyRecord, LineItem, PlaceOrder, PlacedOrder};
 use orders_model::{Input, Next, Order, OrderId, Status, Step};
@@ -124,11 +124,9 @@ pub async fn idempotent_answer(
     hash: &str,
 ) -> Result<Option<PlacedOrder>, WorkflowError> {
     let key = keys::idempotency(key.as_str());
-    let Some(raw) = wf.store.get(&key).await? else {
+    let Some(first) = wf.store.get_json::<IdempotencyRecord>(&key).await? else {
         return Ok(None);
     };
-    let first: IdempotencyRecord =
-        serde_json::from_str(&raw).map_err(|source| ApplyError::Corrupt { key, source })?;
     if first.request_hash.as_deref() != Some(hash) {
         return Err(WorkflowError::IdempotencyKeyReused);
     }
@@ -137,13 +135,8 @@ pub async fn idempotent_answer(
 
 /// `GET /orders/{id}`.
 pub async fn find(wf: &Workflow, order_id: &OrderId) -> Result<Order, WorkflowError> {
-    let key = keys::order(order_id.as_str());
-    let raw = wf
-        .store
-        .get(&key)
-        .await?
-        .ok_or_else(|| WorkflowError::NotFound(format!("order {order_id}")))?;
-    Ok(serde_json::from_str(&raw).map_err(|source| ApplyError::Corrupt { key, source })?)
+    let order = wf.store.get_json(&keys::order(order_id.as_str())).await?;
+    order.ok_or_else(|| WorkflowError::NotFound(format!("order {order_id}")))
 }
 
 /// `POST /orders/{id}/cancel`: allowed where the state machine allows it (PENDING,
@@ -156,45 +149,34 @@ pub async fn cancel(
     cause: &Cause,
 ) -> Result<Order, WorkflowError> {
     let done = wf
-        .execute(
-            Reads::keys(vec![keys::order(order_id.as_str())]),
-            cause,
-            None,
-            |tx| {
-                let order = apply::order(tx, order_id)?
-                    .ok_or_else(|| WorkflowError::NotFound(format!("order {order_id}")))?;
-                if order.next(Input::Cancel) == Next::Refused {
-                    return Err(WorkflowError::InvalidState(format!(
-                        "order {order_id} is {} and can no longer be cancelled",
-                        order.status
-                    )));
-                }
-                Ok(Decision::Emit {
-                    last_sequence: order.version,
-                    events: vec![DomainEvent::OrderCancelled(OrderCancelled {
-                        order_id: order_id.clone(),
-                        reason: reason.clone(),
-                        previous_status: order.status,
-                    })],
-                })
-            },
-        )
-        .await?
-        .expect("a cancel always emits");
+        .command(keys::order(order_id.as_str()), cause, |tx| {
+            let order = apply::order(tx, order_id)?
+                .ok_or_else(|| WorkflowError::NotFound(format!("order {order_id}")))?;
+            if order.next(Input::Cancel) == Next::Refused {
+                return Err(WorkflowError::InvalidState(format!(
+                    "order {order_id} is {} and can no longer be cancelled",
+                    order.status
+                )));
+            }
+            Ok(Decision::Emit {
+                last_sequence: order.version,
+                events: vec![DomainEvent::OrderCancelled(OrderCancelled {
+                    order_id: order_id.clone(),
+                    reason: reason.clone(),
+                    previous_status: order.status,
+                })],
+            })
+        })
+        .await?;
     Ok(apply::order(&done, order_id)?.expect("the order exists"))
 }
 
 /// The `orders` group: records the status the state machine moves the order to, with
 /// the data of the event that moved it.
-pub async fn on_event(
-    wf: &Workflow,
-    env: &Envelope,
-    event: &DomainEvent,
-    ack: Option<(&str, &str)>,
-) -> Result<Option<Tx>, WorkflowError> {
-    wf.react(env, event, ack, None, Step::orders, |tx, order, status| {
+pub async fn on_event(wf: &Workflow, d: &Delivery<'_>) -> Result<Option<Tx>, WorkflowError> {
+    wf.react(d, None, Step::orders, |tx, order, status| {
         let order_id = order.order_id.clone();
-        Ok(Reaction::Next(match (status, event) {
+        Ok(Reaction::Next(match (status, d.event) {
             (Status::Confirmed, _) => DomainEvent::OrderConfirmed(OrderRef { order_id }),
             (Status::Rejected, DomainEvent::InventoryReservationFailed(e)) => {
                 DomainEvent::OrderRejected(OrderReason {

@@ -5,8 +5,7 @@
 //! path is reachable from outside without mocks inside the code.
 
 use crate::store::Tx;
-use crate::workflow::{Reaction, Workflow, WorkflowError};
-use eventlog::Envelope;
+use crate::workflow::{Delivery, Reaction, Workflow, WorkflowError};
 use orders_model::events::*;
 use orders_model::flow::PaymentStep;
 use orders_model::{OrderId, Step};
@@ -42,19 +41,13 @@ pub fn payment_id(order_id: &OrderId) -> String {
 
 /// The `payments` group: charges confirmed orders, refunds cancelled ones that were
 /// charged.
-pub async fn on_event(
-    wf: &Workflow,
-    env: &Envelope,
-    event: &DomainEvent,
-    attempt: u32,
-    ack: Option<(&str, &str)>,
-) -> Result<Option<Tx>, WorkflowError> {
-    wf.react(env, event, ack, None, Step::payments, |_, order, step| {
+pub async fn on_event(wf: &Workflow, d: &Delivery<'_>) -> Result<Option<Tx>, WorkflowError> {
+    wf.react(d, None, Step::payments, |_, order, step| {
         let order_id = order.order_id.clone();
         Ok(Reaction::Next(match step {
             PaymentStep::Charge => {
                 let payment_id = payment_id(&order_id);
-                match charge(&order.payment_token, attempt)? {
+                match charge(&order.payment_token, d.attempt)? {
                     Charge::Approved => DomainEvent::PaymentProcessed(PaymentProcessed {
                         order_id,
                         payment_id,

@@ -3,7 +3,7 @@
 
 use crate::roles::Roles;
 use crate::store::{Entry, Store, StoreError, Tx};
-use eventlog::{keys, roles::fields, Role};
+use eventlog::{keys, roles::fields, Envelope, Role};
 use orders_model::apply::{apply, keys_for, MemState};
 use orders_model::DomainEvent;
 use std::sync::{Arc, Mutex};
@@ -28,6 +28,22 @@ pub struct Halt {
     /// Stream entry id in `tandem:events`.
     pub entry: String,
     pub reason: String,
+}
+
+impl Halt {
+    fn at(entry: &Entry, reason: impl std::fmt::Display) -> Halt {
+        Halt {
+            entry: entry.id.clone(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// The envelope of an entry to apply: one that cannot be read halts the projection.
+fn envelope(entry: &Entry) -> Result<Envelope, Halt> {
+    entry
+        .envelope()
+        .map_err(|e| Halt::at(entry, format!("unreadable envelope: {e}")))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,18 +256,13 @@ pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, Pro
 }
 
 /// An entry as the projection needs it, or why it cannot be applied.
-fn decode(entry: &Entry) -> Result<(eventlog::Envelope, DomainEvent), Halt> {
-    let halt = |reason: String| Halt {
-        entry: entry.id.clone(),
-        reason,
-    };
-    let env = entry
-        .envelope()
-        .map_err(|e| halt(format!("unreadable envelope: {e}")))?;
+fn decode(entry: &Entry) -> Result<(Envelope, DomainEvent), Halt> {
+    let env = envelope(entry)?;
     let event = DomainEvent::from_envelope(&env).map_err(|e| {
-        halt(format!(
-            "{e} (an event type or payload this version does not know: upgrade this node)"
-        ))
+        Halt::at(
+            entry,
+            format!("{e} (an event type or payload this version does not know: upgrade this node)"),
+        )
     })?;
     Ok((env, event))
 }
@@ -358,16 +369,10 @@ async fn rebuild_paused(store: &Store) -> Result<RebuildReport, ProjectError> {
         for entry in &batch {
             // Like the standby's projection, a rebuild never skips an entry: the state
             // it writes would silently differ from what the log says.
-            let halt = |reason: String| Halt {
-                entry: entry.id.clone(),
-                reason,
-            };
-            let env = entry
-                .envelope()
-                .map_err(|e| halt(format!("unreadable envelope: {e}")))?;
+            let env = envelope(entry)?;
             state
                 .apply_entry(&entry.id, &env)
-                .map_err(|e| halt(e.to_string()))?;
+                .map_err(|e| Halt::at(entry, e))?;
             events += 1;
         }
     }

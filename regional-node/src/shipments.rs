@@ -2,8 +2,8 @@
 //! order, and the dispatch and deliver commands of the carrier.
 
 use crate::store::Tx;
-use crate::workflow::{Decision, Reaction, Reads, Workflow, WorkflowError};
-use eventlog::{keys, Envelope};
+use crate::workflow::{Decision, Delivery, Reaction, Workflow, WorkflowError};
+use eventlog::keys;
 use orders_model::apply::{self, ApplyError};
 use orders_model::events::*;
 use orders_model::flow::ShipmentStep;
@@ -12,46 +12,34 @@ use orders_model::{Input, Module, Order, OrderId, ShipmentId, Step};
 const CARRIERS: [&str; 3] = ["UPS", "DHL", "FedEx"];
 
 /// The `shipments` group.
-pub async fn on_event(
-    wf: &Workflow,
-    env: &Envelope,
-    event: &DomainEvent,
-    ack: Option<(&str, &str)>,
-) -> Result<Option<Tx>, WorkflowError> {
+pub async fn on_event(wf: &Workflow, d: &Delivery<'_>) -> Result<Option<Tx>, WorkflowError> {
     // Chosen once per delivery, outside the decision, so a retried decision after a
     // conflict proposes the same shipment.
     let shipment_id =
         ShipmentId::parse(&uuid::Uuid::new_v4().to_string()).expect("a UUID is a shipment id");
     let tracking = format!("TRK{:010}", rand::random::<u32>());
     let new_key = Some(keys::shipment(shipment_id.as_str()));
-    wf.react(
-        env,
-        event,
-        ack,
-        new_key,
-        Step::shipments,
-        |_, order, step| {
-            Ok(match step {
-                ShipmentStep::Create => {
-                    let carrier = CARRIERS[order
-                        .order_id
-                        .as_str()
-                        .bytes()
-                        .map(usize::from)
-                        .sum::<usize>()
-                        % CARRIERS.len()];
-                    Reaction::Next(DomainEvent::ShipmentCreated(ShipmentCreated {
-                        order_id: order.order_id.clone(),
-                        shipment_id: shipment_id.clone(),
-                        tracking_number: tracking.clone(),
-                        carrier: carrier.into(),
-                    }))
-                }
-                // The carrier's steps come from its commands (`advance`), not from events.
-                ShipmentStep::Dispatch | ShipmentStep::Deliver => Reaction::Nothing,
-            })
-        },
-    )
+    wf.react(d, new_key, Step::shipments, |_, order, step| {
+        Ok(match step {
+            ShipmentStep::Create => {
+                let carrier = CARRIERS[order
+                    .order_id
+                    .as_str()
+                    .bytes()
+                    .map(usize::from)
+                    .sum::<usize>()
+                    % CARRIERS.len()];
+                Reaction::Next(DomainEvent::ShipmentCreated(ShipmentCreated {
+                    order_id: order.order_id.clone(),
+                    shipment_id: shipment_id.clone(),
+                    tracking_number: tracking.clone(),
+                    carrier: carrier.into(),
+                }))
+            }
+            // The carrier's steps come from its commands (`advance`), not from events.
+            ShipmentStep::Dispatch | ShipmentStep::Deliver => Reaction::Nothing,
+        })
+    })
     .await
 }
 
@@ -82,36 +70,30 @@ pub async fn advance(
         CarrierStep::Deliver => (Input::Deliver, "deliver"),
     };
     let done = wf
-        .execute(
-            Reads::keys(vec![keys::order(order_id.as_str())]),
-            cause,
-            None,
-            |tx| {
-                let order = apply::order(tx, &order_id)?.ok_or_else(not_found)?;
-                let shipment = ShipmentRef {
-                    order_id: order_id.clone(),
-                    shipment_id: shipment_id.clone(),
-                };
-                let next = order.next(input).step_of(Module::Shipments);
-                let event = match next.and_then(Step::shipments) {
-                    Some(ShipmentStep::Dispatch) => DomainEvent::ShipmentDispatched(shipment),
-                    Some(ShipmentStep::Deliver) => DomainEvent::ShipmentDelivered(shipment),
-                    Some(ShipmentStep::Create) | None => {
-                        return Err(WorkflowError::InvalidState(format!(
-                            "shipment {} is {} (order {}): cannot {verb}",
-                            shipment_id.as_str(),
-                            order.shipment.map(|s| s.as_str()).unwrap_or("unknown"),
-                            order.status,
-                        )))
-                    }
-                };
-                Ok(Decision::Emit {
-                    last_sequence: order.version,
-                    events: vec![event],
-                })
-            },
-        )
-        .await?
-        .expect("a shipment step always emits");
+        .command(keys::order(order_id.as_str()), cause, |tx| {
+            let order = apply::order(tx, &order_id)?.ok_or_else(not_found)?;
+            let shipment = ShipmentRef {
+                order_id: order_id.clone(),
+                shipment_id: shipment_id.clone(),
+            };
+            let next = order.next(input).step_of(Module::Shipments);
+            let event = match next.and_then(Step::shipments) {
+                Some(ShipmentStep::Dispatch) => DomainEvent::ShipmentDispatched(shipment),
+                Some(ShipmentStep::Deliver) => DomainEvent::ShipmentDelivered(shipment),
+                Some(ShipmentStep::Create) | None => {
+                    return Err(WorkflowError::InvalidState(format!(
+                        "shipment {} is {} (order {}): cannot {verb}",
+                        shipment_id.as_str(),
+                        order.shipment.map(|s| s.as_str()).unwrap_or("unknown"),
+                        order.status,
+                    )))
+                }
+            };
+            Ok(Decision::Emit {
+                last_sequence: order.version,
+                events: vec![event],
+            })
+        })
+        .await?;
     Ok(apply::order(&done, &order_id)?.expect("the order exists"))
 }

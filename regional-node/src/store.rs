@@ -157,6 +157,21 @@ impl Store {
         self.query(redis::cmd("GET").arg(key)).await
     }
 
+    /// A JSON value of derived state, parsed; one that does not parse is corrupt.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let Some(raw) = self.get(key).await? else {
+            return Ok(None);
+        };
+        let parsed = serde_json::from_str(&raw).map_err(|source| ApplyError::Corrupt {
+            key: key.to_string(),
+            source,
+        })?;
+        Ok(Some(parsed))
+    }
+
     pub async fn role(&self) -> Result<Option<RoleRecord>, StoreError> {
         let values: Vec<Option<String>> = self
             .query(

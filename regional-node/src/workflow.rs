@@ -245,16 +245,31 @@ impl Workflow {
         }
     }
 
-    /// A consumer group's turn on an event of an order: loads the order, asks its state
-    /// machine what follows the event, and when that gives the group a step that is due
-    /// (`step_of` picks the group's kind of step), lets `take` decide the event that
-    /// records it. The event is committed together with the entry's acknowledgement
-    /// (`ack`). `new_key` names a key the step may create.
+    /// A client's command on one aggregate, whose key `decide` reads: it emits or fails.
+    /// Returns the state after its events.
+    pub async fn command<F>(
+        &self,
+        key: String,
+        cause: &Cause,
+        decide: F,
+    ) -> Result<Tx, WorkflowError>
+    where
+        F: FnMut(&Tx) -> Result<Decision, WorkflowError>,
+    {
+        let done = self
+            .execute(Reads::keys(vec![key]), cause, None, decide)
+            .await?;
+        Ok(done.expect("a command emits or fails"))
+    }
+
+    /// A consumer group's turn on a delivered event of an order: loads the order, asks
+    /// its state machine what follows the event, and when that gives the group a step
+    /// that is due (`step_of` picks the group's kind of step), lets `take` decide the
+    /// event that records it. The event is committed together with the entry's
+    /// acknowledgement. `new_key` names a key the step may create.
     pub async fn react<S, F>(
         &self,
-        env: &Envelope,
-        event: &DomainEvent,
-        ack: Option<(&str, &str)>,
+        d: &Delivery<'_>,
         new_key: Option<String>,
         step_of: fn(Step) -> Option<S>,
         mut take: F,
@@ -262,16 +277,16 @@ impl Workflow {
     where
         F: FnMut(&Tx, &Order, S) -> Result<Reaction, WorkflowError>,
     {
-        let Some(order_id) = event.order_id() else {
+        let Some(order_id) = d.event.order_id() else {
             return Ok(None);
         };
-        let input = Input::Event(event.event_type());
+        let input = Input::Event(d.event.event_type());
         let reads = Reads {
             keys: vec![keys::order(order_id.as_str())],
             new_key,
             ..Reads::default()
         };
-        self.execute(reads, &Cause::event(env), ack, |tx| {
+        self.execute(reads, &Cause::event(d.env), d.ack, |tx| {
             let Some(order) = apply::order(tx, order_id)? else {
                 return Ok(Decision::Nothing);
             };
@@ -293,6 +308,18 @@ impl Workflow {
         })
         .await
     }
+}
+
+/// One delivery of an event to a consumer group: what its handler decides on.
+pub struct Delivery<'a> {
+    pub env: &'a Envelope,
+    pub event: &'a DomainEvent,
+    /// Counts from 1 for each delivery of the step (a payment retried after a provider
+    /// timeout is attempt 2).
+    pub attempt: u32,
+    /// The stream entry to acknowledge with the commit (group, entry id); `None` when
+    /// an operator replays a dead letter.
+    pub ack: Option<(&'a str, &'a str)>,
 }
 
 /// What a module makes of the step the state machine gave it.

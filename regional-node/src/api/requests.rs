@@ -36,6 +36,11 @@ fn text<const MAX: usize>(obj: &Map<String, Value>, name: &str) -> Option<Bounde
         .and_then(BoundedText::parse)
 }
 
+/// A whole-number field, parsed by `parse`.
+fn whole<T>(body: &Value, name: &str, parse: fn(i64) -> Option<T>) -> Option<T> {
+    body.get(name).and_then(Value::as_i64).and_then(parse)
+}
+
 /// Order lines (`items[i].<sku_field>`, `items[i].quantity`): 1 to [`MAX_ITEMS`] of them.
 fn items(body: &Value, sku_field: &str, bad: &mut BadFields) -> Vec<ItemQuantity> {
     let mut items = Vec::new();
@@ -47,10 +52,7 @@ fn items(body: &Value, sku_field: &str, bad: &mut BadFields) -> Vec<ItemQuantity
                     .and_then(Value::as_str)
                     .and_then(|s| Sku::parse(s).ok());
                 let sku = bad.check(&format!("items[{i}].{sku_field}"), sku);
-                let quantity = item
-                    .get("quantity")
-                    .and_then(Value::as_i64)
-                    .and_then(Quantity::parse);
+                let quantity = whole(item, "quantity", Quantity::parse);
                 let quantity = bad.check(&format!("items[{i}].quantity"), quantity);
                 if let (Some(sku), Some(quantity)) = (sku, quantity) {
                     items.push(ItemQuantity { sku, quantity });
@@ -109,26 +111,15 @@ pub fn availability_check(body: &Value) -> Result<Vec<ItemQuantity>, ApiError> {
 /// `PUT /api/v1/products/{sku}`.
 pub fn upsert_product(body: &Value) -> Result<UpsertProduct, ApiError> {
     let mut bad = BadFields::default();
-    let name = body
-        .get("name")
-        .and_then(Value::as_str)
-        .and_then(ProductName::parse);
-    let name = bad.check("name", name);
-    let price = body
-        .get("price")
-        .and_then(Value::as_i64)
-        .and_then(Price::parse);
-    let price = bad.check("price", price);
+    let name = body.get("name").and_then(Value::as_str);
+    let name = bad.check("name", name.and_then(ProductName::parse));
+    let price = bad.check("price", whole(body, "price", Price::parse));
     let currency = match body.get("currency") {
         None | Some(Value::Null) => Some(Currency::usd()),
         Some(v) => v.as_str().and_then(Currency::parse),
     };
     let currency = bad.check("currency", currency);
-    let stock = body
-        .get("stock")
-        .and_then(Value::as_i64)
-        .and_then(StockLevel::parse);
-    let stock = bad.check("stock", stock);
+    let stock = bad.check("stock", whole(body, "stock", StockLevel::parse));
     match (name, price, currency, stock) {
         (Some(name), Some(price), Some(currency), Some(stock)) => Ok(UpsertProduct {
             name,
