@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Makes the .env that docker-compose.yml needs, once: random admin tokens and the
-# Grafana admin password, readable by the owner only. docker-compose.yml refuses to
-# start without them (there are no default tokens). An existing .env is never touched,
-# so the tokens stay what clients and scripts already use.
+# Makes the .env that docker-compose.yml needs, once: random admin tokens, the key ring
+# for personal data and the Grafana admin password, readable by the owner only.
+# docker-compose.yml refuses to start without the tokens (there are no default
+# tokens). An existing .env is never touched, so the tokens stay what clients and
+# scripts already use (add TANDEM_PII_KEYS to an older one by hand).
 #
 #   deploy/init-env.sh              # writes ./.env next to docker-compose.yml
 #   deploy/init-env.sh --print      # also prints the values
@@ -31,6 +32,9 @@ COMPOSE_PROJECT_NAME=tandem
 TANDEM_ADMIN_TOKEN=$(secret)
 # What the gateway sends to the nodes' /admin/* (lease, promote); the nodes check it.
 TANDEM_NODE_TOKEN=$(secret)
+# The key ring both regions seal payment tokens and addresses with (NODE_PII_KEYS):
+# put a new kid:key first to rotate, keep the old one after it.
+TANDEM_PII_KEYS=k$(date -u +%Y%m%d):$(head -c 32 /dev/urandom | base64 -w0)
 # Grafana's admin user (only with --profile grafana).
 GRAFANA_ADMIN_PASSWORD=$(secret)
 ENV

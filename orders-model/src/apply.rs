@@ -366,8 +366,8 @@ mod tests {
             }],
             amount: 3000,
             currency: Currency::usd(),
-            shipping_address: "x".into(),
-            payment_token: "tok_ok".into(),
+            shipping_address: crate::pii::Sealed::from_stored("x"),
+            payment_token: crate::pii::Sealed::from_stored("tok_ok"),
             idempotency_key: None,
             request_hash: None,
         });

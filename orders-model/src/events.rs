@@ -11,6 +11,7 @@
 //! projection can apply it without reading anything but the keys it names.
 
 use crate::order::{IdempotencyKey, LineItem, OrderId, ShipmentId, Status};
+use crate::pii::Sealed;
 use crate::product::{Currency, ItemQuantity, Sku};
 use eventlog::{Envelope, ENVELOPE_VERSION};
 use serde::{Deserialize, Serialize};
@@ -70,8 +71,9 @@ pub struct OrderPlaced {
     pub items: Vec<LineItem>,
     pub amount: i64,
     pub currency: Currency,
-    pub shipping_address: String,
-    pub payment_token: String,
+    /// Sealed ([`crate::pii`]): events are kept for ever and copied everywhere.
+    pub shipping_address: Sealed,
+    pub payment_token: Sealed,
     /// Stored with the order so a retried POST finds its first answer, in either region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<IdempotencyKey>,

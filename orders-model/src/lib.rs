@@ -14,12 +14,14 @@
 //! - [`events`]: the domain events, their types, and how they sit in the envelope.
 //! - [`flow`]: the order's state machine: what happens next, in one `match`.
 //! - [`apply`]: `apply(state, event)`, which all derived state comes from.
+//! - [`pii`]: personal data sealed at rest (AES-256-GCM) with a key ring passed in.
 #![forbid(unsafe_code)]
 
 pub mod apply;
 pub mod events;
 pub mod flow;
 pub mod order;
+pub mod pii;
 pub mod product;
 pub mod text;
 

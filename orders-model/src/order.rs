@@ -1,6 +1,7 @@
 //! Orders: their ids, statuses and lines, the order as derived from its events, and
 //! the place-order command with its idempotency record.
 
+use crate::pii::Sealed;
 use crate::product::{Currency, ItemQuantity, Sku};
 use crate::text::{CustomerId, PaymentToken, ShippingAddress};
 use eventlog::keys;
@@ -210,8 +211,9 @@ pub struct Order {
     pub items: Vec<LineItem>,
     pub amount: i64,
     pub currency: Currency,
-    pub shipping_address: String,
-    pub payment_token: String,
+    /// Sealed as in the OrderPlaced event (copied, so a rebuild reproduces the bytes).
+    pub shipping_address: Sealed,
+    pub payment_token: Sealed,
     pub payment_id: Option<String>,
     pub shipment_id: Option<ShipmentId>,
     pub tracking_number: Option<String>,

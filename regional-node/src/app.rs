@@ -10,6 +10,7 @@ use crate::roles::Roles;
 use crate::store::{Store, StoreError};
 use crate::workflow::Workflow;
 use eventlog::Role;
+use orders_model::pii::KeyRing;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -65,8 +66,16 @@ impl Application {
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..6]
         );
+        let pii = config.pii_keys.clone().unwrap_or_else(|| {
+            tracing::warn!(
+                "NODE_PII_KEYS is not set: payment tokens and shipping addresses are sealed with the public development key, which keeps nothing secret; set the same key ring in both regions"
+            );
+            KeyRing::development()
+        });
+        tracing::info!(kids = ?pii.kids().collect::<Vec<_>>(), "personal data key ring");
         let metrics = Metrics::new();
         let wf = Workflow {
+            pii: Arc::new(pii),
             store,
             roles,
             projection: projector::ProjectionHealth::new(metrics.projection_halted.clone()),

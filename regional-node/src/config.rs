@@ -1,6 +1,7 @@
 //! Typed configuration: defaults, then an optional TOML file, then `NODE_*` variables.
 
 use eventlog::{RegionId, Role};
+use orders_model::pii::KeyRing;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -51,6 +52,28 @@ pub struct Config {
     /// NODE_PROMOTION_TIMEOUT_MS: longest a promotion may take (mostly applying the
     /// replicated backlog); past it the promotion fails and the region stays standby.
     pub promotion_timeout_ms: u64,
+    /// NODE_PII_KEYS: the key ring personal data in events is sealed with
+    /// (`kid:base64key,...`, the first seals; orders_model::pii). Both regions need the
+    /// same ring. Unset or empty: the public development key, with a warning at start.
+    #[serde(default, deserialize_with = "key_ring")]
+    pub pii_keys: Option<KeyRing>,
+    /// NODE_TRUST_IDENTITY_HEADERS [false]: take `Tandem-Scopes` (the gateway's word on
+    /// what the caller may do, e.g. `pii:read`) at face value. Only for a node nobody
+    /// but the gateway can reach (its own network, or mutual TLS): anyone who can send
+    /// a request to the node can also send the header.
+    pub trust_identity_headers: bool,
+}
+
+/// `NODE_PII_KEYS`: parsed at load, so a bad ring stops the node before it starts (the
+/// message names the entry, never the key material).
+fn key_ring<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<KeyRing>, D::Error> {
+    let raw: Option<String> = Option::deserialize(d)?;
+    match raw.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(spec) => KeyRing::parse(spec)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("bad key ring: {e}"))),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +95,7 @@ impl Config {
             .and_then(|b| b.set_default("replicated_fallback", "async"))
             .and_then(|b| b.set_default("shutdown_grace_ms", 10_000))
             .and_then(|b| b.set_default("promotion_timeout_ms", 30_000))
+            .and_then(|b| b.set_default("trust_identity_headers", false))
             .map_err(|e| ConfigError(e.to_string()))?;
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));

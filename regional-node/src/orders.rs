@@ -9,6 +9,7 @@ use eventlog::keys;
 use orders_model::apply::{self, State};
 use orders_model::events::*;
 use orders_model::order::{IdempotencyKey, IdempotencyRecord, LineItem, PlaceOrder, PlacedOrder};
+use orders_model::pii::Field;
 use orders_model::{Input, Next, Order, OrderId, Status, Step};
 
 /// The answer to a place-order: the new order, or the first answer for its key.
@@ -39,6 +40,20 @@ pub async fn place(
         .map(|i| keys::product(i.sku.as_str()))
         .collect();
     let idempotency = idempotency_key.map(|k| keys::idempotency(k.as_str()));
+    // Sealed once, outside the decision (which may run again): nothing personal is
+    // ever written in plain text, and each seal takes a fresh random nonce.
+    let shipping_address = wf.pii.seal(
+        Field::ShippingAddress,
+        order_id.as_str(),
+        cmd.shipping_address.as_str(),
+        rand::random(),
+    );
+    let payment_token = wf.pii.seal(
+        Field::PaymentToken,
+        order_id.as_str(),
+        cmd.payment_token.as_str(),
+        rand::random(),
+    );
     let result = wf
         .execute(
             Reads {
@@ -84,8 +99,8 @@ pub async fn place(
                         items,
                         amount,
                         currency,
-                        shipping_address: cmd.shipping_address.to_string(),
-                        payment_token: cmd.payment_token.to_string(),
+                        shipping_address: shipping_address.clone(),
+                        payment_token: payment_token.clone(),
                         idempotency_key: idempotency_key.cloned(),
                         request_hash: idempotency_key.map(|_| hash.clone()),
                     })],

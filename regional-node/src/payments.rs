@@ -8,6 +8,7 @@ use crate::store::Tx;
 use crate::workflow::{Delivery, Reaction, Workflow, WorkflowError};
 use orders_model::events::*;
 use orders_model::flow::PaymentStep;
+use orders_model::pii::Field;
 use orders_model::{OrderId, Step};
 
 /// What the provider said about a charge.
@@ -47,7 +48,12 @@ pub async fn on_event(wf: &Workflow, d: &Delivery<'_>) -> Result<Option<Tx>, Wor
         Ok(Reaction::Next(match step {
             PaymentStep::Charge => {
                 let payment_id = payment_id(&order_id);
-                match charge(&order.payment_token, d.attempt)? {
+                // Opened only here, for the provider, and never kept.
+                let token = wf
+                    .pii
+                    .open(Field::PaymentToken, order_id.as_str(), &order.payment_token)
+                    .map_err(|e| WorkflowError::Sealed(e.to_string()))?;
+                match charge(&token, d.attempt)? {
                     Charge::Approved => DomainEvent::PaymentProcessed(PaymentProcessed {
                         order_id,
                         payment_id,

@@ -54,6 +54,10 @@ pub enum WorkflowError {
     NotActive { role: String, epoch: String },
     #[error("payment provider: {0}")]
     Provider(String),
+    /// Personal data that does not open: the ring lacks the key it was sealed with (add
+    /// it, then replay the dead letter) or the value was altered.
+    #[error("personal data: {0}")]
+    Sealed(String),
     #[error("gave up after {0} write conflicts")]
     Contended(u32),
     #[error("derived state is being rebuilt")]
@@ -123,6 +127,9 @@ pub struct Workflow {
     pub consumer: String,
     /// Whether the standby's projection is halted (readiness and promotion refuse then).
     pub projection: crate::projector::ProjectionHealth,
+    /// Seals personal data into new orders and opens it for the payment provider and
+    /// for callers allowed to see it (`NODE_PII_KEYS`).
+    pub pii: std::sync::Arc<orders_model::pii::KeyRing>,
 }
 
 /// Conflicts are not failures, but a hot key must not spin forever.

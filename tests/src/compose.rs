@@ -239,6 +239,7 @@ impl Stack {
             ("TANDEM_IMAGE_TAG", IMAGE_TAG.to_string()),
             ("TANDEM_ADMIN_TOKEN", admin_token.clone()),
             ("TANDEM_NODE_TOKEN", node_token.clone()),
+            ("TANDEM_PII_KEYS", format!("t1:{}", pii_key())),
             ("GRAFANA_ADMIN_PASSWORD", secret()),
             ("TANDEM_GATEWAY_PORT", gateway_port.to_string()),
             ("TANDEM_PROMETHEUS_PORT", prometheus_port.to_string()),
@@ -580,6 +581,17 @@ pub async fn docker(args: &[&str]) -> String {
 }
 
 /// 32 random bytes, hex: a token nobody else knows.
+/// 32 random bytes in standard base64: a key for `NODE_PII_KEYS`.
+fn pii_key() -> String {
+    use base64::Engine as _;
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("read /dev/urandom");
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 fn secret() -> String {
     use std::io::Read;
     let mut bytes = [0u8; 32];

@@ -633,6 +633,17 @@ impl TwoRegions {
     ) -> TwoRegions {
         let redis_a = RedisServer::start().await;
         let redis_b = RedisServer::start().await;
+        Self::start_on(redis_a, redis_b, replicate, node_env).await
+    }
+
+    /// Like [`start_with`](Self::start_with), on Redis servers the caller started (e.g.
+    /// with an AOF to inspect).
+    pub async fn start_on(
+        redis_a: RedisServer,
+        redis_b: RedisServer,
+        replicate: bool,
+        node_env: impl Fn(&str) -> Vec<(String, String)>,
+    ) -> TwoRegions {
         let node_a =
             RegionNode::start_with_env("a", &redis_a.url(), Some(&redis_b.url()), &node_env("a"))
                 .await;

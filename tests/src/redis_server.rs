@@ -71,7 +71,8 @@ impl RedisServer {
         panic!("redis-server did not start after 5 attempts; last log:\n{last_log}");
     }
 
-    fn data_dir(&self) -> PathBuf {
+    /// Where its data files (the AOF among them) live.
+    pub fn data_dir(&self) -> PathBuf {
         self.options
             .dir
             .clone()

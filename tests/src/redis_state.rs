@@ -23,6 +23,11 @@ pub const DERIVED_PATTERNS: &[&str] = &[
     "tandem:stats:orders",
 ];
 
+/// A stream entry: `(id, [(field, value)])`.
+pub type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+/// A stream's entries, oldest first.
+pub type StreamEntries = Vec<StreamEntry>;
+
 /// One key's value, compared type-aware (hash fields and set members sorted).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dumped {
@@ -32,7 +37,7 @@ pub enum Dumped {
     Set(BTreeSet<Vec<u8>>),
     ZSet(Vec<(Vec<u8>, String)>),
     /// Entry ids and their fields.
-    Stream(Vec<(String, Vec<(String, Vec<u8>)>)>),
+    Stream(StreamEntries),
     Other(String),
 }
 
@@ -112,10 +117,7 @@ pub async fn dump_key(conn: &mut MultiplexedConnection, key: &str) -> Option<Dum
 }
 
 /// All entries of a stream: `(id, [(field, value)])`, oldest first.
-pub async fn stream_entries(
-    conn: &mut MultiplexedConnection,
-    key: &str,
-) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
+pub async fn stream_entries(conn: &mut MultiplexedConnection, key: &str) -> StreamEntries {
     let raw: RedisValue = redis::cmd("XRANGE")
         .arg(key)
         .arg("-")

@@ -40,7 +40,8 @@ async fn bad_order_inputs_are_refused_without_writing() {
     huge["shippingAddress"] = json!("x".repeat((1 << 20) + 1024));
 
     // (case, body, status, code, a field that must be named)
-    let cases: Vec<(&str, Vec<u8>, u16, &str, Option<&str>)> = vec![
+    type Case<'a> = (&'a str, Vec<u8>, u16, &'a str, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         (
             "body over 1 MiB",
             serde_json::to_vec(&huge).unwrap(),

@@ -195,7 +195,7 @@ async fn rejoin_without_an_epoch_record_keeps_the_common_history() {
     assert_eq!(copied, Some(newer.len() as f64));
 }
 
-fn entries_contains(q: &[(String, Vec<(String, Vec<u8>)>)], id: &str) -> bool {
+fn entries_contains(q: &[system_tests::redis_state::StreamEntry], id: &str) -> bool {
     q.iter().any(|(_, f)| {
         f.iter()
             .any(|(k, v)| k == "originalId" && v == id.as_bytes())

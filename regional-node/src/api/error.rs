@@ -153,7 +153,7 @@ impl From<WorkflowError> for ApiError {
                 "derived state is being rebuilt; retry shortly",
             ),
             Store(e) => e.into(),
-            e @ (Provider(_) | Apply(_)) => ApiError::internal(&e),
+            e @ (Provider(_) | Sealed(_) | Apply(_)) => ApiError::internal(&e),
         }
     }
 }

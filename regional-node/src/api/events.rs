@@ -2,12 +2,14 @@
 //! and fetch one by id. The cursor is the stream entry id, so paging is stable while
 //! new events arrive.
 
+use super::identity::Caller;
 use super::{ApiError, AppState};
 use crate::store::Entry;
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use eventlog::envelope::StreamId;
 use eventlog::keys;
+use orders_model::pii::{self, Disclosure, KeyRing};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -24,17 +26,27 @@ const MAX_LIMIT: usize = 1000;
 /// A filtered scan stops after this many entries and hands back a cursor.
 const MAX_SCAN: usize = 10_000;
 
-fn event_json(entry: &Entry) -> Option<Value> {
+/// An event as the public sees it: never a payment token, a shipping address only
+/// for a caller with `pii:read` (see `identity`).
+fn event_json(ring: &KeyRing, disclosure: Disclosure, entry: &Entry) -> Option<Value> {
     let mut v: Value =
         serde_json::from_slice(entry.field(eventlog::envelope::FIELD_EVENT)?).ok()?;
+    let aggregate = v["aggregateId"].as_str().unwrap_or_default().to_string();
+    if let Some(payload) = v.get_mut("payload") {
+        if let Err(e) = pii::disclose(payload, &aggregate, ring, disclosure) {
+            tracing::warn!(stream_id = %entry.id, error = %e, "shipping address withheld");
+        }
+    }
     v["streamId"] = json!(entry.id);
     Some(v)
 }
 
 pub async fn list(
     State(st): State<AppState>,
+    caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    let event_json = |entry: &Entry| event_json(&st.wf.pii, caller.events(), entry);
     let limit = match q.limit.as_deref() {
         None => 100,
         Some(l) => l
@@ -129,6 +141,7 @@ pub async fn list(
 
 pub async fn one(
     State(st): State<AppState>,
+    caller: Caller,
     Path(event_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let not_found = || ApiError::not_found(format!("event {event_id}"));
@@ -149,5 +162,7 @@ pub async fn one(
         .into_iter()
         .next()
         .ok_or_else(not_found)?;
-    event_json(&entry).map(Json).ok_or_else(not_found)
+    event_json(&st.wf.pii, caller.events(), &entry)
+        .map(Json)
+        .ok_or_else(not_found)
 }

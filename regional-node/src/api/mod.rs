@@ -4,6 +4,7 @@
 mod admin;
 mod error;
 mod events;
+mod identity;
 mod ops;
 mod public;
 mod requests;

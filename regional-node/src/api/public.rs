@@ -1,5 +1,6 @@
 //! Public endpoints: orders, products and inventory, shipments.
 
+use super::identity::Caller;
 use super::{requests, ApiError, AppState, JsonBody, OptionalJsonBody, RequestContext};
 use crate::config::Durability;
 use crate::durability::{Confirmation, Fallback};
@@ -12,6 +13,7 @@ use axum::Json;
 use eventlog::envelope::StreamId;
 use eventlog::keys;
 use orders_model::order::PlacedOrder;
+use orders_model::pii::Field;
 use orders_model::{Cause, Order, OrderId, Product, Sku};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -109,15 +111,17 @@ async fn await_standby(st: &AppState, order_id: &OrderId) -> Result<Confirmation
 
 pub async fn get_order(
     State(st): State<AppState>,
+    caller: Caller,
     Path(order_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let order_id = requests::order_id(&order_id)?;
     let order = orders::find(&st.wf, &order_id).await?;
-    Ok(Json(order_view(&order)))
+    Ok(Json(order_view(&st, &caller, &order)))
 }
 
 pub async fn cancel_order(
     State(st): State<AppState>,
+    caller: Caller,
     ctx: RequestContext,
     Path(order_id): Path<String>,
     OptionalJsonBody(body): OptionalJsonBody,
@@ -126,7 +130,7 @@ pub async fn cancel_order(
     let reason = requests::cancel_reason(body.as_ref())?;
     let cause = Cause::request(&ctx.request_id, ctx.traceparent.clone());
     let order = orders::cancel(&st.wf, &order_id, reason, &cause).await?;
-    Ok(Json(order_view(&order)))
+    Ok(Json(order_view(&st, &caller, &order)))
 }
 
 pub async fn upsert_product(
@@ -206,16 +210,29 @@ fn placed_view(p: &PlacedOrder) -> Value {
     })
 }
 
-/// `GET /orders/{id}` (the payment token stays inside).
-fn order_view(o: &Order) -> Value {
-    json!({
+/// `GET /orders/{id}`. The payment token stays inside; the shipping address is shown
+/// only to whom `identity` allows.
+fn order_view(st: &AppState, caller: &Caller, o: &Order) -> Value {
+    let address = caller.may_see_address(o).then(|| {
+        st.wf
+            .pii
+            .open(
+                Field::ShippingAddress,
+                o.order_id.as_str(),
+                &o.shipping_address,
+            )
+            .inspect_err(
+                |e| tracing::warn!(order_id = %o.order_id, error = %e, "shipping address withheld"),
+            )
+            .ok()
+    });
+    let mut view = json!({
         "orderId": o.order_id,
         "customerId": o.customer_id,
         "status": o.status,
         "items": o.items,
         "amount": o.amount,
         "currency": o.currency,
-        "shippingAddress": o.shipping_address,
         "paymentId": o.payment_id,
         "paymentStatus": o.payment,
         "shipmentId": o.shipment_id,
@@ -227,7 +244,11 @@ fn order_view(o: &Order) -> Value {
         "createdAt": o.created_at,
         "updatedAt": o.updated_at,
         "history": o.history,
-    })
+    });
+    if let Some(Some(address)) = address {
+        view["shippingAddress"] = address.into();
+    }
+    view
 }
 
 fn product_view(p: &Product) -> Value {
