@@ -30,6 +30,9 @@ pub enum Input {
     Dispatch,
     /// The carrier delivered it (`POST /shipments/{id}/deliver`).
     Deliver,
+    /// The order's saga ran out of time (seed 003, `NODE_SAGA_TIMEOUT_MS`): it was
+    /// placed that long ago and is still not paid.
+    SagaTimeout,
 }
 
 /// What an order does next.
@@ -61,6 +64,9 @@ pub enum InventoryStep {
     /// Give reserved stock back (`InventoryReleased`).
     Release(ReleaseReason),
 }
+
+/// The `reason` of an `OrderCancelled` the saga timeout decided (API.md).
+pub const SAGA_TIMEOUT_REASON: &str = "saga_timeout";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReleaseReason {
@@ -138,6 +144,12 @@ pub fn next(status: Status, shipment: Option<ShipmentState>, input: Input) -> Ne
         (Pending | Confirmed | Paid, Input::Cancel) if shipment.is_none() => {
             Next::Steps(&[Orders(Cancelled)])
         }
+        // Saga timeout: an order still not paid when its time is up is compensated as a
+        // cancellation is (OrderCancelled with reason `saga_timeout`, then the release
+        // and, when a charge happened meanwhile, the refund). One that was paid, or
+        // ended, has nothing to compensate.
+        (Pending | Confirmed, Input::SagaTimeout) => Next::Steps(&[Orders(Cancelled)]),
+        (_, Input::SagaTimeout) => Next::Nothing,
         (Cancelled, Event(E::OrderCancelled)) => Next::Steps(&[
             Inventory(Release(ReleaseReason::OrderCancelled)),
             Payments(Refund),
@@ -385,6 +397,29 @@ mod tests {
             assert_eq!(Status::set_by(status.recorded_by()), Some(status));
         }
         assert_eq!(Status::set_by(E::InventoryReserved), None);
+    }
+
+    #[test]
+    fn the_saga_timeout_cancels_only_orders_not_yet_paid() {
+        for status in Status::ALL {
+            let due = next(status, None, Input::SagaTimeout);
+            let expected = match status {
+                Status::Pending | Status::Confirmed => {
+                    Next::Steps(&[Step::Orders(Status::Cancelled)])
+                }
+                _ => Next::Nothing,
+            };
+            assert_eq!(due, expected, "{status}");
+        }
+        // Never refused: a timed-out order that moved on simply has nothing to undo.
+        assert_eq!(
+            next(
+                Status::Shipped,
+                Some(ShipmentState::Created),
+                Input::SagaTimeout
+            ),
+            Next::Nothing
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use crate::durability::{self, Standby};
 use crate::metrics::Metrics;
 use crate::projector;
 use crate::roles::Roles;
+use crate::sagas;
 use crate::store::{Store, StoreError};
 use crate::workflow::Workflow;
 use eventlog::Role;
@@ -155,6 +156,9 @@ impl Application {
             }
         }
         let mut handlers = bus::start(wf.clone(), bus_config, stop_rx.clone());
+        if let Some(timeout) = config.saga_timeout() {
+            background.spawn(sagas::run(wf.clone(), timeout, stop_rx.clone()));
+        }
 
         tracing::info!(
             region = %config.region, listen = %listener.local_addr()?, consumer = %wf.consumer,

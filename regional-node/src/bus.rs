@@ -663,6 +663,11 @@ pub async fn refresh_gauges(wf: &Workflow) -> Result<(), StoreError> {
                 .get("name")
                 .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
                 .unwrap_or_default();
+            // The workflow's groups only: the saga timeout's cursor group trails the
+            // stream by the timeout on purpose, and is no backlog.
+            if Group::parse(&name).is_none() {
+                continue;
+            }
             let num = |k: &str| {
                 g.get(k)
                     .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())

@@ -62,6 +62,9 @@ pub struct Config {
     /// but the gateway can reach (its own network, or mutual TLS): anyone who can send
     /// a request to the node can also send the header.
     pub trust_identity_headers: bool,
+    /// NODE_SAGA_TIMEOUT_MS: an order not paid (or ended) this long after it was placed
+    /// is cancelled and compensated (seed 003's saga timeout); 0 turns it off.
+    pub saga_timeout_ms: u64,
 }
 
 /// `NODE_PII_KEYS`: parsed at load, so a bad ring stops the node before it starts (the
@@ -96,6 +99,7 @@ impl Config {
             .and_then(|b| b.set_default("shutdown_grace_ms", 10_000))
             .and_then(|b| b.set_default("promotion_timeout_ms", 30_000))
             .and_then(|b| b.set_default("trust_identity_headers", false))
+            .and_then(|b| b.set_default("saga_timeout_ms", 30_000))
             .map_err(|e| ConfigError(e.to_string()))?;
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
@@ -145,6 +149,11 @@ impl Config {
 
     pub fn promotion_timeout(&self) -> Duration {
         Duration::from_millis(self.promotion_timeout_ms)
+    }
+
+    /// `None` when saga timeouts are off.
+    pub fn saga_timeout(&self) -> Option<Duration> {
+        (self.saga_timeout_ms > 0).then(|| Duration::from_millis(self.saga_timeout_ms))
     }
 }
 

@@ -11,6 +11,7 @@
 //!   `orders-model` crate's.
 //! - [`workflow`]: decide -> apply -> commit, a consumer group's turn on an event, and
 //!   the errors and retry policy.
+//! - [`sagas`]: saga timeouts: orders not paid in time are cancelled and compensated.
 //! - [`store`]: Redis access and the atomic commit script.
 //! - [`bus`]: consumer groups, retries, dead letters, reclaiming.
 //! - [`projector`]: standby projection and rebuild from the event stream.
@@ -32,6 +33,7 @@ pub mod payments;
 pub mod projector;
 pub mod promotion;
 pub mod roles;
+pub mod sagas;
 pub mod shipments;
 pub mod store;
 pub mod workflow;

@@ -1,8 +1,8 @@
 //! The node's Prometheus metrics (names fixed by API.md).
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 #[derive(Clone)]
@@ -29,6 +29,9 @@ pub struct Metrics {
     /// Entries in the region's quarantine stream: events of an old epoch the new active
     /// never received, waiting for an operator (alert while not empty).
     pub quarantined_events: IntGauge,
+    /// Orders this node cancelled because their saga ran out of time (API.md
+    /// `tandem_node_saga_timeouts_total`).
+    pub saga_timeouts: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -124,6 +127,11 @@ impl Metrics {
                 "Entries in the region's quarantine stream (tandem:quarantine)",
             )
             .expect("valid metric"),
+            saga_timeouts: IntCounter::new(
+                "tandem_node_saga_timeouts_total",
+                "Orders cancelled because they were not paid NODE_SAGA_TIMEOUT_MS after they were placed",
+            )
+            .expect("valid metric"),
             registry,
         };
         for gauge in [
@@ -141,6 +149,10 @@ impl Metrics {
         metrics
             .registry
             .register(Box::new(metrics.redis_up.clone()))
+            .expect("unique metric");
+        metrics
+            .registry
+            .register(Box::new(metrics.saga_timeouts.clone()))
             .expect("unique metric");
         metrics
     }

@@ -8,9 +8,10 @@ use crate::workflow::{missing_keys, Decision, Delivery, Reaction, Reads, Workflo
 use eventlog::keys;
 use orders_model::apply::{self, State};
 use orders_model::events::*;
+use orders_model::flow::SAGA_TIMEOUT_REASON;
 use orders_model::order::{IdempotencyKey, IdempotencyRecord, LineItem, PlaceOrder, PlacedOrder};
 use orders_model::pii::Field;
-use orders_model::{Input, Next, Order, OrderId, Status, Step};
+use orders_model::{Input, Module, Next, Order, OrderId, Status, Step};
 
 /// The answer to a place-order: the new order, or the first answer for its key.
 pub enum Placed {
@@ -184,6 +185,44 @@ pub async fn cancel(
         })
         .await?;
     Ok(apply::order(&done, order_id)?.expect("the order exists"))
+}
+
+/// The saga timeout of one order (seed 003, `NODE_SAGA_TIMEOUT_MS`; the deadline
+/// watch is [`crate::sagas`]): an order the state machine still finds unpaid is
+/// cancelled with reason `saga_timeout`, and the inventory and payments groups
+/// compensate as for any cancellation. Returns whether this call cancelled it; an
+/// order paid, ended or already timed out is left alone, so repeating it is harmless.
+pub async fn time_out(
+    wf: &Workflow,
+    order_id: &OrderId,
+    cause: &Cause,
+) -> Result<bool, WorkflowError> {
+    let done = wf
+        .execute(
+            Reads::keys(vec![keys::order(order_id.as_str())]),
+            cause,
+            None,
+            |tx| {
+                let Some(order) = apply::order(tx, order_id)? else {
+                    return Ok(Decision::Nothing);
+                };
+                if order.next(Input::SagaTimeout).step_of(Module::Orders)
+                    != Some(Step::Orders(Status::Cancelled))
+                {
+                    return Ok(Decision::Nothing);
+                }
+                Ok(Decision::Emit {
+                    last_sequence: order.version,
+                    events: vec![DomainEvent::OrderCancelled(OrderCancelled {
+                        order_id: order_id.clone(),
+                        reason: Some(SAGA_TIMEOUT_REASON.into()),
+                        previous_status: order.status,
+                    })],
+                })
+            },
+        )
+        .await?;
+    Ok(done.is_some())
 }
 
 /// The `orders` group: records the status the state machine moves the order to, with

@@ -575,7 +575,7 @@ impl ControlCall {
 }
 
 /// `2026-01-02T03:04:05.123456Z` as microseconds since the Unix epoch (UTC only).
-fn rfc3339_micros(s: &str) -> Option<i64> {
+pub fn rfc3339_micros(s: &str) -> Option<i64> {
     let (date, time) = s.strip_suffix('Z')?.split_once('T')?;
     let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
     let (y, m, day) = (d.next()??, d.next()??, d.next()??);

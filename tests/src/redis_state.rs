@@ -256,6 +256,9 @@ fn show(d: &Dumped) -> String {
     }
 }
 
+/// The consumer group whose position is the node's saga-timeout cursor.
+pub const SAGA_CURSOR_GROUP: &str = "saga-timeouts";
+
 /// Consumer groups of `tandem:events` and whether each has caught up.
 #[derive(Debug, Clone)]
 pub struct GroupsProgress {
@@ -292,6 +295,9 @@ pub async fn groups_progress(conn: &mut MultiplexedConnection) -> GroupsProgress
         groups: groups
             .groups
             .into_iter()
+            // The saga timeout's cursor (regional-node `sagas::CURSOR_GROUP`) reads
+            // nothing and trails the stream by the timeout on purpose: no work left.
+            .filter(|g| g.name != SAGA_CURSOR_GROUP)
             .map(|g| (g.name, g.last_delivered_id, g.pending))
             .collect(),
     }

@@ -365,7 +365,7 @@ pub async fn groups(conn: &mut MultiplexedConnection, stream: &str) -> Vec<Group
 pub async fn entries(
     conn: &mut MultiplexedConnection,
     stream: &str,
-) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
+) -> Vec<crate::redis_state::StreamEntry> {
     let mut out = Vec::new();
     let mut start = "-".to_string();
     loop {
