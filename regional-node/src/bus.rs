@@ -526,6 +526,17 @@ pub enum ReplayError {
     Failed(WorkflowError),
 }
 
+impl ReplayError {
+    /// A failure of the region (Redis away, not active), not of the entry: trying the
+    /// next entry would fail the same way.
+    pub fn is_systemic(&self) -> bool {
+        matches!(
+            self,
+            ReplayError::Failed(WorkflowError::Store(_) | WorkflowError::NotActive { .. })
+        )
+    }
+}
+
 /// A dead-letter entry that was replayed and left the dead-letter list.
 #[derive(Debug, Clone)]
 pub struct Replayed {

@@ -14,6 +14,7 @@
 //! - [`sagas`]: saga timeouts: orders not paid in time are cancelled and compensated.
 //! - [`store`]: Redis access and the atomic commit script.
 //! - [`bus`]: consumer groups, retries, dead letters, reclaiming.
+//! - [`dead_letters`]: the dead-letter list for operators: pages, filters, bulk replay.
 //! - [`projector`]: standby projection and rebuild from the event stream.
 //! - [`roles`], [`promotion`]: role, epoch, lease fencing and promotion.
 //! - [`jobs`]: admin jobs (promotion, rebuild) that outlive the request that started them.
@@ -24,6 +25,7 @@ pub mod api;
 pub mod app;
 pub mod bus;
 pub mod config;
+pub mod dead_letters;
 pub mod durability;
 pub mod inventory;
 pub mod jobs;

@@ -1,16 +1,20 @@
 //! Admin endpoints: role and epoch, lease, dead letters, rebuild, quarantine.
 //! Guarded by `NODE_ADMIN_TOKEN` (bearer), or loopback-only when no token is set.
 
-use super::{ApiError, AppState, JsonBody};
+use super::{ApiError, AppState, JsonBody, OptionalJsonBody};
 use crate::bus;
+use crate::dead_letters;
 use crate::jobs::{Jobs, Waited};
 use crate::projector::{self, ProjectError, RebuildReport};
 use crate::promotion::{self, PromotionError};
 use crate::store::Entry;
-use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
 use axum::http::{request::Parts, HeaderMap, StatusCode};
 use axum::Json;
+use eventlog::envelope::StreamId;
 use eventlog::{keys, Role};
+use orders_model::EventType;
+use std::collections::HashMap;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -221,12 +225,168 @@ pub async fn lease(
     })))
 }
 
-pub async fn dlq(_: Admin, State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let entries = st.wf.store.xrange(keys::DLQ, "-", "+", 1000).await?;
-    let entries = bus::unreplayed(&st.wf.store, entries).await?;
-    Ok(Json(
-        json!({ "entries": entries.iter().map(dlq_view).collect::<Vec<_>>() }),
-    ))
+/// `GET /admin/dlq?group=&eventType=&after=&limit=`: the entries not yet replayed,
+/// oldest first, a page at a time (`limit` 1-1000, 1000 by default as before paging
+/// existed); `next` is the `after` of the following page, `null` at the end.
+pub async fn dlq(
+    _: Admin,
+    State(st): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let text = |k: &str| q.get(k).map(|v| Param::Text(v.as_str()));
+    let sel = Selection::parse(
+        text("group"),
+        text("eventType"),
+        text("after"),
+        text("limit"),
+        dead_letters::MAX_LIMIT,
+    )?;
+    let page = dead_letters::page(&st.wf.store, &sel.filter, sel.after, sel.limit).await?;
+    Ok(Json(json!({
+        "entries": page.entries.iter().map(dlq_view).collect::<Vec<_>>(),
+        "next": page.next,
+    })))
+}
+
+/// `POST /admin/dlq/replay {"group","eventType","after","limit"}` (all optional; no
+/// body: every entry): replays the entries `GET /admin/dlq` lists for the same
+/// selection (`limit` 100 by default), one after the other, each as
+/// `POST /admin/dlq/{entryId}/replay` does. Answers what happened to each; entries that
+/// failed stay listed, and `next` continues past them.
+pub async fn replay_many(
+    _: Admin,
+    State(st): State<AppState>,
+    OptionalJsonBody(body): OptionalJsonBody,
+) -> Result<Json<Value>, ApiError> {
+    let body = match body {
+        None => Value::Object(Default::default()),
+        Some(v @ Value::Object(_)) => v,
+        Some(_) => {
+            return Err(ApiError::validation(
+                "the body must be a JSON object",
+                Vec::new(),
+            ))
+        }
+    };
+    let field = |k: &str| body.get(k).filter(|v| !v.is_null()).map(Param::Json);
+    let sel = Selection::parse(
+        field("group"),
+        field("eventType"),
+        field("after"),
+        field("limit"),
+        BULK_REPLAY_LIMIT,
+    )?;
+    let report = dead_letters::replay_matching(&st.wf, &sel.filter, sel.after, sel.limit)
+        .await
+        .map_err(|(e, done)| {
+            let mut err = ApiError::from(e);
+            err.message = format!("{} ({done} entries were replayed before)", err.message);
+            err
+        })?;
+    let mut results: Vec<Value> = report.replayed.iter().map(replayed_view).collect();
+    for (id, e) in report.failed {
+        let e = ApiError::from(e);
+        results.push(json!({ "id": id, "error": { "code": e.code, "message": e.message } }));
+    }
+    Ok(Json(json!({
+        "replayed": report.replayed.len(),
+        "failed": results.len() - report.replayed.len(),
+        "results": results,
+        "next": report.next,
+    })))
+}
+
+/// Entries one bulk replay takes unless told otherwise.
+const BULK_REPLAY_LIMIT: usize = 100;
+
+/// A selection parameter, from the query string or from a JSON body.
+enum Param<'a> {
+    Text(&'a str),
+    Json(&'a Value),
+}
+
+impl Param<'_> {
+    fn text(&self) -> Option<&str> {
+        match self {
+            Param::Text(s) => Some(s),
+            Param::Json(v) => v.as_str(),
+        }
+    }
+
+    fn count(&self) -> Option<usize> {
+        match self {
+            Param::Text(s) => s.parse().ok(),
+            Param::Json(v) => v.as_u64().and_then(|n| usize::try_from(n).ok()),
+        }
+    }
+}
+
+/// Which dead letters a request means.
+struct Selection {
+    filter: dead_letters::Filter,
+    after: Option<StreamId>,
+    limit: usize,
+}
+
+impl Selection {
+    /// Every invalid parameter is named in one `validation_failed`.
+    fn parse(
+        group: Option<Param>,
+        event_type: Option<Param>,
+        after: Option<Param>,
+        limit: Option<Param>,
+        default_limit: usize,
+    ) -> Result<Selection, ApiError> {
+        let mut bad = Vec::new();
+        let mut sel = Selection {
+            filter: dead_letters::Filter::default(),
+            after: None,
+            limit: default_limit,
+        };
+        match group.as_ref().map(Param::text) {
+            None | Some(Some("")) => {}
+            Some(Some(g)) => match bus::Group::parse(g) {
+                Some(g) => sel.filter.group = Some(g),
+                None => bad.push("group"),
+            },
+            Some(None) => bad.push("group"),
+        }
+        match event_type.as_ref().map(Param::text) {
+            None | Some(Some("")) => {}
+            Some(Some(t)) => match t.parse::<EventType>() {
+                Ok(t) => sel.filter.event_type = Some(t),
+                Err(_) => bad.push("eventType"),
+            },
+            Some(None) => bad.push("eventType"),
+        }
+        match after.as_ref().map(Param::text) {
+            None | Some(Some("")) => {}
+            Some(Some(a)) => match StreamId::parse(a) {
+                Some(a) => sel.after = Some(a),
+                None => bad.push("after"),
+            },
+            Some(None) => bad.push("after"),
+        }
+        if let Some(l) = limit {
+            match l.count().filter(|l| (1..=dead_letters::MAX_LIMIT).contains(l)) {
+                Some(l) => sel.limit = l,
+                None => bad.push("limit"),
+            }
+        }
+        if bad.is_empty() {
+            return Ok(sel);
+        }
+        Err(ApiError::validation(
+            format!(
+                "invalid {}: group is one of inventory, payments, shipments, orders; \
+                 eventType an event type of the catalog; after a cursor returned as `next` \
+                 (a dead-letter entry id); limit 1-{}",
+                bad.join(", "),
+                dead_letters::MAX_LIMIT
+            ),
+            bad.into_iter().map(String::from).collect(),
+        ))
+    }
 }
 
 pub async fn replay(
@@ -238,12 +398,16 @@ pub async fn replay(
         return Err(ApiError::not_found(format!("dead-letter entry {entry_id}")));
     }
     let replayed = bus::replay(&st.wf, &entry_id).await?;
-    Ok(Json(json!({
-        "id": replayed.dlq_id,
-        "group": replayed.group.name(),
-        "eventId": replayed.event_id,
-        "outcome": replayed.outcome,
-    })))
+    Ok(Json(replayed_view(&replayed)))
+}
+
+fn replayed_view(r: &bus::Replayed) -> Value {
+    json!({
+        "id": r.dlq_id,
+        "group": r.group.name(),
+        "eventId": r.event_id,
+        "outcome": r.outcome,
+    })
 }
 
 /// One dead-letter entry, as `GET /admin/dlq` shows it.

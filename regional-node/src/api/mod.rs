@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/demote", post(admin::demote))
         .route("/admin/lease", post(admin::lease))
         .route("/admin/dlq", get(admin::dlq))
+        .route("/admin/dlq/replay", post(admin::replay_many))
         .route("/admin/dlq/{entry_id}/replay", post(admin::replay))
         .route("/admin/rebuild", post(admin::rebuild))
         .route("/admin/quarantine", get(admin::quarantine));
