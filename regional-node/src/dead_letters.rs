@@ -103,10 +103,9 @@ pub async fn page(
 /// What a bulk replay did, entry by entry.
 #[derive(Debug)]
 pub struct BulkReplay {
-    pub replayed: Vec<Replayed>,
-    /// Entries whose replay failed (the handler still fails, or the entry cannot be
-    /// read); they stay in the dead-letter list.
-    pub failed: Vec<(String, ReplayError)>,
+    /// Each entry taken, oldest first, with its outcome. A failed one (the handler
+    /// still fails, or the entry cannot be read) stays in the dead-letter list.
+    pub outcomes: Vec<(String, Result<Replayed, ReplayError>)>,
     /// Where a further bulk replay of the same filter continues (`after`), past the
     /// entries that failed; `None` once the stream's end was reached.
     pub next: Option<String>,
@@ -115,8 +114,8 @@ pub struct BulkReplay {
 /// Replays, one after the other, the entries [`page`] gives for the same arguments.
 /// Each replay is the single-entry replay: its own `DeadLetterReplayed` event, a
 /// replicated fact. A failure of the region itself (Redis away, not active) stops the
-/// bulk replay and is returned with the entries replayed before it; an operator lists
-/// the dead letters again and continues.
+/// bulk replay and is returned with the number of entries replayed before it; an
+/// operator lists the dead letters again and continues.
 pub async fn replay_matching(
     wf: &Workflow,
     filter: &Filter,
@@ -127,16 +126,18 @@ pub async fn replay_matching(
         .await
         .map_err(|e| (ReplayError::Failed(e.into()), 0))?;
     let mut report = BulkReplay {
-        replayed: Vec::new(),
-        failed: Vec::new(),
+        outcomes: Vec::new(),
         next: page.next,
     };
     for entry in page.entries {
-        match bus::replay(wf, &entry.id).await {
-            Ok(done) => report.replayed.push(done),
-            Err(e) if e.is_systemic() => return Err((e, report.replayed.len())),
-            Err(e) => report.failed.push((entry.id, e)),
+        let outcome = bus::replay(wf, &entry.id).await;
+        if let Err(e) = &outcome {
+            if e.is_systemic() {
+                let done = report.outcomes.iter().filter(|(_, o)| o.is_ok()).count();
+                return Err((outcome.unwrap_err(), done));
+            }
         }
+        report.outcomes.push((entry.id, outcome));
     }
     Ok(report)
 }

@@ -89,7 +89,10 @@ async fn dead_letters_are_paged_with_a_cursor_and_filtered_by_group_and_type() {
     let api = &region.api;
     let groups: Vec<&str> = all.iter().map(|e| e["group"].as_str().unwrap()).collect();
     assert_eq!(groups.iter().filter(|g| **g == "payments").count(), STUCK);
-    assert!(groups.contains(&"inventory") && groups.contains(&"orders"), "{groups:?}");
+    assert!(
+        groups.contains(&"inventory") && groups.contains(&"orders"),
+        "{groups:?}"
+    );
     for e in &all {
         for field in ["id", "group", "entryId", "eventType", "error", "at"] {
             assert!(e[field].is_string(), "{field} missing: {e}");
@@ -141,7 +144,12 @@ async fn dead_letters_are_paged_with_a_cursor_and_filtered_by_group_and_type() {
         // Then each is a 400 naming the parameter
         assert_eq!(r.status, 400, "{query}: {}", r.text);
         assert_eq!(r.error_code(), "validation_failed", "{query}: {}", r.text);
-        assert_eq!(r.json["error"]["fields"], json!([field]), "{query}: {}", r.text);
+        assert_eq!(
+            r.json["error"]["fields"],
+            json!([field]),
+            "{query}: {}",
+            r.text
+        );
     }
 }
 
@@ -160,12 +168,18 @@ async fn bulk_replay_of_a_filter_replays_each_entry_and_records_it() {
             assert_eq!(r.status, 200, "{}", r.text);
         }
     }
+    // (and the releases those cancellations cause are done)
     let mut redis = region.redis.client().await;
+    redis_state::wait_workflow_idle(&mut redis, FLOW).await;
 
     // When the body makes no sense
     let before = redis_state::snapshot(&mut redis).await;
     let dlq_len = |mut c: redis::aio::MultiplexedConnection| async move {
-        let n: u64 = redis::cmd("XLEN").arg(DLQ).query_async(&mut c).await.unwrap();
+        let n: u64 = redis::cmd("XLEN")
+            .arg(DLQ)
+            .query_async(&mut c)
+            .await
+            .unwrap();
         n
     };
     let dlq_before = dlq_len(redis.clone()).await;
@@ -203,7 +217,10 @@ async fn bulk_replay_of_a_filter_replays_each_entry_and_records_it() {
     // When the operator replays the payments two at a time
     let first = api
         .http
-        .post("/admin/dlq/replay", &json!({"group": "payments", "limit": 2}))
+        .post(
+            "/admin/dlq/replay",
+            &json!({"group": "payments", "limit": 2}),
+        )
         .await;
 
     // Then the two oldest are replayed (nothing left to pay for), and a cursor continues
@@ -218,7 +235,10 @@ async fn bulk_replay_of_a_filter_replays_each_entry_and_records_it() {
         .collect();
     assert_eq!(
         first_ids,
-        [payments[0]["id"].as_str().unwrap(), payments[1]["id"].as_str().unwrap()]
+        [
+            payments[0]["id"].as_str().unwrap(),
+            payments[1]["id"].as_str().unwrap()
+        ]
     );
     assert!(first.json["results"]
         .as_array()
@@ -245,9 +265,7 @@ async fn bulk_replay_of_a_filter_replays_each_entry_and_records_it() {
         .iter()
         .filter(|r| r.get("error").is_some())
         .collect();
-    assert!(failed
-        .iter()
-        .all(|r| r["error"]["code"] == "replay_failed"));
+    assert!(failed.iter().all(|r| r["error"]["code"] == "replay_failed"));
     let (left, _) = list(api, "group=payments").await;
     let left_orders: Vec<String> = left.iter().map(order_of).collect();
     assert_eq!(left_orders, still_failing);
@@ -282,7 +300,10 @@ async fn bulk_replay_of_a_filter_replays_each_entry_and_records_it() {
     let last = left.last().unwrap()["id"].as_str().unwrap();
     let none = api
         .http
-        .post("/admin/dlq/replay", &json!({"group": "payments", "after": last}))
+        .post(
+            "/admin/dlq/replay",
+            &json!({"group": "payments", "after": last}),
+        )
         .await;
     assert_eq!(none.status, 200, "{}", none.text);
     assert_eq!(none.json["replayed"], 0);

@@ -14,8 +14,8 @@ use axum::Json;
 use eventlog::envelope::StreamId;
 use eventlog::{keys, Role};
 use orders_model::EventType;
-use std::collections::HashMap;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -283,14 +283,22 @@ pub async fn replay_many(
             err.message = format!("{} ({done} entries were replayed before)", err.message);
             err
         })?;
-    let mut results: Vec<Value> = report.replayed.iter().map(replayed_view).collect();
-    for (id, e) in report.failed {
-        let e = ApiError::from(e);
-        results.push(json!({ "id": id, "error": { "code": e.code, "message": e.message } }));
-    }
+    let replayed = report.outcomes.iter().filter(|(_, o)| o.is_ok()).count();
+    let failed = report.outcomes.len() - replayed;
+    let results: Vec<Value> = report
+        .outcomes
+        .into_iter()
+        .map(|(id, outcome)| match outcome {
+            Ok(done) => replayed_view(&done),
+            Err(e) => {
+                let e = ApiError::from(e);
+                json!({ "id": id, "error": { "code": e.code, "message": e.message } })
+            }
+        })
+        .collect();
     Ok(Json(json!({
-        "replayed": report.replayed.len(),
-        "failed": results.len() - report.replayed.len(),
+        "replayed": replayed,
+        "failed": failed,
         "results": results,
         "next": report.next,
     })))
@@ -368,7 +376,10 @@ impl Selection {
             Some(None) => bad.push("after"),
         }
         if let Some(l) = limit {
-            match l.count().filter(|l| (1..=dead_letters::MAX_LIMIT).contains(l)) {
+            match l
+                .count()
+                .filter(|l| (1..=dead_letters::MAX_LIMIT).contains(l))
+            {
                 Some(l) => sel.limit = l,
                 None => bad.push("limit"),
             }
