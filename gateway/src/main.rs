@@ -7,6 +7,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use telemetry::exit::{failed_start, StartFailure};
 
+/// glibc's malloc and free were 7% of the gateway's CPU proxying a product read (perf,
+/// `bench/gateway.sh`): every request allocates its header maps, buffers and futures
+/// and frees them soon after. mimalloc's per-thread free lists suit that pattern, and
+/// each worker thread allocates and frees on its own.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Tandem's global gateway. Configuration: `--config FILE` (TOML), then `GATEWAY_*`
 /// environment variables, which win (see API.md).
 #[derive(Parser)]
