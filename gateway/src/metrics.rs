@@ -1,21 +1,42 @@
 //! The gateway's Prometheus metrics (names and labels as API.md lists them) and the
 //! route templates that keep their label sets small.
 
+use hyper::http::{Method, StatusCode};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::sync::OnceLock;
 
 /// Values of `tandem_gateway_failovers_total{reason}`.
 pub const FAILOVER_REASONS: [&str; 2] = ["unhealthy", "planned"];
 /// Values of `tandem_gateway_retries_total{reason}`: how the previous attempt failed.
 pub const RETRY_REASONS: [&str; 5] = ["connect", "reset", "timeout", "status_5xx", "failover"];
 
+/// Values of the `method` label; anything else is `other`.
+const METHODS: [&str; 8] = [
+    "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "other",
+];
+/// Statuses whose `requests_total` series are found by index; any other status takes
+/// the labelled lookup (they are rare).
+const HOT_STATUSES: [u16; 21] = [
+    200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 405, 409, 413, 422, 429, 431, 500, 502,
+    503, 504,
+];
+/// The `region` label of a request no region answered.
+pub const NO_REGION_LABEL: &str = "gateway";
+
 /// All gateway metrics, registered in their own registry.
 pub struct Metrics {
     registry: Registry,
-    pub requests: IntCounterVec,
-    pub duration: HistogramVec,
+    /// Recorded through [`Metrics::record_request`].
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    /// The request series by index, so recording a request takes no lock and hashes no
+    /// label: `with_label_values` hashes the four labels and takes the vector's lock
+    /// (shared by every worker) on each call. Each series is still created on first use,
+    /// as before, so `/metrics` shows the same series.
+    hot: HotSeries,
     pub region_healthy: IntGaugeVec,
     pub active_region: IntGaugeVec,
     pub epoch: IntGauge,
@@ -191,10 +212,12 @@ impl Metrics {
         for failure in crate::auth::Failure::ALL {
             auth_failures.with_label_values(&[failure.reason()]);
         }
+        let hot = HotSeries::new(regions);
         Metrics {
             registry,
             requests,
             duration,
+            hot,
             region_healthy,
             active_region,
             epoch,
@@ -212,6 +235,50 @@ impl Metrics {
         }
     }
 
+    /// Counts an answered request and observes its duration. `region`: the index of
+    /// the region that answered (as in the routing table), `None` for the gateway's own
+    /// answer.
+    pub fn record_request(
+        &self,
+        region: Option<usize>,
+        method: &Method,
+        route: Route,
+        status: StatusCode,
+        seconds: f64,
+    ) {
+        let h = &self.hot;
+        let r = region.map_or(h.labels.len() - 1, |i| i.min(h.labels.len() - 1));
+        let m = method_index(method);
+        let cell = (r * METHODS.len() + m) * Route::COUNT + route as usize;
+        match HOT_STATUSES.iter().position(|&s| s == status.as_u16()) {
+            Some(s) => h.requests[cell * HOT_STATUSES.len() + s]
+                .get_or_init(|| {
+                    self.requests.with_label_values(&[
+                        h.labels[r].as_str(),
+                        METHODS[m],
+                        route.template(),
+                        status.as_str(),
+                    ])
+                })
+                .inc(),
+            None => self
+                .requests
+                .with_label_values(&[
+                    h.labels[r].as_str(),
+                    METHODS[m],
+                    route.template(),
+                    status.as_str(),
+                ])
+                .inc(),
+        }
+        h.duration[r * Route::COUNT + route as usize]
+            .get_or_init(|| {
+                self.duration
+                    .with_label_values(&[h.labels[r].as_str(), route.template()])
+            })
+            .observe(seconds);
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(8192);
@@ -222,35 +289,148 @@ impl Metrics {
     }
 }
 
-/// A route template for metric labels: ids are replaced so the label set stays bounded.
-pub fn route_template(path: &str) -> &'static str {
-    let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    match segs.as_slice() {
-        [] | [""] => "/",
-        ["orders"] => "/orders",
-        ["orders", _] => "/orders/{orderId}",
-        ["orders", _, "cancel"] => "/orders/{orderId}/cancel",
-        ["api", "v1", "products", "check-availability"] => "/api/v1/products/check-availability",
-        ["api", "v1", "products", _] => "/api/v1/products/{sku}",
-        ["shipments", _, "dispatch"] => "/shipments/{shipmentId}/dispatch",
-        ["shipments", _, "deliver"] => "/shipments/{shipmentId}/deliver",
-        ["api", "events"] => "/api/events",
-        ["api", "events", _] => "/api/events/{eventId}",
-        ["health", "live"] => "/health/live",
-        ["health", "ready"] => "/health/ready",
-        ["metrics"] => "/metrics",
-        ["gateway", "health"] => "/gateway/health",
-        ["gateway", "regions"] => "/gateway/regions",
-        ["gateway", "failover"] => "/gateway/failover",
-        ["gateway", "regions", _, "drain"] => "/gateway/regions/{id}/drain",
-        ["gateway", "regions", _, "undrain"] => "/gateway/regions/{id}/undrain",
-        _ => "other",
+/// The request series, each resolved once, by index.
+struct HotSeries {
+    /// `region` label values: the regions in routing-table order, then the gateway's.
+    labels: Vec<String>,
+    /// By region, method, route, then status (`HOT_STATUSES`).
+    requests: Box<[OnceLock<IntCounter>]>,
+    /// By region, then route.
+    duration: Box<[OnceLock<Histogram>]>,
+}
+
+impl HotSeries {
+    fn new(regions: &[String]) -> HotSeries {
+        let mut labels = regions.to_vec();
+        labels.push(NO_REGION_LABEL.to_string());
+        let cells = labels.len() * METHODS.len() * Route::COUNT;
+        HotSeries {
+            requests: (0..cells * HOT_STATUSES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+            duration: (0..labels.len() * Route::COUNT)
+                .map(|_| OnceLock::new())
+                .collect(),
+            labels,
+        }
     }
+}
+
+fn method_index(m: &Method) -> usize {
+    match *m {
+        Method::GET => 0,
+        Method::POST => 1,
+        Method::PUT => 2,
+        Method::DELETE => 3,
+        Method::HEAD => 4,
+        Method::PATCH => 5,
+        Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+/// The `method` label of a request: a bounded set of values.
+pub fn method_label(m: &Method) -> &'static str {
+    METHODS[method_index(m)]
+}
+
+/// A request's route template, for metric labels: ids are replaced so the label set
+/// stays bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Root,
+    Orders,
+    Order,
+    OrderCancel,
+    CheckAvailability,
+    Product,
+    ShipmentDispatch,
+    ShipmentDeliver,
+    Events,
+    Event,
+    HealthLive,
+    HealthReady,
+    Metrics,
+    GatewayHealth,
+    GatewayRegions,
+    GatewayFailover,
+    RegionDrain,
+    RegionUndrain,
+    Other,
+}
+
+impl Route {
+    const COUNT: usize = Route::Other as usize + 1;
+
+    /// The route of a request path; no allocation (this runs for every request).
+    pub fn of(path: &str) -> Route {
+        // No route has more than four segments: a longer path is "other".
+        let mut segs = [""; 4];
+        let mut n = 0;
+        for seg in path.trim_end_matches('/').split('/').skip(1) {
+            if n == segs.len() {
+                return Route::Other;
+            }
+            segs[n] = seg;
+            n += 1;
+        }
+        match &segs[..n] {
+            [] | [""] => Route::Root,
+            ["orders"] => Route::Orders,
+            ["orders", _] => Route::Order,
+            ["orders", _, "cancel"] => Route::OrderCancel,
+            ["api", "v1", "products", "check-availability"] => Route::CheckAvailability,
+            ["api", "v1", "products", _] => Route::Product,
+            ["shipments", _, "dispatch"] => Route::ShipmentDispatch,
+            ["shipments", _, "deliver"] => Route::ShipmentDeliver,
+            ["api", "events"] => Route::Events,
+            ["api", "events", _] => Route::Event,
+            ["health", "live"] => Route::HealthLive,
+            ["health", "ready"] => Route::HealthReady,
+            ["metrics"] => Route::Metrics,
+            ["gateway", "health"] => Route::GatewayHealth,
+            ["gateway", "regions"] => Route::GatewayRegions,
+            ["gateway", "failover"] => Route::GatewayFailover,
+            ["gateway", "regions", _, "drain"] => Route::RegionDrain,
+            ["gateway", "regions", _, "undrain"] => Route::RegionUndrain,
+            _ => Route::Other,
+        }
+    }
+
+    /// The label value.
+    pub fn template(self) -> &'static str {
+        match self {
+            Route::Root => "/",
+            Route::Orders => "/orders",
+            Route::Order => "/orders/{orderId}",
+            Route::OrderCancel => "/orders/{orderId}/cancel",
+            Route::CheckAvailability => "/api/v1/products/check-availability",
+            Route::Product => "/api/v1/products/{sku}",
+            Route::ShipmentDispatch => "/shipments/{shipmentId}/dispatch",
+            Route::ShipmentDeliver => "/shipments/{shipmentId}/deliver",
+            Route::Events => "/api/events",
+            Route::Event => "/api/events/{eventId}",
+            Route::HealthLive => "/health/live",
+            Route::HealthReady => "/health/ready",
+            Route::Metrics => "/metrics",
+            Route::GatewayHealth => "/gateway/health",
+            Route::GatewayRegions => "/gateway/regions",
+            Route::GatewayFailover => "/gateway/failover",
+            Route::RegionDrain => "/gateway/regions/{id}/drain",
+            Route::RegionUndrain => "/gateway/regions/{id}/undrain",
+            Route::Other => "other",
+        }
+    }
+}
+
+/// A route template for metric labels (see [`Route`]).
+pub fn route_template(path: &str) -> &'static str {
+    Route::of(path).template()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::route_template;
+    use super::*;
 
     #[test]
     fn ids_never_reach_labels() {
@@ -269,6 +449,40 @@ mod tests {
             "/api/v1/products/check-availability"
         );
         assert_eq!(route_template("/whatever/1/2/3"), "other");
+        assert_eq!(route_template("/api/v1/products/W-1/x"), "other");
+        assert_eq!(
+            route_template("/gateway/regions/a/undrain"),
+            "/gateway/regions/{id}/undrain"
+        );
+        assert_eq!(route_template("/health/live/"), "/health/live");
         assert_eq!(route_template("/"), "/");
+        assert_eq!(route_template(""), "/");
+    }
+
+    #[test]
+    fn requests_are_counted_under_their_labels() {
+        let m = Metrics::new(&["a".to_string(), "b".to_string()]);
+        let product = Route::of("/api/v1/products/W-1");
+        m.record_request(Some(1), &Method::GET, product, StatusCode::OK, 0.002);
+        m.record_request(Some(1), &Method::GET, product, StatusCode::OK, 0.002);
+        m.record_request(
+            None,
+            &Method::POST,
+            Route::Orders,
+            StatusCode::IM_A_TEAPOT,
+            0.1,
+        );
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(
+            r#"tandem_gateway_requests_total{method="GET",region="b",route="/api/v1/products/{sku}",status="200"} 2"#
+        ), "{text}");
+        assert!(text.contains(
+            r#"tandem_gateway_requests_total{method="POST",region="gateway",route="/orders",status="418"} 1"#
+        ), "{text}");
+        assert!(text.contains(
+            r#"tandem_gateway_request_duration_seconds_count{region="b",route="/api/v1/products/{sku}"} 2"#
+        ), "{text}");
+        // Nothing recorded, no series: as `with_label_values` on first use.
+        assert!(!text.contains(r#"region="a",route"#), "{text}");
     }
 }

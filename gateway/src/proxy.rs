@@ -6,9 +6,9 @@ use crate::access::{self, Need, Ownership};
 use crate::auth::{Failure as AuthFailure, Principal, Scope};
 use crate::error::GatewayError;
 use crate::limits::{header_bytes, ClientKey};
-use crate::metrics::route_template;
+use crate::metrics::{method_label, Route, NO_REGION_LABEL};
 use crate::node_api::error_chain;
-use crate::routing::Routing;
+use crate::routing::{Region, Routing};
 use crate::Shared;
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
@@ -128,7 +128,7 @@ pub async fn forward(
 ) -> Response<Body> {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
-    let route = route_template(parts.uri.path());
+    let route = Route::of(parts.uri.path());
     let method = parts.method.clone();
     let request_id = parts
         .headers
@@ -141,11 +141,11 @@ pub async fn forward(
     let span = tracing::info_span!(
         target: telemetry::trace::SPANS,
         "gateway request",
-        otel.name = %format_args!("{} {route}", method_label(&method)),
+        otel.name = %format_args!("{} {}", method_label(&method), route.template()),
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
         http.request.method = method_label(&method),
-        http.route = route,
+        http.route = route.template(),
         http.response.status_code = tracing::field::Empty,
         tandem.region = tracing::field::Empty,
     );
@@ -160,23 +160,23 @@ pub async fn forward(
         telemetry::trace::traceparent(&span).and_then(|t| HeaderValue::try_from(t).ok())
     };
 
-    let result = forward_inner(
+    let inner = forward_inner(
         shared,
         client,
         (parts, body),
         (peer, tls),
         (&request_id, traceparent),
         start,
-    )
-    .instrument(span.clone())
-    .await;
-    let (mut resp, region) = match result {
-        Ok((resp, region)) => (resp, region),
+    );
+    let result = inner.instrument(span.clone()).await;
+    let (mut resp, served_by) = match result {
+        Ok((resp, region)) => (resp, Some(region)),
         Err(e) => {
             shared.metrics.rejected.with_label_values(&[e.code()]).inc();
-            (e.to_response(), "gateway")
+            (e.to_response(), None)
         }
     };
+    let region = served_by.map_or(NO_REGION_LABEL, |i| shared.routing.region(i).id.as_str());
     resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
     let status = resp.status();
     span.record("http.response.status_code", status.as_u16());
@@ -184,16 +184,14 @@ pub async fn forward(
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
     }
-    shared
-        .metrics
-        .requests
-        .with_label_values(&[region, method_label(&method), route, status.as_str()])
-        .inc();
-    shared
-        .metrics
-        .duration
-        .with_label_values(&[region, route])
-        .observe(start.elapsed().as_secs_f64());
+    shared.metrics.record_request(
+        served_by,
+        &method,
+        route,
+        status,
+        start.elapsed().as_secs_f64(),
+    );
+    let route = route.template();
     if status.is_server_error() {
         tracing::warn!(%method, route, region, status = status.as_u16(), "request failed");
     } else {
@@ -202,14 +200,15 @@ pub async fn forward(
     resp
 }
 
-async fn forward_inner<'a>(
-    shared: &'a Shared,
+/// Ok: the answer and the index of the region that gave it.
+async fn forward_inner(
+    shared: &Shared,
     client: &UpstreamClient,
     (mut parts, body): (hyper::http::request::Parts, Incoming),
     (peer, tls): (SocketAddr, bool),
     (request_id, traceparent): (&HeaderValue, Option<HeaderValue>),
     start: Instant,
-) -> Result<(Response<Body>, &'a str), GatewayError> {
+) -> Result<(Response<Body>, usize), GatewayError> {
     let cfg = &shared.config;
     if header_bytes(&parts.headers) > cfg.max_header_bytes {
         return Err(GatewayError::HeadersTooLarge(cfg.max_header_bytes));
@@ -415,13 +414,13 @@ fn placing_as_self(
 
 /// The order's answer if it belongs to `subject`; otherwise the node's own "not found"
 /// answer for a missing order, so another customer's order cannot even be told to exist.
-async fn owner_only<'a>(
+async fn owner_only(
     shared: &Shared,
-    (resp, region): (Response<Body>, &'a str),
+    (resp, region): (Response<Body>, usize),
     order_id: &str,
     subject: &str,
     deadline: Instant,
-) -> Result<(Response<Body>, &'a str), GatewayError> {
+) -> Result<(Response<Body>, usize), GatewayError> {
     let (mut parts, body) = resp.into_parts();
     let read = tokio::time::timeout_at(deadline.into(), read_up_to(body, MAX_ORDER_BYTES));
     let bytes = match read.await {
@@ -495,13 +494,13 @@ struct Outgoing<'r> {
 
 /// Sends `req` to a region, retrying when that is safe and waiting out a failover,
 /// within `deadline`.
-async fn exchange<'a>(
-    shared: &'a Shared,
+async fn exchange(
+    shared: &Shared,
     client: &UpstreamClient,
     req: &Outgoing<'_>,
     body: &mut RequestBody,
     deadline: Instant,
-) -> Result<(Response<Body>, &'a str), GatewayError> {
+) -> Result<(Response<Body>, usize), GatewayError> {
     let cfg = &shared.config;
     let (is_read, idempotent) = (req.read, req.idempotent);
     let routing = &shared.routing;
@@ -618,7 +617,7 @@ async fn exchange<'a>(
                     Failure::Unavailable(resp)
                 } else {
                     routing.record_success(target);
-                    return Ok((into_client_response(resp, &region.id), region.id.as_str()));
+                    return Ok((into_client_response(resp, region), target));
                 }
             }
             Some(Ok(Err(e))) => {
@@ -651,14 +650,13 @@ async fn exchange<'a>(
 fn conclude(
     shared: &Shared,
     last: Option<(Failure, usize)>,
-) -> Result<(Response<Body>, &str), GatewayError> {
+) -> Result<(Response<Body>, usize), GatewayError> {
     match last {
         None => Err(GatewayError::NoRegion),
         Some((Failure::Timeout | Failure::Overtaken, _)) => Err(GatewayError::Timeout),
         Some((Failure::NotSent | Failure::Broken, _)) => Err(GatewayError::Upstream),
         Some((Failure::Unavailable(resp), i)) => {
-            let id = shared.routing.region(i).id.as_str();
-            Ok((into_client_response(resp, id), id))
+            Ok((into_client_response(resp, shared.routing.region(i)), i))
         }
     }
 }
@@ -773,11 +771,11 @@ fn prepare_headers(
     );
 }
 
-fn into_client_response(resp: Response<Incoming>, region: &str) -> Response<Body> {
+fn into_client_response(resp: Response<Incoming>, region: &Region) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(&X_REGION) {
-        if let Ok(v) = HeaderValue::from_str(region) {
+        if let Ok(v) = HeaderValue::from_str(&region.id) {
             parts.headers.insert(X_REGION.clone(), v);
         }
     }
@@ -831,20 +829,6 @@ fn peer_header(ip: std::net::IpAddr) -> HeaderValue {
             }
         }
     })
-}
-
-/// Method label with a bounded set of values.
-pub fn method_label(m: &Method) -> &'static str {
-    match *m {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::PATCH => "PATCH",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
-    }
 }
 
 #[cfg(test)]
