@@ -115,7 +115,9 @@ async fn read_json(req: Request<Incoming>) -> Result<serde_json::Value, GatewayE
 fn health(shared: &Shared) -> Response<Body> {
     let routing = &shared.routing;
     let can_write = routing.pick_write().is_some();
-    let can_read = routing.pick_read(&[]).is_some();
+    let can_read = routing
+        .pick_read(crate::routing::Tried::default())
+        .is_some();
     let ok = shared.controller.is_ready() && (can_write || can_read);
     let body = serde_json::json!({
         "status": if ok { "ok" } else { "unavailable" },

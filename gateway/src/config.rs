@@ -572,6 +572,12 @@ fn parse_regions(s: &str) -> Result<Vec<RegionConfig>, ConfigError> {
         }
         out.push(RegionConfig { id, url, authority });
     }
+    if out.len() > crate::routing::Tried::MAX_REGIONS {
+        return Err(invalid(
+            "regions",
+            format!("at most {} regions", crate::routing::Tried::MAX_REGIONS),
+        ));
+    }
     if out.len() < 2 {
         return Err(invalid(
             "regions",

@@ -4,7 +4,7 @@
 use hyper::http::HeaderMap;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -33,7 +33,26 @@ pub struct RateLimiter {
     rate: f64,
     burst: f64,
     hasher: RandomState,
-    shards: Vec<Mutex<HashMap<u64, Bucket>>>,
+    shards: Vec<Mutex<HashMap<u64, Bucket, BuildHasherDefault<KeyIsHash>>>>,
+}
+
+/// The bucket table's keys are already keyed hashes of the client: hashing them a second
+/// time (SipHash, `HashMap`'s default) would be work for nothing on every request.
+#[derive(Default)]
+struct KeyIsHash(u64);
+
+impl Hasher for KeyIsHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 impl RateLimiter {
@@ -43,7 +62,9 @@ impl RateLimiter {
             rate,
             burst,
             hasher: RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
         }
     }
 
@@ -53,7 +74,8 @@ impl RateLimiter {
             return Ok(());
         }
         let key = self.hasher.hash_one(client);
-        let shard = (key >> 58) as usize % SHARDS;
+        // Middle bits: the table itself uses the lowest (bucket) and highest (tag) ones.
+        let shard = (key >> 32) as usize % SHARDS;
         let now = Instant::now();
         let mut map = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
         if map.len() > SWEEP_AT {

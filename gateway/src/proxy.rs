@@ -8,7 +8,7 @@ use crate::error::GatewayError;
 use crate::limits::{header_bytes, ClientKey};
 use crate::metrics::{method_label, Route, NO_REGION_LABEL};
 use crate::node_api::error_chain;
-use crate::routing::{Region, Routing};
+use crate::routing::{Region, Routing, Tried};
 use crate::Shared;
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
@@ -168,7 +168,12 @@ pub async fn forward(
         (&request_id, traceparent),
         start,
     );
-    let result = inner.instrument(span.clone()).await;
+    // Entering and leaving a disabled span at every poll is work for nothing.
+    let result = if span.is_disabled() {
+        inner.await
+    } else {
+        inner.instrument(span.clone()).await
+    };
     let (mut resp, served_by) = match result {
         Ok((resp, region)) => (resp, Some(region)),
         Err(e) => {
@@ -504,41 +509,50 @@ async fn exchange(
     let cfg = &shared.config;
     let (is_read, idempotent) = (req.read, req.idempotent);
     let routing = &shared.routing;
-    let mut changes = routing.subscribe();
+    // Subscribed to routing changes only when this request has to wait for one (most
+    // never do): a subscription is two updates of a counter every worker shares.
+    let mut changes: Option<watch::Receiver<u64>> = None;
     let _active = shared.retry_budget.enter();
-    let mut tried: Vec<usize> = Vec::with_capacity(2);
+    let mut tried = Tried::default();
     let mut last_failure: Option<(Failure, usize)> = None;
     let mut backed_off = false;
     // Built on the first pause only: most requests never need one.
     let mut backoff: Option<ExponentialBackoff> = None;
 
     loop {
-        changes.borrow_and_update();
+        if let Some(changes) = &mut changes {
+            changes.borrow_and_update();
+        }
         let now = Instant::now();
         if now >= deadline {
             return conclude(shared, last_failure);
         }
         let pick = if is_read {
-            routing.pick_read(&tried)
+            routing.pick_read(tried)
         } else {
             routing.pick_write()
         };
         let target = match pick {
-            Some(t) if !tried.contains(&t) || backed_off => t,
-            Some(_) => {
-                // Only a region that failed this request is left: give it a moment (or
-                // a failover a chance) before sending again.
-                let pause = backoff
-                    .get_or_insert_with(|| RETRY_BACKOFF.build())
-                    .next()
-                    .unwrap_or(Duration::from_millis(200));
-                wait_for_change(&mut changes, pause.min(deadline - now)).await;
-                backed_off = true;
-                continue;
-            }
-            None => {
-                // No usable region (a failover is under way, say): wait for a change.
-                wait_for_change(&mut changes, deadline - now).await;
+            Some(t) if !tried.contains(t) || backed_off => t,
+            _ => {
+                let Some(changes) = &mut changes else {
+                    // Subscribe, then look again: a change just before subscribing is seen.
+                    changes = Some(routing.subscribe());
+                    continue;
+                };
+                if pick.is_some() {
+                    // Only a region that failed this request is left: give it a moment
+                    // (or a failover a chance) before sending again.
+                    let pause = backoff
+                        .get_or_insert_with(|| RETRY_BACKOFF.build())
+                        .next()
+                        .unwrap_or(Duration::from_millis(200));
+                    wait_for_change(changes, pause.min(deadline - now)).await;
+                    backed_off = true;
+                } else {
+                    // No usable region (a failover is under way, say): wait for a change.
+                    wait_for_change(changes, deadline - now).await;
+                }
                 continue;
             }
         };
@@ -586,9 +600,7 @@ async fn exchange(
         *upstream.version_mut() = Version::HTTP_11;
         *upstream.headers_mut() = req.headers.clone();
 
-        if !tried.contains(&target) {
-            tried.push(target);
-        }
+        tried = tried.with(target);
         let attempt_deadline = cfg
             .attempt_timeout
             .min(deadline.saturating_duration_since(Instant::now()));
@@ -598,11 +610,14 @@ async fn exchange(
         let first = WATCH_AFTER.min(attempt_deadline);
         let outcome = match tokio::time::timeout(first, &mut sent).await {
             Ok(r) => Some(Ok(r)),
-            Err(_) => tokio::select! {
-                biased;
-                r = tokio::time::timeout(attempt_deadline - first, &mut sent) => Some(r),
-                _ = overtaken(routing, &mut changes, target, is_read), if idempotent => None,
-            },
+            Err(_) => {
+                let changes = changes.get_or_insert_with(|| routing.subscribe());
+                tokio::select! {
+                    biased;
+                    r = tokio::time::timeout(attempt_deadline - first, &mut sent) => Some(r),
+                    _ = overtaken(routing, changes, target, is_read), if idempotent => None,
+                }
+            }
         };
         let failure = match outcome {
             None => Failure::Overtaken,
@@ -670,9 +685,7 @@ async fn overtaken(
     is_read: bool,
 ) {
     loop {
-        if changes.changed().await.is_err() {
-            return std::future::pending().await;
-        }
+        // Looked at first too: the receiver may have been made after the attempt began.
         let gone = if is_read {
             !routing.region(target).is_healthy()
         } else {
@@ -680,6 +693,9 @@ async fn overtaken(
         };
         if gone {
             return;
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
         }
     }
 }
@@ -775,9 +791,9 @@ fn into_client_response(resp: Response<Incoming>, region: &Region) -> Response<B
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(&X_REGION) {
-        if let Ok(v) = HeaderValue::from_str(&region.id) {
-            parts.headers.insert(X_REGION.clone(), v);
-        }
+        parts
+            .headers
+            .insert(X_REGION.clone(), region.id_header.clone());
     }
     Response::from_parts(parts, body.map_err(BoxError::from).boxed())
 }

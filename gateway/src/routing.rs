@@ -8,6 +8,7 @@
 use crate::config::{Config, ReadPolicy};
 use crate::metrics::Metrics;
 use hyper::http::uri::Authority;
+use hyper::http::HeaderValue;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
@@ -18,6 +19,8 @@ const NO_REGION: usize = usize::MAX;
 pub struct Region {
     pub index: usize,
     pub id: String,
+    /// `id` as the `X-Region` header value, made once rather than for every answer.
+    pub id_header: HeaderValue,
     /// Base URL, e.g. `http://127.0.0.1:8081`.
     pub url: String,
     /// `host:port` of `url`, for building upstream URIs without parsing.
@@ -80,6 +83,8 @@ impl Routing {
                 Arc::new(Region {
                     index,
                     id: r.id.clone(),
+                    id_header: HeaderValue::from_str(&r.id)
+                        .expect("region ids are [a-z0-9-] (config checks)"),
                     url: r.url.clone(),
                     authority: r.authority.clone(),
                     healthy: AtomicBool::new(false),
@@ -223,30 +228,60 @@ impl Routing {
 
     /// The region for a read. `avoid` holds regions that already failed this request;
     /// they are used again only when nothing else is usable.
-    pub fn pick_read(&self, avoid: &[usize]) -> Option<usize> {
+    pub fn pick_read(&self, avoid: Tried) -> Option<usize> {
         let active = self.active().filter(|&a| self.regions[a].usable());
-        let fresh = |i: &usize| !avoid.contains(i);
         if self.read_policy == ReadPolicy::Active {
-            if let Some(a) = active.filter(fresh) {
+            if let Some(a) = active.filter(|&a| !avoid.contains(a)) {
                 return Some(a);
             }
         }
-        let usable: Vec<usize> = self
+        let usable = self
             .regions
             .iter()
             .filter(|r| r.usable())
-            .map(|r| r.index)
-            .collect();
-        let candidates: Vec<usize> = usable.iter().copied().filter(fresh).collect();
+            .fold(Tried::default(), |set, r| set.with(r.index));
+        let candidates = usable.without(avoid);
         let pool = if candidates.is_empty() {
-            &usable
+            usable
         } else {
-            &candidates
+            candidates
         };
         if pool.is_empty() {
             return None;
         }
         let n = self.round_robin.fetch_add(1, Ordering::Relaxed);
-        Some(pool[n % pool.len()])
+        pool.nth(n % pool.len())
+    }
+}
+
+/// A set of regions (by index) as bits: the regions a request has tried, or those
+/// usable. The configuration allows at most [`Tried::MAX_REGIONS`] regions; a set of
+/// bits costs no allocation on a request's way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tried(u64);
+
+impl Tried {
+    pub const MAX_REGIONS: usize = 64;
+
+    pub fn contains(self, i: usize) -> bool {
+        i < Self::MAX_REGIONS && self.0 & (1 << i) != 0
+    }
+    #[must_use]
+    pub fn with(self, i: usize) -> Tried {
+        debug_assert!(i < Self::MAX_REGIONS);
+        Tried(self.0 | 1u64.checked_shl(i as u32).unwrap_or(0))
+    }
+    fn without(self, other: Tried) -> Tried {
+        Tried(self.0 & !other.0)
+    }
+    fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    fn len(self) -> usize {
+        self.0.count_ones() as usize
+    }
+    /// The `n`th member in index order.
+    fn nth(self, n: usize) -> Option<usize> {
+        (0..Self::MAX_REGIONS).filter(|&i| self.contains(i)).nth(n)
     }
 }

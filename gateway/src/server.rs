@@ -160,20 +160,25 @@ async fn connection(c: Connection, stream: TcpStream, admission: Admission) {
     let limits = shared.connections.limits();
     let state = admission.state.clone();
     let (stream, given_back) = ClientStream::new(stream, state.clone());
-    let is_tls = tls.is_some();
     let service = {
-        let (shared, state) = (shared.clone(), state.clone());
+        let ctx = Arc::new(PerConnection {
+            shared: shared.clone(),
+            client,
+            state: state.clone(),
+            peer,
+            is_tls: tls.is_some(),
+        });
         service_fn(move |req: Request<Incoming>| {
-            let (shared, client, state) = (shared.clone(), client.clone(), state.clone());
+            let ctx = ctx.clone();
             async move {
-                let _in_flight = state.begin();
+                let _in_flight = ctx.state.begin();
                 // HTTP/1 only: an HTTP/2 stream is reset on its own, the connection goes on.
                 let unread_body = req.version() <= Version::HTTP_11 && !req.body().is_end_stream();
-                let resp = dispatch(&shared, &client, req, peer, is_tls).await;
+                let resp = dispatch(&ctx.shared, &ctx.client, req, ctx.peer, ctx.is_tls).await;
                 if unread_body
                     && (resp.status().is_client_error() || resp.status().is_server_error())
                 {
-                    state.linger_on_close();
+                    ctx.state.linger_on_close();
                 }
                 Ok::<_, Infallible>(resp)
             }
@@ -216,6 +221,17 @@ async fn connection(c: Connection, stream: TcpStream, admission: Admission) {
         linger(stream, limits, &shared.metrics).await;
     }
     drop(admission);
+}
+
+/// What each request of a connection is handed: one pointer to clone per request, which
+/// only this connection's thread touches (cloning `Arc<Shared>` for every request had
+/// all workers update one shared count).
+struct PerConnection {
+    shared: Arc<Shared>,
+    client: Arc<UpstreamClient>,
+    state: Arc<ConnState>,
+    peer: SocketAddr,
+    is_tls: bool,
 }
 
 /// Runs one HTTP connection (plain or TLS alike).
