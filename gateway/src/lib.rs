@@ -7,6 +7,7 @@
 //! - [`server`]: the listener, TLS handshakes, HTTP/1.1 and HTTP/2, graceful shutdown.
 //! - [`connections`]: connection caps, idle and slow-header timeouts, lingering close.
 //! - [`proxy`]: forwarding a request: header hygiene, retries, the request's deadline.
+//! - [`upstream`]: each worker's pooled HTTP/1.1 connections to the regions.
 //! - [`routing`]: the region table; which region gets a read or a write.
 //! - [`health`]: active probes with rise/fall thresholds.
 //! - [`failover`]: epochs, leases, promotion after the lease lapses, planned switchover.
@@ -43,6 +44,7 @@ pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod tls;
+pub mod upstream;
 
 use auth::Authenticator;
 use config::Config;

@@ -9,6 +9,7 @@ use crate::limits::{header_bytes, ClientKey};
 use crate::metrics::{method_label, Route, NO_REGION_LABEL};
 use crate::node_api::error_chain;
 use crate::routing::{Region, Routing, Tried};
+use crate::upstream::{Target, Upstream};
 use crate::Shared;
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
@@ -17,9 +18,8 @@ use hyper::http::{
     header, uri, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
     Version,
 };
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::Instrument as _;
@@ -58,19 +58,8 @@ pub fn full_body(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
-/// A pooled client to the regions. Each worker thread has its own, so a request and
-/// its upstream connection live on one thread.
-pub type UpstreamClient = Client<HttpConnector, Body>;
-
-pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(1024)
-        .build(connector)
-}
+/// The regions as one worker reaches them (see [`crate::upstream`]).
+pub type UpstreamClient = Arc<Upstream>;
 
 /// How an attempt failed, and so whether the request may be sent again: decided here,
 /// once, not at each call site.
@@ -82,7 +71,7 @@ enum Failure {
     /// No answer within the attempt's deadline.
     Timeout,
     /// The region answered 502, 503 or 504.
-    Unavailable(Response<Incoming>),
+    Unavailable(Response<Body>),
     /// Still waiting when the region was judged unhealthy (a read) or stopped being
     /// the active one (a write): a safe request goes to its successor at once rather
     /// than wait out the attempt's timeout on a hung region.
@@ -588,15 +577,9 @@ async fn exchange(
                 None => return conclude(shared, last_failure),
             },
         };
-        let uri = Uri::builder()
-            .scheme(uri::Scheme::HTTP)
-            .authority(region.authority.clone())
-            .path_and_query(req.path_and_query.clone())
-            .build()
-            .map_err(|_| GatewayError::BadRequest("bad request target".into()))?;
         let mut upstream = Request::new(upstream_body);
         *upstream.method_mut() = req.method.clone();
-        *upstream.uri_mut() = uri;
+        *upstream.uri_mut() = Uri::from(req.path_and_query.clone());
         *upstream.version_mut() = Version::HTTP_11;
         *upstream.headers_mut() = req.headers.clone();
 
@@ -604,7 +587,12 @@ async fn exchange(
         let attempt_deadline = cfg
             .attempt_timeout
             .min(deadline.saturating_duration_since(Instant::now()));
-        let sent = client.request(upstream);
+        let to = Target {
+            index: target,
+            authority: region.authority.as_str(),
+            host: &region.host_header,
+        };
+        let sent = client.send(to, upstream);
         tokio::pin!(sent);
         // Most answers come quickly: only a slow one pays for watching the topology.
         let first = WATCH_AFTER.min(attempt_deadline);
@@ -787,7 +775,7 @@ fn prepare_headers(
     );
 }
 
-fn into_client_response(resp: Response<Incoming>, region: &Region) -> Response<Body> {
+fn into_client_response(resp: Response<Body>, region: &Region) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(&X_REGION) {
@@ -795,7 +783,7 @@ fn into_client_response(resp: Response<Incoming>, region: &Region) -> Response<B
             .headers
             .insert(X_REGION.clone(), region.id_header.clone());
     }
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+    Response::from_parts(parts, body)
 }
 
 fn new_request_id() -> HeaderValue {

@@ -25,6 +25,8 @@ pub struct Region {
     pub url: String,
     /// `host:port` of `url`, for building upstream URIs without parsing.
     pub authority: Authority,
+    /// `authority` as a `Host` value, for a request that came without one (HTTP/2).
+    pub host_header: HeaderValue,
     /// Passing its checks and not ejected by outlier detection.
     healthy: AtomicBool,
     /// Drained by an operator: no new requests.
@@ -87,6 +89,8 @@ impl Routing {
                         .expect("region ids are [a-z0-9-] (config checks)"),
                     url: r.url.clone(),
                     authority: r.authority.clone(),
+                    host_header: HeaderValue::from_str(r.authority.as_str())
+                        .expect("an authority is a valid header value"),
                     healthy: AtomicBool::new(false),
                     drained: AtomicBool::new(false),
                     probe_successes: AtomicU32::new(0),

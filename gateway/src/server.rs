@@ -13,7 +13,8 @@
 use crate::config::ConnectionLimits;
 use crate::connections::{linger, Admission, ClientStream, ConnState, Registry};
 use crate::error::GatewayError;
-use crate::proxy::{upstream_client, Body, UpstreamClient};
+use crate::proxy::{Body, UpstreamClient};
+use crate::upstream::Upstream;
 use crate::{admin, proxy, Shared};
 use hyper::body::{Body as _, Incoming};
 use hyper::http::{Request, Response, Version};
@@ -66,7 +67,10 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let client = Arc::new(upstream_client(shared.config.connect_timeout));
+    let client = Arc::new(Upstream::new(
+        shared.config.connect_timeout,
+        shared.routing.regions().len(),
+    ));
     let limits = shared.connections.limits().clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper answers 431 itself when the request head does not fit its buffer. Its
@@ -139,7 +143,7 @@ pub async fn serve(
 /// What a connection's task needs besides its stream.
 struct Connection {
     shared: Arc<Shared>,
-    client: Arc<UpstreamClient>,
+    client: UpstreamClient,
     builder: Arc<auto::Builder<TokioExecutor>>,
     tls: Option<TlsAcceptor>,
     stop: watch::Receiver<bool>,
@@ -228,7 +232,7 @@ async fn connection(c: Connection, stream: TcpStream, admission: Admission) {
 /// all workers update one shared count).
 struct PerConnection {
     shared: Arc<Shared>,
-    client: Arc<UpstreamClient>,
+    client: UpstreamClient,
     state: Arc<ConnState>,
     peer: SocketAddr,
     is_tls: bool,
