@@ -307,6 +307,15 @@ impl Gateway {
         self.process.kill();
     }
 
+    /// Sends `signal` (e.g. "STOP", "CONT"); `false` when the process is gone.
+    pub fn try_signal(&self, signal: &str) -> bool {
+        self.process.try_signal(signal)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
+    }
+
     pub async fn terminate(&mut self, deadline: Duration) -> std::process::ExitStatus {
         self.process.terminate(deadline).await
     }
@@ -511,6 +520,19 @@ impl RegionNode {
     /// SIGCONT after [`pause`](Self::pause).
     pub fn resume(&self) {
         self.process.signal("CONT");
+    }
+
+    /// Sends `signal`; `false` when the process is gone.
+    pub fn try_signal(&self, signal: &str) -> bool {
+        self.process.try_signal(signal)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
+    }
+
+    pub fn workdir(&self) -> &Path {
+        self.workdir.path()
     }
 
     pub fn log_tail(&self, lines: usize) -> String {

@@ -19,9 +19,11 @@
 //! - [`gateway`]: the gateway binary, two regions in front of it, a blackholing proxy.
 //! - [`etcd`]: real etcd members (one, or a cluster of three) for gateways that share
 //!   failover control.
+//! - [`chaos`]: the seeded fault campaign and its invariant checker (the `chaos` binary).
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod chaos;
 pub mod compose;
 pub mod etcd;
 pub mod gateway;

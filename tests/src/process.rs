@@ -145,6 +145,20 @@ impl Process {
         assert!(status.success(), "kill -{signal} {pid} failed");
     }
 
+    /// Sends `signal` like [`signal`](Self::signal) but reports failure instead of
+    /// panicking: `false` when the process is gone (a fault campaign may find a process
+    /// that exited by itself).
+    pub fn try_signal(&self, signal: &str) -> bool {
+        let Some(pid) = self.pid() else { return false };
+        Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// Waits until `GET {base}{path}` answers 200, the process exits, or `deadline`
     /// passes; the error says which, with the tail of the log.
     pub async fn wait_http_ok(

@@ -188,6 +188,16 @@ impl RedisServer {
         }
     }
 
+    /// Sends `signal` (e.g. "STOP", "CONT"); `false` when the server is not running.
+    pub fn try_signal(&self, signal: &str) -> bool {
+        self.process.as_ref().is_some_and(|p| p.try_signal(signal))
+    }
+
+    /// The log files' directory (and, unless `options.dir` is set, the data's).
+    pub fn workdir(&self) -> &std::path::Path {
+        self.workdir.path()
+    }
+
     /// SIGCONT after [`pause`](Self::pause).
     pub fn resume(&self) {
         if let Some(p) = &self.process {

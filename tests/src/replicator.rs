@@ -139,6 +139,15 @@ impl Replicator {
         self.process.log_tail(lines)
     }
 
+    /// Sends `signal` (e.g. "STOP", "CONT"); `false` when the process is gone.
+    pub fn try_signal(&self, signal: &str) -> bool {
+        self.process.try_signal(signal)
+    }
+
+    pub fn workdir(&self) -> &std::path::Path {
+        self.workdir.path()
+    }
+
     /// SIGKILL: no shutdown, a batch may be half written.
     pub fn kill(&mut self) {
         self.process.kill();

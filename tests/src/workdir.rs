@@ -2,10 +2,18 @@
 //! kept when it fails, so the logs can be read afterwards.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// Set by [`keep_all`]: every work dir outlives its owner.
+static KEEP: AtomicBool = AtomicBool::new(false);
+
+/// Keeps every work dir dropped from now on (logs and data), as a failing test does: a
+/// fault campaign that found a violation calls it before tearing its processes down.
+pub fn keep_all() {
+    KEEP.store(true, Ordering::SeqCst);
+}
 
 #[derive(Debug)]
 pub struct WorkDir {
@@ -36,6 +44,9 @@ impl WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
+        if KEEP.load(Ordering::SeqCst) {
+            return;
+        }
         if std::thread::panicking() {
             eprintln!("[harness] keeping {} for inspection", self.path.display());
         } else {
