@@ -191,5 +191,7 @@ fn bin_dir(args: &Args) -> Option<PathBuf> {
     }
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
-    dir.join("regional-node").is_file().then(|| dir.to_path_buf())
+    dir.join("regional-node")
+        .is_file()
+        .then(|| dir.to_path_buf())
 }

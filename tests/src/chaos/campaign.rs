@@ -51,6 +51,8 @@ pub struct Settle {
     pub waited: Duration,
     /// What was still missing at the last look (empty when converged).
     pub missing: String,
+    /// Both regions' roles and stream tops when it converged.
+    pub fingerprint: String,
 }
 
 #[derive(Debug)]
@@ -136,7 +138,12 @@ pub async fn run<B: Backend>(backend: &mut B, settings: Settings) -> Result<Repo
                 }
             }
             Step::Heal(f) => {
-                eprintln!("[chaos] {:>8.2}s heal   #{} {}", secs(now_ms()), f.id, f.kind);
+                eprintln!(
+                    "[chaos] {:>8.2}s heal   #{} {}",
+                    secs(now_ms()),
+                    f.id,
+                    f.kind
+                );
                 if let Err(e) = backend.heal(f.kind).await {
                     let rec = &mut records[f.id - 1];
                     rec.result = format!("{}; heal: {e}", rec.result);
@@ -154,12 +161,13 @@ pub async fn run<B: Backend>(backend: &mut B, settings: Settings) -> Result<Repo
     eprintln!("[chaos] {:>8.2}s final heal", secs(now_ms()));
     notes.extend(backend.heal_all().await);
     tokio::time::sleep(COOL_DOWN).await;
-    eprintln!("[chaos] {:>8.2}s waiting for the clients' last answers", secs(now_ms()));
+    eprintln!(
+        "[chaos] {:>8.2}s waiting for the clients' last answers",
+        secs(now_ms())
+    );
     let history = clients.finish(settings.settle_timeout).await;
     eprintln!("[chaos] {:>8.2}s settling", secs(now_ms()));
-    let settle = settle(&endpoints, settings.settle_timeout).await;
-    let a = RegionSnapshot::read("a", &endpoints.redis[0]).await?;
-    let b = RegionSnapshot::read("b", &endpoints.redis[1]).await?;
+    let (settle, a, b) = settle_and_read(&endpoints, settings.settle_timeout).await?;
     let verdict = checker::check(&CheckInput {
         durability: settings.durability,
         history: &history,
@@ -282,6 +290,47 @@ async fn switchover(endpoints: Endpoints) -> String {
     }
 }
 
+/// Settles, then reads both regions; reads again when the system moved meanwhile (a
+/// late failover on a loaded machine), so the checker judges one consistent moment.
+async fn settle_and_read(
+    endpoints: &Endpoints,
+    deadline: Duration,
+) -> Result<(Settle, RegionSnapshot, RegionSnapshot), String> {
+    let start = Instant::now();
+    loop {
+        let left = deadline.saturating_sub(start.elapsed());
+        let mut s = settle(endpoints, left).await;
+        s.waited = start.elapsed();
+        let a = RegionSnapshot::read("a", &endpoints.redis[0]).await?;
+        let b = RegionSnapshot::read("b", &endpoints.redis[1]).await?;
+        let after = fingerprint(endpoints).await;
+        if !s.converged || after.as_ref() == Some(&s.fingerprint) || start.elapsed() > deadline {
+            if s.converged && after.as_ref() != Some(&s.fingerprint) {
+                s.converged = false;
+                s.missing = "the regions kept changing while they were read".into();
+            }
+            return Ok((s, a, b));
+        }
+        eprintln!("[chaos] the regions changed while they were read; settling again");
+    }
+}
+
+/// Roles, epochs and stream tops of both regions: equal fingerprints mean nothing was
+/// written or promoted in between.
+async fn fingerprint(endpoints: &Endpoints) -> Option<String> {
+    let mut out = String::new();
+    for url in &endpoints.redis {
+        let mut c = snapshot::connect(url).await.ok()?;
+        let p = tokio::time::timeout(Duration::from_secs(5), progress(&mut c))
+            .await
+            .ok()?
+            .ok()?;
+        out.push_str(&p.fingerprint());
+        out.push('|');
+    }
+    Some(out)
+}
+
 /// One region's progress, read from its Redis.
 #[derive(Debug, Default)]
 struct Progress {
@@ -296,6 +345,15 @@ struct Progress {
     groups: usize,
     /// Orders PENDING, CONFIRMED or PAID.
     in_flight: i64,
+}
+
+impl Progress {
+    fn fingerprint(&self) -> String {
+        format!(
+            "{:?}@{} events {:?} dlq {:?}",
+            self.role, self.epoch, self.events, self.dlq
+        )
+    }
 }
 
 async fn progress(conn: &mut MultiplexedConnection) -> redis::RedisResult<Progress> {
@@ -353,15 +411,24 @@ async fn top(conn: &mut MultiplexedConnection, key: &str) -> redis::RedisResult<
         .arg(1)
         .query_async(conn)
         .await?;
-    Ok((len, last.into_iter().next().map(|(id, _)| id).unwrap_or_default()))
+    Ok((
+        len,
+        last.into_iter()
+            .next()
+            .map(|(id, _)| id)
+            .unwrap_or_default(),
+    ))
 }
 
 /// Polls both regions until they agree and the workflow rests: one region active and
 /// the other standby, the same event and dead-letter streams, the standby's projection
-/// at the end, every consumer group of the active region done, no order on its way.
+/// at the end, every consumer group of the active region done, no order on its way;
+/// and nothing moved for a second (two looks, the same roles and stream tops).
 pub async fn settle(endpoints: &Endpoints, deadline: Duration) -> Settle {
+    const STABLE: Duration = Duration::from_secs(1);
     let start = Instant::now();
     let mut conns: [Option<MultiplexedConnection>; 2] = [None, None];
+    let mut candidate: Option<(String, Instant)> = None;
     loop {
         let mut seen: Vec<Result<Progress, String>> = Vec::new();
         for (i, url) in endpoints.redis.iter().enumerate() {
@@ -384,22 +451,39 @@ pub async fn settle(endpoints: &Endpoints, deadline: Duration) -> Settle {
             };
             seen.push(r);
         }
-        let missing = match (&seen[0], &seen[1]) {
-            (Ok(a), Ok(b)) => settled(a, b),
-            (Err(e), _) | (_, Err(e)) => e.clone(),
+        let (missing, print) = match (&seen[0], &seen[1]) {
+            (Ok(a), Ok(b)) => (
+                settled(a, b),
+                format!("{}|{}|", a.fingerprint(), b.fingerprint()),
+            ),
+            (Err(e), _) | (_, Err(e)) => (e.clone(), String::new()),
         };
         if missing.is_empty() {
-            return Settle {
-                converged: true,
-                waited: start.elapsed(),
-                missing,
-            };
+            match &candidate {
+                Some((p, since)) if *p == print && since.elapsed() >= STABLE => {
+                    return Settle {
+                        converged: true,
+                        waited: start.elapsed(),
+                        missing,
+                        fingerprint: print,
+                    };
+                }
+                Some((p, _)) if *p == print => {}
+                _ => candidate = Some((print, Instant::now())),
+            }
+        } else {
+            candidate = None;
         }
         if start.elapsed() > deadline {
             return Settle {
                 converged: false,
                 waited: start.elapsed(),
-                missing,
+                missing: if missing.is_empty() {
+                    "still changing".into()
+                } else {
+                    missing
+                },
+                fingerprint: String::new(),
             };
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -415,10 +499,7 @@ fn settled(a: &Progress, b: &Progress) -> String {
     };
     let mut missing = Vec::new();
     if a.events != b.events {
-        missing.push(format!(
-            "event streams a {:?} b {:?}",
-            a.events, b.events
-        ));
+        missing.push(format!("event streams a {:?} b {:?}", a.events, b.events));
     }
     if a.dlq != b.dlq {
         missing.push(format!("dead-letter streams a {:?} b {:?}", a.dlq, b.dlq));

@@ -25,7 +25,10 @@ const EXAMPLES: usize = 8;
 
 /// The invariants, numbered as in issue 7.
 pub const INVARIANTS: [(u8, &str); 7] = [
-    (1, "acknowledged writes exist (or are quarantined and reported, async)"),
+    (
+        1,
+        "acknowledged writes exist (or are quarantined and reported, async)",
+    ),
     (2, "no order charged twice"),
     (3, "stock conserved per SKU"),
     (4, "no order left non-terminal"),
@@ -130,7 +133,9 @@ fn pick_active<'a>(a: &'a RegionSnapshot, b: &'a RegionSnapshot) -> Option<&'a R
 }
 
 fn envs(events: &[StoredEvent]) -> impl Iterator<Item = (&StoredEvent, &Envelope)> {
-    events.iter().filter_map(|e| e.env.as_ref().map(|env| (e, env)))
+    events
+        .iter()
+        .filter_map(|e| e.env.as_ref().map(|env| (e, env)))
 }
 
 fn cancel_reason(env: &Envelope) -> Option<&str> {
@@ -411,7 +416,11 @@ fn stock_conserved(input: &CheckInput, active: Option<&RegionSnapshot>) -> Findi
                         *on_hand.entry(sku.clone()).or_default() -= q;
                     }
                 }
-                let hold = if shipped { Hold::Shipped } else { Hold::Released };
+                let hold = if shipped {
+                    Hold::Shipped
+                } else {
+                    Hold::Released
+                };
                 holds.insert(order, (hold, items));
             }
             _ => {}
@@ -434,7 +443,10 @@ fn stock_conserved(input: &CheckInput, active: Option<&RegionSnapshot>) -> Findi
             _ => None,
         };
         let Some(p) = stored else {
-            f.add(format!("SKU {sku}: no readable {key} in region {}", active.region));
+            f.add(format!(
+                "SKU {sku}: no readable {key} in region {}",
+                active.region
+            ));
             continue;
         };
         if p.stock != *expected_on_hand || p.reserved != expected_reserved {

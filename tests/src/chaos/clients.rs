@@ -299,8 +299,15 @@ async fn order_worker(shared: Arc<Shared>, worker: usize) {
             "shippingAddress": "1 Chaos Street",
             "paymentToken": token,
         });
-        let (attempts, end) =
-            until_answered(&shared, &mut rng, reqwest::Method::POST, "/orders", &body, Some(&key)).await;
+        let (attempts, end) = until_answered(
+            &shared,
+            &mut rng,
+            reqwest::Method::POST,
+            "/orders",
+            &body,
+            Some(&key),
+        )
+        .await;
         let (fate, order_id) = match end {
             Some((Next::Done, reply, done_ms)) => {
                 let Outcome::Answer { region, local, .. } = &reply.outcome else {
@@ -333,18 +340,29 @@ async fn order_worker(shared: Arc<Shared>, worker: usize) {
             None => (Fate::Unresolved, None),
         };
         let acked = matches!(fate, Fate::Acked { .. });
-        shared.history.lock().expect("history lock").orders.push(OrderWrite {
-            key,
-            items,
-            payment_token: token.to_string(),
-            order_id: order_id.clone(),
-            attempts,
-            fate,
-        });
+        shared
+            .history
+            .lock()
+            .expect("history lock")
+            .orders
+            .push(OrderWrite {
+                key,
+                items,
+                payment_token: token.to_string(),
+                order_id: order_id.clone(),
+                attempts,
+                fate,
+            });
         if let (true, Some(id)) = (acked, order_id) {
             shared.acked.lock().expect("acked lock").push(id.clone());
             if rng.below(100) < s.cancel_percent {
-                cancel(&shared, &mut rng, &id, &format!("chaos-{}-{worker}-{n}-cancel", s.seed)).await;
+                cancel(
+                    &shared,
+                    &mut rng,
+                    &id,
+                    &format!("chaos-{}-{worker}-{n}-cancel", s.seed),
+                )
+                .await;
             }
         }
         next_at = (next_at + interval).max(tokio::time::Instant::now());
@@ -358,7 +376,8 @@ async fn order_worker(shared: Arc<Shared>, worker: usize) {
 async fn cancel(shared: &Shared, rng: &mut SplitMix64, order_id: &str, reason: &str) {
     let path = format!("/orders/{order_id}/cancel");
     let body = json!({ "reason": reason });
-    let (attempts, end) = until_answered(shared, rng, reqwest::Method::POST, &path, &body, None).await;
+    let (attempts, end) =
+        until_answered(shared, rng, reqwest::Method::POST, &path, &body, None).await;
     let fate = match end {
         Some((Next::Done, reply, done_ms)) => {
             let Outcome::Answer { region, .. } = &reply.outcome else {
@@ -381,12 +400,17 @@ async fn cancel(shared: &Shared, rng: &mut SplitMix64, order_id: &str, reason: &
         },
         None => Fate::Unresolved,
     };
-    shared.history.lock().expect("history lock").cancels.push(CancelWrite {
-        order_id: order_id.to_string(),
-        reason: reason.to_string(),
-        attempts,
-        fate,
-    });
+    shared
+        .history
+        .lock()
+        .expect("history lock")
+        .cancels
+        .push(CancelWrite {
+            order_id: order_id.to_string(),
+            reason: reason.to_string(),
+            attempts,
+            fate,
+        });
 }
 
 /// Reads an acknowledged order or a product now and then; counts the outcomes.
@@ -442,6 +466,9 @@ mod tests {
         assert_eq!(next_step(&a(503, "region_not_active")), Next::Retry);
         assert_eq!(next_step(&a(500, "internal")), Next::Retry);
         assert_eq!(next_step(&a(429, "rate_limited")), Next::Retry);
-        assert_eq!(next_step(&Outcome::Transport("timeout".into())), Next::Retry);
+        assert_eq!(
+            next_step(&Outcome::Transport("timeout".into())),
+            Next::Retry
+        );
     }
 }

@@ -231,11 +231,7 @@ impl ProcessBackend {
 
     fn links(&self, link: Link) -> Vec<&LinkProxy> {
         match link {
-            Link::Regions => self
-                .regions
-                .iter()
-                .map(|r| &r.to_peer_redis)
-                .collect(),
+            Link::Regions => self.regions.iter().map(|r| &r.to_peer_redis).collect(),
             Link::Gateway(r) => vec![&self.regions[idx(r)].from_gateway],
         }
     }
@@ -308,7 +304,9 @@ impl Backend for ProcessBackend {
                 self.start_again(Component::Replicator(r)).await;
                 Ok(())
             }
-            FaultKind::Switchover => Err("a switchover is the campaign's, not the backend's".into()),
+            FaultKind::Switchover => {
+                Err("a switchover is the campaign's, not the backend's".into())
+            }
         }
     }
 
@@ -340,9 +338,9 @@ impl Backend for ProcessBackend {
                 }
                 Ok(())
             }
-            FaultKind::RestartRedis(_) | FaultKind::RestartReplicator(_) | FaultKind::Switchover => {
-                Ok(())
-            }
+            FaultKind::RestartRedis(_)
+            | FaultKind::RestartReplicator(_)
+            | FaultKind::Switchover => Ok(()),
         }
     }
 

@@ -177,7 +177,9 @@ mod tests {
     #[tokio::test]
     async fn a_cut_holds_bytes_without_closing_and_the_heal_delivers_them() {
         let proxy = LinkProxy::start("t", echo_server().await).await.unwrap();
-        let mut s = TcpStream::connect(("127.0.0.1", proxy.port())).await.unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .unwrap();
         s.write_all(b"one").await.unwrap();
         let mut buf = [0u8; 3];
         s.read_exact(&mut buf).await.unwrap();
@@ -201,7 +203,9 @@ mod tests {
     async fn a_connection_opened_during_a_cut_reaches_the_target_only_after_the_heal() {
         let proxy = LinkProxy::start("t", echo_server().await).await.unwrap();
         proxy.cut();
-        let mut s = TcpStream::connect(("127.0.0.1", proxy.port())).await.unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .unwrap();
         s.write_all(b"hey").await.unwrap();
         let mut buf = [0u8; 3];
         let r = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await;

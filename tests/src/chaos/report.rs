@@ -26,7 +26,10 @@ pub fn render(r: &Report) -> String {
         r.backend
     );
 
-    let _ = writeln!(w, "\nfaults (RTO = injection to the next acknowledged new write):");
+    let _ = writeln!(
+        w,
+        "\nfaults (RTO = injection to the next acknowledged new write):"
+    );
     let _ = writeln!(
         w,
         "  {:>4}  {:<42} {:>8} {:>8} {:>8}  result",
@@ -52,7 +55,10 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(w, "\nfaults by kind:");
     let mut by_kind: BTreeMap<&str, Vec<Option<u64>>> = BTreeMap::new();
     for f in &r.faults {
-        by_kind.entry(f.fault.kind.label()).or_default().push(f.rto_ms);
+        by_kind
+            .entry(f.fault.kind.label())
+            .or_default()
+            .push(f.rto_ms);
     }
     for (kind, rtos) in &by_kind {
         let mut known: Vec<u64> = rtos.iter().flatten().copied().collect();

@@ -217,7 +217,13 @@ impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let secs = |ms: u64| ms as f64 / 1000.0;
         if self.kind.is_instant() {
-            write!(f, "#{} at {:.2}s: {}", self.id, secs(self.start_ms), self.kind)
+            write!(
+                f,
+                "#{} at {:.2}s: {}",
+                self.id,
+                secs(self.start_ms),
+                self.kind
+            )
         } else {
             write!(
                 f,
@@ -442,7 +448,8 @@ mod tests {
             for (i, f) in plan.faults.iter().enumerate() {
                 for g in &plan.faults[i + 1..] {
                     let shared = f.kind.slots().iter().any(|s| g.kind.slots().contains(s));
-                    let overlap = g.start_ms < f.end_ms() + REST_MS && f.start_ms < g.end_ms() + REST_MS;
+                    let overlap =
+                        g.start_ms < f.end_ms() + REST_MS && f.start_ms < g.end_ms() + REST_MS;
                     assert!(
                         !(shared && overlap),
                         "seed {seed}: {f} and {g} hold the same component at once"

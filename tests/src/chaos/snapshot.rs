@@ -11,7 +11,7 @@ use eventlog::{keys, Envelope};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 
-use crate::redis_state::{self, Dumped};
+use crate::redis_state::{self, Dumped, StreamEntry};
 
 /// One entry of `tandem:events`.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,7 +72,7 @@ pub struct RegionSnapshot {
     pub epochs: BTreeMap<u64, String>,
     pub events: Vec<StoredEvent>,
     /// `tandem:dlq` entries: id and fields.
-    pub dlq: Vec<(String, Vec<(String, Vec<u8>)>)>,
+    pub dlq: Vec<StreamEntry>,
     pub quarantine: Vec<Quarantined>,
     /// Every key of derived state (eventlog's `DERIVED_PATTERNS`).
     pub derived: BTreeMap<String, Dumped>,
@@ -171,7 +171,7 @@ pub async fn connect(url: &str) -> Result<MultiplexedConnection, String> {
 pub async fn read_stream(
     conn: &mut MultiplexedConnection,
     stream: &str,
-) -> Result<Vec<(String, Vec<(String, Vec<u8>)>)>, String> {
+) -> Result<Vec<StreamEntry>, String> {
     const PAGE: usize = 2000;
     let mut out = Vec::new();
     let mut start = "-".to_string();

@@ -99,7 +99,10 @@ impl World {
             );
         }
         if let Some(c) = &state.cursor {
-            derived.insert(keys::PROJECTION_CURSOR.into(), Dumped::String(c.clone().into_bytes()));
+            derived.insert(
+                keys::PROJECTION_CURSOR.into(),
+                Dumped::String(c.clone().into_bytes()),
+            );
         }
         RegionSnapshot {
             region: id.into(),
@@ -167,7 +170,9 @@ fn good_world() -> World {
         items: items(2),
         reason: None,
     }));
-    w.push(DomainEvent::OrderConfirmed(OrderRef { order_id: oid("o1") }));
+    w.push(DomainEvent::OrderConfirmed(OrderRef {
+        order_id: oid("o1"),
+    }));
     w.push(charged("o1", "p1"));
     w.push(DomainEvent::OrderPaid(OrderPaid {
         order_id: oid("o1"),
@@ -274,7 +279,11 @@ fn only(v: &Verdict, number: u8) {
         if i.number == number {
             assert!(i.count > 0, "invariant {number} not violated: {v:#?}");
         } else {
-            assert_eq!(i.count, 0, "invariant {} violated too: {:#?}", i.number, i.examples);
+            assert_eq!(
+                i.count, 0,
+                "invariant {} violated too: {:#?}",
+                i.number, i.examples
+            );
         }
     }
 }
@@ -333,7 +342,10 @@ fn invariant_1_a_quarantined_local_ack_is_reported_but_a_replicated_one_is_lost(
         reason: Some("cancel-1".into()),
         previous_status: Status::Shipped,
     }));
-    let (a, mut b) = (good_world().region("a", "active"), good_world().region("b", "standby"));
+    let (a, mut b) = (
+        good_world().region("a", "active"),
+        good_world().region("b", "standby"),
+    );
     b.quarantine.push(Quarantined {
         id: "10-0".into(),
         stream: keys::EVENTS.into(),
@@ -468,10 +480,16 @@ fn invariant_5_a_missing_entry_or_a_stale_derived_key_is_a_violation() {
     let (a, b) = (a_world.region("a", "active"), w.region("b", "standby"));
     let v = judge(Durability::Async, &good_history(true), &a, &b);
     only(&v, 5);
-    assert!(v.invariants[4].examples.iter().any(|e| e.contains("only in region a")));
+    assert!(v.invariants[4]
+        .examples
+        .iter()
+        .any(|e| e.contains("only in region a")));
 
     // Same streams, but b's derived order is not what its stream folds to.
-    let (a, mut b) = (a_world.region("a", "active"), a_world.region("b", "standby"));
+    let (a, mut b) = (
+        a_world.region("a", "active"),
+        a_world.region("b", "standby"),
+    );
     b.derived
         .insert(keys::order("o1"), Dumped::String(b"{}".to_vec()));
     let v = judge(Durability::Async, &good_history(true), &a, &b);
