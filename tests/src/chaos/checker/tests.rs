@@ -137,8 +137,8 @@ fn placed(id: &str, key: &str, q: i64) -> DomainEvent {
         }],
         amount: 100 * q,
         currency: Currency::usd(),
-        shipping_address: "x".into(),
-        payment_token: "tok_ok".into(),
+        shipping_address: orders_model::pii::Sealed::from_stored("x"),
+        payment_token: orders_model::pii::Sealed::from_stored("tok_ok"),
         idempotency_key: Some(orders_model::order::IdempotencyKey::parse(key).unwrap()),
         request_hash: Some("h".into()),
     })
