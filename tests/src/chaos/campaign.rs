@@ -174,6 +174,7 @@ pub async fn run<B: Backend>(backend: &mut B, settings: Settings) -> Result<Repo
         initial_stock: &initial_stock,
         a: &a,
         b: &b,
+        unsettled: (!settle.converged).then_some(settle.missing.as_str()),
     });
     for r in &mut records {
         if let Some(at) = r.injected_ms {

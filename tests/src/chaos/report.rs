@@ -141,7 +141,9 @@ pub fn render(r: &Report) -> String {
 
     let _ = writeln!(w, "\ninvariants:");
     for i in &v.invariants {
-        let status = if i.count == 0 {
+        let status = if !i.judged {
+            "NOT JUDGED (no settle)".to_string()
+        } else if i.count == 0 {
             "OK".to_string()
         } else {
             format!("VIOLATED ({})", i.count)

@@ -266,6 +266,7 @@ fn judge(
         initial_stock: &stock(),
         a,
         b,
+        unsettled: None,
     })
 }
 
@@ -569,4 +570,33 @@ fn invariant_7_two_active_regions_are_a_violation() {
     let w = good_world();
     let (a, b) = (w.region("a", "active"), w.region("b", "active"));
     only(&judge(Durability::Async, &good_history(true), &a, &b), 7);
+}
+
+#[test]
+fn without_a_settle_only_the_history_rules_are_judged_and_convergence_fails() {
+    let mut w = good_world();
+    let a = w.region("a", "active");
+    w.push(placed("o8", "k8", 1));
+    // b is ahead and mid-failover (both active): at rest this would break 1, 4, 5, 7.
+    let b = w.region("b", "active");
+    let mut h = good_history(true);
+    h.orders.push(order("k9", "o9", ack(true)));
+    let v = check(&CheckInput {
+        durability: Durability::Async,
+        history: &h,
+        initial_stock: &stock(),
+        a: &a,
+        b: &b,
+        unsettled: Some("event streams differ"),
+    });
+    let judged: Vec<u8> = v
+        .invariants
+        .iter()
+        .filter(|i| i.judged)
+        .map(|i| i.number)
+        .collect();
+    assert_eq!(judged, vec![2, 5, 6, 7]);
+    assert_eq!(v.violations(), 1, "{v:#?}");
+    assert!(v.invariants[4].examples[0].contains("did not settle"));
+    assert_eq!(v.acked_orders, 3);
 }
