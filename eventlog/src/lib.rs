@@ -7,6 +7,8 @@
 //! - [`keys`]: the Redis key layout of one region (streams, role, derived state).
 //! - [`roles`]: regions, roles and epochs, and how they are stored.
 //! - [`time`]: RFC 3339 timestamps for `occurredAt`.
+//! - `unavailable`: which Redis errors mean "not now" (retry) rather than "wrong"; with
+//!   the `redis` feature.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "redis")]
@@ -15,6 +17,8 @@ pub mod envelope;
 pub mod keys;
 pub mod roles;
 pub mod time;
+#[cfg(feature = "redis")]
+pub mod unavailable;
 
 pub use envelope::{Envelope, ENVELOPE_VERSION};
 pub use roles::{Epoch, RegionId, Role, RoleRecord};

@@ -114,6 +114,16 @@ pub mod fields {
     pub const ROLE: &str = "role";
     pub const EPOCH: &str = "epoch";
     pub const PAUSED: &str = "paused";
+    /// Which rebuild holds the pause (rebuilds take turns).
+    pub const PAUSED_BY: &str = "paused_by";
+    /// Set once a gateway has granted the region a lease: from then on writes need a
+    /// live write window (below).
+    pub const FENCING: &str = "fencing";
+    /// Unix ms, by the Redis server's clock, until which the node may write: the end of
+    /// the lease it holds, or of the peer's word that no higher epoch exists. The commit
+    /// script checks it against Redis' `TIME`, so a write that reaches Redis late (the
+    /// node or Redis was paused after the node's own check) is refused.
+    pub const WRITE_UNTIL: &str = "write_until";
 }
 
 impl RoleRecord {

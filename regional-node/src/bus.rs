@@ -11,7 +11,7 @@
 //! taken over with XAUTOCLAIM once idle for `reclaim_idle_ms`.
 
 use crate::store::Tx;
-use crate::store::{Entry, Store, StoreError};
+use crate::store::{CommitOutcome, Entry, Store, StoreError};
 use crate::workflow::{Decision, Delivery, Reads, Retry, Workflow, WorkflowError};
 use crate::{inventory, orders, payments, shipments};
 use backon::{BackoffBuilder as _, ExponentialBuilder};
@@ -474,36 +474,29 @@ async fn park(
         .field_str(eventlog::envelope::FIELD_EVENT)
         .unwrap_or("")
         .to_string();
-    let mut pipe = redis::pipe();
-    pipe.atomic()
-        .cmd("XADD")
-        .arg(keys::DLQ)
-        .arg("*")
-        .arg("group")
-        .arg(group.name())
-        .arg("entryId")
-        .arg(&entry.id)
-        .arg("eventId")
-        .arg(env.map(|e| e.event_id.as_str()).unwrap_or(""))
-        .arg("eventType")
-        .arg(event_type)
-        .arg("error")
-        .arg(reason)
-        .arg("attempts")
-        .arg(attempts)
-        .arg("at")
-        .arg(eventlog::time::rfc3339_ms(eventlog::time::now_ms()))
-        .arg("event")
-        .arg(event)
-        .ignore()
-        .cmd("XACK")
-        .arg(keys::EVENTS)
-        .arg(group.name())
-        .arg(&entry.id)
-        .ignore();
+    let attempts = attempts.to_string();
+    let at = eventlog::time::rfc3339_ms(eventlog::time::now_ms());
+    let fields = [
+        ("group", group.name()),
+        ("entryId", entry.id.as_str()),
+        ("eventId", env.map(|e| e.event_id.as_str()).unwrap_or("")),
+        ("eventType", event_type),
+        ("error", reason),
+        ("attempts", attempts.as_str()),
+        ("at", at.as_str()),
+        ("event", event.as_str()),
+    ];
     loop {
-        match wf.store.query_pipe::<()>(&pipe).await {
-            Ok(()) => return,
+        let epoch = wf.roles.current().epoch;
+        match wf.store.park(epoch, group.name(), &entry.id, &fields).await {
+            Ok(CommitOutcome::Committed) => return,
+            Ok(CommitOutcome::Paused) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Ok(outcome) => {
+                // No longer the writable active region: the entry stays pending, and
+                // whichever region is active handles (or parks) it.
+                tracing::warn!(?outcome, entry = %entry.id, "not dead-lettering: this region may no longer write");
+                return;
+            }
             Err(e) if *stop.borrow() => {
                 tracing::warn!(error = %e, "could not dead-letter during shutdown; the entry stays pending");
                 return;

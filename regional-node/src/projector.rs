@@ -54,6 +54,22 @@ pub enum ProjectError {
     Halted(#[from] Halt),
 }
 
+/// Why a rebuild did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error(transparent)]
+    Project(#[from] ProjectError),
+    /// Another rebuild (on this node or another node of the region) holds the pause.
+    #[error("another rebuild of this region is running; try again when it has finished")]
+    Running,
+}
+
+impl From<StoreError> for RebuildError {
+    fn from(e: StoreError) -> Self {
+        RebuildError::Project(ProjectError::Store(e))
+    }
+}
+
 /// Whether this node's projection is halted, shared with readiness, promotion and the
 /// `tandem_node_projection_halted` gauge.
 #[derive(Clone)]
@@ -168,7 +184,16 @@ pub async fn project_batch(store: &Store, blocking: &Store) -> Result<usize, Pro
             ?last_quarantined,
             "events were quarantined; rebuilding derived state"
         );
-        let report = rebuild(store).await?;
+        let report = match rebuild(store).await {
+            Ok(report) => report,
+            // Another rebuild holds the region: come back once it is done (it does not
+            // mark the quarantine seen, so this one still runs after it).
+            Err(RebuildError::Running) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Ok(0);
+            }
+            Err(RebuildError::Project(e)) => return Err(e),
+        };
         if let Some(q) = &last_quarantined {
             let _: () = store
                 .query(
@@ -271,8 +296,15 @@ fn decode(entry: &Entry) -> Result<(Envelope, DomainEvent), Halt> {
 /// commits produced. Writes are paused meanwhile (commits wait); each key is replaced
 /// atomically, so reads see the old value or the new one. The pause is a deadline this
 /// rebuild keeps extending, so it ends by itself if the node dies halfway.
-pub async fn rebuild(store: &Store) -> Result<RebuildReport, ProjectError> {
-    pause_until(store, PAUSE_LEASE).await?;
+///
+/// Rebuilds take turns: the pause is taken only when no other rebuild holds it (one
+/// rebuild's end must not end another's pause), and a promotion does not complete while
+/// a pause stands.
+pub async fn rebuild(store: &Store) -> Result<RebuildReport, RebuildError> {
+    let owner = uuid::Uuid::new_v4().to_string();
+    if !pause(store, &owner, PauseStep::Take).await? {
+        return Err(RebuildError::Running);
+    }
     let result = {
         let work = rebuild_paused(store);
         tokio::pin!(work);
@@ -280,10 +312,12 @@ pub async fn rebuild(store: &Store) -> Result<RebuildReport, ProjectError> {
             tokio::select! {
                 r = &mut work => break r,
                 _ = tokio::time::sleep(PAUSE_RENEW) => {
-                    if let Err(e) = pause_until(store, PAUSE_LEASE).await {
+                    match pause(store, &owner, PauseStep::Renew).await {
+                        Ok(true) => {}
                         // Commits may resume before the rebuild ends: each key is still
                         // replaced atomically, and a second rebuild repairs any mix.
-                        tracing::warn!(error = %e, "could not extend the rebuild's pause");
+                        Ok(false) => tracing::warn!("the rebuild's pause lapsed before it finished"),
+                        Err(e) => tracing::warn!(error = %e, "could not extend the rebuild's pause"),
                     }
                 }
             }
@@ -291,27 +325,59 @@ pub async fn rebuild(store: &Store) -> Result<RebuildReport, ProjectError> {
     };
     // Unpause even when the rebuild failed: a half-written state is no worse than a
     // stuck region, and a second rebuild repairs it.
-    let unpaused: Result<i64, _> = store
-        .query(redis::cmd("HDEL").arg(keys::ROLE).arg(fields::PAUSED))
-        .await;
+    let unpaused = pause(store, &owner, PauseStep::Release).await;
     let report = result?;
     unpaused?;
     Ok(report)
 }
 
-/// Pauses commits for `lease` from now (see [`eventlog::RoleRecord`]).
-async fn pause_until(store: &Store, lease: Duration) -> Result<(), StoreError> {
-    let until = eventlog::time::now_ms() + lease.as_millis() as u64;
-    let _: i64 = store
-        .query(
-            redis::cmd("HSET")
-                .arg(keys::ROLE)
-                .arg(fields::PAUSED)
-                .arg(until),
-        )
-        .await?;
-    Ok(())
+#[derive(Clone, Copy)]
+enum PauseStep {
+    Take,
+    Renew,
+    Release,
 }
+
+/// Takes, extends or releases the rebuild's pause of commits (see
+/// [`eventlog::RoleRecord`]) on behalf of `owner`; false when another owner holds it
+/// (or, for a renewal, when ours lapsed). Deadlines are by Redis' clock, which the
+/// commit script compares them with.
+async fn pause(store: &Store, owner: &str, step: PauseStep) -> Result<bool, StoreError> {
+    let mut inv = PAUSE.prepare_invoke();
+    inv.key(keys::ROLE)
+        .arg(owner)
+        .arg(match step {
+            PauseStep::Take => "take",
+            PauseStep::Renew => "renew",
+            PauseStep::Release => "release",
+        })
+        .arg(PAUSE_LEASE.as_millis() as u64);
+    let done: i64 = store.invoke(&inv).await?;
+    Ok(done == 1)
+}
+
+/// KEYS: role. ARGV: owner, step (take, renew, release), lease ms.
+static PAUSE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r#"
+local cur = redis.call('HMGET', KEYS[1], '{paused}', '{by}')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local held = tonumber(cur[1] or '0') > now
+local ours = cur[2] == ARGV[1]
+if ARGV[2] == 'release' then
+  if ours or not held then redis.call('HDEL', KEYS[1], '{paused}', '{by}') end
+  return 1
+end
+if ARGV[2] == 'take' and held and not ours then return 0 end
+if ARGV[2] == 'renew' and not ours then return 0 end
+redis.call('HSET', KEYS[1], '{paused}', now + tonumber(ARGV[3]), '{by}', ARGV[1])
+return 1
+"#,
+        paused = fields::PAUSED,
+        by = fields::PAUSED_BY
+    ))
+});
 
 /// Every derived key that exists now.
 async fn scan_derived(store: &Store) -> Result<std::collections::BTreeSet<String>, StoreError> {
@@ -345,7 +411,7 @@ fn replace(cmds: &mut Vec<redis::Cmd>, build: &str, key: &str, args: Vec<String>
     let tmp = format!("{}rebuild-tmp", keys::PREFIX);
     cmds.push(redis::cmd("DEL").arg(&tmp).clone());
     // In slices, so no single command carries a whole event index.
-    for slice in args.chunks(2000) {
+    for slice in args.chunks(500) {
         cmds.push(redis::cmd(build).arg(&tmp).arg(slice).clone());
     }
     cmds.push(redis::cmd("RENAME").arg(&tmp).arg(key).clone());
@@ -363,7 +429,8 @@ async fn rebuild_paused(store: &Store) -> Result<RebuildReport, ProjectError> {
     let mut start = "-".to_string();
     let mut events = 0;
     loop {
-        let batch = store.xrange(keys::EVENTS, &start, "+", 5000).await?;
+        // Modest calls: each must answer within the store's timeout on a busy Redis.
+        let batch = store.xrange(keys::EVENTS, &start, "+", 1000).await?;
         let Some(last) = batch.last() else { break };
         start = format!("({}", last.id);
         for entry in &batch {
@@ -420,7 +487,7 @@ async fn rebuild_paused(store: &Store) -> Result<RebuildReport, ProjectError> {
         cmds.push(redis::cmd("UNLINK").arg(key).clone());
     }
     let written = state.values.len() + state.counters.len() + state.aggregates.len() + 1;
-    for chunk in cmds.chunks(999) {
+    for chunk in cmds.chunks(200) {
         let mut pipe = redis::pipe();
         for cmd in chunk {
             pipe.add_command(cmd.clone()).ignore();

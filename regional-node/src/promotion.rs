@@ -37,6 +37,10 @@ use std::time::Duration;
 const INTENT_GRACE: Duration = Duration::from_millis(150);
 /// The intent outlives the promotion's time limit by this much; after that it lapses.
 const INTENT_MARGIN: Duration = Duration::from_secs(5);
+/// How long past its limit a promotion may wait on a Redis that does not answer.
+const BACKSTOP: Duration = Duration::from_secs(2);
+/// How long to wait before the last step again while a rebuild holds the region.
+const REBUILD_WAIT: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PromotionError {
@@ -66,7 +70,12 @@ impl From<ProjectError> for PromotionError {
 /// Promotes this region to active at `epoch`, or fails and leaves it as it was (no
 /// intent behind), within `limit`.
 pub async fn promote(wf: &Workflow, epoch: u64, limit: Duration) -> Result<(), PromotionError> {
-    let result = match tokio::time::timeout(limit, promote_steps(wf, epoch, limit)).await {
+    // The limit itself is enforced by the last step's script against Redis' clock, so
+    // the outcome is Redis' word: a promotion cut short here while its last script is
+    // in flight could otherwise take effect after being reported failed. This timeout is
+    // only the backstop for a Redis that stopped answering.
+    let result = match tokio::time::timeout(limit + BACKSTOP, promote_steps(wf, epoch, limit)).await
+    {
         Ok(r) => r,
         Err(_) => Err(PromotionError::TimedOut(limit)),
     };
@@ -114,7 +123,8 @@ async fn promote_steps(wf: &Workflow, epoch: u64, limit: Duration) -> Result<(),
         .arg(epoch)
         .arg(&wf.region)
         .arg(&now)
-        .arg((limit + INTENT_MARGIN).as_millis() as u64);
+        .arg((limit + INTENT_MARGIN).as_millis() as u64)
+        .arg(limit.as_millis() as u64);
     let higher: u64 = wf.store.invoke(&intent).await?;
     if higher > 0 {
         return Err(PromotionError::StaleEpoch {
@@ -157,13 +167,17 @@ async fn promote_steps(wf: &Workflow, epoch: u64, limit: Duration) -> Result<(),
             .key(keys::PROJECTION_CURSOR)
             .arg(epoch)
             .arg(&wf.region)
-            .arg(&now);
+            .arg(&now)
+            .arg(crate::roles::PROMOTION_GRACE.as_millis() as u64);
         let reply: Vec<String> = wf.store.invoke(&take).await?;
         match reply.first().map(String::as_str) {
             Some("ok") => break,
             // Replicated events arrived after the catch-up (a batch in flight when the
             // intent was written): apply them too, then try again.
             Some("behind") => continue,
+            // A rebuild is replacing the derived state: handlers must not start on it.
+            Some("rebuilding") => tokio::time::sleep(REBUILD_WAIT).await,
+            Some("expired") => return Err(PromotionError::TimedOut(limit)),
             Some("intent_lapsed") => return Err(PromotionError::IntentLapsed),
             _ => {
                 return Err(PromotionError::StaleEpoch {
@@ -241,28 +255,38 @@ async fn take_over_pending(
     }
 }
 
-/// KEYS: intent. ARGV: epoch, region, at, ttl ms. Records the intent unless a higher one
-/// stands (then returns its epoch; 0 when recorded).
+/// KEYS: intent. ARGV: epoch, region, at, ttl ms, limit ms. Records the intent unless a
+/// higher one stands (then returns its epoch; 0 when recorded), with the promotion's
+/// deadline by Redis' clock (now + limit), which the last step checks.
 static INTENT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
 if cur > tonumber(ARGV[1]) then return cur end
-redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'region', ARGV[2], 'at', ARGV[3])
+local t = redis.call('TIME')
+local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'region', ARGV[2], 'at', ARGV[3], 'deadline', deadline)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 0
 "#,
     )
 });
 
-/// KEYS: role, intent, epochs, events, dlq, projection cursor. ARGV: epoch, region, at.
-/// The promotion's last step, atomic: the intent must still stand, the epoch must be
-/// allowed and the projection must have reached the stream's end; then the epoch's
-/// start offsets are recorded, the role stored and the intent dropped.
+/// KEYS: role, intent, epochs, events, dlq, projection cursor. ARGV: epoch, region, at,
+/// grace ms. The promotion's last step, atomic: the intent must still stand and its
+/// deadline not have passed, no rebuild may be running, the epoch must be allowed and
+/// the projection must have reached the stream's end; then the epoch's start offsets are
+/// recorded, the role stored with a write window of `grace` (until the gateway's first
+/// lease), and the intent dropped.
 static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[1] then return {'intent_lapsed'} end
+local intent = redis.call('HMGET', KEYS[2], 'epoch', 'deadline')
+if intent[1] ~= ARGV[1] then return {'intent_lapsed'} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now > tonumber(intent[2] or '0') then return {'expired'} end
+if tonumber(redis.call('HGET', KEYS[1], 'paused') or '0') > now then return {'rebuilding'} end
 local cur = redis.call('HMGET', KEYS[1], 'role', 'epoch')
 local stored = tonumber(cur[2] or '0')
 local want = tonumber(ARGV[1])
@@ -280,7 +304,7 @@ if cursor ~= events then return {'behind', cursor, events} end
 local record = '{"at":"' .. ARGV[3] .. '","region":"' .. ARGV[2] .. '","startOffsets":{"'
   .. KEYS[5] .. '":"' .. top(KEYS[5]) .. '","' .. KEYS[4] .. '":"' .. events .. '"}}'
 redis.call('HSET', KEYS[3], ARGV[1], record)
-redis.call('HSET', KEYS[1], 'role', 'active', 'epoch', ARGV[1])
+redis.call('HSET', KEYS[1], 'role', 'active', 'epoch', ARGV[1], 'write_until', now + tonumber(ARGV[4]))
 redis.call('DEL', KEYS[2])
 return {'ok'}
 "#,

@@ -81,7 +81,7 @@ const PEER_DOWN_AFTER: Duration = Duration::from_millis(300);
 
 /// The lease a node grants itself when it becomes active, until the gateway's first
 /// renewal: the gateway renews right after the promotion answers.
-const PROMOTION_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const PROMOTION_GRACE: Duration = Duration::from_secs(2);
 
 /// How long the watcher's finding "the peer cannot be read" stands for a lease renewal.
 /// While the peer hangs (a cut link, a paused host) each read waits out the peer timeout
@@ -170,7 +170,9 @@ impl Roles {
                 if !enforced {
                     if let Ok(Some(_)) = self
                         .store
-                        .query::<Option<String>>(redis::cmd("HGET").arg(keys::ROLE).arg("fencing"))
+                        .query::<Option<String>>(
+                            redis::cmd("HGET").arg(keys::ROLE).arg(fields::FENCING),
+                        )
                         .await
                     {
                         // A restarted node must not write on an old grant: wait for a lease.
@@ -228,6 +230,9 @@ impl Roles {
                 *self.peer_view.lock().expect("peer view lock") = Some((now, status));
             }
             self.refresh().await;
+            if self.peer.is_some() {
+                self.follow_vouch().await;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}
                 _ = stop.changed() => return,
@@ -323,25 +328,49 @@ impl Roles {
                 });
             }
         }
-        let first = {
+        // Redis' copy of the lease first, counted from before we answer, so it ends no
+        // later than the gateway's bound (answer time + ttl).
+        let started = Instant::now();
+        self.open_write_window(ttl, true).await?;
+        {
             let mut lease = self.lease.lock().expect("lease lock");
-            lease.until = Some(Instant::now() + ttl);
-            let first = !lease.enforced;
+            lease.until = Some(started + ttl);
             lease.enforced = true;
-            first
-        };
-        if first {
-            let _: i64 = self
-                .store
-                .query(
-                    redis::cmd("HSET")
-                        .arg(keys::ROLE)
-                        .arg("fencing")
-                        .arg("lease"),
-                )
-                .await?;
         }
         Ok(self.refresh().await)
+    }
+
+    /// Moves the region's write window in Redis (see [`fields::WRITE_UNTIL`]) to at
+    /// least `len` from now by Redis' clock; `fencing` marks the lease as enforced.
+    async fn open_write_window(&self, len: Duration, fencing: bool) -> Result<(), StoreError> {
+        let mut inv = OPEN_WRITE_WINDOW.prepare_invoke();
+        inv.key(keys::ROLE)
+            .arg(len.as_millis() as u64)
+            .arg(if fencing { "1" } else { "0" });
+        let _: i64 = self.store.invoke(&inv).await?;
+        Ok(())
+    }
+
+    /// While the lease has lapsed but the peer has just vouched for our epoch, the write
+    /// window in Redis follows the peer's word (it ends when the word does).
+    async fn follow_vouch(&self) {
+        let state = self.current();
+        if state.role != Role::Active || !self.lease_lapsed() {
+            return;
+        }
+        let Some((at, Some(p))) = self.peer_view() else {
+            return;
+        };
+        if p.epoch > state.epoch || p.intent_epoch > state.epoch {
+            return;
+        }
+        let left = VOUCH_TTL.saturating_sub(at.elapsed());
+        if left.is_zero() {
+            return;
+        }
+        if let Err(e) = self.open_write_window(left, false).await {
+            tracing::debug!(error = %e, "could not extend the write window on the peer's word");
+        }
     }
 
     pub fn lease_remaining(&self) -> Option<Duration> {
@@ -374,6 +403,7 @@ impl Roles {
             Some("ok") => {
                 if role == Role::Active {
                     // A fresh promotion starts unfenced; the gateway's next probe renews.
+                    self.open_write_window(PROMOTION_GRACE, false).await?;
                     let mut lease = self.lease.lock().expect("lease lock");
                     if lease.enforced {
                         lease.until = Some(Instant::now() + PROMOTION_GRACE);
@@ -388,6 +418,23 @@ impl Roles {
         }
     }
 }
+
+/// KEYS: role. ARGV: window length (ms), fencing ("1": the lease is enforced from now
+/// on). Moves `write_until` to at least now + length by Redis' clock (never back).
+static OPEN_WRITE_WINDOW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+local t = redis.call('TIME')
+local want = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+local cur = tonumber(redis.call('HGET', KEYS[1], '{until}') or '0')
+if want > cur then redis.call('HSET', KEYS[1], '{until}', want) end
+if ARGV[2] == '1' then redis.call('HSET', KEYS[1], '{fencing}', 'lease') end
+return want
+"#,
+        until = fields::WRITE_UNTIL,
+        fencing = fields::FENCING
+    ))
+});
 
 static SET_ROLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(

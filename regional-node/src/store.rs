@@ -33,11 +33,8 @@ pub enum StoreError {
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
-        if e.is_io_error()
-            || e.is_timeout()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-        {
+        // A server still loading its AOF after a restart is away, not broken.
+        if eventlog::unavailable::is_unavailable(&e) {
             StoreError::Unavailable(e.to_string())
         } else {
             StoreError::Redis(e.to_string())
@@ -264,6 +261,25 @@ impl Store {
         Ok(outcome)
     }
 
+    /// Moves `entry_id`, consumed by `group`, to the dead-letter stream with `fields`,
+    /// and acknowledges it, if the region is still writable at `epoch`.
+    pub async fn park(
+        &self,
+        epoch: u64,
+        group: &str,
+        entry_id: &str,
+        fields: &[(&str, &str)],
+    ) -> Result<CommitOutcome, StoreError> {
+        let mut inv = PARK.prepare_invoke();
+        inv.key(keys::ROLE).key(keys::DLQ).key(keys::EVENTS);
+        inv.arg(epoch.to_string()).arg(group).arg(entry_id);
+        for (f, v) in fields {
+            inv.arg(*f).arg(*v);
+        }
+        let reply: Vec<Value> = self.invoke(&inv).await?;
+        CommitOutcome::parse(reply)
+    }
+
     /// The projector's step: writes the state a batch of replicated entries implies
     /// (`(entry id, event id, aggregate id)` each, in stream order) and moves the cursor
     /// to the last one, if the cursor still stands where the caller read it (so two
@@ -332,6 +348,9 @@ pub enum CommitOutcome {
     NotActive { role: String, epoch: String },
     /// Derived state is being rebuilt: wait and try again.
     Paused,
+    /// The region's write window (lease, or the peer's word) had ended by Redis' clock
+    /// when the commit arrived: never write.
+    Fenced,
 }
 
 impl CommitOutcome {
@@ -349,6 +368,7 @@ impl CommitOutcome {
                 epoch: it.next().unwrap_or_default(),
             }),
             Some("paused") => Ok(CommitOutcome::Paused),
+            Some("fenced") => Ok(CommitOutcome::Fenced),
             other => Err(StoreError::Redis(format!(
                 "commit script answered {other:?}"
             ))),
@@ -475,24 +495,39 @@ impl State for Tx {
     }
 }
 
+/// The check every script that appends to a replicated stream starts with. KEYS[1]:
+/// role; ARGV[1]: the writer's epoch. The region must be active at that epoch, inside
+/// its write window by Redis' clock once a lease is enforced (see
+/// `eventlog::roles::fields::WRITE_UNTIL`), and not paused by a rebuild. Defines
+/// `now_ms()`.
+const WRITE_GUARD: &str = r#"
+local role = redis.call('HMGET', KEYS[1], 'role', 'epoch', 'paused', 'fencing', 'write_until')
+if role[1] ~= 'active' or role[2] ~= ARGV[1] then
+  return {'not_active', tostring(role[1]), tostring(role[2])}
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+if role[4] and not (role[5] and tonumber(role[5]) > now_ms()) then
+  return {'fenced', tostring(role[5])}
+end
+if role[3] then
+  local until_ms = tonumber(role[3])
+  if until_ms and until_ms > now_ms() then
+    return {'paused'}
+  end
+end
+"#;
+
 /// KEYS: role, events, event index, cursor, then one per guarded key, one aggregate
 /// index per event, one per counter. ARGV: epoch, #guarded, #events, #counters,
 /// ack group, ack id, then (mode, expected, write?, value) per guarded key,
 /// (eventId, type, json) per event, (field, delta) per counter.
-static COMMIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local role = redis.call('HMGET', KEYS[1], 'role', 'epoch', 'paused')
-if role[1] ~= 'active' or role[2] ~= ARGV[1] then
-  return {'not_active', tostring(role[1]), tostring(role[2])}
-end
-if role[3] then
-  local t = redis.call('TIME')
-  local until_ms = tonumber(role[3])
-  if until_ms and until_ms > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then
-    return {'paused'}
-  end
-end
+static COMMIT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{WRITE_GUARD}{COMMIT_BODY}")));
+
+const COMMIT_BODY: &str = r#"
 local ng, ne, nc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local a = 7
 for i = 1, ng do
@@ -524,8 +559,23 @@ end
 if ne > 0 then redis.call('SET', KEYS[4], out[#out]) end
 if ARGV[5] ~= '' then redis.call('XACK', KEYS[2], ARGV[5], ARGV[6]) end
 return out
-"#,
-    )
+"#;
+
+/// KEYS: role, dead letters, events. ARGV: epoch, group, entry id, then the dead-letter
+/// entry's fields and values. Moves a consumed entry to the dead letters and
+/// acknowledges it, under the same guard as a commit: a region that is no longer
+/// active (or fenced) must not add to a replicated stream.
+static PARK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{WRITE_GUARD}{}",
+        r#"
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
+return {'ok'}
+"#
+    ))
 });
 
 /// KEYS: cursor, event index, then one aggregate index per entry, one per write, one

@@ -241,6 +241,14 @@ impl Workflow {
                     }
                     return Err(WorkflowError::NotActive { role, epoch });
                 }
+                CommitOutcome::Fenced => {
+                    // Our lease or the peer's word ran out before the commit reached
+                    // Redis (a pause, a slow link): a higher epoch may have begun.
+                    return Err(WorkflowError::NotActive {
+                        role: "fenced".into(),
+                        epoch: role.epoch.to_string(),
+                    });
+                }
                 CommitOutcome::Paused => {
                     paused_waits += 1;
                     if paused_waits > MAX_PAUSED_WAITS {

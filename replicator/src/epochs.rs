@@ -70,3 +70,14 @@ pub async fn peer_record(peer: &Link, epoch: u64) -> Result<Option<EpochRecord>,
         ))
     })
 }
+
+/// The highest epoch in the peer's history: the last epoch it was (or is) active in.
+pub async fn last_epoch(peer: &Link) -> Result<Option<eventlog::Epoch>, LinkError> {
+    let v = peer.query(redis::cmd("HKEYS").arg(keys::EPOCHS)).await?;
+    Ok(reply::array(&v)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|k| reply::string(k)?.parse::<u64>().ok())
+        .max()
+        .map(eventlog::Epoch))
+}

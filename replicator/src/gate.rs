@@ -93,6 +93,42 @@ pub fn hold_for_promotion(
     gate
 }
 
+/// Whether the gate may need to follow a demoted peer: both standby, the peer at a
+/// higher epoch. Only then does the role task read the peer's epoch history for
+/// [`follow_demoted`].
+pub fn peer_maybe_demoted(local: Option<RoleRecord>, peer: Option<RoleRecord>) -> bool {
+    matches!((local, peer), (Some(l), Some(p))
+        if l.role == Role::Standby && p.role == Role::Standby && p.epoch > l.epoch)
+}
+
+/// A planned switchover first demotes the active region at the new epoch, then waits
+/// for the standby to hold its last event before promoting it. Meanwhile nobody is
+/// active, and a standby that stopped copying would never catch up. So a standby keeps
+/// copying from a peer demoted at a higher epoch, but only if the last epoch the peer
+/// was active in (`peer_last_active`, the highest epoch in its history) is the one this
+/// region follows: a peer that was active at some later epoch wrote a log this region
+/// may have diverged from, and only a rejoin (once the peer is active again) may join
+/// the two.
+pub fn follow_demoted(
+    gate: Gate,
+    local: Option<RoleRecord>,
+    peer: Option<RoleRecord>,
+    peer_last_active: Option<Epoch>,
+) -> Gate {
+    match local {
+        Some(l)
+            if matches!(gate, Gate::Idle { .. })
+                && peer_maybe_demoted(local, peer)
+                && peer_last_active == Some(l.epoch) =>
+        {
+            Gate::Copy {
+                peer_epoch: l.epoch,
+            }
+        }
+        _ => gate,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +139,39 @@ mod tests {
             epoch: Epoch(epoch),
             paused: false,
         })
+    }
+
+    #[test]
+    fn follows_a_peer_demoted_for_a_switchover_but_not_a_stale_one() {
+        let (l, p) = (rec(Role::Standby, 4), rec(Role::Standby, 5));
+        assert!(matches!(decide(l, p), Gate::Idle { .. }));
+        // The peer was last active at our epoch: its final events are ours to copy.
+        assert_eq!(
+            follow_demoted(decide(l, p), l, p, Some(Epoch(4))),
+            Gate::Copy {
+                peer_epoch: Epoch(4)
+            }
+        );
+        // The peer was active at an epoch we never followed: wait for a rejoin.
+        assert!(matches!(
+            follow_demoted(decide(l, p), l, p, Some(Epoch(5))),
+            Gate::Idle { .. }
+        ));
+        assert!(matches!(
+            follow_demoted(decide(l, p), l, p, None),
+            Gate::Idle { .. }
+        ));
+        // Never while the local region is active, or the peer is at our epoch.
+        let active = rec(Role::Active, 4);
+        assert!(matches!(
+            follow_demoted(decide(active, p), active, p, Some(Epoch(4))),
+            Gate::Idle { .. }
+        ));
+        let same = rec(Role::Standby, 4);
+        assert!(matches!(
+            follow_demoted(decide(l, same), l, same, Some(Epoch(4))),
+            Gate::Idle { .. }
+        ));
     }
 
     #[test]

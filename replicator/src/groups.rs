@@ -221,23 +221,24 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
     }
 }
 
-/// Waits (briefly) until the copier has written every peer entry up to `id` into
+/// Waits (up to `wait`) until the copier has written every peer entry up to `id` into
 /// `stream`; returns the local top, or `None` when that has not happened yet.
 async fn copied_up_to(
     shared: &Shared,
     peer: &Link,
     stream: &str,
     id: StreamId,
+    wait_for: Duration,
 ) -> Result<Option<StreamId>, LinkError> {
     let mut rx = shared.copied.subscribe();
-    let wait = async {
+    let reached = async {
         let m = rx
             .wait_for(|m| m.get(stream).is_some_and(|top| *top >= id))
             .await
             .ok()?;
         m.get(stream).copied()
     };
-    if let Ok(Some(top)) = tokio::time::timeout(Duration::from_millis(100), wait).await {
+    if let Ok(Some(top)) = tokio::time::timeout(wait_for, reached).await {
         return Ok(Some(top));
     }
     let Some(top) = shared.copied.borrow().get(stream).copied() else {
@@ -260,6 +261,27 @@ async fn copied_up_to(
         .then_some(top))
 }
 
+/// The id of the last entry of `stream` on `link` (`None` when it holds none).
+async fn stream_top(link: &Link, stream: &str) -> Result<Option<StreamId>, LinkError> {
+    let v = link
+        .query(
+            redis::cmd("XREVRANGE")
+                .arg(stream)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1),
+        )
+        .await?;
+    Ok(reply::array(&v)
+        .and_then(|a| a.first().and_then(reply::array))
+        .and_then(|e| e.first().and_then(reply::stream_id)))
+}
+
+/// How long a round waits for the copier to reach the peer's top before it gives up
+/// (and tries again next round).
+const COPY_WAIT: Duration = Duration::from_millis(300);
+
 async fn sync_stream(
     shared: &Shared,
     local: &Link,
@@ -267,8 +289,8 @@ async fn sync_stream(
     stream: &str,
     full: bool,
 ) -> Result<(), LinkError> {
-    // Peer state is read first: anything it refers to was written on the peer before,
-    // so the copier reaches it soon.
+    // 1. Everything read from the peer first: its groups, and the pending lists that may
+    //    need syncing.
     let theirs = groups(peer, stream).await?;
     shared.reached(peer.side());
     let ours = groups(local, stream).await?;
@@ -286,19 +308,47 @@ async fn sync_stream(
     )?;
     let local_sum: HashMap<&str, &Value> =
         local_names.iter().copied().zip(local_sum.iter()).collect();
+    let mut peer_pels: HashMap<&str, Vec<Pending>> = HashMap::new();
+    for (i, g) in theirs.iter().enumerate() {
+        let moved = ours_by_name.get(g.name.as_str()).is_none_or(|l| {
+            l.last_delivered != g.last_delivered || l.entries_read != g.entries_read
+        });
+        let same_summary = local_sum
+            .get(g.name.as_str())
+            .is_some_and(|l| Some(*l) == peer_sum.get(i));
+        if moved || full || !same_summary {
+            peer_pels.insert(g.name.as_str(), pending(peer, stream, &g.name).await?);
+        }
+    }
 
+    // 2. The peer's stream top, read after all of that: a handler acknowledges an entry
+    //    (or moves a position) in the same atomic step that appends its events, so
+    //    every event behind what was read above is at or below this top.
+    // 3. Nothing is applied until the local stream holds the peer's up to that top. An
+    //    acknowledgement or a position applied earlier would, after a takeover, mark an
+    //    entry handled whose resulting events the standby never received.
+    let top = match stream_top(peer, stream).await? {
+        None => StreamId::default(),
+        Some(peer_top) => match copied_up_to(shared, peer, stream, peer_top, COPY_WAIT).await? {
+            Some(top) => top,
+            None => {
+                tracing::debug!(stream, %peer_top, "copy not at the peer's top yet; group positions wait");
+                return Ok(());
+            }
+        },
+    };
+
+    // 4. Each group's position and pending entries in one transaction, so a round cut
+    //    short (the peer or our Redis gone) never leaves a position without its
+    //    pending entries.
     let mut synced = serde_json::Map::new();
     let mut any_change = false;
-    for (i, g) in theirs.iter().enumerate() {
-        let Some(top) = copied_up_to(shared, peer, stream, g.last_delivered).await? else {
-            // The copier has not written the entry this position refers to yet.
-            continue;
-        };
+    for g in &theirs {
         synced.insert(
             g.name.clone(),
             serde_json::json!({"lastDeliveredId": g.last_delivered.to_string(), "entriesRead": g.entries_read}),
         );
-        let mut changed = false;
+        let mut position = None;
         match ours_by_name.get(g.name.as_str()) {
             None => {
                 let mut cmd = redis::cmd("XGROUP");
@@ -310,9 +360,7 @@ async fn sync_stream(
                 if let Some(n) = g.entries_read {
                     cmd.arg("ENTRIESREAD").arg(n);
                 }
-                local.query(&cmd).await?;
-                tracing::info!(stream, group = %g.name, last_delivered = %g.last_delivered, "created consumer group");
-                changed = true;
+                position = Some(cmd);
             }
             Some(l) if l.last_delivered != g.last_delivered || l.entries_read != g.entries_read => {
                 let mut cmd = redis::cmd("XGROUP");
@@ -323,29 +371,30 @@ async fn sync_stream(
                 if let Some(n) = g.entries_read {
                     cmd.arg("ENTRIESREAD").arg(n);
                 }
-                local.query(&cmd).await?;
-                changed = true;
+                position = Some(cmd);
             }
             Some(_) => {}
         }
-        let same_summary = local_sum
-            .get(g.name.as_str())
-            .is_some_and(|l| Some(*l) == peer_sum.get(i));
-        if changed || full || !same_summary {
-            let (p, l) = tokio::try_join!(
-                pending(peer, stream, &g.name),
-                pending(local, stream, &g.name)
-            )?;
-            let plan = plan_pel(&p, &l, top);
-            if !plan.is_empty() {
-                apply(shared, local, stream, &g.name, &plan).await?;
-                changed = true;
+        let plan = match peer_pels.get(g.name.as_str()) {
+            Some(p) => {
+                let l = if ours_by_name.contains_key(g.name.as_str()) {
+                    pending(local, stream, &g.name).await?
+                } else {
+                    Vec::new()
+                };
+                plan_pel(p, &l, top)
             }
+            None => PelPlan::default(),
+        };
+        if position.is_none() && plan.is_empty() {
+            continue;
         }
-        if changed {
-            shared.metrics.group_syncs.inc();
-            any_change = true;
+        apply(shared, local, stream, &g.name, position, &plan).await?;
+        if ours_by_name.get(g.name.as_str()).is_none() {
+            tracing::info!(stream, group = %g.name, last_delivered = %g.last_delivered, "created consumer group");
         }
+        shared.metrics.group_syncs.inc();
+        any_change = true;
     }
 
     // A group the peer no longer has was destroyed there.
@@ -374,14 +423,21 @@ async fn sync_stream(
     Ok(())
 }
 
+/// Writes a group's new position (create or SETID) and its pending-list changes in one
+/// MULTI/EXEC.
 async fn apply(
     shared: &Shared,
     local: &Link,
     stream: &str,
     group: &str,
+    position: Option<redis::Cmd>,
     plan: &PelPlan,
 ) -> Result<(), LinkError> {
     let mut pipe = crate::link::pipeline();
+    pipe.atomic();
+    if let Some(cmd) = position {
+        pipe.add_command(cmd);
+    }
     for ids in plan.ack.chunks(1000) {
         let cmd = pipe.cmd("XACK").arg(stream).arg(group);
         for id in ids {

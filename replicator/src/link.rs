@@ -98,11 +98,9 @@ impl Link {
     /// Sorts an error: a connection problem says the side is unreachable, anything
     /// else is the command's.
     fn classify(&self, e: RedisError) -> LinkError {
-        let connection_problem = e.is_io_error()
-            || e.is_timeout()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || e.is_unrecoverable_error();
+        // A server loading its AOF after a restart counts as unreachable too.
+        let connection_problem =
+            eventlog::unavailable::is_unavailable(&e) || e.is_unrecoverable_error();
         if connection_problem {
             self.unreachable(e)
         } else {
@@ -116,10 +114,7 @@ impl Link {
     /// Runs one command. A server error reply is an `Err`.
     pub async fn query(&self, cmd: &Cmd) -> Result<Value, LinkError> {
         match cmd.query_async::<Value>(&mut self.conn.clone()).await {
-            Ok(Value::ServerError(e)) => Err(LinkError::Command {
-                side: self.side.as_str(),
-                source: e.into(),
-            }),
+            Ok(Value::ServerError(e)) => Err(self.classify(e.into())),
             Ok(v) => Ok(v),
             Err(e) => Err(self.classify(e)),
         }
@@ -153,10 +148,7 @@ impl Link {
             .invoke_async::<Value>(&mut self.conn.clone())
             .await
         {
-            Ok(Value::ServerError(e)) => Err(LinkError::Command {
-                side: self.side.as_str(),
-                source: e.into(),
-            }),
+            Ok(Value::ServerError(e)) => Err(self.classify(e.into())),
             Ok(v) => Ok(v),
             Err(e) => Err(self.classify(e)),
         }

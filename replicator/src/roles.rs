@@ -2,7 +2,7 @@
 //! promotion intent, publishes the [`Gate`] decision every copying task obeys, copies
 //! the epoch history while copying, and runs a [`rejoin`] when one is due.
 
-use crate::gate::{decide, hold_for_promotion, Gate};
+use crate::gate::{decide, follow_demoted, hold_for_promotion, peer_maybe_demoted, Gate};
 use crate::link::{retry_policy, Link, LinkError};
 use crate::status::Shared;
 use crate::{epochs, rejoin, reply};
@@ -64,11 +64,12 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
                 shared.reached(local.side());
                 shared.reached(peer.side());
                 backoff = retry_policy(max_backoff);
-                let mut h = shared.health.lock().unwrap_or_else(|e| e.into_inner());
-                h.local_role = *l;
-                h.peer_role = *p;
-                h.checked = true;
-                drop(h);
+                {
+                    let mut h = shared.health.lock().unwrap_or_else(|e| e.into_inner());
+                    h.local_role = *l;
+                    h.peer_role = *p;
+                    h.checked = true;
+                }
                 for (side, r) in [("local", l), ("peer", p)] {
                     if let Some(r) = r {
                         shared
@@ -78,7 +79,14 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
                             .set(r.epoch.0 as i64);
                     }
                 }
-                hold_for_promotion(decide(*l, *p), *l, *p, *intent)
+                let mut gate = decide(*l, *p);
+                if peer_maybe_demoted(*l, *p) {
+                    match epochs::last_epoch(&peer).await {
+                        Ok(last) => gate = follow_demoted(gate, *l, *p, last),
+                        Err(e) => shared.failed("gate", &e),
+                    }
+                }
+                hold_for_promotion(gate, *l, *p, *intent)
             }
             _ => {
                 let mut reasons = Vec::new();

@@ -590,3 +590,113 @@ async fn replication_lag_keeps_growing_while_the_peer_is_unreachable() {
     let later = wait_until(CATCH_UP, "lag keeps growing", lag, |l| *l >= first + 1.0).await;
     assert!(later > first);
 }
+
+/// A write the node decided on inside its lease but that reaches Redis only after the
+/// lease ended (the node or its Redis stalled in between) must not be committed: by
+/// then the gateway may have promoted the other region. Writes are held in Redis with
+/// `CLIENT PAUSE ... WRITE` (reads go on, so the node decides in time); the commit
+/// arrives after the lease has run out by Redis' clock.
+#[tokio::test]
+async fn a_commit_that_reaches_redis_after_the_lease_ended_is_refused() {
+    // Given an active node holding a short lease, and a product
+    let region = Region::start_with(Default::default(), |o| {
+        o.env("NODE_REDIS_TIMEOUT_MS", 10_000)
+    })
+    .await;
+    let api = &region.api;
+    api.put_product("LEASE-1", 100, 10).await;
+    let lease = region
+        .node
+        .http()
+        .post("/admin/lease", &json!({"epoch": 1, "ttlMs": 800}))
+        .await;
+    assert_eq!(lease.status, 200, "lease: {}", lease.text);
+    let granted = Instant::now();
+
+    // When Redis holds every write for longer than the lease, and an order comes in
+    // while the lease still runs
+    let mut conn = region.redis.client().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2_000)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT PAUSE");
+    let placed = api
+        .place_order_with_key(
+            &order_body("c-lease", &[("LEASE-1", 1)], "tok_ok"),
+            "lease-key-1",
+        )
+        .await;
+    assert!(
+        granted.elapsed() > Duration::from_millis(800),
+        "the order was answered before the lease ended: the pause did not hold it"
+    );
+
+    // Then the order is refused (the client retries elsewhere), and nothing was written
+    assert_eq!(
+        placed.status, 503,
+        "a commit after the lease ended: {}",
+        placed.text
+    );
+    let mut conn = region.redis.client().await;
+    let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(EVENTS)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("XRANGE");
+    assert!(
+        events.iter().all(|(_, fields)| !fields
+            .iter()
+            .any(|(k, v)| k == "type" && v == "OrderPlaced")),
+        "an order was committed after the lease ended"
+    );
+}
+
+/// Two rebuilds of one region (two nodes, or a node and its restarted self) take turns:
+/// the second is refused while the first holds the pause, so the first one's end can
+/// never end the pause under the second while it is still writing.
+#[tokio::test]
+async fn a_second_rebuild_waits_its_turn() {
+    // Given a region with a history long enough that a rebuild takes a while, and a
+    // second node on the same Redis
+    let region = region_with_history(40_000).await;
+    let second =
+        system_tests::Node::start(system_tests::NodeOptions::new(region.redis.url())).await;
+    second.wait_ready().await;
+    let mut conn = region.redis.client().await;
+
+    // When one rebuild runs (its caller does not wait for it)
+    abandon(
+        &format!("{}/admin/rebuild", region.node.url()),
+        &json!({}),
+        || async { paused(&mut region.redis.client().await).await },
+    )
+    .await;
+    assert!(
+        paused(&mut conn).await,
+        "the first rebuild paused the region"
+    );
+
+    // Then a rebuild asked of the other node is refused with a stable code
+    let refused = Api::new(second.http()).rebuild().await;
+    assert_eq!(refused.status, 409, "second rebuild: {}", refused.text);
+    assert_eq!(
+        refused.error_code(),
+        "rebuild_in_progress",
+        "{}",
+        refused.text
+    );
+
+    // And the first one finishes and unpauses
+    wait_until(
+        REBUILD,
+        "the first rebuild unpauses the region",
+        || async { paused(&mut region.redis.client().await).await },
+        |still_paused| !*still_paused,
+    )
+    .await;
+}

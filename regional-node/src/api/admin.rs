@@ -5,7 +5,7 @@ use super::{ApiError, AppState, JsonBody, OptionalJsonBody};
 use crate::bus;
 use crate::dead_letters;
 use crate::jobs::{Jobs, Waited};
-use crate::projector::{self, ProjectError, RebuildReport};
+use crate::projector::{self, RebuildError, RebuildReport};
 use crate::promotion::{self, PromotionError};
 use crate::store::Entry;
 use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
@@ -32,7 +32,7 @@ const REBUILD_WAIT: Duration = Duration::from_secs(30);
 pub struct AdminJobs {
     /// Keyed by epoch: a repeated request for the same epoch joins the running one.
     promotion: Jobs<u64, Result<(), Arc<PromotionError>>>,
-    rebuild: Jobs<(), Result<RebuildReport, Arc<ProjectError>>>,
+    rebuild: Jobs<(), Result<RebuildReport, Arc<RebuildError>>>,
 }
 
 /// Proof that the caller may use admin endpoints.

@@ -1,7 +1,7 @@
 //! The HTTP error type: every failure maps to a status and a stable `error.code`.
 
 use crate::bus::ReplayError;
-use crate::projector::ProjectError;
+use crate::projector::{ProjectError, RebuildError};
 use crate::promotion::PromotionError;
 use crate::roles::RoleError;
 use crate::store::StoreError;
@@ -200,6 +200,17 @@ impl From<&PromotionError> for ApiError {
             Store(other) => return ApiError::internal(other),
         };
         ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<&RebuildError> for ApiError {
+    fn from(e: &RebuildError) -> ApiError {
+        match e {
+            RebuildError::Project(e) => ApiError::from(e),
+            RebuildError::Running => {
+                ApiError::new(StatusCode::CONFLICT, "rebuild_in_progress", e.to_string())
+            }
+        }
     }
 }
 
