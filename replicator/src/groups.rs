@@ -390,7 +390,7 @@ async fn sync_stream(
             continue;
         }
         apply(shared, local, stream, &g.name, position, &plan).await?;
-        if ours_by_name.get(g.name.as_str()).is_none() {
+        if !ours_by_name.contains_key(g.name.as_str()) {
             tracing::info!(stream, group = %g.name, last_delivered = %g.last_delivered, "created consumer group");
         }
         shared.metrics.group_syncs.inc();
