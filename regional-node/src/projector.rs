@@ -424,13 +424,34 @@ pub struct RebuildReport {
     pub keys: usize,
 }
 
+/// Runs one step of a rebuild, again after a timeout or a lost connection: every step
+/// writes whole values, so repeating one is harmless, and a rebuild that gives up on a
+/// busy Redis leaves the read models half rebuilt until someone asks again.
+async fn patiently<T, F, Fut>(step: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    use backon::{ExponentialBuilder, Retryable as _};
+    step.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(1))
+            .with_max_times(8),
+    )
+    .when(|e| matches!(e, StoreError::Unavailable(_)))
+    .sleep(tokio::time::sleep)
+    .notify(|e, after| tracing::warn!(error = %e, ?after, "rebuild step failed; trying it again"))
+    .await
+}
+
 async fn rebuild_paused(store: &Store) -> Result<RebuildReport, ProjectError> {
     let mut state = MemState::default();
     let mut start = "-".to_string();
     let mut events = 0;
     loop {
         // Modest calls: each must answer within the store's timeout on a busy Redis.
-        let batch = store.xrange(keys::EVENTS, &start, "+", 1000).await?;
+        let batch = patiently(|| store.xrange(keys::EVENTS, &start, "+", 1000)).await?;
         let Some(last) = batch.last() else { break };
         start = format!("({}", last.id);
         for entry in &batch {
@@ -448,7 +469,7 @@ async fn rebuild_paused(store: &Store) -> Result<RebuildReport, ProjectError> {
     // built under a temporary name), never deleted first: a reader during the rebuild
     // sees the old value or the new one, not a gap (a product must not turn "unknown"
     // meanwhile). Keys the new state no longer has are deleted last.
-    let mut stale = scan_derived(store).await?;
+    let mut stale = patiently(|| scan_derived(store)).await?;
     let mut cmds: Vec<redis::Cmd> = Vec::new();
     for (key, value) in &state.values {
         stale.remove(key);
@@ -492,7 +513,7 @@ async fn rebuild_paused(store: &Store) -> Result<RebuildReport, ProjectError> {
         for cmd in chunk {
             pipe.add_command(cmd.clone()).ignore();
         }
-        let _: () = store.query_pipe(&pipe).await?;
+        let _: () = patiently(|| store.query_pipe(&pipe)).await?;
     }
     Ok(RebuildReport {
         events,
