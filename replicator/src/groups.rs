@@ -15,9 +15,9 @@ use crate::reply;
 use crate::status::Shared;
 use eventlog::envelope::StreamId;
 use eventlog::keys;
-use redis::Value;
+use redis::{Script, Value};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 /// One group as XINFO GROUPS reports it.
@@ -351,25 +351,29 @@ async fn sync_stream(
         let mut position = None;
         match ours_by_name.get(g.name.as_str()) {
             None => {
-                let mut cmd = redis::cmd("XGROUP");
-                cmd.arg("CREATE")
-                    .arg(stream)
-                    .arg(&g.name)
-                    .arg(g.last_delivered.to_string())
-                    .arg("MKSTREAM");
+                let mut cmd = vec![
+                    "XGROUP".to_string(),
+                    "CREATE".to_string(),
+                    stream.to_string(),
+                    g.name.clone(),
+                    g.last_delivered.to_string(),
+                    "MKSTREAM".to_string(),
+                ];
                 if let Some(n) = g.entries_read {
-                    cmd.arg("ENTRIESREAD").arg(n);
+                    cmd.extend(["ENTRIESREAD".to_string(), n.to_string()]);
                 }
                 position = Some(cmd);
             }
             Some(l) if l.last_delivered != g.last_delivered || l.entries_read != g.entries_read => {
-                let mut cmd = redis::cmd("XGROUP");
-                cmd.arg("SETID")
-                    .arg(stream)
-                    .arg(&g.name)
-                    .arg(g.last_delivered.to_string());
+                let mut cmd = vec![
+                    "XGROUP".to_string(),
+                    "SETID".to_string(),
+                    stream.to_string(),
+                    g.name.clone(),
+                    g.last_delivered.to_string(),
+                ];
                 if let Some(n) = g.entries_read {
-                    cmd.arg("ENTRIESREAD").arg(n);
+                    cmd.extend(["ENTRIESREAD".to_string(), n.to_string()]);
                 }
                 position = Some(cmd);
             }
@@ -389,7 +393,10 @@ async fn sync_stream(
         if position.is_none() && plan.is_empty() {
             continue;
         }
-        apply(shared, local, stream, &g.name, position, &plan).await?;
+        if !apply(shared, local, stream, &g.name, position, &plan).await? {
+            // The local region took over: whatever else this round read is stale.
+            return Ok(());
+        }
         if !ours_by_name.contains_key(g.name.as_str()) {
             tracing::info!(stream, group = %g.name, last_delivered = %g.last_delivered, "created consumer group");
         }
@@ -400,9 +407,10 @@ async fn sync_stream(
     // A group the peer no longer has was destroyed there.
     for l in &ours {
         if !names.contains(&l.name.as_str()) {
-            local
-                .query(redis::cmd("XGROUP").arg("DESTROY").arg(stream).arg(&l.name))
-                .await?;
+            let destroy = ["XGROUP", "DESTROY", stream, &l.name].map(String::from);
+            if !guarded(local, &[destroy.to_vec()]).await? {
+                return Ok(());
+            }
             tracing::info!(stream, group = %l.name, "destroyed consumer group the peer no longer has");
             shared.metrics.group_syncs.inc();
             any_change = true;
@@ -423,53 +431,87 @@ async fn sync_stream(
     Ok(())
 }
 
+/// KEYS: role, promotion intent. ARGV[1]: a JSON array of commands (each an array of
+/// strings). Runs them only while the local region is neither active nor being promoted,
+/// and returns `{'applied'}` or `{'fenced', why}`. The round read the peer's groups
+/// hundreds of milliseconds earlier (it waits for the copier): without this check a
+/// round that straddles a local promotion would hand the new active region pending
+/// entries owned by the peer's consumers, or move a position its handlers already
+/// passed. A promotion records its intent before anything else, so a write that runs
+/// before the intent is there is taken over by the promotion like any other.
+/// `pcall` runs every command even after one failed, as MULTI/EXEC would; the first
+/// error is returned.
+static GUARDED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'fenced', 'promotion in progress'} end
+if redis.call('HGET', KEYS[1], 'role') == 'active' then return {'fenced', 'local region is active'} end
+local first_error = nil
+for _, cmd in ipairs(cjson.decode(ARGV[1])) do
+  local r = redis.pcall(unpack(cmd))
+  if type(r) == 'table' and r.err and not first_error then first_error = r.err end
+end
+if first_error then return redis.error_reply(first_error) end
+return {'applied'}
+",
+    )
+});
+
+/// Runs `cmds` on the local Redis through [`GUARDED`]; `Ok(false)` when the local
+/// region is active or being promoted (nothing was written).
+async fn guarded(local: &Link, cmds: &[Vec<String>]) -> Result<bool, LinkError> {
+    let arg = serde_json::to_vec(cmds).expect("strings serialize");
+    let v = local
+        .script(&GUARDED, &[keys::ROLE, keys::PROMOTION_INTENT], &[arg])
+        .await?;
+    let reply = reply::array(&v).unwrap_or_default();
+    match reply.first().and_then(reply::string).as_deref() {
+        Some("applied") => Ok(true),
+        _ => {
+            let why = reply.get(1).and_then(reply::string).unwrap_or_default();
+            tracing::info!(reason = %why, "consumer group sync skipped: the local region took over");
+            Ok(false)
+        }
+    }
+}
+
 /// Writes a group's new position (create or SETID) and its pending-list changes in one
-/// MULTI/EXEC.
+/// script, fenced by the local role ([`GUARDED`]). `Ok(false)` when fenced.
 async fn apply(
     shared: &Shared,
     local: &Link,
     stream: &str,
     group: &str,
-    position: Option<redis::Cmd>,
+    position: Option<Vec<String>>,
     plan: &PelPlan,
-) -> Result<(), LinkError> {
-    let mut pipe = crate::link::pipeline();
-    pipe.atomic();
-    if let Some(cmd) = position {
-        pipe.add_command(cmd);
-    }
+) -> Result<bool, LinkError> {
+    let mut cmds: Vec<Vec<String>> = Vec::new();
+    cmds.extend(position);
     for ids in plan.ack.chunks(1000) {
-        let cmd = pipe.cmd("XACK").arg(stream).arg(group);
-        for id in ids {
-            cmd.arg(id.to_string());
-        }
+        let mut cmd = vec!["XACK".to_string(), stream.to_string(), group.to_string()];
+        cmd.extend(ids.iter().map(ToString::to_string));
+        cmds.push(cmd);
     }
     for ((consumer, deliveries), ids) in &plan.claim {
         for chunk in ids.chunks(1000) {
             // FORCE creates the pending entry even though the entry was never delivered
             // here; JUSTID with RETRYCOUNT keeps the peer's delivery count.
-            let cmd = pipe
-                .cmd("XCLAIM")
-                .arg(stream)
-                .arg(group)
-                .arg(consumer)
-                .arg(0);
-            for id in chunk {
-                cmd.arg(id.to_string());
-            }
-            cmd.arg("RETRYCOUNT")
-                .arg(*deliveries)
-                .arg("FORCE")
-                .arg("JUSTID");
+            let mut cmd = vec![
+                "XCLAIM".to_string(),
+                stream.to_string(),
+                group.to_string(),
+                consumer.clone(),
+                "0".to_string(),
+            ];
+            cmd.extend(chunk.iter().map(ToString::to_string));
+            cmd.extend(
+                ["RETRYCOUNT", &deliveries.to_string(), "FORCE", "JUSTID"].map(String::from),
+            );
+            cmds.push(cmd);
         }
     }
-    for r in local.pipeline(&pipe).await? {
-        if let Value::ServerError(e) = r {
-            return Err(LinkError::Command {
-                side: "local",
-                source: e.into(),
-            });
-        }
+    if !guarded(local, &cmds).await? {
+        return Ok(false);
     }
     let claimed: usize = plan.claim.values().map(Vec::len).sum();
     shared
@@ -489,7 +531,7 @@ async fn apply(
         claimed,
         "pending entries synced"
     );
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]
