@@ -107,6 +107,12 @@ pub struct RoleRecord {
     pub epoch: Epoch,
     /// True while derived state is being rebuilt: commits wait.
     pub paused: bool,
+    /// Set when the region was demoted from active (by the gateway, at the new epoch):
+    /// the epoch it was active in. Its log may hold events the new active never
+    /// received, so it must rejoin (compare and quarantine) before it copies, even
+    /// though its epoch already equals the new active's. Cleared by the rejoin and by
+    /// a promotion.
+    pub demoted_from: Option<Epoch>,
 }
 
 /// Field names of the role hash.
@@ -124,10 +130,21 @@ pub mod fields {
     /// script checks it against Redis' `TIME`, so a write that reaches Redis late (the
     /// node or Redis was paused after the node's own check) is refused.
     pub const WRITE_UNTIL: &str = "write_until";
+    /// See [`super::RoleRecord::demoted_from`].
+    pub const DEMOTED_FROM: &str = "demoted_from";
 }
 
 impl RoleRecord {
-    /// Reads the record from `HMGET role epoch paused`; `None` when no role is stored.
+    /// The fields [`Self::from_hmget`] reads, in its order.
+    pub const FIELDS: [&'static str; 4] = [
+        fields::ROLE,
+        fields::EPOCH,
+        fields::PAUSED,
+        fields::DEMOTED_FROM,
+    ];
+
+    /// Reads the record from `HMGET role epoch paused demoted_from` ([`Self::FIELDS`]);
+    /// `None` when no role is stored.
     ///
     /// `paused` holds a deadline (Unix ms), not a flag: the rebuild that set it extends it
     /// while it runs, so a node killed in the middle of a rebuild cannot leave the region
@@ -150,10 +167,17 @@ impl RoleRecord {
             .flatten()
             .and_then(|p| p.parse::<u64>().ok())
             .is_some_and(|until| until > crate::time::now_ms());
+        let demoted_from = values
+            .get(3)
+            .cloned()
+            .flatten()
+            .and_then(|e| e.parse::<u64>().ok())
+            .map(Epoch);
         Ok(Some(RoleRecord {
             role,
             epoch: Epoch(epoch),
             paused,
+            demoted_from,
         }))
     }
 }
@@ -180,7 +204,8 @@ mod tests {
             Some(RoleRecord {
                 role: Role::Active,
                 epoch: Epoch(3),
-                paused: false
+                paused: false,
+                demoted_from: None,
             })
         );
         assert_eq!(RoleRecord::from_hmget(&[None, None, None]).unwrap(), None);
@@ -190,6 +215,15 @@ mod tests {
                 .unwrap()
                 .unwrap();
         assert!(paused.paused, "a pause deadline in the future pauses");
+        let demoted = RoleRecord::from_hmget(&[
+            Some("standby".into()),
+            Some("5".into()),
+            None,
+            Some("4".into()),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(demoted.demoted_from, Some(Epoch(4)));
         assert!(RoleRecord::from_hmget(&[Some("boss".into()), None, None]).is_err());
     }
 }

@@ -305,6 +305,7 @@ local record = '{"at":"' .. ARGV[3] .. '","region":"' .. ARGV[2] .. '","startOff
   .. KEYS[5] .. '":"' .. top(KEYS[5]) .. '","' .. KEYS[4] .. '":"' .. events .. '"}}'
 redis.call('HSET', KEYS[3], ARGV[1], record)
 redis.call('HSET', KEYS[1], 'role', 'active', 'epoch', ARGV[1], 'write_until', now + tonumber(ARGV[4]))
+redis.call('HDEL', KEYS[1], 'demoted_from')
 redis.call('DEL', KEYS[2])
 return {'ok'}
 "#,

@@ -449,10 +449,16 @@ else
   ok = want >= stored
 end
 if not ok then return {{'stale', tostring(stored)}} end
+if ARGV[1] == 'active' then
+  redis.call('HDEL', KEYS[1], '{demoted}')
+elseif cur[1] == 'active' then
+  redis.call('HSET', KEYS[1], '{demoted}', tostring(stored))
+end
 redis.call('HSET', KEYS[1], '{role}', ARGV[1], '{epoch}', ARGV[2])
 return {{'ok'}}
 "#,
         role = fields::ROLE,
-        epoch = fields::EPOCH
+        epoch = fields::EPOCH,
+        demoted = fields::DEMOTED_FROM
     ))
 });

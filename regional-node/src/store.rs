@@ -9,7 +9,7 @@
 //! concurrent writer's commit makes ours fail with [`CommitOutcome::Conflict`], and
 //! the caller decides again on fresh state.
 
-use eventlog::{keys, roles::fields, Envelope, RoleRecord};
+use eventlog::{keys, Envelope, RoleRecord};
 use orders_model::DomainEvent;
 use orders_model::{ApplyError, State};
 use redis::aio::ConnectionManager;
@@ -174,9 +174,7 @@ impl Store {
             .query(
                 redis::cmd("HMGET")
                     .arg(keys::ROLE)
-                    .arg(fields::ROLE)
-                    .arg(fields::EPOCH)
-                    .arg(fields::PAUSED),
+                    .arg(&RoleRecord::FIELDS[..]),
             )
             .await?;
         RoleRecord::from_hmget(&values).map_err(StoreError::Redis)

@@ -62,6 +62,15 @@ pub fn decide(local: Option<RoleRecord>, peer: Option<RoleRecord>) -> Gate {
     if local.role == Role::Active {
         return idle("local region is active (both active at the same epoch: not copying)");
     }
+    if local.demoted_from.is_some() && peer.epoch == local.epoch {
+        // Demoted by the gateway at the new active's epoch: the local log may end in
+        // events the new active never received (an unplanned failover promoted it
+        // without them). Compare and set them aside first; after a planned switchover
+        // nothing differs and the rejoin moves nothing.
+        return Gate::Rejoin {
+            peer_epoch: peer.epoch,
+        };
+    }
     if local.epoch > peer.epoch {
         return idle("local epoch is ahead of the peer's: the peer is stale");
     }
@@ -138,6 +147,7 @@ mod tests {
             role,
             epoch: Epoch(epoch),
             paused: false,
+            demoted_from: None,
         })
     }
 
@@ -170,6 +180,23 @@ mod tests {
         let same = rec(Role::Standby, 4);
         assert!(matches!(
             follow_demoted(decide(l, same), l, same, Some(Epoch(4))),
+            Gate::Idle { .. }
+        ));
+    }
+
+    #[test]
+    fn a_region_demoted_at_the_peers_epoch_rejoins_before_it_copies() {
+        let mut demoted = rec(Role::Standby, 5).unwrap();
+        demoted.demoted_from = Some(Epoch(4));
+        assert_eq!(
+            decide(Some(demoted), rec(Role::Active, 5)),
+            Gate::Rejoin {
+                peer_epoch: Epoch(5)
+            }
+        );
+        // Until the peer is promoted there is nothing to rejoin.
+        assert!(matches!(
+            decide(Some(demoted), rec(Role::Standby, 4)),
             Gate::Idle { .. }
         ));
     }

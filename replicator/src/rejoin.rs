@@ -98,6 +98,7 @@ for i = 1, n do
   redis.call('HDEL', checkpoint, counter)
 end
 redis.call('HSET', role, 'role', 'standby', 'epoch', ARGV[1])
+redis.call('HDEL', role, 'demoted_from')
 return 'OK'
 "#;
 

@@ -6,7 +6,6 @@ use crate::gate::{decide, follow_demoted, hold_for_promotion, peer_maybe_demoted
 use crate::link::{retry_policy, Link, LinkError};
 use crate::status::Shared;
 use crate::{epochs, rejoin, reply};
-use eventlog::roles::fields;
 use eventlog::{keys, Epoch, RoleRecord};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +21,7 @@ pub async fn read_intent(link: &Link) -> Result<Option<Epoch>, LinkError> {
 /// Reads the role hash; `None` when the region has no role yet.
 pub async fn read_role(link: &Link) -> Result<Option<RoleRecord>, LinkError> {
     let mut cmd = redis::cmd("HMGET");
-    cmd.arg(keys::ROLE)
-        .arg(fields::ROLE)
-        .arg(fields::EPOCH)
-        .arg(fields::PAUSED);
+    cmd.arg(keys::ROLE).arg(&RoleRecord::FIELDS[..]);
     let v = link.query(&cmd).await?;
     let values: Vec<Option<String>> = reply::array(&v)
         .ok_or(LinkError::Reply {
@@ -122,7 +118,14 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
             Gate::Rejoin { peer_epoch } => {
                 // Hold the write lock: no copier batch may land while the tail is moved.
                 let _guard = shared.write_lock.lock().await;
-                let local_epoch = l.as_ref().ok().copied().flatten().map(|r| r.epoch);
+                // The epoch the local region wrote its own events in: the one it was
+                // demoted from, if the gateway demoted it.
+                let local_epoch = l
+                    .as_ref()
+                    .ok()
+                    .copied()
+                    .flatten()
+                    .map(|r| r.demoted_from.unwrap_or(r.epoch));
                 let result = rejoin::run(&shared, &local, &peer, local_epoch, peer_epoch).await;
                 // The local streams may have been cut back: forget what the copier had
                 // reported, so the group task waits for the next session's positions

@@ -49,11 +49,21 @@ async fn quarantined(api: &Api) -> (u64, BTreeSet<String>) {
 enum Return {
     NodeFirst,
     ReplicatorFirst,
+    /// The node comes back and is demoted at the new epoch (as the gateway demotes an
+    /// old active after a failover) before its replicator returns: its epoch then
+    /// already equals b's, and only the record of the demotion tells the replicator
+    /// that a's log may have diverged.
+    DemotedAtTheNewEpoch,
 }
 
 #[tokio::test]
 async fn rejoin_quarantines_the_divergent_tail() {
     rejoin_scenario(Return::NodeFirst).await
+}
+
+#[tokio::test]
+async fn rejoin_quarantines_the_divergent_tail_of_a_region_demoted_at_the_new_epoch() {
+    rejoin_scenario(Return::DemotedAtTheNewEpoch).await
 }
 
 #[tokio::test]
@@ -108,6 +118,13 @@ async fn rejoin_scenario(order: Return) {
         Return::ReplicatorFirst => {
             t.rep_a.restart().await;
             t.restart_node_a().await;
+        }
+        Return::DemotedAtTheNewEpoch => {
+            t.restart_node_a().await;
+            t.node_a.wait_ready().await;
+            let r = t.api_a().demote(2).await;
+            assert_eq!(r.status, 200, "demote a at epoch 2: {}", r.text);
+            t.rep_a.restart().await;
         }
     }
     let a = t.api_a();

@@ -318,53 +318,96 @@ fn acknowledged_writes_exist(
 
 // --- (2) -------------------------------------------------------------------------------
 
-/// Across both regions' streams (events merged by id), an order has at most one
-/// `PaymentProcessed`, at most one `PaymentRefunded`, and no refund without a charge.
+/// A charge is money the provider took, and the provider knows a charge by its payment
+/// id (derived from the order: the node calls the provider with it as the idempotency
+/// key, regional-node `payments::payment_id`). So an order is charged twice when
+/// - one region's stream holds two `PaymentProcessed` for it (the workflow charged it
+///   twice in one history), or
+/// - its charges, over both streams and both quarantines, carry two payment ids;
+/// and refunded wrongly when one stream holds more refunds than charges, or two.
+/// The same payment id charged by both regions (async durability: the old active's
+/// charge was not copied before it died, the new active charged again) is one charge
+/// at the provider: a note, not a violation.
 fn no_double_charge(input: &CheckInput, verdict: &mut Verdict) -> Findings {
+    #[derive(Default)]
+    struct Money<'a> {
+        /// region -> charge event ids in its stream
+        charges: BTreeMap<&'a str, Vec<&'a str>>,
+        refunds: BTreeMap<&'a str, Vec<&'a str>>,
+        payment_ids: BTreeSet<&'a str>,
+        charge_events: BTreeSet<&'a str>,
+    }
+    fn payment_id(env: &Envelope) -> Option<&str> {
+        env.payload.get("paymentId").and_then(|p| p.as_str())
+    }
     let mut f = Findings::default();
-    let mut seen: HashSet<&str> = HashSet::new();
-    // order -> (charges, refunds) as event ids
-    let mut money: BTreeMap<&str, (Vec<&str>, Vec<&str>)> = BTreeMap::new();
-    for (_, env) in envs(&input.a.events).chain(envs(&input.b.events)) {
-        if !seen.insert(env.event_id.as_str()) {
-            continue;
+    let mut money: BTreeMap<&str, Money> = BTreeMap::new();
+    for r in [&input.a, &input.b] {
+        for (_, env) in envs(&r.events) {
+            let m = money.entry(env.aggregate_id.as_str()).or_default();
+            match env.event_type.as_str() {
+                "PaymentProcessed" => {
+                    m.charges
+                        .entry(r.region.as_str())
+                        .or_default()
+                        .push(env.event_id.as_str());
+                    m.charge_events.insert(env.event_id.as_str());
+                    m.payment_ids.extend(payment_id(env));
+                }
+                "PaymentRefunded" => m
+                    .refunds
+                    .entry(r.region.as_str())
+                    .or_default()
+                    .push(env.event_id.as_str()),
+                _ => {}
+            }
         }
-        let entry = money.entry(env.aggregate_id.as_str()).or_default();
-        match env.event_type.as_str() {
-            "PaymentProcessed" => entry.0.push(env.event_id.as_str()),
-            "PaymentRefunded" => entry.1.push(env.event_id.as_str()),
-            _ => {}
-        }
-    }
-    for (order, (charges, refunds)) in &money {
-        if charges.len() > 1 {
-            f.add(format!(
-                "order {order} charged {} times (PaymentProcessed {charges:?})",
-                charges.len()
-            ));
-        }
-        if refunds.len() > 1 || refunds.len() > charges.len() {
-            f.add(format!(
-                "order {order} refunded {} times for {} charges (PaymentRefunded {refunds:?})",
-                refunds.len(),
-                charges.len()
-            ));
-        }
-    }
-    // A charge in a quarantined event is money the provider took too; say so when the
-    // order was charged again in the streams.
-    for q in input.a.quarantine.iter().chain(&input.b.quarantine) {
-        if let Some(env) = &q.env {
-            if env.event_type == "PaymentProcessed"
-                && money
-                    .get(env.aggregate_id.as_str())
-                    .is_some_and(|(c, _)| !c.is_empty() && !c.contains(&env.event_id.as_str()))
+        for q in &r.quarantine {
+            if let Some(env) = q
+                .env
+                .as_ref()
+                .filter(|e| e.event_type == "PaymentProcessed")
             {
-                verdict.notes.push(format!(
-                    "order {} was charged in quarantined event {} and charged again in the streams",
-                    env.aggregate_id, env.event_id
+                let m = money.entry(env.aggregate_id.as_str()).or_default();
+                m.charge_events.insert(env.event_id.as_str());
+                m.payment_ids.extend(payment_id(env));
+            }
+        }
+    }
+    for (order, m) in &money {
+        let mut wrong = Vec::new();
+        for (region, ids) in &m.charges {
+            if ids.len() > 1 {
+                wrong.push(format!(
+                    "charged {} times in region {region}'s stream (PaymentProcessed {ids:?})",
+                    ids.len()
                 ));
             }
+        }
+        if m.payment_ids.len() > 1 {
+            wrong.push(format!(
+                "charged under {} payment ids {:?}",
+                m.payment_ids.len(),
+                m.payment_ids
+            ));
+        }
+        for (region, ids) in &m.refunds {
+            let charges = m.charges.get(region).map_or(0, Vec::len);
+            if ids.len() > 1 || ids.len() > charges {
+                wrong.push(format!(
+                    "refunded {} times for {charges} charges in region {region}'s stream (PaymentRefunded {ids:?})",
+                    ids.len()
+                ));
+            }
+        }
+        if !wrong.is_empty() {
+            f.add(format!("order {order} {}", wrong.join("; ")));
+        } else if m.charge_events.len() > 1 {
+            verdict.notes.push(format!(
+                "order {order} was charged by {} events {:?} under one payment id: one charge at the provider (its idempotency key)",
+                m.charge_events.len(),
+                m.charge_events
+            ));
         }
     }
     f

@@ -156,7 +156,13 @@ fn charged(id: &str, pay: &str) -> DomainEvent {
 /// Product W-1 with 10 in stock; order o1 (key k1) shipped; order o2 (key k2)
 /// cancelled after its reservation, released.
 fn good_world() -> World {
+    good_world_tagged("ev")
+}
+
+/// [`good_world`] with event ids `<tag>-<n>`: another region's history of the same run.
+fn good_world_tagged(tag: &'static str) -> World {
     let mut w = World::new();
+    w.tag = tag;
     w.push(DomainEvent::ProductUpserted(ProductUpserted {
         sku: Sku::parse(SKU).unwrap(),
         name: "W".into(),
@@ -387,6 +393,21 @@ fn invariant_2_a_second_charge_is_a_violation() {
     let v = judge(Durability::Async, &good_history(true), &a, &b);
     assert!(count(&v, 2) >= 1, "{v:#?}");
     assert!(v.invariants[1].examples[0].contains("o1 charged 2 times"));
+}
+
+#[test]
+fn invariant_2_one_payment_id_charged_by_both_regions_is_one_charge() {
+    // a charged o1 as p1 and died before the copy; b charged it again as p1: the
+    // provider took the money once (the payment id is its idempotency key).
+    let w = good_world();
+    let a = w.region("a", "standby");
+    let b = good_world_tagged("ev-b").region("b", "active");
+    let v = judge(Durability::Async, &good_history(true), &a, &b);
+    assert_eq!(count(&v, 2), 0, "{v:#?}");
+    assert!(
+        v.notes.iter().any(|n| n.contains("under one payment id")),
+        "{v:#?}"
+    );
 }
 
 #[test]
