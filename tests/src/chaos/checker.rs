@@ -324,6 +324,7 @@ fn acknowledged_writes_exist(
 /// - one region's stream holds two `PaymentProcessed` for it (the workflow charged it
 ///   twice in one history), or
 /// - its charges, over both streams and both quarantines, carry two payment ids;
+///
 /// and refunded wrongly when one stream holds more refunds than charges, or two.
 /// The same payment id charged by both regions (async durability: the old active's
 /// charge was not copied before it died, the new active charged again) is one charge
