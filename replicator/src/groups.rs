@@ -444,8 +444,10 @@ async fn sync_stream(
 static GUARDED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'fenced', 'promotion in progress'} end
-if redis.call('HGET', KEYS[1], 'role') == 'active' then return {'fenced', 'local region is active'} end
+local role = redis.call('HMGET', KEYS[1], 'role', 'epoch')
+if role[1] == 'active' then return {'fenced', 'local region is active'} end
+local intent = tonumber(redis.call('HGET', KEYS[2], 'epoch') or '0')
+if intent > tonumber(role[2] or '0') then return {'fenced', 'promotion in progress'} end
 local first_error = nil
 for _, cmd in ipairs(cjson.decode(ARGV[1])) do
   local r = redis.pcall(unpack(cmd))

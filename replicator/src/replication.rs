@@ -129,10 +129,60 @@ pub fn is_no_such_key(e: &redis::RedisError) -> bool {
     e.to_string().contains("no such key")
 }
 
-/// A batch as read from the peer, already encoded as pipelined XADDs.
+/// A batch as read from the peer, already encoded as copy-script arguments.
 struct Batch {
     packed: Vec<u8>,
+    /// How many arguments `packed` holds.
+    args: usize,
     parts: Vec<StreamPart>,
+}
+
+/// The copy of one batch, in one script. KEYS: role, promotion intent, checkpoint
+/// hash. ARGV: k, then k (stream, last id) checkpoint pairs, then per entry: stream, id,
+/// field count, fields. Returns one outcome per entry (1 added, 0 already there, or
+/// the error), or the error `FENCED` and writes nothing when the local region is
+/// active or being promoted (an intent above the role's epoch; an intent at or below it
+/// lost to another promotion, and the gate ignores it too).
+///
+/// The gate stops copying when it sees a promotion intent, but it reads the roles on
+/// a timer, and a batch may be in flight when the intent is written. A batch that
+/// landed after the promotion's last step would sit past the new epoch's start
+/// offsets, unprojected (the projection stops once active), and the new active's
+/// handlers would redo the work of its orders from stale state. Checking in the same
+/// script that appends closes that window: either the batch lands before the intent
+/// (and the promotion's catch-up applies it) or not at all.
+const COPY: &str = r"
+local role = redis.call('HMGET', KEYS[1], 'role', 'epoch')
+if role[1] == 'active' then
+  return redis.error_reply('FENCED this region is active')
+end
+local intent = tonumber(redis.call('HGET', KEYS[2], 'epoch') or '0')
+if intent > tonumber(role[2] or '0') then
+  return redis.error_reply('FENCED a promotion of this region is in progress')
+end
+local k = tonumber(ARGV[1])
+local out = {}
+local i, n = 2 + 2 * k, #ARGV
+while i <= n do
+  local stream, id, nf = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local r = redis.pcall('XADD', stream, id, unpack(ARGV, i + 3, i + 2 + nf))
+  if type(r) == 'table' and r.err then
+    if string.find(r.err, 'equal or smaller', 1, true) then out[#out + 1] = 0 else out[#out + 1] = r.err end
+  else
+    out[#out + 1] = 1
+  end
+  i = i + 3 + nf
+end
+for j = 0, k - 1 do
+  redis.call('HSET', KEYS[3], ARGV[2 + 2 * j], ARGV[3 + 2 * j])
+end
+return out
+";
+
+/// The SHA1 of [`COPY`], loaded into the local Redis at the start of each session.
+fn copy_sha() -> &'static str {
+    static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SHA.get_or_init(|| redis::Script::new(COPY).get_hash().to_string())
 }
 
 /// The copier task: one session after another while the gate allows copying.
@@ -179,7 +229,18 @@ async fn session(shared: &Arc<Shared>, local: &Arc<Link>) -> Result<(), LinkErro
     // Connections live for one session: after any error they are dropped, since a
     // half-read reply leaves a connection out of step.
     let peer_conn = raw(shared, Side::Peer).await?;
-    let local_conn = raw(shared, Side::Local).await?;
+    let mut local_conn = raw(shared, Side::Local).await?;
+    // Loaded once per session: a restarted Redis forgets scripts, and also drops the
+    // connection, which ends the session.
+    let mut load = Vec::new();
+    wire::encode(&mut load, &[b"SCRIPT", b"LOAD", COPY.as_bytes()]);
+    let loaded = local_conn.request(&load, 1, Duration::ZERO).await?;
+    if let Some(err) = wire::first_error(&loaded) {
+        return Err(LinkError::Server {
+            side: "local",
+            message: format!("SCRIPT LOAD: {err}"),
+        });
+    }
     let (tx, rx) = mpsc::channel::<Batch>(2);
     // The reader is its own task so that reading from the peer and writing locally
     // overlap and run on different cores.
@@ -261,8 +322,8 @@ async fn read_loop(
         };
         shared.reached(Side::Peer);
         let mut packed = Vec::with_capacity(frame.len() + frame.len() / 8);
-        let parts =
-            wire::xread_to_xadds(&frame, &mut packed).map_err(|message| LinkError::Server {
+        let (parts, args) =
+            wire::xread_to_entries(&frame, &mut packed).map_err(|message| LinkError::Server {
                 side: "peer",
                 message: format!("XREAD: {message}"),
             })?;
@@ -272,7 +333,15 @@ async fn read_loop(
         for p in &parts {
             cursors.insert(p.stream.clone(), p.last);
         }
-        if tx.send(Batch { packed, parts }).await.is_err() {
+        if tx
+            .send(Batch {
+                packed,
+                args,
+                parts,
+            })
+            .await
+            .is_err()
+        {
             // The writer stopped (gate changed); its result decides the session.
             return Ok(());
         }
@@ -335,26 +404,29 @@ async fn write_loop(
     }
 }
 
-/// Sends one batch as a pipeline: an XADD per entry with its original id, then the
-/// per-stream checkpoint. A crash in the middle leaves a prefix, which is exactly what
-/// the next session resumes after.
+/// Sends one batch as one copy-script call ([`COPY`]): the entries with their original
+/// ids, then the per-stream checkpoint, or nothing at all if the local region is active
+/// or being promoted.
 async fn send_batch(local: &mut RawConn, batch: Batch) -> Result<Sent, LinkError> {
     let started = Instant::now();
-    let Batch { mut packed, parts } = batch;
+    let Batch {
+        packed,
+        args,
+        parts,
+    } = batch;
     let entries: usize = parts.iter().map(|p| p.entries).sum();
-    for p in &parts {
-        let last = p.last.to_string();
-        wire::encode(
-            &mut packed,
-            &[
-                b"HSET",
-                keys::REPLICATION_CHECKPOINT.as_bytes(),
-                p.stream.as_bytes(),
-                last.as_bytes(),
-            ],
-        );
-    }
-    local.send(&packed).await?;
+    let cmd = wire::copy_command(
+        copy_sha(),
+        [
+            keys::ROLE,
+            keys::PROMOTION_INTENT,
+            keys::REPLICATION_CHECKPOINT,
+        ],
+        &parts,
+        &packed,
+        args,
+    );
+    local.send(&cmd).await?;
     Ok(Sent {
         parts,
         entries,
@@ -362,23 +434,25 @@ async fn send_batch(local: &mut RawConn, batch: Batch) -> Result<Sent, LinkError
     })
 }
 
-/// Reads and judges the replies to one sent batch.
+/// Reads and judges the reply to one sent batch.
 async fn complete_batch(shared: &Shared, local: &mut RawConn, sent: Sent) -> Result<(), LinkError> {
     let Sent {
         parts,
         entries,
         started,
     } = sent;
-    let replies = local.read(entries + parts.len(), Duration::ZERO).await?;
+    let reply = local.read(1, Duration::ZERO).await?;
     shared.reached(Side::Local);
-    let (outcomes, used) = wire::outcomes(&replies, entries)
-        .map_err(|e| LinkError::Other(format!("local XADD replies: {e}")))?;
-    if let Some(err) = wire::first_error(&replies[used..]) {
-        return Err(LinkError::Server {
+    let outcomes = wire::copy_outcomes(&reply, entries)
+        .map_err(|e| LinkError::Other(format!("local copy reply: {e}")))?
+        .map_err(|message| LinkError::Server {
             side: "local",
-            message: format!("HSET checkpoint: {err}"),
-        });
-    }
+            message: if message.starts_with("FENCED") {
+                format!("{message}: the batch was not written (the gate stops copying)")
+            } else {
+                format!("copy script: {message}")
+            },
+        })?;
     let now_ms = eventlog::time::now_ms();
     let mut outcomes = outcomes.into_iter();
     for p in &parts {

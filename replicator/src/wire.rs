@@ -1,10 +1,11 @@
 //! The copier's hot path, on plain RESP2 connections.
 //!
-//! An XREAD reply already holds each entry's fields encoded exactly as an XADD needs
-//! them (`$len\r\nbytes\r\n` each, in order). So a batch is turned into pipelined XADDs
-//! by writing a short header per entry (`*n XADD key id`) and copying the entry's
-//! field bytes in one piece: no per-field allocation, no decoding, no re-encoding, and
-//! the copy is byte-for-byte exact by construction. The general-purpose client (with
+//! An XREAD reply already holds each entry's fields encoded exactly as a command needs
+//! them (`$len\r\nbytes\r\n` each, in order). So a batch is turned into the arguments
+//! of one copy script call (see `replication::COPY`) by writing a short header per
+//! entry (stream, id, field count) and copying the entry's field bytes in one piece: no
+//! per-field allocation, no decoding, no re-encoding, and the copy is byte-for-byte
+//! exact by construction. The general-purpose client (with
 //! its parsed reply tree) stays in use for everything that is not per-entry.
 
 use crate::link::{LinkError, Side};
@@ -298,11 +299,16 @@ pub struct StreamPart {
     pub last: StreamId,
 }
 
-/// Turns one XREAD reply (RESP2) into pipelined `XADD <stream> <id> <fields...>`
-/// commands appended to `out`, copying each entry's field bytes as they are.
-pub fn xread_to_xadds(frame: &[u8], out: &mut Vec<u8>) -> Result<Vec<StreamPart>, String> {
+/// Turns one XREAD reply (RESP2) into copy-script arguments appended to `out`: per
+/// entry its stream, its id, its field count, then its field bytes as they are.
+/// Returns what each stream held and how many arguments were written.
+pub fn xread_to_entries(
+    frame: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(Vec<StreamPart>, usize), String> {
     let (streams, mut p) = array(frame, 0)?;
     let mut parts = Vec::new();
+    let mut args = 0usize;
     for _ in 0..streams.max(0) {
         let (two, q) = array(frame, p)?;
         if two != 2 {
@@ -333,12 +339,10 @@ pub fn xread_to_xadds(frame: &[u8], out: &mut Vec<u8>) -> Result<Vec<StreamPart>
                 .and_then(StreamId::parse)
                 .ok_or("bad entry id")?;
             if fields > 0 {
-                let _ = write!(out, "*{}\r\n$4\r\nXADD\r\n${}\r\n", 3 + fields, name.len());
-                out.extend_from_slice(name);
-                let _ = write!(out, "\r\n${}\r\n", id.len());
-                out.extend_from_slice(id);
-                out.extend_from_slice(b"\r\n");
+                let count = fields.to_string();
+                encode_args(out, &[name, id, count.as_bytes()]);
                 out.extend_from_slice(&frame[fields_start..r]);
+                args += 3 + fields as usize;
                 if part.entries == 0 {
                     part.first = sid;
                 }
@@ -352,10 +356,50 @@ pub fn xread_to_xadds(frame: &[u8], out: &mut Vec<u8>) -> Result<Vec<StreamPart>
             parts.push(part);
         }
     }
-    Ok(parts)
+    Ok((parts, args))
 }
 
-/// Outcome of one reply to a pipelined XADD.
+/// Bulk strings without the array header (arguments of a command being built).
+fn encode_args(out: &mut Vec<u8>, args: &[&[u8]]) {
+    for a in args {
+        let _ = write!(out, "${}\r\n", a.len());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// The whole copy-script call for one batch: `EVALSHA sha 3 role intent checkpoint k
+/// (stream last)*k` then the `args` entry arguments already in `entries`.
+pub fn copy_command(
+    sha: &str,
+    keys: [&str; 3],
+    parts: &[StreamPart],
+    entries: &[u8],
+    args: usize,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() + 256);
+    let total = 2 + 1 + keys.len() + 1 + 2 * parts.len() + args;
+    let _ = write!(out, "*{total}\r\n");
+    let k = parts.len().to_string();
+    encode_args(&mut out, &[b"EVALSHA", sha.as_bytes(), b"3"]);
+    encode_args(
+        &mut out,
+        &[
+            keys[0].as_bytes(),
+            keys[1].as_bytes(),
+            keys[2].as_bytes(),
+            k.as_bytes(),
+        ],
+    );
+    for p in parts {
+        let last = p.last.to_string();
+        encode_args(&mut out, &[p.stream.as_bytes(), last.as_bytes()]);
+    }
+    out.extend_from_slice(entries);
+    out
+}
+
+/// Outcome of one entry of a copy.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AddOutcome {
     Added,
@@ -364,25 +408,32 @@ pub enum AddOutcome {
     Failed(String),
 }
 
-/// Splits `n` top-level replies off the front of `replies`.
-pub fn outcomes(replies: &[u8], n: usize) -> Result<(Vec<AddOutcome>, usize), String> {
+/// The reply to one copy-script call: one outcome per entry, or the script's error
+/// (`FENCED ...` when the local region is active or being promoted).
+pub fn copy_outcomes(reply: &[u8], n: usize) -> Result<Result<Vec<AddOutcome>, String>, String> {
+    if reply.first() == Some(&b'-') {
+        let end = frame_end(reply, 0)?.ok_or("truncated error")?;
+        return Ok(Err(String::from_utf8_lossy(&reply[1..end - 2]).into_owned()));
+    }
+    let (len, mut pos) = array(reply, 0)?;
+    if len < 0 || len as usize != n {
+        return Err(format!("{len} outcomes for {n} entries"));
+    }
     let mut out = Vec::with_capacity(n);
-    let mut pos = 0;
     for _ in 0..n {
-        let end = frame_end(replies, pos)?.ok_or("missing reply")?;
-        if replies[pos] == b'-' {
-            let msg = String::from_utf8_lossy(&replies[pos + 1..end - 2]).into_owned();
-            if msg.contains("equal or smaller") {
-                out.push(AddOutcome::AlreadyThere);
-            } else {
-                out.push(AddOutcome::Failed(msg));
+        let end = frame_end(reply, pos)?.ok_or("truncated reply")?;
+        let body = &reply[pos + 1..end - 2];
+        out.push(match reply[pos] {
+            b':' if body == b"1" => AddOutcome::Added,
+            b':' => AddOutcome::AlreadyThere,
+            _ => {
+                let (msg, _) = bulk(reply, pos)?;
+                AddOutcome::Failed(String::from_utf8_lossy(msg).into_owned())
             }
-        } else {
-            out.push(AddOutcome::Added);
-        }
+        });
         pos = end;
     }
-    Ok((out, pos))
+    Ok(Ok(out))
 }
 
 #[cfg(test)]
@@ -410,32 +461,44 @@ mod tests {
     }
 
     #[test]
-    fn xread_becomes_xadds_with_the_same_ids_and_bytes() {
+    fn xread_becomes_copy_arguments_with_the_same_ids_and_bytes() {
         let mut out = Vec::new();
-        let parts = xread_to_xadds(&xread_reply(), &mut out).unwrap();
+        let (parts, args) = xread_to_entries(&xread_reply(), &mut out).unwrap();
         assert_eq!(parts.len(), 1);
         assert_eq!(parts[0].entries, 2);
         assert_eq!(parts[0].first, StreamId { ms: 5, seq: 1 });
         assert_eq!(parts[0].last, StreamId { ms: 6, seq: 0 });
+        assert_eq!(args, 7 + 5);
+        let cmd = copy_command("sha", ["r", "i", "c"], &parts, &out, args);
         let mut expected = Vec::new();
         encode(
             &mut expected,
             &[
-                b"XADD",
+                b"EVALSHA",
+                b"sha",
+                b"3",
+                b"r",
+                b"i",
+                b"c",
+                b"1",
+                b"tandem:events",
+                b"6-0",
                 b"tandem:events",
                 b"5-1",
+                b"4",
                 b"type",
                 b"T",
                 b"event",
                 b"{}",
+                b"tandem:events",
+                b"6-0",
+                b"2",
+                b"a",
+                b"",
             ],
         );
-        encode(
-            &mut expected,
-            &[b"XADD", b"tandem:events", b"6-0", b"a", b""],
-        );
         assert_eq!(
-            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&cmd),
             String::from_utf8_lossy(&expected)
         );
     }
@@ -443,17 +506,19 @@ mod tests {
     #[test]
     fn null_reply_is_an_empty_batch() {
         let mut out = Vec::new();
-        assert!(xread_to_xadds(b"*-1\r\n", &mut out).unwrap().is_empty());
+        assert!(xread_to_entries(b"*-1\r\n", &mut out).unwrap().0.is_empty());
         assert!(out.is_empty());
     }
 
     #[test]
-    fn outcomes_tell_duplicates_from_failures() {
-        let r = b"$3\r\n1-0\r\n-ERR The ID specified in XADD is equal or smaller than the target stream top item\r\n-WRONGTYPE x\r\n:1\r\n";
-        let (o, used) = outcomes(r, 3).unwrap();
+    fn outcomes_tell_duplicates_from_failures_and_fencing() {
+        let r = b"*3\r\n:1\r\n:0\r\n$11\r\nWRONGTYPE x\r\n";
+        let o = copy_outcomes(r, 3).unwrap().unwrap();
         assert_eq!(o[0], AddOutcome::Added);
         assert_eq!(o[1], AddOutcome::AlreadyThere);
-        assert!(matches!(o[2], AddOutcome::Failed(_)));
-        assert_eq!(&r[used..], b":1\r\n");
+        assert_eq!(o[2], AddOutcome::Failed("WRONGTYPE x".into()));
+        let fenced = copy_outcomes(b"-FENCED this region is active\r\n", 3).unwrap();
+        assert_eq!(fenced, Err("FENCED this region is active".into()));
+        assert!(copy_outcomes(b"*1\r\n:1\r\n", 3).is_err());
     }
 }

@@ -378,3 +378,52 @@ async fn a_group_position_at_an_entry_deleted_on_the_peer_is_still_copied() {
     assert_eq!(groups(&mut local, s).await[0].last_delivered, ids[4]);
     assert_eq!(groups(&mut local, s).await[0].pending.len(), 4);
 }
+
+#[tokio::test]
+async fn a_batch_copied_after_a_local_promotion_began_is_refused_in_redis() {
+    // Given a standby copying from its active peer, whose replicator reads the roles
+    // only every 60 s: its gate says "copying" long after a promotion begins
+    let pair = Pair::start().await;
+    let (mut peer, mut local) = (pair.peer_conn().await, pair.local_conn().await);
+    add_events(&mut peer, "tandem:events", 0, 10).await;
+    let rep = Replicator::start(
+        &pair.local.url(),
+        &pair.peer.url(),
+        &[("REPLICATOR_POLL_INTERVAL_MS", "60000")],
+    )
+    .await;
+    wait_streams_equal(&peer, &local, "tandem:events", DEADLINE).await;
+
+    // When a promotion of the local region records its intent and the peer writes more
+    cmd(
+        &mut local,
+        &[
+            "HSET",
+            "tandem:promotion-intent",
+            "epoch",
+            "2",
+            "region",
+            "b",
+        ],
+    )
+    .await;
+    add_events(&mut peer, "tandem:events", 10, 5).await;
+
+    // Then the local Redis refuses the copy (the script checks the intent where it
+    // appends), and not one of the new entries lands past the promotion's start
+    let refused = "tandem_replicator_redis_errors_total{side=\"local\",task=\"copy\"}";
+    eventually(DEADLINE, "the local Redis refused a copy", || async {
+        match rep.metric(refused).await {
+            Some(n) if n >= 1.0 => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    assert_eq!(entries(&mut local, "tandem:events").await.len(), 10);
+
+    // And once the promotion is known to have lost (the peer is at its epoch), the copy
+    // goes on
+    set_role(&mut peer, "active", 2).await;
+    set_role(&mut local, "standby", 2).await;
+    wait_streams_equal(&peer, &local, "tandem:events", DEADLINE).await;
+}
