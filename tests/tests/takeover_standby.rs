@@ -377,6 +377,15 @@ async fn replicated_durability_falls_back_to_local_acks_while_the_standby_is_dow
             started.elapsed()
         );
     }
+    // And so is a cancellation (of an order whose payment keeps failing, so that it is
+    // still cancellable)
+    let stuck = a
+        .place_order(&order_body("c-fb-stuck", &[("FB-1", 1)], "tok_error"))
+        .await
+        .order_id();
+    let r = a.cancel(&stuck).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("tandem-durability"), Some("local"), "{}", r.text);
 
     // When the standby's Redis answers again and its replicator copies the backlog
     drop(resume_on_drop);
@@ -406,6 +415,21 @@ async fn replicated_durability_falls_back_to_local_acks_while_the_standby_is_dow
     let id = r.order_id();
     assert_eq!(r.header("tandem-durability"), None, "{}", r.text);
     assert!(order_placed_on(&mut conn_b, &id).await);
+    // And so are cancellations: b holds the OrderCancelled when the client hears 200
+    let id = acknowledged(
+        &a,
+        &order_body("c-fb-cancel", &[("FB-1", 1)], "tok_error"),
+        "fb-cancel",
+    )
+    .await
+    .order_id();
+    let r = a.cancel(&id).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("tandem-durability"), None, "{}", r.text);
+    assert!(
+        event_on(&mut conn_b, &id, "OrderCancelled").await,
+        "cancellation of {id} acknowledged before b held it"
+    );
 }
 
 /// Resumes a paused Redis, also when the test fails while it is paused.
@@ -438,8 +462,17 @@ async fn degraded(api: &Api) -> Option<f64> {
 
 /// Whether the region's raw event stream holds an OrderPlaced of `order_id`.
 async fn order_placed_on(conn: &mut redis::aio::MultiplexedConnection, order_id: &str) -> bool {
+    event_on(conn, order_id, "OrderPlaced").await
+}
+
+/// Whether the region's raw event stream holds an `event_type` of `order_id`.
+async fn event_on(
+    conn: &mut redis::aio::MultiplexedConnection,
+    order_id: &str,
+    event_type: &str,
+) -> bool {
     redis_state::events(conn)
         .await
         .iter()
-        .any(|(_, e)| e["eventType"] == "OrderPlaced" && e["aggregateId"] == order_id)
+        .any(|(_, e)| e["eventType"] == event_type && e["aggregateId"] == order_id)
 }

@@ -50,7 +50,7 @@ pub async fn place_order(
     } else if replayed {
         // A retry: the first answer stands; say whether the standby is keeping up now.
         st.standby.is_degraded()
-    } else if await_standby(&st, &order_id).await? == Confirmation::Held {
+    } else if await_standby(&st, &order_id, Which::First).await? == Confirmation::Held {
         false
     } else {
         if refuse {
@@ -89,17 +89,34 @@ fn replication_unavailable() -> ApiError {
     )
 }
 
+/// Which of an order's events a `replicated` acknowledgement waits for.
+#[derive(Clone, Copy)]
+enum Which {
+    /// `OrderPlaced`: the order exists on the standby.
+    First,
+    /// The latest, e.g. the `OrderCancelled` a cancellation just wrote.
+    Last,
+}
+
 /// `replicated` durability: waits until the standby's Redis holds the order's first
-/// event (see `durability`).
-async fn await_standby(st: &AppState, order_id: &OrderId) -> Result<Confirmation, ApiError> {
+/// (or latest) event (see `durability`).
+async fn await_standby(
+    st: &AppState,
+    order_id: &OrderId,
+    which: Which,
+) -> Result<Confirmation, ApiError> {
+    let at = match which {
+        Which::First => 0,
+        Which::Last => -1,
+    };
     let ids: Vec<String> = st
         .wf
         .store
         .query(
             redis::cmd("LRANGE")
                 .arg(keys::aggregate(order_id.as_str()))
-                .arg(0)
-                .arg(0),
+                .arg(at)
+                .arg(at),
         )
         .await?;
     let Some(id) = ids.first().and_then(|id| StreamId::parse(id)) else {
@@ -125,12 +142,37 @@ pub async fn cancel_order(
     ctx: RequestContext,
     Path(order_id): Path<String>,
     OptionalJsonBody(body): OptionalJsonBody,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let order_id = requests::order_id(&order_id)?;
     let reason = requests::cancel_reason(body.as_ref())?;
+    let replicated = st.config.durability == Durability::Replicated;
+    let refuse = st.config.replicated_fallback == Fallback::Refuse;
+    if replicated && refuse && st.standby.is_degraded() {
+        return Err(replication_unavailable());
+    }
     let cause = Cause::request(&ctx.request_id, ctx.traceparent.clone());
     let order = orders::cancel(&st.wf, &order_id, reason, &cause).await?;
-    Ok(Json(order_view(&st, &caller, &order)))
+    // A cancellation is a promise to the customer like an order is: under `replicated`
+    // durability it is acknowledged once the standby holds it, with the same fallback.
+    let local_only =
+        replicated && await_standby(&st, &order_id, Which::Last).await? != Confirmation::Held;
+    if local_only && refuse {
+        return Err(ApiError {
+            extra: Some(json!({ "orderId": order_id })),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "replication_timeout",
+                "the cancellation was accepted but the standby has not confirmed it in time; it is not lost",
+            )
+        });
+    }
+    let mut response = Json(order_view(&st, &caller, &order)).into_response();
+    if local_only {
+        response
+            .headers_mut()
+            .insert("tandem-durability", HeaderValue::from_static("local"));
+    }
+    Ok(response)
 }
 
 pub async fn upsert_product(

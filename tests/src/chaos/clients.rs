@@ -380,15 +380,19 @@ async fn cancel(shared: &Shared, rng: &mut SplitMix64, order_id: &str, reason: &
         until_answered(shared, rng, reqwest::Method::POST, &path, &body, None).await;
     let fate = match end {
         Some((Next::Done, reply, done_ms)) => {
-            let Outcome::Answer { region, .. } = &reply.outcome else {
+            let Outcome::Answer { region, local, .. } = &reply.outcome else {
                 unreachable!("a 2xx is an answer")
             };
             Fate::Acked {
                 at_ms: done_ms,
                 region: region.clone(),
-                // The node acknowledges a cancellation after its local write in either
-                // durability mode (`replicated` waits for the standby on POST /orders).
-                durability: AckDurability::Local,
+                // `replicated` waits for the standby before it acknowledges a
+                // cancellation too, unless it says `Tandem-Durability: local`.
+                durability: match shared.settings.durability {
+                    Durability::Async => AckDurability::Local,
+                    Durability::Replicated if *local => AckDurability::Local,
+                    Durability::Replicated => AckDurability::Replicated,
+                },
             }
         }
         Some((_, reply, _)) => match &reply.outcome {
