@@ -33,8 +33,12 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 /// Long enough for an old active polling our Redis to see the intent and fence: its
-/// view of us is at most `roles::VOUCH_TTL` (100 ms) old when it writes.
-const INTENT_GRACE: Duration = Duration::from_millis(150);
+/// view of us is at most `roles::VOUCH_TTL` (100 ms) old when it opens its write window
+/// in its Redis, and the window ends that much after the script reaches Redis. The
+/// margin above 100 ms is for that script's trip, which a loaded machine stretches (a
+/// chaos campaign at load 17 saw an old active commit 24 ms into the new epoch with a
+/// 50 ms margin and the reading timed from its reply).
+const INTENT_GRACE: Duration = Duration::from_millis(250);
 /// The intent outlives the promotion's time limit by this much; after that it lapses.
 const INTENT_MARGIN: Duration = Duration::from_secs(5);
 /// How long past its limit a promotion may wait on a Redis that does not answer.

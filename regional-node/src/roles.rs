@@ -222,12 +222,18 @@ impl Roles {
     pub async fn watch(self, mut stop: watch::Receiver<bool>) {
         loop {
             if self.peer.is_some() {
+                // A word of the peer is as old as the moment it was asked for: the peer
+                // may have recorded a promotion intent just after answering, and a reply
+                // that took long on a loaded machine must not stretch it (`vouched`).
+                // A finding that it is unreachable is as young as the wait that ended.
+                let asked = Instant::now();
                 let status = self.peer_status().await;
                 let now = Instant::now();
                 if status.is_some() {
                     *self.peer_last_ok.lock().expect("peer lock") = Some(now);
                 }
-                *self.peer_view.lock().expect("peer view lock") = Some((now, status));
+                let at = if status.is_some() { asked } else { now };
+                *self.peer_view.lock().expect("peer view lock") = Some((at, status));
             }
             self.refresh().await;
             if self.peer.is_some() {

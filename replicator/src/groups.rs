@@ -81,6 +81,103 @@ pub fn plan_pel(peer: &[Pending], local: &[Pending], top: StreamId) -> PelPlan {
     plan
 }
 
+/// Where a local group's position goes on rejoin: back to the lowest of its own, the
+/// peer's (when the peer has the group) and the last entry the rejoin kept. `None` when
+/// it stays.
+pub fn rejoin_position(
+    local: &GroupInfo,
+    peer: Option<&GroupInfo>,
+    kept: StreamId,
+) -> Option<StreamId> {
+    let mut to = local.last_delivered.min(kept);
+    if let Some(p) = peer {
+        to = to.min(p.last_delivered);
+    }
+    (to < local.last_delivered).then_some(to)
+}
+
+/// On rejoin, after the divergent tail was set aside: the local groups must not claim
+/// more work done than the active peer's. A handler here may have acknowledged an entry
+/// (or moved a position) in the same step that appended events which were just
+/// quarantined; left as it is, that entry would never be handled again if this region
+/// were promoted before the next group sync (the order stays where it was, forever).
+/// So each position goes back (see [`rejoin_position`]) and every entry the peer still
+/// has pending, up to `kept`, is pending here again under the peer's consumer. Nothing
+/// is acknowledged here: that waits for the copy, as in the normal sync. Returns how
+/// many groups changed.
+pub async fn align_after_rejoin(
+    local: &Link,
+    peer: &Link,
+    stream: &str,
+    kept: StreamId,
+) -> Result<usize, LinkError> {
+    let theirs = groups(peer, stream).await?;
+    let ours = groups(local, stream).await?;
+    let mut changed = 0;
+    for l in &ours {
+        let p = theirs.iter().find(|p| p.name == l.name);
+        let position = rejoin_position(l, p, kept);
+        let claim = match p {
+            Some(_) => {
+                let (peer_pel, local_pel) = tokio::try_join!(
+                    pending(peer, stream, &l.name),
+                    pending(local, stream, &l.name)
+                )?;
+                plan_pel(&peer_pel, &local_pel, kept).claim
+            }
+            None => BTreeMap::new(),
+        };
+        if position.is_none() && claim.is_empty() {
+            continue;
+        }
+        let mut pipe = crate::link::pipeline();
+        pipe.atomic();
+        if let Some(to) = position {
+            pipe.cmd("XGROUP")
+                .arg("SETID")
+                .arg(stream)
+                .arg(&l.name)
+                .arg(to.to_string());
+        }
+        for ((consumer, deliveries), ids) in &claim {
+            for chunk in ids.chunks(1000) {
+                let cmd = pipe
+                    .cmd("XCLAIM")
+                    .arg(stream)
+                    .arg(&l.name)
+                    .arg(consumer)
+                    .arg(0);
+                for id in chunk {
+                    cmd.arg(id.to_string());
+                }
+                cmd.arg("RETRYCOUNT")
+                    .arg(*deliveries)
+                    .arg("FORCE")
+                    .arg("JUSTID");
+            }
+        }
+        for r in local.pipeline(&pipe).await? {
+            if let Value::ServerError(e) = r {
+                return Err(LinkError::Command {
+                    side: "local",
+                    source: e.into(),
+                });
+            }
+        }
+        let claimed: usize = claim.values().map(Vec::len).sum();
+        tracing::info!(
+            stream,
+            group = %l.name,
+            from = %l.last_delivered,
+            to = ?position.map(|p| p.to_string()),
+            pending_again = claimed,
+            "rejoin: consumer group set back to the active peer's progress"
+        );
+        changed += 1;
+    }
+    Ok(changed)
+}
+
 async fn groups(link: &Link, stream: &str) -> Result<Vec<GroupInfo>, LinkError> {
     let v = match link
         .query(redis::cmd("XINFO").arg("GROUPS").arg(stream))
@@ -564,6 +661,26 @@ mod tests {
         );
         // id 9 is not copied yet
         assert_eq!(plan.claim.len(), 2);
+    }
+
+    #[test]
+    fn rejoin_sets_a_position_back_to_the_lowest_of_ours_theirs_and_what_was_kept() {
+        let g = |ms: u64| GroupInfo {
+            name: "orders".into(),
+            last_delivered: StreamId { ms, seq: 0 },
+            entries_read: None,
+        };
+        let kept = StreamId { ms: 50, seq: 0 };
+        // Ahead of what was kept (the tail is gone): back to the kept top.
+        assert_eq!(rejoin_position(&g(80), Some(&g(90)), kept), Some(kept));
+        // Ahead of the peer within the kept prefix: back to the peer's.
+        assert_eq!(
+            rejoin_position(&g(40), Some(&g(30)), kept),
+            Some(StreamId { ms: 30, seq: 0 })
+        );
+        // At or behind both: stays.
+        assert_eq!(rejoin_position(&g(30), Some(&g(40)), kept), None);
+        assert_eq!(rejoin_position(&g(30), None, kept), None);
     }
 
     #[test]

@@ -213,6 +213,9 @@ pub async fn run(
             shared.metrics.quarantined.inc_by(moved);
             quarantined += moved;
         }
+        // Before the role changes (and with it the gate): no group sync and no
+        // promotion can find the groups ahead of what the peer did.
+        crate::groups::align_after_rejoin(local, peer, stream, start).await?;
         finish_args.push(start.to_string().into_bytes());
         finish_args.push(counter.into_bytes());
     }
