@@ -44,6 +44,11 @@ struct RawConfig {
     tls_key: Option<PathBuf>,
     admin_token: Option<String>,
     node_token: Option<String>,
+    /// GATEWAY_NODE_CA: the CA trusted for https:// regions (and no other).
+    node_ca: Option<PathBuf>,
+    /// GATEWAY_NODE_CLIENT_CERT, GATEWAY_NODE_CLIENT_KEY: presented to the nodes.
+    node_client_cert: Option<PathBuf>,
+    node_client_key: Option<PathBuf>,
     /// GATEWAY_HEALTH_INTERVAL_MS: probe period.
     health_interval_ms: u64,
     health_timeout_ms: u64,
@@ -96,6 +101,19 @@ pub struct RegionConfig {
     pub url: String,
     /// `host:port` taken from `url`.
     pub authority: hyper::http::uri::Authority,
+    /// `https://`: the gateway reaches the region over TLS (see [`NodeTls`]).
+    pub tls: bool,
+}
+
+/// How the gateway reaches regions given as `https://`.
+#[derive(Debug, Clone)]
+pub struct NodeTls {
+    /// PEM bundle of the CA(s) that signed the nodes' certificates: the only ones
+    /// trusted (a pinned CA, not the system's roots).
+    pub ca: PathBuf,
+    /// Certificate chain and key (PEM) presented to nodes that require client
+    /// certificates (mutual TLS).
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 /// Failover control shared by several gateways through etcd.
@@ -126,6 +144,8 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub admin_token: Option<String>,
     pub node_token: Option<String>,
+    /// Set when a CA is configured for the nodes (required by any `https://` region).
+    pub node_tls: Option<NodeTls>,
     pub health_interval: Duration,
     pub health_timeout: Duration,
     /// Consecutive successful probes that make an unhealthy region healthy again.
@@ -292,6 +312,49 @@ impl Config {
                 return Err(invalid("tls_cert", "tls_key is set but tls_cert is not"))
             }
         };
+        let path = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
+        let node_client = match (path(raw.node_client_cert), path(raw.node_client_key)) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "node_client_key",
+                    "node_client_cert is set but node_client_key is not",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "node_client_cert",
+                    "node_client_key is set but node_client_cert is not",
+                ))
+            }
+        };
+        let node_tls = match path(raw.node_ca) {
+            Some(ca) => Some(NodeTls {
+                ca,
+                client: node_client,
+            }),
+            None if node_client.is_some() => {
+                return Err(invalid(
+                    "node_ca",
+                    "a client certificate for the nodes is set but node_ca is not: \
+                     the nodes must be reached over https:// with a pinned CA",
+                ))
+            }
+            None => None,
+        };
+        if let Some(r) = regions.iter().find(|r| r.tls) {
+            if node_tls.is_none() {
+                return Err(invalid(
+                    "node_ca",
+                    format!(
+                        "region {:?} is https://: set node_ca (GATEWAY_NODE_CA) to the CA that \
+                         signed the nodes' certificates",
+                        r.id
+                    ),
+                ));
+            }
+        }
         let positive = |key: &'static str, v: u64| {
             if v == 0 {
                 Err(invalid(key, "must be greater than 0"))
@@ -411,6 +474,7 @@ impl Config {
             tls,
             admin_token: empty_is_none(raw.admin_token),
             node_token: empty_is_none(raw.node_token),
+            node_tls,
             health_interval: positive("health_interval_ms", raw.health_interval_ms)?,
             health_timeout: positive("health_timeout_ms", raw.health_timeout_ms)?,
             health_rise: raw.health_rise,
@@ -552,25 +616,38 @@ fn parse_regions(s: &str) -> Result<Vec<RegionConfig>, ConfigError> {
                 format!("region id {id:?}: use 1-32 of [a-z0-9-]"),
             ));
         }
-        let authority = url.strip_prefix("http://").ok_or_else(|| {
-            invalid(
-                "regions",
-                format!("{url:?}: only http:// upstream URLs are supported"),
-            )
-        })?;
+        let (authority, tls) = match url.split_once("://") {
+            Some(("http", rest)) => (rest, false),
+            Some(("https", rest)) => (rest, true),
+            _ => {
+                return Err(invalid(
+                    "regions",
+                    format!("{url:?}: give http:// or https:// (with node_ca) and host:port"),
+                ))
+            }
+        };
         if authority.is_empty() || authority.contains('/') {
             return Err(invalid(
                 "regions",
                 format!("{url:?}: give scheme and host:port only, no path"),
             ));
         }
-        let authority = authority
+        let authority: hyper::http::uri::Authority = authority
             .parse()
             .map_err(|e| invalid("regions", format!("{url:?}: {e}")))?;
+        if tls {
+            internal_tls::server_name(authority.host())
+                .map_err(|e| invalid("regions", format!("{url:?}: {e}")))?;
+        }
         if out.iter().any(|r| r.id == id) {
             return Err(invalid("regions", format!("region {id:?} appears twice")));
         }
-        out.push(RegionConfig { id, url, authority });
+        out.push(RegionConfig {
+            id,
+            url,
+            authority,
+            tls,
+        });
     }
     if out.len() > crate::routing::Tried::MAX_REGIONS {
         return Err(invalid(
@@ -597,7 +674,8 @@ mod tests {
         assert_eq!(r[0].url, "http://127.0.0.1:1");
         assert_eq!(r[1].id, "b");
         assert!(parse_regions("a=http://x:1,a=http://x:2").is_err());
-        assert!(parse_regions("a=https://x:1,b=http://x:2").is_err());
+        assert!(parse_regions("a=https://x:1,b=http://x:2").unwrap()[0].tls);
+        assert!(parse_regions("a=ftp://x:1,b=http://x:2").is_err());
         assert!(parse_regions("a=http://x:1").is_err());
     }
 

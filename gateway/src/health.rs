@@ -31,7 +31,13 @@ pub async fn probe_loop(shared: Arc<Shared>, index: usize) {
                 shared.controller.after_probe(index, &report).await
             }
             Err(e) => {
-                tracing::debug!(region = %region.id, error = %e, "probe failed");
+                // Once per streak at warn, with the cause (a refused certificate reads
+                // "invalid peer certificate: UnknownIssuer"); the repeats at debug.
+                if failures == 0 {
+                    tracing::warn!(region = %region.id, url = %region.url, error = %e, "probe failed");
+                } else {
+                    tracing::debug!(region = %region.id, error = %e, "probe failed");
+                }
                 false
             }
         };

@@ -70,6 +70,9 @@ pub struct Shared {
     pub retry_budget: RetryBudget,
     pub limiter: RateLimiter,
     pub node_api: NodeApi,
+    /// The TLS client for `https://` regions (GATEWAY_NODE_CA), shared by every
+    /// worker's pool.
+    pub node_tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     /// `None`: auth is off (no JWKS configured) and every public route is open.
     pub auth: Option<Authenticator>,
     /// The connection caps, across all workers.
@@ -140,10 +143,22 @@ impl Application {
         let ids: Vec<String> = config.regions.iter().map(|r| r.id.clone()).collect();
         let metrics = Arc::new(Metrics::new(&ids));
         let routing = Arc::new(Routing::new(&config, metrics.clone()));
+        let node_tls = match &config.node_tls {
+            Some(t) => {
+                if !config.regions.iter().any(|r| r.tls) {
+                    tracing::warn!(
+                        "GATEWAY_NODE_CA is set but no region is given as https://: the nodes are reached in plain text"
+                    );
+                }
+                Some(tls::node_client(t)?)
+            }
+            None => None,
+        };
         let node_api = NodeApi::new(
             config.node_token.clone(),
             config.connect_timeout,
             &config.id,
+            node_tls.as_ref(),
         );
         let auth = match &config.auth {
             Some(cfg) => {
@@ -180,6 +195,7 @@ impl Application {
             controller,
             metrics,
             node_api,
+            node_tls,
             auth,
             connections,
             election,

@@ -7,7 +7,10 @@ use hyper::http::{header, Method, Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio_rustls::rustls::ClientConfig;
 
 /// How long a promotion may keep answering "in progress" (a node's own promotion time
 /// limit, `NODE_PROMOTION_TIMEOUT_MS`, is 30 s by default).
@@ -76,7 +79,9 @@ impl RoleReport {
 /// pool so probes never queue behind client traffic.
 #[derive(Clone)]
 pub struct NodeApi {
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// `http://` regions in plain text, `https://` ones with the gateway's node TLS
+    /// client (pinned CA, client certificate).
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     token: Option<String>,
     /// `GATEWAY_ID`, sent as `Tandem-Gateway` so a node's log says who renewed,
     /// promoted or demoted it.
@@ -87,10 +92,30 @@ pub struct NodeApi {
 pub const CALLER_HEADER: &str = "tandem-gateway";
 
 impl NodeApi {
-    pub fn new(token: Option<String>, connect_timeout: Duration, caller: &str) -> NodeApi {
+    pub fn new(
+        token: Option<String>,
+        connect_timeout: Duration,
+        caller: &str,
+        tls: Option<&Arc<ClientConfig>>,
+    ) -> NodeApi {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
+        connector.enforce_http(false);
+        // Without a node CA no region is https:// (the configuration refuses it); an
+        // empty trust store then makes sure nothing would be trusted anyway.
+        let tls = tls.map(|c| (**c).clone()).unwrap_or_else(|| {
+            ClientConfig::builder_with_provider(internal_tls::provider())
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .with_root_certificates(tokio_rustls::rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        });
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(4)

@@ -69,7 +69,8 @@ pub async fn serve(
 ) {
     let client = Arc::new(Upstream::new(
         shared.config.connect_timeout,
-        shared.routing.regions().len(),
+        &shared.config.regions,
+        shared.node_tls.as_ref(),
     ));
     let limits = shared.connections.limits().clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -1,46 +1,36 @@
-//! TLS for the public listener with rustls: certificate chain and key from PEM files,
-//! ALPN offering HTTP/2 and HTTP/1.1.
+//! TLS with rustls, both ways: the public listener (certificate chain and key from PEM
+//! files, ALPN offering HTTP/2 and HTTP/1.1), and the client side of `https://`
+//! regions (a pinned CA, a client certificate for nodes that require one). The PEM
+//! handling is the `internal-tls` crate's, shared with the node and the replicator.
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use crate::config::NodeTls;
+use internal_tls::PemFile;
 use std::path::Path;
 use std::sync::Arc;
-use tokio_rustls::rustls;
+use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsAcceptor;
 
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("GATEWAY_TLS_CERT {path}: {message}")]
-    Cert { path: String, message: String },
-    #[error("GATEWAY_TLS_KEY {path}: {message}")]
-    Key { path: String, message: String },
-    #[error("TLS configuration: {0}")]
-    Config(#[from] rustls::Error),
-}
+pub use internal_tls::TlsError;
 
 /// Builds the acceptor; fails with a message naming the bad file.
 pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Cert {
-            path: cert.display().to_string(),
-            message: e.to_string(),
-        })?;
-    if chain.is_empty() {
-        return Err(TlsError::Cert {
-            path: cert.display().to_string(),
-            message: "no certificate found".into(),
-        });
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
-        path: key.display().to_string(),
-        message: e.to_string(),
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let config = internal_tls::server_config(
+        PemFile::new("GATEWAY_TLS_CERT", cert),
+        PemFile::new("GATEWAY_TLS_KEY", key),
+        None,
+        &[b"h2", b"http/1.1"],
+    )?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The client for `https://` regions: trusts only GATEWAY_NODE_CA and presents
+/// GATEWAY_NODE_CLIENT_CERT when a node asks for a certificate. Shared by the proxy's
+/// pools and the health and control calls, so probes test the very link requests use.
+pub fn node_client(tls: &NodeTls) -> Result<Arc<ClientConfig>, TlsError> {
+    let identity = tls.client.as_ref().map(|(cert, key)| internal_tls::Identity {
+        cert: PemFile::new("GATEWAY_NODE_CLIENT_CERT", cert),
+        key: PemFile::new("GATEWAY_NODE_CLIENT_KEY", key),
+    });
+    let config = internal_tls::client_config(PemFile::new("GATEWAY_NODE_CA", &tls.ca), identity)?;
+    Ok(Arc::new(config))
 }

@@ -9,8 +9,17 @@
 //! the connection back. Here a region's idle connections are a stack found by the
 //! region's index, and a connection goes back when its answer's body has been read to
 //! the end (see [`PooledBody`]).
+//!
+//! A region given as `https://` gets TLS on each new connection (pinned CA, client
+//! certificate: [`crate::tls::node_client`]); a pooled connection is the same
+//! `SendRequest` either way, so reuse costs nothing more, and plain regions take no
+//! TLS path at all.
 
+use crate::config::RegionConfig;
 use crate::proxy::{Body, BoxError};
+use internal_tls::ServerName;
+use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::TlsConnector;
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
@@ -52,6 +61,9 @@ impl UpstreamError {
 /// One worker's connections to every region.
 pub struct Upstream {
     connect_timeout: Duration,
+    /// By region index: the TLS client and the name the node's certificate must
+    /// carry, for `https://` regions.
+    tls: Vec<Option<(TlsConnector, ServerName<'static>)>>,
     /// Idle connections by region index, the most recently used last.
     idle: Mutex<Vec<Vec<Idle>>>,
 }
@@ -72,10 +84,25 @@ pub struct Target<'a> {
 }
 
 impl Upstream {
-    pub fn new(connect_timeout: Duration, regions: usize) -> Upstream {
+    /// `tls` is required for `https://` regions (the configuration ensures it).
+    pub fn new(
+        connect_timeout: Duration,
+        regions: &[RegionConfig],
+        tls: Option<&Arc<ClientConfig>>,
+    ) -> Upstream {
+        let tls = regions
+            .iter()
+            .map(|r| {
+                let connector = TlsConnector::from(tls.filter(|_| r.tls)?.clone());
+                let name = internal_tls::server_name(r.authority.host())
+                    .expect("checked when the configuration was loaded");
+                Some((connector, name))
+            })
+            .collect();
         Upstream {
             connect_timeout,
-            idle: Mutex::new((0..regions).map(|_| Vec::new()).collect()),
+            tls,
+            idle: Mutex::new((0..regions.len()).map(|_| Vec::new()).collect()),
         }
     }
 
@@ -97,7 +124,7 @@ impl Upstream {
                 Some(s) => s,
                 None => {
                     pooled = false;
-                    self.connect(to.authority).await?
+                    self.connect(to.index, to.authority).await?
                 }
             };
             if pooled && !sender.is_ready() && sender.ready().await.is_err() {
@@ -150,7 +177,11 @@ impl Upstream {
         }
     }
 
-    async fn connect(&self, authority: &str) -> Result<http1::SendRequest<Body>, UpstreamError> {
+    async fn connect(
+        &self,
+        region: usize,
+        authority: &str,
+    ) -> Result<http1::SendRequest<Body>, UpstreamError> {
         let failed = |source| UpstreamError::Connect {
             authority: authority.to_string(),
             source,
@@ -162,6 +193,29 @@ impl Upstream {
                 Err(_) => return Err(failed(std::io::ErrorKind::TimedOut.into())),
             };
         let _ = stream.set_nodelay(true);
+        let Some(Some((connector, name))) = self.tls.get(region) else {
+            return Self::handshake(stream).await;
+        };
+        // The TLS handshake is part of connecting: a node whose certificate is not
+        // trusted (or that refuses ours) was sent nothing, so the request may go to
+        // another region.
+        let tls = match tokio::time::timeout(
+            self.connect_timeout,
+            connector.connect(name.clone(), stream),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(failed(e)),
+            Err(_) => return Err(failed(std::io::ErrorKind::TimedOut.into())),
+        };
+        Self::handshake(tls).await
+    }
+
+    async fn handshake<S>(stream: S) -> Result<http1::SendRequest<Body>, UpstreamError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
         let (sender, conn) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Http)?;

@@ -9,6 +9,8 @@ use crate::projector;
 use crate::roles::Roles;
 use crate::sagas;
 use crate::store::{Store, StoreError};
+use crate::tls::TlsListener;
+use axum::serve::ListenerExt;
 use crate::workflow::Workflow;
 use eventlog::Role;
 use orders_model::pii::KeyRing;
@@ -24,6 +26,8 @@ const PEER_TIMEOUT: Duration = Duration::from_millis(200);
 
 pub struct Application {
     listener: TcpListener,
+    /// Set: the listener speaks HTTPS only (NODE_TLS_CERT/KEY).
+    tls: Option<internal_tls::TlsAcceptor>,
     state: AppState,
     config: Arc<Config>,
 }
@@ -34,6 +38,8 @@ pub enum StartError {
     Listen(SocketAddr, std::io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] internal_tls::TlsError),
 }
 
 impl StartError {
@@ -41,7 +47,9 @@ impl StartError {
     pub fn failure(&self) -> telemetry::exit::StartFailure {
         match self {
             StartError::Listen(..) => telemetry::exit::StartFailure::Unavailable,
-            StartError::Store(_) => telemetry::exit::StartFailure::BadConfiguration,
+            StartError::Store(_) | StartError::Tls(_) => {
+                telemetry::exit::StartFailure::BadConfiguration
+            }
         }
     }
 }
@@ -49,16 +57,17 @@ impl StartError {
 impl Application {
     /// Binds the listener (port 0 picks a free one, see [`Application::port`]).
     pub async fn build(config: Config) -> Result<Application, StartError> {
+        let tls = config.tls_server()?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| StartError::Listen(config.listen, e))?;
-        let store = Store::connect(&config.redis_url, config.redis_timeout())?;
+        let store = Store::connect(&config.redis_url, config.redis_ca(), config.redis_timeout())?;
         // The peer is read for fencing and rejoin decisions, which must not wait long
         // on a region that may be dead or hung: a short timeout.
         let peer = config
             .peer_redis_url
             .as_deref()
-            .map(|url| Store::connect(url, PEER_TIMEOUT))
+            .map(|url| Store::connect(url, config.redis_ca(), PEER_TIMEOUT))
             .transpose()?;
         let roles = Roles::new(store.clone(), peer.clone());
         let consumer = format!(
@@ -95,6 +104,7 @@ impl Application {
         };
         Ok(Application {
             listener,
+            tls,
             state,
             config,
         })
@@ -112,6 +122,7 @@ impl Application {
     ) -> std::io::Result<()> {
         let Application {
             listener,
+            tls,
             state,
             config,
         } = self;
@@ -124,6 +135,7 @@ impl Application {
         background.spawn(refresh_gauges(wf.clone(), stop_rx.clone()));
         let blocking = Store::connect(
             &config.redis_url,
+            config.redis_ca(),
             config.redis_timeout() + Duration::from_millis(600),
         )
         .expect("the URL was accepted above");
@@ -140,11 +152,12 @@ impl Application {
             retry_base: Duration::from_millis(config.retry_base_ms),
             reclaim_idle: Duration::from_millis(config.reclaim_idle_ms),
             redis_url: config.redis_url.clone(),
+            redis_ca: config.redis_ca.clone(),
             redis_timeout: config.redis_timeout(),
         };
         if config.durability == Durability::Replicated {
             if let Some(url) = &config.peer_redis_url {
-                let peer = Store::connect(url, durability::peer_timeout(PEER_TIMEOUT))
+                let peer = Store::connect(url, config.redis_ca(), durability::peer_timeout(PEER_TIMEOUT))
                     .expect("the URL was accepted above");
                 background.spawn(durability::watch_standby(
                     state.standby.clone(),
@@ -162,17 +175,31 @@ impl Application {
 
         tracing::info!(
             region = %config.region, listen = %listener.local_addr()?, consumer = %wf.consumer,
-            durability = ?config.durability, "regional node started"
+            durability = ?config.durability, https = tls.is_some(),
+            client_certificates = config.tls_client_ca.is_some(), "regional node started"
         );
         let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
         let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = http_stop_rx.await;
+        let stopped = async move {
+            let _ = http_stop_rx.await;
+        };
+        let server = match tls {
+            None => tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }),
+            Some(acceptor) => {
+                // `tap_io` only so axum's ConnectInfo<SocketAddr> (the admin routes'
+                // loopback check) applies to a listener of our own.
+                let listener = TlsListener::new(listener, acceptor)?.tap_io(|_| {});
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await
                 })
-                .await
-        });
+            }
+        };
 
         shutdown.await;
         tracing::info!("shutting down: no new entries are read; finishing in-flight work");

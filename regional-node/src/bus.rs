@@ -66,6 +66,8 @@ pub struct BusConfig {
     pub retry_base: Duration,
     pub reclaim_idle: Duration,
     pub redis_url: String,
+    /// NODE_REDIS_CA, for a `rediss://` URL.
+    pub redis_ca: Option<std::path::PathBuf>,
     pub redis_timeout: Duration,
 }
 
@@ -122,6 +124,9 @@ async fn reader(
     // every other command multiplexed on the shared one.
     let blocking = match Store::connect(
         &cfg.redis_url,
+        cfg.redis_ca
+            .as_deref()
+            .map(|p| internal_tls::PemFile::new("NODE_REDIS_CA", p)),
         cfg.redis_timeout + Duration::from_millis(BLOCK_MS),
     ) {
         Ok(s) => s,

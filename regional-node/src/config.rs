@@ -1,10 +1,11 @@
 //! Typed configuration: defaults, then an optional TOML file, then `NODE_*` variables.
 
 use eventlog::{RegionId, Role};
+use internal_tls::PemFile;
 use orders_model::pii::KeyRing;
 use serde::Deserialize;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -62,6 +63,17 @@ pub struct Config {
     /// but the gateway can reach (its own network, or mutual TLS): anyone who can send
     /// a request to the node can also send the header.
     pub trust_identity_headers: bool,
+    /// NODE_TLS_CERT, NODE_TLS_KEY: certificate chain and key (PEM); both set, the node
+    /// serves HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// NODE_TLS_CLIENT_CA: with TLS on, every client must present a certificate this CA
+    /// (PEM bundle) signed, or its handshake fails: mutual TLS with the gateway, for
+    /// every route, admin included.
+    pub tls_client_ca: Option<PathBuf>,
+    /// NODE_REDIS_CA: the only CA (PEM bundle) trusted for `rediss://` URLs (this
+    /// region's Redis and the peer's); unset, the system's roots.
+    pub redis_ca: Option<PathBuf>,
     /// NODE_SAGA_TIMEOUT_MS: an order not paid (or ended) this long after it was placed
     /// is cancelled and compensated (seed 003's saga timeout); 0 turns it off.
     pub saga_timeout_ms: u64,
@@ -114,6 +126,18 @@ impl Config {
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError(explain(e)))?;
+        let mut cfg = cfg;
+        // An empty variable (`NODE_TLS_CERT=` in a compose file) means unset.
+        for path in [
+            &mut cfg.tls_cert,
+            &mut cfg.tls_key,
+            &mut cfg.tls_client_ca,
+            &mut cfg.redis_ca,
+        ] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                *path = None;
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -121,9 +145,44 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         if !self.redis_url.starts_with("redis://") && !self.redis_url.starts_with("rediss://") {
             return Err(ConfigError(format!(
-                "redis_url (NODE_REDIS_URL) must be a redis:// URL, got {:?}",
-                self.redis_url
+                "redis_url (NODE_REDIS_URL) must be a redis:// or rediss:// URL, got {:?}",
+                redact(&self.redis_url)
             )));
+        }
+        if let Some(peer) = &self.peer_redis_url {
+            if !peer.starts_with("redis://") && !peer.starts_with("rediss://") {
+                return Err(ConfigError(format!(
+                    "peer_redis_url (NODE_PEER_REDIS_URL) must be a redis:// or rediss:// URL, got {:?}",
+                    redact(peer)
+                )));
+            }
+        }
+        match (self.tls_cert.is_some(), self.tls_key.is_some()) {
+            (true, false) => {
+                return Err(ConfigError(
+                    "tls_key (NODE_TLS_KEY): NODE_TLS_CERT is set but NODE_TLS_KEY is not".into(),
+                ))
+            }
+            (false, true) => {
+                return Err(ConfigError(
+                    "tls_cert (NODE_TLS_CERT): NODE_TLS_KEY is set but NODE_TLS_CERT is not".into(),
+                ))
+            }
+            _ => {}
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(ConfigError(
+                "tls_client_ca (NODE_TLS_CLIENT_CA) needs NODE_TLS_CERT and NODE_TLS_KEY: client certificates are checked on HTTPS only".into(),
+            ));
+        }
+        if self.redis_ca.is_some()
+            && !std::iter::once(&self.redis_url)
+                .chain(&self.peer_redis_url)
+                .any(|u| u.starts_with("rediss://"))
+        {
+            return Err(ConfigError(
+                "redis_ca (NODE_REDIS_CA) is set but no Redis URL is rediss:// (TLS)".into(),
+            ));
         }
         if self.durability == Durability::Replicated && self.peer_redis_url.is_none() {
             return Err(ConfigError(
@@ -143,6 +202,29 @@ impl Config {
         Ok(())
     }
 
+    /// The server side of HTTPS, when NODE_TLS_CERT and NODE_TLS_KEY are set.
+    pub fn tls_server(&self) -> Result<Option<internal_tls::TlsAcceptor>, internal_tls::TlsError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let config = internal_tls::server_config(
+            PemFile::new("NODE_TLS_CERT", cert),
+            PemFile::new("NODE_TLS_KEY", key),
+            self.tls_client_ca
+                .as_deref()
+                .map(|ca| PemFile::new("NODE_TLS_CLIENT_CA", ca)),
+            &[b"http/1.1"],
+        )?;
+        Ok(Some(internal_tls::TlsAcceptor::from(std::sync::Arc::new(config))))
+    }
+
+    /// NODE_REDIS_CA as a PEM file setting.
+    pub fn redis_ca(&self) -> Option<PemFile<'_>> {
+        self.redis_ca
+            .as_deref()
+            .map(|p| PemFile::new("NODE_REDIS_CA", p))
+    }
+
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
     }
@@ -154,6 +236,18 @@ impl Config {
     /// `None` when saga timeouts are off.
     pub fn saga_timeout(&self) -> Option<Duration> {
         (self.saga_timeout_ms > 0).then(|| Duration::from_millis(self.saga_timeout_ms))
+    }
+}
+
+/// A Redis URL with its password replaced, for error messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
     }
 }
 

@@ -18,6 +18,7 @@
 //! - [`projector`]: standby projection and rebuild from the event stream.
 //! - [`roles`], [`promotion`]: role, epoch, lease fencing and promotion.
 //! - [`jobs`]: admin jobs (promotion, rebuild) that outlive the request that started them.
+//! - [`tls`]: HTTPS, optionally with client certificates required (mutual TLS).
 //! - [`metrics`]: Prometheus metrics (logs and spans: the `telemetry` crate).
 #![forbid(unsafe_code)]
 
@@ -38,4 +39,5 @@ pub mod roles;
 pub mod sagas;
 pub mod shipments;
 pub mod store;
+pub mod tls;
 pub mod workflow;

@@ -10,6 +10,7 @@
 //! the caller decides again on fresh state.
 
 use eventlog::{keys, Envelope, RoleRecord};
+use internal_tls::PemFile;
 use orders_model::DomainEvent;
 use orders_model::{ApplyError, State};
 use redis::aio::ConnectionManager;
@@ -89,8 +90,13 @@ impl StateCache {
 impl Store {
     /// Connects lazily: the node starts (and reports not ready) while Redis is down,
     /// and the manager reconnects by itself when it returns.
-    pub fn connect(url: &str, timeout: Duration) -> Result<Store, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| StoreError::Redis(e.to_string()))?;
+    /// A `rediss://` URL trusts only `ca` when given (NODE_REDIS_CA).
+    pub fn connect(
+        url: &str,
+        ca: Option<PemFile<'_>>,
+        timeout: Duration,
+    ) -> Result<Store, StoreError> {
+        let client = internal_tls::redis_client(url, ca).map_err(StoreError::Redis)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.min(Duration::from_millis(500))))
             .set_response_timeout(Some(timeout))

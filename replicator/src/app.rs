@@ -24,6 +24,8 @@ pub enum BuildError {
     },
     #[error("invalid Redis URL: {0}")]
     Url(#[from] redis::RedisError),
+    #[error("Redis client: {0}")]
+    Redis(String),
 }
 
 impl BuildError {
@@ -31,7 +33,7 @@ impl BuildError {
     pub fn failure(&self) -> telemetry::exit::StartFailure {
         match self {
             BuildError::Listen { .. } => telemetry::exit::StartFailure::Unavailable,
-            BuildError::Url(_) => telemetry::exit::StartFailure::BadConfiguration,
+            BuildError::Url(_) | BuildError::Redis(_) => telemetry::exit::StartFailure::BadConfiguration,
         }
     }
 }
@@ -51,8 +53,9 @@ impl Application {
             .await
             .map_err(|source| BuildError::Listen { addr, source })?;
         // Fail on bad URLs before anything runs.
-        redis::Client::open(config.local_redis_url.as_str())?;
-        redis::Client::open(config.peer_redis_url.as_str())?;
+        for url in [&config.local_redis_url, &config.peer_redis_url] {
+            internal_tls::redis_client(url, config.redis_ca()).map_err(BuildError::Redis)?;
+        }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared::new(config, shutdown_rx));
         Ok(Application {
@@ -77,7 +80,7 @@ impl Application {
     ) -> std::io::Result<()> {
         let c = &self.shared.config;
         let link = |side, url: &str| -> std::io::Result<Arc<Link>> {
-            Link::new(side, url, c.connect_timeout(), c.response_timeout())
+            Link::new(side, url, c.redis_ca(), c.connect_timeout(), c.response_timeout())
                 .map(Arc::new)
                 .map_err(|e| std::io::Error::other(e.to_string()))
         };

@@ -7,7 +7,7 @@
 use eventlog::RegionId;
 use serde::Deserialize;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Prefix of every environment variable; nested keys would use `__`.
@@ -55,6 +55,11 @@ pub struct Config {
     /// Upper bound of the exponential backoff after failures.
     #[serde(default = "defaults::max_backoff_ms")]
     pub max_backoff_ms: u64,
+    /// REPLICATOR_REDIS_CA: the CA (PEM bundle) trusted for `rediss://` URLs, the only
+    /// one: both Redis links, the copier's own RESP connections included, are verified
+    /// against it. Required when either URL is `rediss://`.
+    #[serde(default)]
+    pub redis_ca: Option<PathBuf>,
 }
 
 mod defaults {
@@ -100,6 +105,7 @@ const KEYS: &[&str] = &[
     "local_redis_url",
     "peer_region",
     "peer_redis_url",
+    "redis_ca",
     "listen",
     "batch_size",
     "write_depth",
@@ -194,12 +200,32 @@ impl Config {
             ("local_redis_url", &self.local_redis_url),
             ("peer_redis_url", &self.peer_redis_url),
         ] {
-            // The copier speaks RESP2 over TCP itself (see `wire`): redis:// only.
+            // The copier speaks RESP2 over TCP (or TLS) itself (see `wire`).
             if let Err(e) = crate::wire::Endpoint::parse(url) {
                 return Err(ConfigError::new(format!(
                     "{key} {url:?} is not a usable Redis URL: {e}"
                 )));
             }
+        }
+        let redis_ca = self.redis_ca.as_ref().filter(|p| !p.as_os_str().is_empty());
+        let tls = [&self.local_redis_url, &self.peer_redis_url]
+            .iter()
+            .any(|u| u.starts_with("rediss://"));
+        match (tls, redis_ca) {
+            (true, None) => {
+                return Err(ConfigError::new(
+                    "redis_ca is required with a rediss:// URL: the CA that signed Redis' certificate",
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(ConfigError::new(
+                    "redis_ca is set but neither Redis URL is rediss:// (TLS)",
+                ))
+            }
+            _ => {}
+        }
+        if let Err(e) = self.redis_tls() {
+            return Err(ConfigError::new(format!("redis_ca: {e}")));
         }
         if self.local_redis_url == self.peer_redis_url {
             return Err(ConfigError::new(
@@ -232,6 +258,24 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// REPLICATOR_REDIS_CA as a PEM file setting.
+    pub fn redis_ca(&self) -> Option<internal_tls::PemFile<'_>> {
+        self.redis_ca
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(|p| internal_tls::PemFile::new("REPLICATOR_REDIS_CA", p))
+    }
+
+    /// The copier's TLS client for `rediss://` (see `wire`), trusting only the CA.
+    pub fn redis_tls(&self) -> Result<Option<internal_tls::TlsConnector>, internal_tls::TlsError> {
+        self.redis_ca()
+            .map(|ca| {
+                internal_tls::client_config(ca, None)
+                    .map(|c| internal_tls::TlsConnector::from(std::sync::Arc::new(c)))
+            })
+            .transpose()
     }
 
     pub fn connect_timeout(&self) -> Duration {

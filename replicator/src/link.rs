@@ -10,7 +10,7 @@
 
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Cmd, Pipeline, RedisError, Script, Value};
+use redis::{Cmd, Pipeline, RedisError, Script, Value};
 use std::time::Duration;
 
 /// Which side of the replication a connection or an error belongs to.
@@ -70,6 +70,7 @@ impl Link {
     pub fn new(
         side: Side,
         url: &str,
+        ca: Option<internal_tls::PemFile<'_>>,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Result<Link, RedisError> {
@@ -78,9 +79,12 @@ impl Link {
             .set_response_timeout(Some(response_timeout))
             // One dial per attempt: the tasks back off themselves, with their own limits.
             .set_number_of_retries(0);
+        let client = internal_tls::redis_client(url, ca).map_err(|e| {
+            RedisError::from((redis::ErrorKind::InvalidClientConfig, "Redis client", e))
+        })?;
         Ok(Link {
             side,
-            conn: ConnectionManager::new_lazy_with_config(Client::open(url)?, config)?,
+            conn: ConnectionManager::new_lazy_with_config(client, config)?,
         })
     }
 

@@ -217,7 +217,14 @@ async fn raw(shared: &Shared, side: Side) -> Result<RawConn, LinkError> {
         Side::Peer => &c.peer_redis_url,
     };
     let ep = Endpoint::parse(url).map_err(LinkError::Other)?;
-    RawConn::connect(side, &ep, c.connect_timeout(), c.response_timeout()).await
+    RawConn::connect(
+        side,
+        &ep,
+        shared.redis_tls.as_ref(),
+        c.connect_timeout(),
+        c.response_timeout(),
+    )
+    .await
 }
 
 async fn session(shared: &Arc<Shared>, local: &Arc<Link>) -> Result<(), LinkError> {

@@ -26,6 +26,8 @@ pub struct Shared {
     /// Held by the copier while it writes a batch and by a rejoin while it rewrites the
     /// local streams, so the two never interleave.
     pub write_lock: tokio::sync::Mutex<()>,
+    /// The copier's TLS client for `rediss://` URLs (REPLICATOR_REDIS_CA).
+    pub redis_tls: Option<internal_tls::TlsConnector>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -43,7 +45,11 @@ pub struct Health {
 
 impl Shared {
     pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> Shared {
+        let redis_tls = config
+            .redis_tls()
+            .expect("REPLICATOR_REDIS_CA was checked when the configuration was loaded");
         Shared {
+            redis_tls,
             config,
             metrics: Metrics::new(),
             gate: watch::Sender::new(Gate::Idle {

@@ -14,29 +14,46 @@ use redis::{ConnectionAddr, IntoConnectionInfo};
 use std::io::Write as _;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use internal_tls::{MaybeTls, TlsConnector};
 use tokio::net::TcpStream;
 
-/// Where and how to connect, taken from a `redis://` URL.
+/// Where and how to connect, taken from a `redis://` or `rediss://` URL.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     host: String,
     port: u16,
+    /// `rediss://`: TLS, verified against REPLICATOR_REDIS_CA.
+    tls: bool,
     db: i64,
     username: Option<String>,
     password: Option<String>,
 }
 
 impl Endpoint {
-    /// Only `redis://` over TCP: the hot path speaks plain RESP2 on a socket.
+    /// `redis://` or `rediss://` over TCP: the hot path speaks RESP2 on a socket (or
+    /// TLS over it), not on a Unix socket.
     pub fn parse(url: &str) -> Result<Endpoint, String> {
         let info = url.into_connection_info().map_err(|e| e.to_string())?;
-        let ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
-            return Err(format!("{url:?}: only redis:// over TCP is supported"));
+        let (host, port, tls) = match info.addr().clone() {
+            ConnectionAddr::Tcp(host, port) => (host, port, false),
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                ..
+            } => (host, port, true),
+            ConnectionAddr::TcpTls { .. } => {
+                return Err(format!(
+                    "{url:?}: #insecure (no certificate check) is not supported"
+                ))
+            }
+            _ => return Err(format!("{url:?}: only redis:// or rediss:// over TCP")),
         };
         let r = info.redis_settings();
         Ok(Endpoint {
             host,
             port,
+            tls,
             db: r.db(),
             username: r.username().map(String::from),
             password: r.password().map(String::from),
@@ -57,7 +74,7 @@ pub fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
 /// A RESP2 connection that returns whole replies as bytes.
 pub struct RawConn {
     side: Side,
-    stream: TcpStream,
+    stream: MaybeTls,
     /// Received bytes not yet handed out.
     buf: Vec<u8>,
     response_timeout: Duration,
@@ -67,6 +84,7 @@ impl RawConn {
     pub async fn connect(
         side: Side,
         ep: &Endpoint,
+        tls: Option<&TlsConnector>,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Result<RawConn, LinkError> {
@@ -90,6 +108,31 @@ impl RawConn {
             }
         };
         stream.set_nodelay(true).map_err(unreachable)?;
+        let stream = match (ep.tls, tls) {
+            (false, _) => MaybeTls::Plain(stream),
+            (true, None) => {
+                return Err(LinkError::Other(format!(
+                    "{}: rediss:// needs REPLICATOR_REDIS_CA",
+                    side.as_str()
+                )))
+            }
+            (true, Some(connector)) => {
+                let name = internal_tls::server_name(&ep.host).map_err(LinkError::Other)?;
+                // The handshake counts against the connect timeout: a peer that accepts
+                // TCP and then says nothing is as unreachable as one that refuses.
+                match tokio::time::timeout(connect_timeout, connector.connect(name, stream)).await
+                {
+                    Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
+                    Ok(Err(e)) => return Err(unreachable(e)),
+                    Err(_) => {
+                        return Err(unreachable(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "TLS handshake timed out",
+                        )))
+                    }
+                }
+            }
+        };
         let mut conn = RawConn {
             side,
             stream,
@@ -143,7 +186,12 @@ impl RawConn {
 
     /// Writes pipelined commands without waiting for their replies.
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), LinkError> {
-        match tokio::time::timeout(self.response_timeout, self.stream.write_all(bytes)).await {
+        // A TLS stream may hold the last records back until flushed (plain TCP: no-op).
+        let write = async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(self.response_timeout, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.unreachable(e)),
             Err(_) => Err(self.unreachable(std::io::Error::new(
