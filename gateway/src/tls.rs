@@ -27,10 +27,13 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
 /// GATEWAY_NODE_CLIENT_CERT when a node asks for a certificate. Shared by the proxy's
 /// pools and the health and control calls, so probes test the very link requests use.
 pub fn node_client(tls: &NodeTls) -> Result<Arc<ClientConfig>, TlsError> {
-    let identity = tls.client.as_ref().map(|(cert, key)| internal_tls::Identity {
-        cert: PemFile::new("GATEWAY_NODE_CLIENT_CERT", cert),
-        key: PemFile::new("GATEWAY_NODE_CLIENT_KEY", key),
-    });
+    let identity = tls
+        .client
+        .as_ref()
+        .map(|(cert, key)| internal_tls::Identity {
+            cert: PemFile::new("GATEWAY_NODE_CLIENT_CERT", cert),
+            key: PemFile::new("GATEWAY_NODE_CLIENT_KEY", key),
+        });
     let config = internal_tls::client_config(PemFile::new("GATEWAY_NODE_CA", &tls.ca), identity)?;
     Ok(Arc::new(config))
 }

@@ -17,19 +17,19 @@
 
 use crate::config::RegionConfig;
 use crate::proxy::{Body, BoxError};
-use internal_tls::ServerName;
-use tokio_rustls::rustls::ClientConfig;
-use tokio_rustls::TlsConnector;
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper::http::{header, HeaderValue, Request, Response};
 use hyper_util::rt::TokioIo;
+use internal_tls::ServerName;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::TlsConnector;
 
 /// An idle connection unused this long is closed rather than reused (the node may have
 /// closed it already; it costs a file descriptor on both sides).

@@ -86,8 +86,8 @@ pub fn server_config(
     client_ca: Option<PemFile<'_>>,
     alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let builder =
-        rustls::ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
     let builder = match client_ca {
         Some(ca) => {
             let verifier =
@@ -121,7 +121,8 @@ pub fn redis_client(url: &str, ca: Option<PemFile<'_>>) -> Result<redis::Client,
             // redis-rs reads the PEM bytes itself; read them here so a bad file is
             // reported with the setting's name.
             roots(ca.clone()).map_err(|e| e.to_string())?;
-            let pem = std::fs::read(ca.path).map_err(|e| format!("{} {}: {e}", ca.setting, ca.path.display()))?;
+            let pem = std::fs::read(ca.path)
+                .map_err(|e| format!("{} {}: {e}", ca.setting, ca.path.display()))?;
             install_default_provider();
             redis::Client::build_with_tls(
                 url,

@@ -10,8 +10,8 @@ use crate::roles::Roles;
 use crate::sagas;
 use crate::store::{Store, StoreError};
 use crate::tls::TlsListener;
-use axum::serve::ListenerExt;
 use crate::workflow::Workflow;
+use axum::serve::ListenerExt;
 use eventlog::Role;
 use orders_model::pii::KeyRing;
 use std::future::Future;
@@ -157,8 +157,12 @@ impl Application {
         };
         if config.durability == Durability::Replicated {
             if let Some(url) = &config.peer_redis_url {
-                let peer = Store::connect(url, config.redis_ca(), durability::peer_timeout(PEER_TIMEOUT))
-                    .expect("the URL was accepted above");
+                let peer = Store::connect(
+                    url,
+                    config.redis_ca(),
+                    durability::peer_timeout(PEER_TIMEOUT),
+                )
+                .expect("the URL was accepted above");
                 background.spawn(durability::watch_standby(
                     state.standby.clone(),
                     wf.store.clone(),

@@ -215,7 +215,9 @@ impl Config {
                 .map(|ca| PemFile::new("NODE_TLS_CLIENT_CA", ca)),
             &[b"http/1.1"],
         )?;
-        Ok(Some(internal_tls::TlsAcceptor::from(std::sync::Arc::new(config))))
+        Ok(Some(internal_tls::TlsAcceptor::from(std::sync::Arc::new(
+            config,
+        ))))
     }
 
     /// NODE_REDIS_CA as a PEM file setting.

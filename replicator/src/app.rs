@@ -33,7 +33,9 @@ impl BuildError {
     pub fn failure(&self) -> telemetry::exit::StartFailure {
         match self {
             BuildError::Listen { .. } => telemetry::exit::StartFailure::Unavailable,
-            BuildError::Url(_) | BuildError::Redis(_) => telemetry::exit::StartFailure::BadConfiguration,
+            BuildError::Url(_) | BuildError::Redis(_) => {
+                telemetry::exit::StartFailure::BadConfiguration
+            }
         }
     }
 }
@@ -80,9 +82,15 @@ impl Application {
     ) -> std::io::Result<()> {
         let c = &self.shared.config;
         let link = |side, url: &str| -> std::io::Result<Arc<Link>> {
-            Link::new(side, url, c.redis_ca(), c.connect_timeout(), c.response_timeout())
-                .map(Arc::new)
-                .map_err(|e| std::io::Error::other(e.to_string()))
+            Link::new(
+                side,
+                url,
+                c.redis_ca(),
+                c.connect_timeout(),
+                c.response_timeout(),
+            )
+            .map(Arc::new)
+            .map_err(|e| std::io::Error::other(e.to_string()))
         };
         // Separate connections per task: the copier's blocking XREAD must not delay the
         // gate's role reads, and a slow group sync must not delay the copier.

@@ -212,11 +212,9 @@ impl Config {
             .iter()
             .any(|u| u.starts_with("rediss://"));
         match (tls, redis_ca) {
-            (true, None) => {
-                return Err(ConfigError::new(
-                    "redis_ca is required with a rediss:// URL: the CA that signed Redis' certificate",
-                ))
-            }
+            (true, None) => return Err(ConfigError::new(
+                "redis_ca is required with a rediss:// URL: the CA that signed Redis' certificate",
+            )),
             (false, Some(_)) => {
                 return Err(ConfigError::new(
                     "redis_ca is set but neither Redis URL is rediss:// (TLS)",

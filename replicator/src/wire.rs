@@ -10,11 +10,11 @@
 
 use crate::link::{LinkError, Side};
 use eventlog::envelope::StreamId;
+use internal_tls::{MaybeTls, TlsConnector};
 use redis::{ConnectionAddr, IntoConnectionInfo};
 use std::io::Write as _;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use internal_tls::{MaybeTls, TlsConnector};
 use tokio::net::TcpStream;
 
 /// Where and how to connect, taken from a `redis://` or `rediss://` URL.
@@ -120,8 +120,7 @@ impl RawConn {
                 let name = internal_tls::server_name(&ep.host).map_err(LinkError::Other)?;
                 // The handshake counts against the connect timeout: a peer that accepts
                 // TCP and then says nothing is as unreachable as one that refuses.
-                match tokio::time::timeout(connect_timeout, connector.connect(name, stream)).await
-                {
+                match tokio::time::timeout(connect_timeout, connector.connect(name, stream)).await {
                     Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
                     Ok(Err(e)) => return Err(unreachable(e)),
                     Err(_) => {

@@ -74,6 +74,18 @@ impl GatewayOptions {
         self
     }
 
+    /// Regions given as `https://` are trusted only when `ca` signed their
+    /// certificates; `client` (cert, key) is presented to nodes that require one.
+    pub fn node_tls(self, ca: &Path, client: Option<(&Path, &Path)>) -> Self {
+        let s = self.env("GATEWAY_NODE_CA", ca.display());
+        match client {
+            Some((cert, key)) => s
+                .env("GATEWAY_NODE_CLIENT_CERT", cert.display())
+                .env("GATEWAY_NODE_CLIENT_KEY", key.display()),
+            None => s,
+        }
+    }
+
     /// One of several gateways sharing failover control through etcd.
     pub fn etcd(self, id: &str, endpoints: &str) -> Self {
         self.env("GATEWAY_ID", id)
@@ -382,6 +394,8 @@ pub fn run_gateway_expecting_exit(env: &[(&str, &str)]) -> (i32, String) {
 pub struct RegionNode {
     pub region: String,
     port: u16,
+    /// Set: the node serves HTTPS (and may require client certificates).
+    https: Option<NodeHttps>,
     env: Vec<(String, String)>,
     process: Process,
     restarts: u32,
@@ -401,6 +415,17 @@ impl RegionNode {
         peer_redis_url: Option<&str>,
         extra: &[(String, String)],
     ) -> RegionNode {
+        Self::start_with(region, redis_url, peer_redis_url, extra, None).await
+    }
+
+    /// Like [`start_with_env`](Self::start_with_env), serving HTTPS when `https` is set.
+    pub async fn start_with(
+        region: &str,
+        redis_url: &str,
+        peer_redis_url: Option<&str>,
+        extra: &[(String, String)],
+        https: Option<NodeHttps>,
+    ) -> RegionNode {
         let port = free_port();
         let mut env: Vec<(String, String)> = vec![
             ("NODE_REGION".into(), region.into()),
@@ -412,6 +437,13 @@ impl RegionNode {
         ];
         if let Some(peer) = peer_redis_url {
             env.push(("NODE_PEER_REDIS_URL".into(), peer.into()));
+        }
+        if let Some(h) = &https {
+            env.push(("NODE_TLS_CERT".into(), h.cert.display().to_string()));
+            env.push(("NODE_TLS_KEY".into(), h.key.display().to_string()));
+            if let Some(ca) = &h.client_ca {
+                env.push(("NODE_TLS_CLIENT_CA".into(), ca.display().to_string()));
+            }
         }
         if std::env::var_os("RUST_LOG").is_none() {
             env.push(("RUST_LOG".into(), "info".into()));
@@ -425,6 +457,7 @@ impl RegionNode {
         let mut node = RegionNode {
             region: region.into(),
             port,
+            https,
             env,
             process,
             restarts: 0,
@@ -459,23 +492,33 @@ impl RegionNode {
     }
 
     async fn wait_live(&mut self) -> Result<(), String> {
-        let url = self.url();
+        let http = self.http();
         self.process
-            .wait_http_ok(&url, "/health/live", START_DEADLINE)
+            .wait_http_ok_with(&http, "/health/live", START_DEADLINE)
             .await
     }
 
+    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` (the name the test
+    /// certificates carry) when the node serves HTTPS.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        match self.https {
+            None => format!("http://127.0.0.1:{}", self.port),
+            Some(_) => format!("https://localhost:{}", self.port),
+        }
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// A client with the node's admin token.
+    /// A client with the node's admin token (over HTTPS: trusting the test CA and
+    /// presenting the harness' client certificate).
     pub fn http(&self) -> HttpClient {
-        HttpClient::new(self.url()).with_token(TEST_ADMIN_TOKEN)
+        let http = match &self.https {
+            None => HttpClient::new(self.url()),
+            Some(h) => HttpClient::new_tls(self.url(), &h.harness),
+        };
+        http.with_token(TEST_ADMIN_TOKEN)
     }
 
     pub fn api(&self) -> Api {
@@ -627,6 +670,40 @@ fn spawn_node(env: &[(String, String)], region: &str, port: u16, n: u32, dir: &W
     )
 }
 
+/// A node that serves HTTPS: its certificate and, for mutual TLS, the CA its clients'
+/// certificates must come from.
+#[derive(Debug, Clone)]
+pub struct NodeHttps {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// NODE_TLS_CLIENT_CA: set, clients without a certificate it signed are refused.
+    pub client_ca: Option<PathBuf>,
+    /// How the harness itself reaches the node.
+    pub harness: crate::http::ClientTls,
+}
+
+/// How the processes of [`TwoRegions`] reach Redis and one another; the default is
+/// plain text and Redis' default user.
+#[derive(Debug, Clone, Default)]
+pub struct Links {
+    /// The ACL users (user, password) the nodes and the replicators log in as.
+    pub node_login: Option<(String, String)>,
+    pub replicator_login: Option<(String, String)>,
+    /// The CA for `rediss://` (NODE_REDIS_CA, REPLICATOR_REDIS_CA).
+    pub redis_ca: Option<PathBuf>,
+    /// The nodes serve HTTPS.
+    pub https: Option<NodeHttps>,
+}
+
+impl Links {
+    fn redis_url(redis: &RedisServer, login: &Option<(String, String)>) -> String {
+        match login {
+            Some((user, password)) => redis.url_as(user, password),
+            None => redis.url(),
+        }
+    }
+}
+
 /// One region: its Redis and its node.
 #[derive(Debug)]
 pub struct RegionUnderTest {
@@ -666,27 +743,60 @@ impl TwoRegions {
         replicate: bool,
         node_env: impl Fn(&str) -> Vec<(String, String)>,
     ) -> TwoRegions {
-        let node_a =
-            RegionNode::start_with_env("a", &redis_a.url(), Some(&redis_b.url()), &node_env("a"))
-                .await;
-        let node_b =
-            RegionNode::start_with_env("b", &redis_b.url(), Some(&redis_a.url()), &node_env("b"))
-                .await;
+        Self::start_linked(redis_a, redis_b, replicate, node_env, &Links::default()).await
+    }
+
+    /// Like [`start_on`](Self::start_on), with TLS and ACL users as `links` says.
+    pub async fn start_linked(
+        redis_a: RedisServer,
+        redis_b: RedisServer,
+        replicate: bool,
+        node_env: impl Fn(&str) -> Vec<(String, String)>,
+        links: &Links,
+    ) -> TwoRegions {
+        let node_url = |r: &RedisServer| Links::redis_url(r, &links.node_login);
+        let env = |region: &str| {
+            let mut env = node_env(region);
+            if let Some(ca) = &links.redis_ca {
+                env.insert(0, ("NODE_REDIS_CA".into(), ca.display().to_string()));
+            }
+            env
+        };
+        let node_a = RegionNode::start_with(
+            "a",
+            &node_url(&redis_a),
+            Some(&node_url(&redis_b)),
+            &env("a"),
+            links.https.clone(),
+        )
+        .await;
+        let node_b = RegionNode::start_with(
+            "b",
+            &node_url(&redis_b),
+            Some(&node_url(&redis_a)),
+            &env("b"),
+            links.https.clone(),
+        )
+        .await;
         let mut replicators = Vec::new();
         if replicate {
+            let url = |r: &RedisServer| Links::redis_url(r, &links.replicator_login);
+            let ca = links
+                .redis_ca
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let mut extra = vec![];
+            if links.redis_ca.is_some() {
+                extra.push(("REPLICATOR_REDIS_CA", ca.as_str()));
+            }
             // In region b, pulling from a; in region a, pulling from b.
-            replicators.push(Replicator::start(&redis_b.url(), &redis_a.url(), &[]).await);
-            replicators.push(
-                Replicator::start(
-                    &redis_a.url(),
-                    &redis_b.url(),
-                    &[
-                        ("REPLICATOR_LOCAL_REGION", "a"),
-                        ("REPLICATOR_PEER_REGION", "b"),
-                    ],
-                )
-                .await,
-            );
+            replicators.push(Replicator::start(&url(&redis_b), &url(&redis_a), &extra).await);
+            extra.extend([
+                ("REPLICATOR_LOCAL_REGION", "a"),
+                ("REPLICATOR_PEER_REGION", "b"),
+            ]);
+            replicators.push(Replicator::start(&url(&redis_a), &url(&redis_b), &extra).await);
         }
         TwoRegions {
             a: RegionUnderTest {

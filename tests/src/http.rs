@@ -38,6 +38,15 @@ impl Response {
     }
 }
 
+/// What a client over HTTPS trusts and presents.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// The only CA trusted.
+    pub ca: std::path::PathBuf,
+    /// Client certificate and key (PEM) for servers that require one.
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
 /// Client for one base URL, optionally with a bearer token for `/admin/*`.
 #[derive(Debug, Clone)]
 pub struct HttpClient {
@@ -56,6 +65,32 @@ impl HttpClient {
         HttpClient {
             base: base.into().trim_end_matches('/').to_string(),
             client,
+            token: None,
+        }
+    }
+
+    /// A client that trusts only `tls.ca` (not the system's roots) and presents
+    /// `tls.identity` when the server asks for a certificate.
+    pub fn new_tls(base: impl Into<String>, tls: &ClientTls) -> HttpClient {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+        };
+        let ca = reqwest::Certificate::from_pem(&read(&tls.ca)).expect("CA certificate PEM");
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .timeout(REQUEST_TIMEOUT)
+            .pool_max_idle_per_host(16);
+        if let Some((cert, key)) = &tls.identity {
+            let mut pem = read(cert);
+            pem.extend(read(key));
+            builder =
+                builder.identity(reqwest::Identity::from_pem(&pem).expect("client identity PEM"));
+        }
+        HttpClient {
+            base: base.into().trim_end_matches('/').to_string(),
+            client: builder.build().expect("build reqwest client"),
             token: None,
         }
     }

@@ -42,9 +42,9 @@ pub mod tokens;
 pub mod workdir;
 
 pub use api::{order_body, Api};
-pub use http::{HttpClient, Response};
+pub use http::{ClientTls, HttpClient, Response};
 pub use node::{Node, NodeOptions, TEST_ADMIN_TOKEN};
 pub use poll::{eventually, wait_until};
 pub use ports::free_port;
-pub use redis_server::{RedisOptions, RedisServer};
+pub use redis_server::{RedisOptions, RedisServer, RedisTls};
 pub use region::Region;

@@ -167,7 +167,17 @@ impl Process {
         path: &str,
         deadline: Duration,
     ) -> Result<(), String> {
-        let http = crate::HttpClient::new(base.to_string());
+        self.wait_http_ok_with(&crate::HttpClient::new(base.to_string()), path, deadline)
+            .await
+    }
+
+    /// [`wait_http_ok`](Self::wait_http_ok) with a client of the caller's (HTTPS).
+    pub async fn wait_http_ok_with(
+        &mut self,
+        http: &crate::HttpClient,
+        path: &str,
+        deadline: Duration,
+    ) -> Result<(), String> {
         let start = Instant::now();
         loop {
             if let Some(status) = self.exited() {

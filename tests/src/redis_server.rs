@@ -19,6 +19,23 @@ pub struct RedisOptions {
     pub appendonly: bool,
     /// Data directory; a fresh temp dir when `None`.
     pub dir: Option<PathBuf>,
+    /// Serve TLS only (`--port 0 --tls-port`): every URL is `rediss://`.
+    pub tls: Option<RedisTls>,
+    /// `--aclfile`: users and their rights (e.g. deploy/redis/users.acl).
+    pub acl_file: Option<PathBuf>,
+    /// The user and password the harness itself logs in with (with an ACL file whose
+    /// `default` user is off).
+    pub login: Option<(String, String)>,
+}
+
+/// PEM files for a Redis that speaks TLS. Clients are not asked for certificates
+/// (`--tls-auth-clients no`): who they are is their ACL user.
+#[derive(Debug, Clone)]
+pub struct RedisTls {
+    /// The CA clients must trust (given to the binaries as NODE_REDIS_CA etc.).
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A running `redis-server`, killed on drop.
@@ -42,7 +59,7 @@ impl RedisServer {
     pub async fn start_persistent() -> RedisServer {
         Self::start_with(RedisOptions {
             appendonly: true,
-            dir: None,
+            ..RedisOptions::default()
         })
         .await
     }
@@ -80,9 +97,27 @@ impl RedisServer {
     }
 
     fn args(&self) -> Vec<String> {
-        let mut args: Vec<String> = vec![
-            "--port".into(),
-            self.port.to_string(),
+        let mut args: Vec<String> = match &self.options.tls {
+            None => vec!["--port".into(), self.port.to_string()],
+            Some(tls) => vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                self.port.to_string(),
+                "--tls-cert-file".into(),
+                tls.cert.display().to_string(),
+                "--tls-key-file".into(),
+                tls.key.display().to_string(),
+                "--tls-ca-cert-file".into(),
+                tls.ca.display().to_string(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ],
+        };
+        if let Some(acl) = &self.options.acl_file {
+            args.extend(["--aclfile".into(), acl.display().to_string()]);
+        }
+        args.extend([
             "--bind".into(),
             "127.0.0.1".into(),
             "--save".into(),
@@ -91,7 +126,7 @@ impl RedisServer {
             self.data_dir().display().to_string(),
             "--daemonize".into(),
             "no".into(),
-        ];
+        ]);
         if self.options.appendonly {
             args.extend(["--appendonly", "yes", "--appendfsync", "always"].map(String::from));
         } else {
@@ -135,7 +170,7 @@ impl RedisServer {
     }
 
     async fn ping(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url()) else {
+        let Ok(client) = self.redis_client(&self.url()) else {
             return false;
         };
         let connect = client.get_multiplexed_async_connection();
@@ -151,16 +186,59 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT`
+    /// `redis://127.0.0.1:PORT` (`rediss://` with TLS), logged in as the harness'
+    /// own user when there is one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.options.login {
+            Some((user, password)) => self.url_as(user, password),
+            None => format!("{}://127.0.0.1:{}", self.scheme(), self.port),
+        }
+    }
+
+    /// The URL logged in as `user` (an ACL user, e.g. the node's).
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!(
+            "{}://{user}:{password}@127.0.0.1:{}",
+            self.scheme(),
+            self.port
+        )
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.options.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        }
+    }
+
+    /// A client for `url` (one of this server's), trusting the test CA with TLS.
+    pub fn redis_client(&self, url: &str) -> Result<redis::Client, String> {
+        let ca = self
+            .options
+            .tls
+            .as_ref()
+            .map(|t| internal_tls::PemFile::new("test CA", &t.ca));
+        internal_tls::redis_client(url, ca)
+    }
+
+    /// A connection logged in as `user`, for tests of what that user may do.
+    pub async fn client_as(&self, user: &str, password: &str) -> MultiplexedConnection {
+        let url = self.url_as(user, password);
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(std::time::Duration::from_secs(30)));
+        self.redis_client(&url)
+            .expect("valid redis url")
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
     }
 
     /// A fresh async connection for assertions.
     /// A connection for assertions. Patient: redis-rs answers a reply slower than
     /// 500 ms with a timeout by default, which a loaded 2-core CI machine can exceed.
     pub async fn client(&self) -> MultiplexedConnection {
-        let client = redis::Client::open(self.url()).expect("valid redis url");
+        let client = self.redis_client(&self.url()).expect("valid redis url");
         let config = redis::AsyncConnectionConfig::new()
             .set_response_timeout(Some(std::time::Duration::from_secs(30)));
         client

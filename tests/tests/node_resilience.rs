@@ -282,7 +282,7 @@ async fn node_survives_a_redis_restart() {
     let mut region = Region::start_with(
         system_tests::RedisOptions {
             appendonly: true,
-            dir: None,
+            ..Default::default()
         },
         |o| o,
     )

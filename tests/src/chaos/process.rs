@@ -111,6 +111,7 @@ impl ProcessBackend {
         let redis_opts = |r: &str| RedisOptions {
             appendonly: true,
             dir: Some(data.path().join(format!("redis-{r}"))),
+            ..RedisOptions::default()
         };
         let redis_a = RedisServer::start_with(redis_opts("a")).await;
         let redis_b = RedisServer::start_with(redis_opts("b")).await;
