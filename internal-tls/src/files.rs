@@ -53,8 +53,3 @@ pub fn roots(file: PemFile<'_>) -> Result<RootCertStore, TlsError> {
     }
     Ok(store)
 }
-
-/// For callers that only have a path at hand and a setting name.
-pub fn pem<'a>(setting: &'static str, path: &'a Path) -> PemFile<'a> {
-    PemFile::new(setting, path)
-}

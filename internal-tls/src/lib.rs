@@ -14,7 +14,6 @@
 pub mod files;
 pub mod stream;
 
-use std::path::Path;
 use std::sync::Arc;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
@@ -120,7 +119,7 @@ pub fn redis_client(url: &str, ca: Option<PemFile<'_>>) -> Result<redis::Client,
         (true, Some(ca)) => {
             // redis-rs reads the PEM bytes itself; read them here so a bad file is
             // reported with the setting's name.
-            roots(ca.clone()).map_err(|e| e.to_string())?;
+            roots(ca).map_err(|e| e.to_string())?;
             let pem = std::fs::read(ca.path)
                 .map_err(|e| format!("{} {}: {e}", ca.setting, ca.path.display()))?;
             install_default_provider();
@@ -146,7 +145,39 @@ pub fn redis_client(url: &str, ca: Option<PemFile<'_>>) -> Result<redis::Client,
     }
 }
 
-/// Whether `path` names a file (settings given as empty strings mean "unset").
-pub fn is_set(path: &Option<std::path::PathBuf>) -> Option<&Path> {
-    path.as_deref().filter(|p| !p.as_os_str().is_empty())
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn server_names_are_hosts_as_given_in_urls() {
+        assert!(server_name("localhost").is_ok());
+        assert!(server_name("127.0.0.1").is_ok());
+        assert!(server_name("[::1]").is_ok());
+        assert!(server_name("not a host").is_err());
+    }
+
+    #[test]
+    fn pem_errors_name_the_setting_and_the_file() {
+        let missing = Path::new("/nonexistent/ca.pem");
+        let e = client_config(PemFile::new("NODE_REDIS_CA", missing), None).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("NODE_REDIS_CA /nonexistent/ca.pem"),
+            "{msg}"
+        );
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn a_redis_ca_with_a_plain_url_is_refused() {
+        let ca = PemFile::new("REPLICATOR_REDIS_CA", Path::new("/nonexistent/ca.pem"));
+        let e = redis_client("redis://127.0.0.1:1", Some(ca)).unwrap_err();
+        assert!(
+            e.contains("REPLICATOR_REDIS_CA") && e.contains("rediss://"),
+            "{e}"
+        );
+        assert!(redis_client("rediss://127.0.0.1:1", None).is_ok());
+    }
 }

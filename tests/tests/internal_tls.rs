@@ -166,7 +166,7 @@ async fn an_order_crosses_only_encrypted_and_authenticated_links() {
         redis_ca: Some(ca.cert.clone()),
         https: Some(node_https(&ca, true)),
     };
-    let regions = TwoRegions::start_linked(
+    let mut regions = TwoRegions::start_linked(
         secured_redis(&ca).await,
         secured_redis(&ca).await,
         true,
@@ -216,6 +216,19 @@ async fn an_order_crosses_only_encrypted_and_authenticated_links() {
         events.len() >= 2,
         "the product and the order reached region b: {events:?}"
     );
+    // And when region a's node dies, the gateway fails over to b over the same links,
+    // b's promotion running as the node's ACL user, and orders go on
+    regions.a.node.kill();
+    gw.wait_active("b", 2, FLOW).await;
+    let after = api
+        .place_order(&order_body("c-tls", &[("TLS-1", 1)], "tok_ok"))
+        .await;
+    assert_eq!(
+        after.status, 201,
+        "an order after the failover: {}",
+        after.text
+    );
+
     // And no process was refused a command by its ACL user on the way
     for (name, log) in [
         ("node a", regions.a.node.log_tail(400)),
@@ -454,4 +467,63 @@ async fn each_service_may_do_only_its_part_in_redis() {
         }),
         "{answer:?}"
     );
+}
+
+#[test]
+fn a_gateway_with_https_regions_and_no_pinned_ca_does_not_start() {
+    // Given https:// regions or client-certificate settings without what they need
+    let dir = WorkDir::new("pki");
+    let missing = dir.path().join("missing-ca.pem");
+    let missing = missing.display().to_string();
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (
+            vec![(
+                "GATEWAY_REGIONS",
+                "a=https://localhost:1,b=http://127.0.0.1:2",
+            )],
+            "node_ca",
+        ),
+        (
+            vec![
+                (
+                    "GATEWAY_REGIONS",
+                    "a=http://127.0.0.1:1,b=http://127.0.0.1:2",
+                ),
+                ("GATEWAY_NODE_CLIENT_CERT", "/etc/cert.pem"),
+                ("GATEWAY_NODE_CLIENT_KEY", "/etc/key.pem"),
+            ],
+            "node_ca",
+        ),
+        (
+            vec![
+                (
+                    "GATEWAY_REGIONS",
+                    "a=https://localhost:1,b=https://localhost:2",
+                ),
+                ("GATEWAY_NODE_CA", missing.as_str()),
+                ("GATEWAY_NODE_CLIENT_CERT", "/etc/cert.pem"),
+            ],
+            "node_client_key",
+        ),
+        (
+            vec![
+                (
+                    "GATEWAY_REGIONS",
+                    "a=https://localhost:1,b=https://localhost:2",
+                ),
+                ("GATEWAY_NODE_CA", missing.as_str()),
+            ],
+            "GATEWAY_NODE_CA",
+        ),
+    ];
+    // Then it exits 64 (EX_USAGE) naming the setting to fix
+    for (mut env, named) in cases {
+        env.push(("GATEWAY_LISTEN", "127.0.0.1:0"));
+        let (code, output) = system_tests::gateway::run_gateway_expecting_exit(&env);
+        assert_eq!(code, 64, "{env:?}: {output}");
+        assert!(
+            output.contains(named),
+            "{env:?} should name {named}: {output}"
+        );
+    }
 }
