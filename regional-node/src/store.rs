@@ -11,7 +11,6 @@
 
 use eventlog::{keys, Envelope, RoleRecord};
 use internal_tls::PemFile;
-use internal_tls::PemFile;
 use orders_model::DomainEvent;
 use orders_model::{ApplyError, State};
 use redis::aio::ConnectionManager;
