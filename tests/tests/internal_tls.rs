@@ -121,6 +121,21 @@ fn node_https(ca: &TestCa, mutual: bool) -> NodeHttps {
     }
 }
 
+/// A gateway for these tests. Every link here does TLS on top of the usual work, on a
+/// shared 2-core machine running debug builds: probes get 1 s instead of 100 ms (and
+/// the lease 4 s) so that a slow moment is not taken for a dead region.
+fn gateway_options(regions: &[(&str, String)]) -> GatewayOptions {
+    GatewayOptions::new(regions)
+        .env("GATEWAY_HEALTH_TIMEOUT_MS", 1000)
+        .env("GATEWAY_CONNECT_TIMEOUT_MS", 1000)
+        .env("GATEWAY_LEASE_MS", 4000)
+}
+
+/// Nodes patient with Redis over TLS (the harness' default is 300 ms).
+fn patient_nodes(_region: &str) -> Vec<(String, String)> {
+    vec![("NODE_REDIS_TIMEOUT_MS".into(), "1000".into())]
+}
+
 /// The regions the gateway sees as healthy, from `/gateway/regions`.
 async fn healthy(gw: &Gateway) -> Vec<(String, bool)> {
     let view = gw.http().get("/gateway/regions").await.json;
@@ -170,7 +185,7 @@ async fn an_order_crosses_only_encrypted_and_authenticated_links() {
         secured_redis(&ca).await,
         secured_redis(&ca).await,
         true,
-        |_| Vec::new(),
+        patient_nodes,
         &links,
     )
     .await;
@@ -180,7 +195,7 @@ async fn an_order_crosses_only_encrypted_and_authenticated_links() {
         .all(|(_, url)| url.starts_with("https://")));
     let (gw_cert, gw_key) = ca.client("gateway");
     let gw = Gateway::start(
-        GatewayOptions::new(&regions.regions()).node_tls(&ca.cert, Some((&gw_cert, &gw_key))),
+        gateway_options(&regions.regions()).node_tls(&ca.cert, Some((&gw_cert, &gw_key))),
     )
     .await;
 
@@ -254,7 +269,7 @@ async fn a_node_refuses_clients_without_a_certificate_of_its_ca() {
         RedisServer::start().await,
         RedisServer::start().await,
         false,
-        |_| Vec::new(),
+        patient_nodes,
         &links,
     )
     .await;
@@ -297,8 +312,8 @@ async fn a_node_refuses_clients_without_a_certificate_of_its_ca() {
     // healthy region
     let (rogue_cert, rogue_key) = rogue.client("gateway");
     for client in [None, Some((rogue_cert.as_path(), rogue_key.as_path()))] {
-        let gw = Gateway::start(GatewayOptions::new(&regions.regions()).node_tls(&ca.cert, client))
-            .await;
+        let gw =
+            Gateway::start(gateway_options(&regions.regions()).node_tls(&ca.cert, client)).await;
         wait_log(
             "the gateway logs why the probes fail",
             || gw.log_tail(200),
@@ -364,7 +379,7 @@ async fn the_gateway_does_not_use_a_node_whose_certificate_it_does_not_trust() {
 
     // When the gateway probes both
     let mut options =
-        GatewayOptions::new(&[("a", node_a.url()), ("b", node_b.url())]).node_tls(&ca.cert, None);
+        gateway_options(&[("a", node_a.url()), ("b", node_b.url())]).node_tls(&ca.cert, None);
     options.primary = "b".into();
     let gw = Gateway::start(options).await;
 
