@@ -77,6 +77,26 @@ pub fn dlq_replayed(dlq_id: &str) -> String {
     format!("tandem:dlq:replayed:{dlq_id}")
 }
 
+/// String: JSON map webhook id -> subscription, derived from the `Webhook*` events. One
+/// key: subscriptions are few and change rarely.
+pub const WEBHOOKS: &str = "tandem:webhooks";
+
+/// Stream: the integration events a webhook's deliveries gave up on (parked after the
+/// bound of attempts). A `tandem:` stream, so the replicator copies it.
+pub fn webhook_dlq(webhook_id: &str) -> String {
+    format!("tandem:webhook-dlq:{webhook_id}")
+}
+
+/// The consumer group on [`EVENTS`] whose position is a webhook's delivery cursor. Its
+/// position and pending entries are copied like any group's, so the region promoted
+/// after a failover resumes deliveries where the old active one stopped.
+pub fn webhook_group(webhook_id: &str) -> String {
+    format!("{WEBHOOK_GROUP_PREFIX}{webhook_id}")
+}
+
+/// Every webhook's consumer group starts with this; they are not workflow groups.
+pub const WEBHOOK_GROUP_PREFIX: &str = "webhook:";
+
 /// Every key pattern of derived state: what a rebuild deletes and writes anew.
 pub const DERIVED_PATTERNS: &[&str] = &[
     "tandem:order:*",
@@ -85,6 +105,7 @@ pub const DERIVED_PATTERNS: &[&str] = &[
     "tandem:idem:*",
     "tandem:agg:*",
     "tandem:dlq:replayed:*",
+    WEBHOOKS,
     EVENT_INDEX,
     PROJECTION_CURSOR,
     ORDER_COUNTS,

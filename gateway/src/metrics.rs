@@ -348,6 +348,8 @@ pub enum Route {
     ShipmentDeliver,
     Events,
     Event,
+    Webhooks,
+    Webhook,
     HealthLive,
     HealthReady,
     Metrics,
@@ -385,6 +387,8 @@ impl Route {
             ["shipments", _, "deliver"] => Route::ShipmentDeliver,
             ["api", "events"] => Route::Events,
             ["api", "events", _] => Route::Event,
+            ["api", "v1", "webhooks"] => Route::Webhooks,
+            ["api", "v1", "webhooks", _] => Route::Webhook,
             ["health", "live"] => Route::HealthLive,
             ["health", "ready"] => Route::HealthReady,
             ["metrics"] => Route::Metrics,
@@ -410,6 +414,8 @@ impl Route {
             Route::ShipmentDeliver => "/shipments/{shipmentId}/deliver",
             Route::Events => "/api/events",
             Route::Event => "/api/events/{eventId}",
+            Route::Webhooks => "/api/v1/webhooks",
+            Route::Webhook => "/api/v1/webhooks/{webhookId}",
             Route::HealthLive => "/health/live",
             Route::HealthReady => "/health/ready",
             Route::Metrics => "/metrics",
@@ -440,6 +446,11 @@ mod tests {
             "/orders/{orderId}/cancel"
         );
         assert_eq!(route_template("/orders"), "/orders");
+        assert_eq!(
+            route_template("/api/v1/webhooks/wh_1"),
+            "/api/v1/webhooks/{webhookId}"
+        );
+        assert_eq!(route_template("/api/v1/webhooks"), "/api/v1/webhooks");
         assert_eq!(
             route_template("/api/v1/products/W-1"),
             "/api/v1/products/{sku}"

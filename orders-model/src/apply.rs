@@ -13,6 +13,7 @@ use crate::order::{
     Status,
 };
 use crate::product::{ItemQuantity, Product, Sku};
+use crate::webhooks::{Webhook, Webhooks};
 use eventlog::{keys, Envelope};
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -84,6 +85,7 @@ pub fn keys_for(event: &DomainEvent) -> Vec<String> {
     match event {
         ProductUpserted(p) => return vec![keys::product(p.sku.as_str())],
         DeadLetterReplayed(e) => return vec![keys::dlq_replayed(&e.dlq_id)],
+        WebhookSubscribed(_) | WebhookDeleted(_) => return vec![keys::WEBHOOKS.to_string()],
         _ => {}
     }
     keys.push(keys::order(event.aggregate_id()));
@@ -137,6 +139,30 @@ pub fn apply(
             "at": env.occurred_at,
         });
         put_json(state, &keys::dlq_replayed(&e.dlq_id), &done);
+        return Ok(());
+    }
+    if let WebhookSubscribed(_) | WebhookDeleted(_) = event {
+        let mut hooks = get_json::<Webhooks>(state, keys::WEBHOOKS)?.unwrap_or_default();
+        match event {
+            WebhookSubscribed(e) => {
+                hooks.insert(
+                    e.webhook_id.clone(),
+                    Webhook {
+                        id: e.webhook_id.clone(),
+                        url: e.url.clone(),
+                        events: e.events.clone(),
+                        secret: e.secret.clone(),
+                        created_at: env.occurred_at.clone(),
+                        version: env.sequence,
+                    },
+                );
+            }
+            WebhookDeleted(e) => {
+                hooks.remove(&e.webhook_id);
+            }
+            _ => unreachable!("matched above"),
+        }
+        put_json(state, keys::WEBHOOKS, &hooks);
         return Ok(());
     }
 
@@ -214,7 +240,9 @@ pub fn apply(
         | OrderPaymentFailed(_)
         | OrderDelivered(_)
         | OrderCancelled(_) => {}
-        ProductUpserted(_) | DeadLetterReplayed(_) => unreachable!("applied above"),
+        ProductUpserted(_) | DeadLetterReplayed(_) | WebhookSubscribed(_) | WebhookDeleted(_) => {
+            unreachable!("applied above")
+        }
     }
 
     order.version = env.sequence;
@@ -404,10 +432,37 @@ mod tests {
     #[test]
     fn an_event_for_an_unknown_order_is_an_error() {
         let mut s = MemState::default();
-        let confirmed = DomainEvent::OrderConfirmed(OrderRef {
+        let confirmed = DomainEvent::OrderConfirmed(OrderConfirmed {
             order_id: OrderId::parse("nope").unwrap(),
+            amount: None,
         });
         let err = apply(&mut s, &env_for(&confirmed, 2), &confirmed).unwrap_err();
         assert!(matches!(err, ApplyError::MissingOrder { .. }), "{err}");
+    }
+
+    #[test]
+    fn webhooks_are_derived_from_their_events() {
+        use crate::integration::IntegrationEventType;
+        use crate::pii::Sealed;
+        use crate::webhooks::{WebhookId, WebhookUrl};
+        let mut s = MemState::default();
+        let id = WebhookId::parse("wh_1").unwrap();
+        let subscribed = DomainEvent::WebhookSubscribed(WebhookSubscribed {
+            webhook_id: id.clone(),
+            url: WebhookUrl::parse("http://localhost/h").unwrap(),
+            events: vec![IntegrationEventType::OrderStatusUpdated],
+            secret: Sealed::from_stored("sealed"),
+        });
+        assert_eq!(keys_for(&subscribed), [keys::WEBHOOKS]);
+        apply(&mut s, &env_for(&subscribed, 1), &subscribed).unwrap();
+        let hooks: Webhooks = get_json(&s, keys::WEBHOOKS).unwrap().unwrap();
+        assert_eq!(hooks[&id].url.as_str(), "http://localhost/h");
+        assert_eq!(hooks[&id].version, 1);
+        let deleted = DomainEvent::WebhookDeleted(WebhookDeleted {
+            webhook_id: id.clone(),
+        });
+        apply(&mut s, &env_for(&deleted, 2), &deleted).unwrap();
+        let hooks: Webhooks = get_json(&s, keys::WEBHOOKS).unwrap().unwrap();
+        assert!(hooks.is_empty());
     }
 }

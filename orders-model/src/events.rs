@@ -10,9 +10,11 @@
 //! Events are self-describing: each carries every id and item it affects, so the
 //! projection can apply it without reading anything but the keys it names.
 
+use crate::integration::IntegrationEventType;
 use crate::order::{IdempotencyKey, LineItem, OrderId, ShipmentId, Status};
 use crate::pii::Sealed;
 use crate::product::{Currency, ItemQuantity, Sku};
+use crate::webhooks::{WebhookId, WebhookUrl};
 use eventlog::{Envelope, ENVELOPE_VERSION};
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +31,7 @@ pub enum DomainEvent {
     OrderPlaced(OrderPlaced),
     InventoryReserved(InventoryChange),
     InventoryReservationFailed(InventoryReservationFailed),
-    OrderConfirmed(OrderRef),
+    OrderConfirmed(OrderConfirmed),
     OrderRejected(OrderReason),
     PaymentProcessed(PaymentProcessed),
     PaymentFailed(PaymentFailed),
@@ -37,13 +39,15 @@ pub enum DomainEvent {
     OrderPaymentFailed(OrderReason),
     ShipmentCreated(ShipmentCreated),
     OrderShipped(OrderShipped),
-    ShipmentDispatched(ShipmentRef),
-    ShipmentDelivered(ShipmentRef),
-    OrderDelivered(OrderRef),
+    ShipmentDispatched(ShipmentDispatched),
+    ShipmentDelivered(ShipmentDelivered),
+    OrderDelivered(OrderDelivered),
     OrderCancelled(OrderCancelled),
     InventoryReleased(InventoryChange),
     PaymentRefunded(PaymentProcessed),
     DeadLetterReplayed(DeadLetterReplayed),
+    WebhookSubscribed(WebhookSubscribed),
+    WebhookDeleted(WebhookDeleted),
 }
 
 impl EventType {
@@ -109,10 +113,72 @@ pub struct InventoryReservationFailed {
     pub items: Vec<Shortage>,
 }
 
+/// The order's stock is reserved and it waits for payment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct OrderRef {
+pub struct OrderConfirmed {
     pub order_id: OrderId,
+    /// The amount the payment step is to charge (seed 004's catalog). Absent in events
+    /// written before it was added (the change is additive, `version` unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<i64>,
+}
+
+/// The carrier picked the shipment up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShipmentDispatched {
+    pub order_id: OrderId,
+    pub shipment_id: ShipmentId,
+    /// RFC 3339, when the dispatch was recorded. Absent in older events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatched_at: Option<String>,
+}
+
+/// The carrier delivered the shipment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShipmentDelivered {
+    pub order_id: OrderId,
+    pub shipment_id: ShipmentId,
+    /// RFC 3339: the carrier's time when it gave one, else when the delivery was
+    /// recorded. Absent in older events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_location: Option<String>,
+}
+
+/// The order is delivered. It repeats the delivery's details from `ShipmentDelivered`
+/// so that the integration event of the status change derives from this one event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderDelivered {
+    pub order_id: OrderId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_location: Option<String>,
+}
+
+/// A webhook subscription was created (`POST /api/v1/webhooks`). Subscriptions are
+/// events so that the replicator copies them and a rebuild restores them. Its own
+/// aggregate (the webhook id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSubscribed {
+    pub webhook_id: WebhookId,
+    pub url: WebhookUrl,
+    pub events: Vec<IntegrationEventType>,
+    /// The signing secret (`whsec_...`), sealed like personal data: events are kept for
+    /// ever and copied everywhere.
+    pub secret: Sealed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookDeleted {
+    pub webhook_id: WebhookId,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,13 +234,6 @@ pub struct OrderShipped {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ShipmentRef {
-    pub order_id: OrderId,
-    pub shipment_id: ShipmentId,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct OrderCancelled {
     pub order_id: OrderId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -223,6 +282,7 @@ impl DomainEvent {
             PaymentProcessed(_) | PaymentFailed(_) | PaymentRefunded(_) => "payment",
             ShipmentCreated(_) | ShipmentDispatched(_) | ShipmentDelivered(_) => "shipment",
             DeadLetterReplayed(_) => "deadletter",
+            WebhookSubscribed(_) | WebhookDeleted(_) => "webhook",
             _ => "order",
         }
     }
@@ -231,18 +291,23 @@ impl DomainEvent {
     pub fn order_id(&self) -> Option<&OrderId> {
         use DomainEvent::*;
         Some(match self {
-            ProductUpserted(_) | DeadLetterReplayed(_) => return None,
+            ProductUpserted(_)
+            | DeadLetterReplayed(_)
+            | WebhookSubscribed(_)
+            | WebhookDeleted(_) => return None,
             OrderPlaced(e) => &e.order_id,
             InventoryReserved(e) | InventoryReleased(e) => &e.order_id,
             InventoryReservationFailed(e) => &e.order_id,
-            OrderConfirmed(e) | OrderDelivered(e) => &e.order_id,
+            OrderConfirmed(e) => &e.order_id,
+            OrderDelivered(e) => &e.order_id,
             OrderRejected(e) | OrderPaymentFailed(e) => &e.order_id,
             PaymentProcessed(e) | PaymentRefunded(e) => &e.order_id,
             PaymentFailed(e) => &e.order_id,
             OrderPaid(e) => &e.order_id,
             ShipmentCreated(e) => &e.order_id,
             OrderShipped(e) => &e.order_id,
-            ShipmentDispatched(e) | ShipmentDelivered(e) => &e.order_id,
+            ShipmentDispatched(e) => &e.order_id,
+            ShipmentDelivered(e) => &e.order_id,
             OrderCancelled(e) => &e.order_id,
         })
     }
@@ -253,6 +318,8 @@ impl DomainEvent {
         match self {
             DomainEvent::ProductUpserted(p) => p.sku.as_str(),
             DomainEvent::DeadLetterReplayed(e) => &e.dlq_id,
+            DomainEvent::WebhookSubscribed(e) => e.webhook_id.as_str(),
+            DomainEvent::WebhookDeleted(e) => e.webhook_id.as_str(),
             other => other.order_id().map(OrderId::as_str).unwrap_or_default(),
         }
     }
@@ -350,8 +417,9 @@ mod tests {
 
     #[test]
     fn payload_round_trips_through_the_envelope() {
-        let ev = DomainEvent::OrderConfirmed(OrderRef {
+        let ev = DomainEvent::OrderConfirmed(OrderConfirmed {
             order_id: order_id(),
+            amount: Some(1999),
         });
         let cause = Cause::request("r-1", None);
         let writer = Writer {
@@ -362,7 +430,22 @@ mod tests {
         assert_eq!(env.sequence, 2);
         assert_eq!(env.event_type, "OrderConfirmed");
         assert_eq!(env.aggregate_id, "o-1");
-        assert_eq!(env.payload, serde_json::json!({"orderId": "o-1"}));
+        assert_eq!(
+            env.payload,
+            serde_json::json!({"orderId": "o-1", "amount": 1999})
+        );
+        // Events written before `amount` was added still read.
+        let old = Envelope {
+            payload: serde_json::json!({"orderId": "o-1"}),
+            ..env.clone()
+        };
+        assert_eq!(
+            DomainEvent::from_envelope(&old).unwrap(),
+            DomainEvent::OrderConfirmed(OrderConfirmed {
+                order_id: order_id(),
+                amount: None
+            })
+        );
         assert_eq!(DomainEvent::from_envelope(&env).unwrap(), ev);
         let unknown = Envelope {
             event_type: "OrderTeleported".into(),
@@ -383,8 +466,10 @@ mod tests {
         for ty in EventType::VARIANTS {
             assert_eq!(ty.as_str().parse::<EventType>().unwrap(), *ty);
         }
-        let ev = DomainEvent::OrderDelivered(OrderRef {
+        let ev = DomainEvent::OrderDelivered(OrderDelivered {
             order_id: order_id(),
+            delivered_at: None,
+            delivery_location: None,
         });
         let tagged = serde_json::to_value(&ev).unwrap();
         assert_eq!(tagged["eventType"], ev.event_type().as_str());

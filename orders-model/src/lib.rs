@@ -15,15 +15,21 @@
 //! - [`flow`]: the order's state machine: what happens next, in one `match`.
 //! - [`apply`]: `apply(state, event)`, which all derived state comes from.
 //! - [`pii`]: personal data sealed at rest (AES-256-GCM) with a key ring passed in.
+//! - [`integration`]: the seed's integration events (`order.status_updated`), derived
+//!   from the domain events by one pure function.
+//! - [`webhooks`]: webhook subscriptions: ids, URLs, and the subscriptions `apply`
+//!   derives.
 #![forbid(unsafe_code)]
 
 pub mod apply;
 pub mod events;
 pub mod flow;
+pub mod integration;
 pub mod order;
 pub mod pii;
 pub mod product;
 pub mod text;
+pub mod webhooks;
 
 pub use apply::{apply, ApplyError, MemState, State};
 pub use events::{Cause, DomainEvent, EventType, Writer};

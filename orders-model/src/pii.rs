@@ -44,6 +44,9 @@ const MAX_KID_LEN: usize = 32;
 pub enum Field {
     PaymentToken,
     ShippingAddress,
+    /// Not personal data, but a secret kept in events all the same: a webhook's signing
+    /// secret, sealed with the webhook id in place of the order id.
+    WebhookSecret,
 }
 
 impl Field {
@@ -51,6 +54,7 @@ impl Field {
         match self {
             Field::PaymentToken => "paymentToken",
             Field::ShippingAddress => "shippingAddress",
+            Field::WebhookSecret => "webhookSecret",
         }
     }
 }

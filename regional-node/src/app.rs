@@ -173,6 +173,19 @@ impl Application {
             }
         }
         let mut handlers = bus::start(wf.clone(), bus_config, stop_rx.clone());
+        // The webhook deliveries' blocking reads get their own connection too.
+        let webhook_reads = Store::connect(
+            &config.redis_url,
+            config.redis_ca(),
+            config.redis_timeout() + Duration::from_millis(crate::webhooks::BLOCK_MS),
+        )
+        .expect("the URL was accepted above");
+        background.spawn(crate::webhooks::run(
+            wf.clone(),
+            config.webhook_settings(),
+            webhook_reads,
+            stop_rx.clone(),
+        ));
         if let Some(timeout) = config.saga_timeout() {
             background.spawn(sagas::run(wf.clone(), timeout, stop_rx.clone()));
         }

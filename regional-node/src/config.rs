@@ -77,6 +77,17 @@ pub struct Config {
     /// NODE_SAGA_TIMEOUT_MS: an order not paid (or ended) this long after it was placed
     /// is cancelled and compensated (seed 003's saga timeout); 0 turns it off.
     pub saga_timeout_ms: u64,
+    /// NODE_WEBHOOK_TIMEOUT_MS: longest a webhook receiver may take to answer one
+    /// delivery (connecting included); past it the attempt failed.
+    pub webhook_timeout_ms: u64,
+    /// NODE_WEBHOOK_MAX_ATTEMPTS: attempts per integration event before it is parked in
+    /// the webhook's dead-letter stream and deliveries go on with the next.
+    pub webhook_max_attempts: u32,
+    /// NODE_WEBHOOK_BACKOFF_MS: wait after the first failed attempt; doubles per
+    /// attempt up to NODE_WEBHOOK_BACKOFF_MAX_MS.
+    pub webhook_backoff_ms: u64,
+    /// NODE_WEBHOOK_BACKOFF_MAX_MS
+    pub webhook_backoff_max_ms: u64,
 }
 
 /// `NODE_PII_KEYS`: parsed at load, so a bad ring stops the node before it starts (the
@@ -112,6 +123,10 @@ impl Config {
             .and_then(|b| b.set_default("promotion_timeout_ms", 30_000))
             .and_then(|b| b.set_default("trust_identity_headers", false))
             .and_then(|b| b.set_default("saga_timeout_ms", 30_000))
+            .and_then(|b| b.set_default("webhook_timeout_ms", 5_000))
+            .and_then(|b| b.set_default("webhook_max_attempts", 8))
+            .and_then(|b| b.set_default("webhook_backoff_ms", 500))
+            .and_then(|b| b.set_default("webhook_backoff_max_ms", 60_000))
             .map_err(|e| ConfigError(e.to_string()))?;
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
@@ -199,6 +214,21 @@ impl Config {
                 "handler_concurrency (NODE_HANDLER_CONCURRENCY) must be 1-256".into(),
             ));
         }
+        if self.webhook_timeout_ms == 0 || self.webhook_timeout_ms > 60_000 {
+            return Err(ConfigError(
+                "webhook_timeout_ms (NODE_WEBHOOK_TIMEOUT_MS) must be 1-60000".into(),
+            ));
+        }
+        if self.webhook_max_attempts == 0 || self.webhook_max_attempts > 100 {
+            return Err(ConfigError(
+                "webhook_max_attempts (NODE_WEBHOOK_MAX_ATTEMPTS) must be 1-100".into(),
+            ));
+        }
+        if self.webhook_backoff_ms == 0 || self.webhook_backoff_max_ms < self.webhook_backoff_ms {
+            return Err(ConfigError(
+                "webhook_backoff_ms (NODE_WEBHOOK_BACKOFF_MS) must be at least 1 and at most NODE_WEBHOOK_BACKOFF_MAX_MS".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -225,6 +255,16 @@ impl Config {
         self.redis_ca
             .as_deref()
             .map(|p| PemFile::new("NODE_REDIS_CA", p))
+    }
+
+    /// How webhooks are delivered.
+    pub fn webhook_settings(&self) -> crate::webhooks::DeliverySettings {
+        crate::webhooks::DeliverySettings {
+            timeout: Duration::from_millis(self.webhook_timeout_ms),
+            max_attempts: self.webhook_max_attempts,
+            backoff: Duration::from_millis(self.webhook_backoff_ms),
+            backoff_max: Duration::from_millis(self.webhook_backoff_max_ms),
+        }
     }
 
     pub fn redis_timeout(&self) -> Duration {

@@ -11,6 +11,8 @@
 //!   `orders-model` crate's.
 //! - [`workflow`]: decide -> apply -> commit, a consumer group's turn on an event, and
 //!   the errors and retry policy.
+//! - [`webhooks`]: webhook subscriptions and the signed, at-least-once deliveries of
+//!   the integration events.
 //! - [`sagas`]: saga timeouts: orders not paid in time are cancelled and compensated.
 //! - [`store`]: Redis access and the atomic commit script.
 //! - [`bus`]: consumer groups, retries, dead letters, reclaiming.
@@ -40,4 +42,5 @@ pub mod sagas;
 pub mod shipments;
 pub mod store;
 pub mod tls;
+pub mod webhooks;
 pub mod workflow;

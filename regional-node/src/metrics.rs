@@ -1,8 +1,8 @@
 //! The node's Prometheus metrics (names fixed by API.md).
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
 
 #[derive(Clone)]
@@ -32,10 +32,20 @@ pub struct Metrics {
     /// Orders this node cancelled because their saga ran out of time (API.md
     /// `tandem_node_saga_timeouts_total`).
     pub saga_timeouts: IntCounter,
+    /// Webhook delivery attempts by outcome: `delivered` (2xx), `failed` (non-2xx,
+    /// timeout or unreachable: retried), `parked` (gave up after the bound of attempts).
+    pub webhook_deliveries: IntCounterVec,
+    /// From the status change (the event's `occurredAt`) to the receiver's 2xx.
+    pub webhook_delivery_latency: Histogram,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Webhook latency spans retries with backoff: seconds to minutes.
+const WEBHOOK_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
 impl Metrics {
@@ -132,6 +142,25 @@ impl Metrics {
                 "Orders cancelled because they were not paid NODE_SAGA_TIMEOUT_MS after they were placed",
             )
             .expect("valid metric"),
+            webhook_deliveries: counter(
+                "tandem_node_webhook_deliveries_total",
+                "Webhook delivery attempts; outcome: delivered, failed (retried), parked",
+                &["outcome"],
+            ),
+            webhook_delivery_latency: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tandem_node_webhook_delivery_latency_seconds",
+                        "From an order's status change to the receiver's 2xx, retries included",
+                    )
+                    .buckets(WEBHOOK_BUCKETS.to_vec()),
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric");
+                h
+            },
             registry,
         };
         for gauge in [

@@ -231,7 +231,10 @@ pub async fn on_event(wf: &Workflow, d: &Delivery<'_>) -> Result<Option<Tx>, Wor
     wf.react(d, None, Step::orders, |tx, order, status| {
         let order_id = order.order_id.clone();
         Ok(Reaction::Next(match (status, d.event) {
-            (Status::Confirmed, _) => DomainEvent::OrderConfirmed(OrderRef { order_id }),
+            (Status::Confirmed, _) => DomainEvent::OrderConfirmed(OrderConfirmed {
+                order_id,
+                amount: Some(order.amount),
+            }),
             (Status::Rejected, DomainEvent::InventoryReservationFailed(e)) => {
                 DomainEvent::OrderRejected(OrderReason {
                     order_id,
@@ -261,7 +264,13 @@ pub async fn on_event(wf: &Workflow, d: &Delivery<'_>) -> Result<Option<Tx>, Wor
                     items: order.item_quantities(),
                 })
             }
-            (Status::Delivered, _) => DomainEvent::OrderDelivered(OrderRef { order_id }),
+            (Status::Delivered, DomainEvent::ShipmentDelivered(e)) => {
+                DomainEvent::OrderDelivered(OrderDelivered {
+                    order_id,
+                    delivered_at: e.delivered_at.clone(),
+                    delivery_location: e.delivery_location.clone(),
+                })
+            }
             // The state machine gives each status together with the event whose data
             // it records; placing and cancelling are commands, not this group's steps.
             _ => return Ok(Reaction::Nothing),

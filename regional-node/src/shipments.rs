@@ -44,10 +44,19 @@ pub async fn on_event(wf: &Workflow, d: &Delivery<'_>) -> Result<Option<Tx>, Wor
 }
 
 /// Which carrier step a command takes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum CarrierStep {
     Dispatch,
-    Deliver,
+    Deliver(DeliveryDetails),
+}
+
+/// What the carrier may say about a delivery (`POST /shipments/{id}/deliver`'s
+/// optional body), already validated.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryDetails {
+    /// RFC 3339; when absent, the time the delivery is recorded.
+    pub delivered_at: Option<String>,
+    pub delivery_location: Option<String>,
 }
 
 /// `POST /shipments/{id}/dispatch` and `/deliver`: allowed where the order's state
@@ -67,20 +76,32 @@ pub async fn advance(
     })?;
     let (input, verb) = match step {
         CarrierStep::Dispatch => (Input::Dispatch, "dispatch"),
-        CarrierStep::Deliver => (Input::Deliver, "deliver"),
+        CarrierStep::Deliver(_) => (Input::Deliver, "deliver"),
     };
+    // Read once, outside the decision, so a decision taken again after a conflict
+    // records the same time.
+    let now = eventlog::time::rfc3339_ms(eventlog::time::now_ms());
     let done = wf
         .command(keys::order(order_id.as_str()), cause, |tx| {
             let order = apply::order(tx, &order_id)?.ok_or_else(not_found)?;
-            let shipment = ShipmentRef {
-                order_id: order_id.clone(),
-                shipment_id: shipment_id.clone(),
-            };
             let next = order.next(input).step_of(Module::Shipments);
-            let event = match next.and_then(Step::shipments) {
-                Some(ShipmentStep::Dispatch) => DomainEvent::ShipmentDispatched(shipment),
-                Some(ShipmentStep::Deliver) => DomainEvent::ShipmentDelivered(shipment),
-                Some(ShipmentStep::Create) | None => {
+            let event = match (next.and_then(Step::shipments), &step) {
+                (Some(ShipmentStep::Dispatch), _) => {
+                    DomainEvent::ShipmentDispatched(ShipmentDispatched {
+                        order_id: order_id.clone(),
+                        shipment_id: shipment_id.clone(),
+                        dispatched_at: Some(now.clone()),
+                    })
+                }
+                (Some(ShipmentStep::Deliver), CarrierStep::Deliver(details)) => {
+                    DomainEvent::ShipmentDelivered(ShipmentDelivered {
+                        order_id: order_id.clone(),
+                        shipment_id: shipment_id.clone(),
+                        delivered_at: Some(details.delivered_at.clone().unwrap_or(now.clone())),
+                        delivery_location: details.delivery_location.clone(),
+                    })
+                }
+                _ => {
                     return Err(WorkflowError::InvalidState(format!(
                         "shipment {} is {} (order {}): cannot {verb}",
                         shipment_id.as_str(),

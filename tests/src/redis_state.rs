@@ -11,6 +11,9 @@ pub const EVENTS: &str = "tandem:events";
 /// The dead-letter stream (eventlog::keys::DLQ).
 pub const DLQ: &str = "tandem:dlq";
 
+/// Every webhook's consumer group starts with this (eventlog::keys::WEBHOOK_GROUP_PREFIX).
+pub const WEBHOOK_GROUP_PREFIX: &str = "webhook:";
+
 /// Derived-state key patterns that a rebuild must reproduce exactly. The projection
 /// cursor is left out on purpose: it is bookkeeping, not state a client can see.
 pub const DERIVED_PATTERNS: &[&str] = &[
@@ -21,6 +24,7 @@ pub const DERIVED_PATTERNS: &[&str] = &[
     "tandem:agg:*",
     "tandem:eventidx",
     "tandem:stats:orders",
+    "tandem:webhooks",
 ];
 
 /// A stream entry: `(id, [(field, value)])`.
@@ -298,6 +302,9 @@ pub async fn groups_progress(conn: &mut MultiplexedConnection) -> GroupsProgress
             // The saga timeout's cursor (regional-node `sagas::CURSOR_GROUP`) reads
             // nothing and trails the stream by the timeout on purpose: no work left.
             .filter(|g| g.name != SAGA_CURSOR_GROUP)
+            // A webhook's delivery cursor waits on its receiver, not on the workflow
+            // (a dead receiver holds it back for good): not workflow backlog.
+            .filter(|g| !g.name.starts_with(WEBHOOK_GROUP_PREFIX))
             .map(|g| (g.name, g.last_delivered_id, g.pending))
             .collect(),
     }

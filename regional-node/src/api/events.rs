@@ -9,6 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::Json;
 use eventlog::envelope::StreamId;
 use eventlog::keys;
+use orders_model::integration;
 use orders_model::pii::{self, Disclosure, KeyRing};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -20,6 +21,25 @@ pub struct ListQuery {
     aggregate_id: Option<String>,
     after: Option<String>,
     limit: Option<String>,
+    format: Option<String>,
+}
+
+/// What `GET /api/events` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// The domain events in their envelopes (the default).
+    Envelope,
+    /// The integration events (seed 002's `order.status_updated`), each derived from
+    /// its domain event by `orders_model::integration::derive`, so both regions list
+    /// the same ones with the same ids.
+    Integration,
+}
+
+/// The integration event of a stream entry, if it has one.
+fn integration_json(entry: &Entry) -> Option<Value> {
+    let env = entry.envelope().ok()?;
+    let event = orders_model::DomainEvent::from_envelope(&env).ok()?;
+    serde_json::to_value(integration::derive(&env, &event)?).ok()
 }
 
 const MAX_LIMIT: usize = 1000;
@@ -46,7 +66,20 @@ pub async fn list(
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let event_json = |entry: &Entry| event_json(&st.wf.pii, caller.events(), entry);
+    let format = match q.format.as_deref() {
+        None | Some("") | Some("envelope") => Format::Envelope,
+        Some("integration") => Format::Integration,
+        Some(_) => {
+            return Err(ApiError::validation(
+                "format must be `envelope` or `integration`",
+                vec!["format".into()],
+            ))
+        }
+    };
+    let event_json = |entry: &Entry| match format {
+        Format::Envelope => event_json(&st.wf.pii, caller.events(), entry),
+        Format::Integration => integration_json(entry),
+    };
     let limit = match q.limit.as_deref() {
         None => 100,
         Some(l) => l
@@ -66,13 +99,21 @@ pub async fn list(
             )
         })?),
     };
-    let wanted = |e: &Entry| match &q.event_type {
-        Some(t) if !t.is_empty() => e.field_str(eventlog::envelope::FIELD_TYPE) == Some(t.as_str()),
+    let wanted = |e: &Entry| match (&q.event_type, format) {
+        (Some(t), Format::Envelope) if !t.is_empty() => {
+            e.field_str(eventlog::envelope::FIELD_TYPE) == Some(t.as_str())
+        }
+        // Only one integration event type exists; any other names none.
+        (Some(t), Format::Integration) if !t.is_empty() => {
+            integration::IntegrationEventType::parse(t).is_some()
+        }
         _ => true,
     };
     let store = &st.wf.store;
     let mut events = Vec::new();
     let mut next = None;
+    // The stream entry of the last event listed: where the next page starts.
+    let mut last_listed: Option<String> = None;
 
     if let Some(aggregate) = q.aggregate_id.as_deref().filter(|a| !a.is_empty()) {
         let ids: Vec<String> = store
@@ -95,13 +136,14 @@ pub async fn list(
             let replies: Vec<redis::Value> = store.query_pipe(&pipe).await?;
             for entry in replies.into_iter().flat_map(Entry::from_range) {
                 if events.len() == limit {
-                    next = events
-                        .last()
-                        .and_then(|e: &Value| e["streamId"].as_str().map(str::to_string));
+                    next = last_listed.take();
                     break;
                 }
                 if wanted(&entry) {
-                    events.extend(event_json(&entry));
+                    if let Some(v) = event_json(&entry) {
+                        events.push(v);
+                        last_listed = Some(entry.id.clone());
+                    }
                 }
             }
             if next.is_some() {
@@ -117,7 +159,7 @@ pub async fn list(
                 scanned += 1;
                 if wanted(entry) {
                     events.extend(event_json(entry));
-                    if events.len() == limit {
+                    if !events.is_empty() && events.len() == limit {
                         // There may be more: the client continues after this one.
                         next = Some(entry.id.clone());
                         break 'scan;
@@ -148,10 +190,16 @@ pub async fn one(
     if event_id.len() > 64 {
         return Err(not_found());
     }
+    // An integration event's id names the domain event it is derived from.
+    let integration = event_id.strip_prefix(integration::EVENT_ID_PREFIX);
     let id: Option<String> = st
         .wf
         .store
-        .query(redis::cmd("HGET").arg(keys::EVENT_INDEX).arg(&event_id))
+        .query(
+            redis::cmd("HGET")
+                .arg(keys::EVENT_INDEX)
+                .arg(integration.unwrap_or(&event_id)),
+        )
         .await?;
     let id = id.ok_or_else(not_found)?;
     let entry = st
@@ -162,7 +210,10 @@ pub async fn one(
         .into_iter()
         .next()
         .ok_or_else(not_found)?;
-    event_json(&st.wf.pii, caller.events(), &entry)
-        .map(Json)
-        .ok_or_else(not_found)
+    match integration {
+        Some(_) => integration_json(&entry),
+        None => event_json(&st.wf.pii, caller.events(), &entry),
+    }
+    .map(Json)
+    .ok_or_else(not_found)
 }

@@ -8,6 +8,7 @@ mod identity;
 mod ops;
 mod public;
 mod requests;
+mod webhooks;
 
 pub use error::ApiError;
 
@@ -18,7 +19,7 @@ use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
 use axum::http::{request::Parts, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use serde_json::Value;
 use std::sync::Arc;
@@ -67,6 +68,11 @@ pub fn router(state: AppState) -> Router {
         .route("/shipments/{shipment_id}/deliver", post(public::deliver))
         .route("/api/events", get(events::list))
         .route("/api/events/{event_id}", get(events::one))
+        .route(
+            "/api/v1/webhooks",
+            post(webhooks::create).get(webhooks::list),
+        )
+        .route("/api/v1/webhooks/{webhook_id}", delete(webhooks::delete))
         .route("/health/live", get(ops::live))
         .route("/health/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))

@@ -221,12 +221,16 @@ pub async fn dispatch(
     shipment_step(st, ctx, id, CarrierStep::Dispatch).await
 }
 
+/// Takes an optional `{"deliveredAt","deliveryLocation"}`; bad fields are refused
+/// before anything is read or written.
 pub async fn deliver(
     st: State<AppState>,
     ctx: RequestContext,
     id: Path<String>,
+    OptionalJsonBody(body): OptionalJsonBody,
 ) -> Result<Json<Value>, ApiError> {
-    shipment_step(st, ctx, id, CarrierStep::Deliver).await
+    let details = requests::delivery_details(body.as_ref())?;
+    shipment_step(st, ctx, id, CarrierStep::Deliver(details)).await
 }
 
 async fn shipment_step(

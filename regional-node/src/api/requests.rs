@@ -3,10 +3,13 @@
 //! all at once (400 `validation_failed`), and nothing reaches the workflow unparsed.
 
 use super::ApiError;
+use crate::shipments::DeliveryDetails;
 use axum::http::HeaderMap;
+use orders_model::integration::IntegrationEventType;
 use orders_model::order::{IdempotencyKey, PlaceOrder, MAX_ITEMS};
 use orders_model::product::{ItemQuantity, Price, StockLevel, UpsertProduct};
 use orders_model::text::{BoundedText, PaymentToken, ProductName};
+use orders_model::webhooks::{WebhookId, WebhookUrl, MAX_URL_LEN};
 use orders_model::{Currency, OrderId, Quantity, ShipmentId, Sku};
 use serde_json::{Map, Value};
 
@@ -146,6 +149,161 @@ pub fn cancel_reason(body: Option<&Value>) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// Longest `deliveryLocation`.
+pub const MAX_DELIVERY_LOCATION: usize = 500;
+
+/// The optional `{"deliveredAt","deliveryLocation"}` of `POST /shipments/{id}/deliver`:
+/// `deliveredAt` an RFC 3339 date-time, `deliveryLocation` non-blank text of at most
+/// [`MAX_DELIVERY_LOCATION`] bytes; both may be left out (or null), and so may the body.
+pub fn delivery_details(body: Option<&Value>) -> Result<DeliveryDetails, ApiError> {
+    let Some(body) = body else {
+        return Ok(DeliveryDetails::default());
+    };
+    let Some(obj) = body.as_object() else {
+        return Err(ApiError::validation(
+            "the body must be a JSON object",
+            Vec::new(),
+        ));
+    };
+    let mut bad = BadFields::default();
+    let delivered_at = match obj.get("deliveredAt") {
+        None | Some(Value::Null) => None,
+        Some(v) => bad.check(
+            "deliveredAt",
+            v.as_str().filter(|s| rfc3339(s)).map(str::to_string),
+        ),
+    };
+    let delivery_location = match obj.get("deliveryLocation") {
+        None | Some(Value::Null) => None,
+        Some(_) => bad
+            .check(
+                "deliveryLocation",
+                text::<MAX_DELIVERY_LOCATION>(obj, "deliveryLocation"),
+            )
+            .map(|t| t.as_str().to_string()),
+    };
+    if !bad.0.is_empty() {
+        return Err(bad.into_error(&format!(
+            " (deliveredAt: RFC 3339 date-time, e.g. 2026-11-30T10:00:00Z; deliveryLocation: text of 1-{MAX_DELIVERY_LOCATION} bytes)"
+        )));
+    }
+    Ok(DeliveryDetails {
+        delivered_at,
+        delivery_location,
+    })
+}
+
+/// Whether `s` is an RFC 3339 date-time (`YYYY-MM-DDTHH:MM:SS[.frac](Z|+HH:MM|-HH:MM)`)
+/// naming a real day.
+pub fn rfc3339(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |from: usize, n: usize| -> Option<u32> {
+        let part = b.get(from..from + n)?;
+        part.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| part.iter().fold(0, |acc, d| acc * 10 + u32::from(d - b'0')))
+    };
+    let sep = |at: usize, chars: &[u8]| b.get(at).is_some_and(|c| chars.contains(c));
+    if s.len() > 64 || !sep(4, b"-") || !sep(7, b"-") || !sep(10, b"Tt") {
+        return false;
+    }
+    if !sep(13, b":") || !sep(16, b":") {
+        return false;
+    }
+    let (Some(year), Some(month), Some(day), Some(h), Some(m), Some(sec)) = (
+        digits(0, 4),
+        digits(5, 2),
+        digits(8, 2),
+        digits(11, 2),
+        digits(14, 2),
+        digits(17, 2),
+    ) else {
+        return false;
+    };
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return false,
+    };
+    if day == 0 || day > days || h > 23 || m > 59 || sec > 60 {
+        return false;
+    }
+    let mut rest = &s[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if n == 0 {
+            return false;
+        }
+        rest = &frac[n..];
+    }
+    match rest.as_bytes() {
+        [b'Z' | b'z'] => true,
+        [b'+' | b'-', h1, h2, b':', m1, m2] => {
+            [h1, h2, m1, m2].iter().all(|d| d.is_ascii_digit())
+                && (h1 - b'0') * 10 + (h2 - b'0') <= 23
+                && (m1 - b'0') * 10 + (m2 - b'0') <= 59
+        }
+        _ => false,
+    }
+}
+
+/// Most event types one webhook may name.
+const MAX_WEBHOOK_EVENTS: usize = 16;
+
+/// `POST /api/v1/webhooks`: `{"url","events":[...]}`, the url `http(s)://` with a host
+/// and at most 2048 bytes, the events 1-16 known integration event types.
+pub fn webhook(body: &Value) -> Result<(WebhookUrl, Vec<IntegrationEventType>), ApiError> {
+    let Some(obj) = body.as_object() else {
+        return Err(ApiError::validation(
+            "the body must be a JSON object",
+            Vec::new(),
+        ));
+    };
+    let mut bad = BadFields::default();
+    let url = obj
+        .get("url")
+        .and_then(Value::as_str)
+        // The model's check, then a full URL parser's: both must accept it.
+        .filter(|u| reqwest::Url::parse(u).is_ok_and(|p| p.host_str().is_some()))
+        .and_then(WebhookUrl::parse);
+    let url = bad.check("url", url);
+    let mut events = Vec::new();
+    match obj.get("events").and_then(Value::as_array) {
+        Some(list) if !list.is_empty() && list.len() <= MAX_WEBHOOK_EVENTS => {
+            for (i, name) in list.iter().enumerate() {
+                let ty = name.as_str().and_then(IntegrationEventType::parse);
+                if let Some(ty) = bad.check(&format!("events[{i}]"), ty) {
+                    if !events.contains(&ty) {
+                        events.push(ty);
+                    }
+                }
+            }
+        }
+        _ => bad.0.push("events".into()),
+    }
+    match url {
+        Some(url) if bad.0.is_empty() => Ok((url, events)),
+        _ => {
+            let known: Vec<&str> = IntegrationEventType::ALL
+                .iter()
+                .map(|t| t.as_str())
+                .collect();
+            Err(bad.into_error(&format!(
+                " (url: http:// or https:// with a host, at most {MAX_URL_LEN} bytes; events: 1-{MAX_WEBHOOK_EVENTS} of {})",
+                known.join(", ")
+            )))
+        }
+    }
+}
+
+/// A webhook id from a path: one that cannot exist is simply not found.
+pub fn webhook_id(id: &str) -> Result<WebhookId, ApiError> {
+    WebhookId::parse(id).ok_or_else(|| ApiError::not_found(format!("webhook {id}")))
+}
+
 /// The `Idempotency-Key` header, if sent.
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
     let Some(raw) = headers.get("idempotency-key") else {
@@ -236,5 +394,64 @@ mod tests {
     fn availability_lines_use_the_seed_field_names() {
         let err = availability_check(&json!({"items": [{"sku": "W", "quantity": 1}]})).unwrap_err();
         assert_eq!(err.message, "invalid fields: items[0].product_id");
+    }
+
+    #[test]
+    fn delivery_details_are_optional_and_checked() {
+        let none = delivery_details(None).unwrap();
+        assert_eq!((none.delivered_at, none.delivery_location), (None, None));
+        let ok = delivery_details(Some(&json!({
+            "deliveredAt": "2026-11-30T10:00:00.5+01:00", "deliveryLocation": "front door"
+        })))
+        .unwrap();
+        assert_eq!(
+            ok.delivered_at.as_deref(),
+            Some("2026-11-30T10:00:00.5+01:00")
+        );
+        let err = delivery_details(Some(
+            &json!({"deliveredAt": "yesterday", "deliveryLocation": " "}),
+        ))
+        .unwrap_err();
+        assert_eq!(fields(err), vec!["deliveredAt", "deliveryLocation"]);
+        let long = "x".repeat(MAX_DELIVERY_LOCATION + 1);
+        let err = delivery_details(Some(&json!({"deliveryLocation": long}))).unwrap_err();
+        assert_eq!(fields(err), vec!["deliveryLocation"]);
+        assert!(delivery_details(Some(&json!([1]))).is_err());
+    }
+
+    #[test]
+    fn rfc3339_date_times_only() {
+        for ok in [
+            "2026-11-30T10:00:00Z",
+            "2024-02-29T23:59:60.123456z",
+            "2026-01-01t00:00:00-05:30",
+        ] {
+            assert!(rfc3339(ok), "{ok}");
+        }
+        for bad in [
+            "2026-11-30",
+            "2026-11-30 10:00:00Z",
+            "2025-02-29T10:00:00Z",
+            "2026-13-01T10:00:00Z",
+            "2026-11-30T24:00:00Z",
+            "2026-11-30T10:00:00",
+            "2026-11-30T10:00:00.Z",
+            "2026-11-30T10:00:00+0100",
+            "２026-11-30T10:00:00Z",
+        ] {
+            assert!(!rfc3339(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn webhook_validation_names_every_bad_field() {
+        let (url, events) =
+            webhook(&json!({"url": "https://example.com/h", "events": ["order.status_updated"]}))
+                .unwrap();
+        assert_eq!((url.as_str(), events.len()), ("https://example.com/h", 1));
+        let err = webhook(&json!({"url": "ftp://x", "events": ["order.teleported"]})).unwrap_err();
+        assert_eq!(fields(err), vec!["url", "events[0]"]);
+        let err = webhook(&json!({"url": "http://x", "events": []})).unwrap_err();
+        assert_eq!(fields(err), vec!["events"]);
     }
 }

@@ -176,8 +176,9 @@ fn good_world_tagged(tag: &'static str) -> World {
         items: items(2),
         reason: None,
     }));
-    w.push(DomainEvent::OrderConfirmed(OrderRef {
+    w.push(DomainEvent::OrderConfirmed(OrderConfirmed {
         order_id: oid("o1"),
+        amount: None,
     }));
     w.push(charged("o1", "p1"));
     w.push(DomainEvent::OrderPaid(OrderPaid {
@@ -535,9 +536,10 @@ fn invariant_6_a_sequence_gap_is_a_violation() {
     let mut w = good_world();
     // o1's next event skips a number.
     *w.seqs.get_mut("o1").unwrap() += 1;
-    w.push(DomainEvent::ShipmentDispatched(ShipmentRef {
+    w.push(DomainEvent::ShipmentDispatched(ShipmentDispatched {
         order_id: oid("o1"),
         shipment_id: ShipmentId::parse("s1").unwrap(),
+        dispatched_at: None,
     }));
     let (a, b) = (w.region("a", "active"), w.region("b", "standby"));
     let v = judge(Durability::Async, &good_history(true), &a, &b);
@@ -551,9 +553,10 @@ fn invariant_7_a_write_at_an_old_epoch_after_a_new_one_began_is_a_violation() {
     // Region b begins epoch 2 and commits; then region a still commits at epoch 1.
     w.region = "b".into();
     w.epoch = 2;
-    w.push(DomainEvent::ShipmentDispatched(ShipmentRef {
+    w.push(DomainEvent::ShipmentDispatched(ShipmentDispatched {
         order_id: oid("o1"),
         shipment_id: ShipmentId::parse("s1").unwrap(),
+        dispatched_at: None,
     }));
     let mut stale = World::new();
     stale.tag = "stale";
