@@ -285,6 +285,8 @@ struct Subscriber {
 enum Stopped {
     #[error("the region is no longer active")]
     NotActive,
+    #[error("the subscription was deleted")]
+    Deleted,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -300,7 +302,7 @@ impl Subscriber {
         loop {
             match self.deliver_all().await {
                 Ok(()) => return,
-                Err(Stopped::NotActive) => return,
+                Err(Stopped::NotActive | Stopped::Deleted) => return,
                 Err(Stopped::Store(e)) => {
                     failures += 1;
                     if failures == 1 || failures.is_multiple_of(50) {
@@ -416,10 +418,21 @@ impl Subscriber {
     /// Delivers one entry's integration event, if it has one for this subscription,
     /// then acknowledges the entry.
     async fn deliver_entry(&self, entry: &Entry) -> Result<(), Stopped> {
-        let event = entry.envelope().ok().and_then(|env| {
-            let domain = DomainEvent::from_envelope(&env).ok()?;
-            integration::derive(&env, &domain)
-        });
+        let env = entry.envelope().ok();
+        let domain = env
+            .as_ref()
+            .and_then(|env| DomainEvent::from_envelope(env).ok());
+        if let Some(DomainEvent::WebhookDeleted(d)) = &domain {
+            if d.webhook_id == self.hook.id {
+                // Nothing committed after the delete is delivered, whenever the
+                // deliverer learns of it (the stream orders the two).
+                return Err(Stopped::Deleted);
+            }
+        }
+        let event = env
+            .as_ref()
+            .zip(domain.as_ref())
+            .and_then(|(env, domain)| integration::derive(env, domain));
         if let Some(event) = event.filter(|e| self.hook.wants(e.event_type)) {
             let body = serde_json::to_vec(&event).expect("integration events serialise");
             self.deliver(entry, &event.event_id, &body).await?;

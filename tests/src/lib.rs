@@ -16,6 +16,8 @@
 //! - [`region`]: a private Redis plus one active node, the usual test fixture.
 //! - [`tokens`]: a test identity provider: key pairs, JWKS (file or HTTPS), signed tokens.
 //! - [`otlp`]: an OTLP/HTTP receiver that keeps the spans the binaries export.
+//! - [`webhook_receiver`]: a webhook endpoint that records deliveries, checks their
+//!   Standard Webhooks signatures and can answer 500 for a while.
 //! - [`gateway`]: the gateway binary, two regions in front of it, a blackholing proxy.
 //! - [`etcd`]: real etcd members (one, or a cluster of three) for gateways that share
 //!   failover control.
@@ -39,6 +41,7 @@ pub mod region;
 pub mod replicator;
 pub mod takeover;
 pub mod tokens;
+pub mod webhook_receiver;
 pub mod workdir;
 
 pub use api::{order_body, Api};
