@@ -464,7 +464,7 @@ async fn a_receiver_that_keeps_failing_gets_its_events_parked_and_a_delete_stops
 
     // Then each of its events is tried twice at the broken receiver, then parked in
     // that webhook's dead-letter stream, while the fine one gets them all
-    let mut conn = region.redis.client().await;
+    let conn = region.redis.client().await;
     let dlq = format!("tandem:webhook-dlq:{broken_id}");
     let parked = eventually(FLOW, "three events parked", || async {
         let mut conn = conn.clone();
@@ -564,4 +564,150 @@ async fn a_receiver_that_keeps_failing_gets_its_events_parked_and_a_delete_stops
         }
     })
     .await;
+}
+
+/// The `(last-delivered-id, pending)` of a consumer group, if it exists.
+async fn group_position(
+    conn: &redis::aio::MultiplexedConnection,
+    group: &str,
+) -> Option<(String, usize)> {
+    let mut conn = conn.clone();
+    let info: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(redis_state::EVENTS)
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    info.groups
+        .into_iter()
+        .find(|g| g.name == group)
+        .map(|g| (g.last_delivered_id, g.pending))
+}
+
+#[tokio::test]
+async fn the_new_active_region_resumes_deliveries_after_a_takeover() {
+    // Given two regions (a active, b standby) with quick webhook retries and a webhook
+    // subscribed on a, whose receiver accepted every event of a first wave of orders,
+    // and b's copy of the webhook's cursor stands past them
+    let mut t =
+        system_tests::takeover::Takeover::start_with_both(quick_retries(100), quick_retries(100))
+            .await;
+    let (a, b) = (t.api_a(), t.api_b());
+    let receiver = WebhookReceiver::start().await;
+    let (hook, secret) = subscribe(&a, &receiver.url()).await;
+    a.put_product(WIDGET, 1000, 100).await;
+    let mut wave1 = Vec::new();
+    for i in 0..3 {
+        wave1.push(
+            a.place_ok(&order_body(&format!("c-1-{i}"), &[(WIDGET, 1)], "tok_ok"))
+                .await,
+        );
+    }
+    for id in &wave1 {
+        a.wait_status(id, &["SHIPPED"], FLOW).await;
+    }
+    eventually(FLOW, "the first wave delivered", || async {
+        let got = accepted_by_order(&receiver.accepted());
+        if wave1
+            .iter()
+            .all(|o| got.get(o).is_some_and(|e| e.len() == 3))
+        {
+            Ok(())
+        } else {
+            Err(got)
+        }
+    })
+    .await;
+    let group = format!("webhook:{hook}");
+    let (conn_a, conn_b) = (t.conn_a().await, t.conn_b().await);
+    eventually(FLOW, "b holds a's webhook cursor", || async {
+        let on_a = group_position(&conn_a, &group).await;
+        let on_b = group_position(&conn_b, &group).await;
+        match (&on_a, &on_b) {
+            (Some((a_id, 0)), Some((b_id, 0))) if a_id == b_id => Ok(()),
+            _ => Err((on_a, on_b)),
+        }
+    })
+    .await;
+    let wave1_accepted = receiver.accepted().len();
+
+    // When the receiver fails while a second wave is placed (a keeps retrying it),
+    // region a dies, b is promoted, and the receiver recovers
+    receiver.set_failing(true);
+    let before_wave2 = receiver.received().len();
+    let mut wave2 = Vec::new();
+    for i in 0..2 {
+        wave2.push(
+            a.place_ok(&order_body(&format!("c-2-{i}"), &[(WIDGET, 1)], "tok_ok"))
+                .await,
+        );
+    }
+    eventually(FLOW, "a is retrying the second wave", || async {
+        let n = receiver.received().len();
+        if n >= before_wave2 + 2 {
+            Ok(())
+        } else {
+            Err(n)
+        }
+    })
+    .await;
+    t.wait_b_caught_up().await;
+    t.node_a.kill();
+    t.rep_a.kill();
+    let r = b.promote(2).await;
+    assert_eq!(r.status, 200, "promote b: {}", r.text);
+    receiver.set_failing(false);
+
+    // Then b delivers every event of the second wave, each order's in order
+    for id in &wave2 {
+        b.wait_status(id, &["SHIPPED"], FLOW).await;
+    }
+    let got = eventually(FLOW, "the second wave delivered by b", || async {
+        let got = accepted_by_order(&receiver.accepted());
+        if wave2
+            .iter()
+            .all(|o| got.get(o).is_some_and(|e| e.len() == 3))
+        {
+            Ok(got)
+        } else {
+            Err(got)
+        }
+    })
+    .await;
+    for id in wave1.iter().chain(&wave2) {
+        let published = integration_events(&b, id).await;
+        assert_eq!(
+            got[id], published,
+            "order {id}: delivered == published on b"
+        );
+    }
+
+    // And it resumed where a stopped: nothing of the first wave came again
+    let accepted = receiver.accepted();
+    let wave1_ids: BTreeSet<String> = accepted[..wave1_accepted]
+        .iter()
+        .map(|r| r.webhook_id.clone())
+        .collect();
+    let again: Vec<&Received> = accepted[wave1_accepted..]
+        .iter()
+        .filter(|r| wave1_ids.contains(&r.webhook_id))
+        .collect();
+    assert!(
+        again.is_empty(),
+        "redelivered after the takeover: {again:?}"
+    );
+
+    // And every request, from either region, is signed with the one secret
+    assert!(receiver.received().iter().all(|r| r.verifies(&secret)));
+    let metrics = b.metrics().await;
+    assert!(
+        metric_sum(
+            &metrics,
+            "tandem_node_webhook_deliveries_total",
+            &[("outcome", "delivered")]
+        )
+        .unwrap_or(0.0)
+            >= 6.0,
+        "b delivered the second wave: {metrics}"
+    );
 }
