@@ -13,6 +13,7 @@
 //! - [`ROLE`]: who is active at which epoch.
 //! - [`QUARANTINE`]: events of an old epoch that the new active never received.
 //! - [`REPLICATION_CHECKPOINT`]: what the replicator has copied into this region.
+//! - [`webhook_lease`]: which node of the region delivers a webhook's events.
 //!
 //! Derived state (rebuildable from [`EVENTS`], see [`DERIVED_PATTERNS`]): orders,
 //! products, shipments, idempotency keys, event indexes, counters.
@@ -92,6 +93,14 @@ pub fn webhook_dlq(webhook_id: &str) -> String {
 /// after a failover resumes deliveries where the old active one stopped.
 pub fn webhook_group(webhook_id: &str) -> String {
     format!("{WEBHOOK_GROUP_PREFIX}{webhook_id}")
+}
+
+/// String: the node of this region that delivers a webhook's events (its consumer
+/// name), with an expiry the holder keeps renewing. Region-local, never copied: one
+/// deliverer per webhook per region keeps one webhook's events in order when several
+/// nodes share the region.
+pub fn webhook_lease(webhook_id: &str) -> String {
+    format!("tandem:webhook-lease:{webhook_id}")
 }
 
 /// Every webhook's consumer group starts with this; they are not workflow groups.

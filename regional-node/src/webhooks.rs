@@ -7,8 +7,8 @@
 //! `tandem:webhooks`.
 //!
 //! Deliveries: each subscription has a consumer group on the event stream
-//! (`webhook:<id>`) that starts at the subscription's own event. Its one task (per
-//! region; only the active region runs it) reads the stream in order, derives each
+//! (`webhook:<id>`) that starts at the subscription's own event. Its one task (one
+//! node of the region holds a lease on it; only the active region runs it) reads the stream in order, derives each
 //! entry's integration event ([`orders_model::integration::derive`]), POSTs it, and
 //! acknowledges the entry once the receiver answered 2xx or the event was parked in
 //! the webhook's dead-letter stream after the bound of attempts. An entry is only
@@ -61,6 +61,42 @@ const WATCH_EVERY: Duration = Duration::from_millis(250);
 pub const BLOCK_MS: u64 = 500;
 /// Entries read at a time.
 const BATCH: usize = 100;
+/// A node holds a webhook's deliveries this long past its last renewal (renewed every
+/// [`WATCH_EVERY`]); another node of the region takes over once it lapses.
+const LEASE_MS: u64 = 5_000;
+
+/// KEYS: the lease. ARGV: our consumer name, lease ms. Takes the lease when free or
+/// ours and extends it; 1 when we hold it.
+static LEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+return 1
+"#,
+    )
+});
+
+/// KEYS: the lease. ARGV: our consumer name. Gives the lease up if it is ours.
+static RELEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"#,
+    )
+});
+
+/// Whether this node holds (and has just extended) the lease on `id`'s deliveries.
+async fn hold_lease(wf: &Workflow, id: &WebhookId) -> Result<bool, StoreError> {
+    let mut inv = LEASE.prepare_invoke();
+    inv.key(keys::webhook_lease(id.as_str()))
+        .arg(&wf.consumer)
+        .arg(LEASE_MS);
+    let held: i64 = wf.store.invoke(&inv).await?;
+    Ok(held == 1)
+}
 
 /// A subscription as answered to a client: the secret only when it was just created.
 pub fn view(hook: &Webhook, secret: Option<&str>) -> serde_json::Value {
@@ -242,6 +278,17 @@ pub async fn run(
                 }
             }
             for (id, hook) in hooks {
+                // One node of the region delivers each webhook: another one (several
+                // nodes may share a region) would split its events and their order.
+                match hold_lease(&wf, &id).await {
+                    Ok(true) => {}
+                    Ok(false) | Err(_) => {
+                        if let Some(task) = running.remove(&id) {
+                            task.abort();
+                        }
+                        continue;
+                    }
+                }
                 if running.get(&id).is_some_and(|t| !t.is_finished()) {
                     continue;
                 }
@@ -264,8 +311,12 @@ pub async fn run(
             _ = stop.changed() => {}
         }
     }
-    for (_, task) in running {
+    for (id, task) in running {
         task.abort();
+        // A node stopping hands its webhooks to the others of the region at once.
+        let mut inv = RELEASE.prepare_invoke();
+        inv.key(keys::webhook_lease(id.as_str())).arg(&wf.consumer);
+        let _: Result<i64, _> = wf.store.invoke(&inv).await;
     }
 }
 

@@ -61,6 +61,8 @@ struct Shared {
     fail_next: AtomicU32,
     /// Answer 500 to everything while set.
     failing: AtomicBool,
+    /// Take this long to answer (ms): a slow subscriber.
+    delay_ms: AtomicU32,
 }
 
 /// The receiver; stops when dropped.
@@ -113,6 +115,11 @@ impl WebhookReceiver {
         self.shared.failing.store(failing, Ordering::SeqCst);
     }
 
+    /// Take `ms` milliseconds to answer each request from now on.
+    pub fn set_delay_ms(&self, ms: u32) {
+        self.shared.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
     /// Every request so far, in the order received.
     pub fn received(&self) -> Vec<Received> {
         self.shared
@@ -155,6 +162,10 @@ async fn receive(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
         Ok(Ok(b)) => b.to_bytes().to_vec(),
         _ => Vec::new(),
     };
+    let delay = shared.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
+    }
     let fail = shared.failing.load(Ordering::SeqCst)
         || shared
             .fail_next

@@ -711,3 +711,59 @@ async fn the_new_active_region_resumes_deliveries_after_a_takeover() {
         "b delivered the second wave: {metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_of_one_region_deliver_each_event_once_in_order() {
+    // Given two nodes on one Redis and a webhook
+    let redis = system_tests::redis_server::RedisServer::start().await;
+    let nodes = [
+        system_tests::node::Node::start(NodeOptions::new(redis.url())).await,
+        system_tests::node::Node::start(NodeOptions::new(redis.url())).await,
+    ];
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    let apis = [Api::new(nodes[0].http()), Api::new(nodes[1].http())];
+    let receiver = WebhookReceiver::start().await;
+    // A slow subscriber: events pile up while one is being delivered.
+    receiver.set_delay_ms(20);
+    subscribe(&apis[0], &receiver.url()).await;
+    apis[0].put_product(WIDGET, 1000, 1000).await;
+
+    // When orders are placed through both, at once
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let api = apis[i % 2].clone();
+        set.spawn(async move {
+            api.place_ok(&order_body(&format!("c-{i}"), &[(WIDGET, 1)], "tok_ok"))
+                .await
+        });
+    }
+    let mut orders = Vec::new();
+    while let Some(id) = set.join_next().await {
+        orders.push(id.unwrap());
+    }
+
+    // Then every status change is delivered once (the receiver never failed), each
+    // order's in order: one node of the region delivers the webhook
+    let got = eventually(FLOW, "every order's three events", || async {
+        let got = accepted_by_order(&receiver.accepted());
+        if orders
+            .iter()
+            .all(|o| got.get(o).is_some_and(|e| e.len() == 3))
+        {
+            Ok(got)
+        } else {
+            Err(got.len())
+        }
+    })
+    .await;
+    for id in &orders {
+        assert_eq!(transitions(&got[id]), pairs(&DELIVERED_PATH[..3]), "{id}");
+    }
+    assert_eq!(
+        receiver.received().len(),
+        orders.len() * 3,
+        "each event once"
+    );
+}
