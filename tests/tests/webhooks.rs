@@ -767,3 +767,48 @@ async fn two_nodes_of_one_region_deliver_each_event_once_in_order() {
         "each event once"
     );
 }
+
+#[tokio::test]
+async fn a_receiver_that_hangs_does_not_slow_order_handling() {
+    // Given a webhook whose receiver takes 20 s to answer (deliveries time out after 5 s)
+    let region = Region::start_with(Default::default(), |o| {
+        o.env("NODE_WEBHOOK_TIMEOUT_MS", 5000)
+    })
+    .await;
+    let api = &region.api;
+    let receiver = WebhookReceiver::start().await;
+    receiver.set_delay_ms(20_000);
+    subscribe(api, &receiver.url()).await;
+    api.put_product(WIDGET, 1000, 100).await;
+
+    // When orders are placed
+    let started = std::time::Instant::now();
+    let mut orders = Vec::new();
+    for i in 0..5 {
+        orders.push(
+            api.place_ok(&order_body(&format!("c-{i}"), &[(WIDGET, 1)], "tok_ok"))
+                .await,
+        );
+    }
+
+    // Then they are all shipped long before even one delivery could have timed out:
+    // the deliveries wait on their own
+    for id in &orders {
+        api.wait_status(id, &["SHIPPED"], std::time::Duration::from_secs(4))
+            .await;
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // And the hanging delivery times out, counted as failed, and is retried
+    eventually(FLOW, "a delivery attempt timed out", || async {
+        let m = api.metrics().await;
+        match metric_sum(
+            &m,
+            "tandem_node_webhook_deliveries_total",
+            &[("outcome", "failed")],
+        ) {
+            Some(n) if n >= 1.0 => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+}
