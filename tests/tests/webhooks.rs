@@ -315,6 +315,11 @@ async fn webhooks_are_managed_and_bad_subscriptions_refused() {
     assert_eq!(hooks[0].get("secret"), None);
     let everything = format!("{:?}", redis_state::dump_all(&mut conn).await);
     assert!(!everything.contains(raw), "the secret is stored sealed");
+    let events = api.events(&id).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["eventType"], "WebhookSubscribed");
+    assert_eq!(events[0]["payload"]["url"], "https://example.com/hook");
+    assert_eq!(events[0]["payload"].get("secret"), None, "not even sealed");
 
     // And a delete removes it; a second delete, or an unknown id, is 404
     let del = |path: String| {

@@ -53,6 +53,10 @@ fn event_json(ring: &KeyRing, disclosure: Disclosure, entry: &Entry) -> Option<V
         serde_json::from_slice(entry.field(eventlog::envelope::FIELD_EVENT)?).ok()?;
     let aggregate = v["aggregateId"].as_str().unwrap_or_default().to_string();
     if let Some(payload) = v.get_mut("payload") {
+        // A webhook's signing secret (sealed) is for the deliverer only.
+        if let Some(obj) = payload.as_object_mut() {
+            obj.remove("secret");
+        }
         if let Err(e) = pii::disclose(payload, &aggregate, ring, disclosure) {
             tracing::warn!(stream_id = %entry.id, error = %e, "shipping address withheld");
         }
