@@ -498,6 +498,40 @@ async fn a_receiver_that_keeps_failing_gets_its_events_parked_and_a_delete_stops
         .map(|e| e["event_id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(parked_ids, published_ids);
+    // And the subscriber can read what it missed, paged
+    let page = api
+        .http
+        .get(&format!(
+            "/api/v1/webhooks/{broken_id}/dead-letters?limit=2"
+        ))
+        .await;
+    assert_eq!(page.status, 200, "{}", page.text);
+    let first_page = page.json["entries"].as_array().unwrap().clone();
+    assert_eq!(first_page.len(), 2);
+    assert_eq!(first_page[0]["event"], published[0]);
+    assert_eq!(first_page[0]["attempts"], 2);
+    assert_eq!(first_page[0]["error"], "HTTP 500");
+    let next = page.json["next"].as_str().unwrap();
+    let rest = api
+        .http
+        .get(&format!(
+            "/api/v1/webhooks/{broken_id}/dead-letters?limit=2&after={next}"
+        ))
+        .await;
+    assert_eq!(rest.json["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        rest.json["entries"][0]["eventId"],
+        published_ids[2].as_str()
+    );
+    for bad in ["limit=0", "after=nope"] {
+        let r = api
+            .http
+            .get(&format!("/api/v1/webhooks/{broken_id}/dead-letters?{bad}"))
+            .await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.text);
+    }
+    let unknown = api.http.get("/api/v1/webhooks/wh_nope/dead-letters").await;
+    assert_eq!(unknown.status, 404, "{}", unknown.text);
     assert_eq!(broken.received().len(), 6, "two attempts per event");
     eventually(FLOW, "the fine receiver has all three", || async {
         let got = accepted_by_order(&fine.accepted());

@@ -73,6 +73,10 @@ pub fn router(state: AppState) -> Router {
             post(webhooks::create).get(webhooks::list),
         )
         .route("/api/v1/webhooks/{webhook_id}", delete(webhooks::delete))
+        .route(
+            "/api/v1/webhooks/{webhook_id}/dead-letters",
+            get(webhooks::dead_letters),
+        )
         .route("/health/live", get(ops::live))
         .route("/health/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
