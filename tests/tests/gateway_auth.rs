@@ -587,3 +587,53 @@ async fn auth_configuration_errors_stop_the_start_with_the_key_named() {
         assert!(output.contains(named), "{named}: {output}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_need_the_webhooks_write_scope() {
+    // Given a gateway with auth in front of the regions
+    let dir = WorkDir::new("auth-keys");
+    let key = SigningKey::ec(dir.path(), "ec-1");
+    let jwks = dir.path().join("jwks.json");
+    write_jwks(&jwks, &[&key]);
+    let regions = TwoRegions::start(false).await;
+    let gw = Gateway::start(auth_options(&regions, &jwks.display().to_string())).await;
+    gw.wait_active("a", 1, SETTLE).await;
+    let body = json!({"url": "https://example.com/hook", "events": ["order.status_updated"]});
+
+    // When a caller without the scope manages webhooks, it is refused
+    let orders = as_user(&gw, &key.sign(&claims("c-1", "orders:write events:read")));
+    for (method, path) in [
+        (Method::POST, "/api/v1/webhooks"),
+        (Method::GET, "/api/v1/webhooks"),
+        (Method::DELETE, "/api/v1/webhooks/wh_1"),
+        (Method::GET, "/api/v1/webhooks/wh_1/dead-letters"),
+    ] {
+        let r = orders
+            .request(
+                method.clone(),
+                path,
+                Some(serde_json::to_vec(&body).unwrap()),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.text);
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some("Bearer error=\"insufficient_scope\", scope=\"webhooks:write\""),
+            "{method} {path}"
+        );
+    }
+
+    // Then one with `webhooks:write` creates, lists and deletes them through the gateway
+    let ops = as_user(&gw, &key.sign(&claims("ops", "webhooks:write")));
+    let created = ops.post("/api/v1/webhooks", &body).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let id = created.json["id"].as_str().unwrap().to_string();
+    let list = ops.get("/api/v1/webhooks").await;
+    assert_eq!(list.status, 200, "{}", list.text);
+    assert_eq!(list.json["webhooks"][0]["id"], id.as_str());
+    let deleted = ops
+        .request(Method::DELETE, &format!("/api/v1/webhooks/{id}"), None, &[])
+        .await;
+    assert_eq!(deleted.status, 204, "{}", deleted.text);
+}
