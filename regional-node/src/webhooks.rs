@@ -198,11 +198,19 @@ pub fn signing_key(secret: &str) -> Option<Vec<u8>> {
         .filter(|k| !k.is_empty())
 }
 
-fn opened_key(ring: &KeyRing, hook: &Webhook) -> Option<Vec<u8>> {
+/// The webhook's signing key, or `None` (logged once per webhook in `unopened`) when
+/// the ring cannot open its secret.
+fn opened_key(
+    ring: &KeyRing,
+    hook: &Webhook,
+    unopened: &mut std::collections::HashSet<WebhookId>,
+) -> Option<Vec<u8>> {
     match ring.open(Field::WebhookSecret, hook.id.as_str(), &hook.secret) {
         Ok(secret) => signing_key(&secret),
         Err(e) => {
-            tracing::error!(webhook = hook.id.as_str(), error = %e, "cannot open the webhook's secret; not delivering (is NODE_PII_KEYS the same in both regions?)");
+            if unopened.insert(hook.id.clone()) {
+                tracing::error!(webhook = hook.id.as_str(), error = %e, "cannot open the webhook's secret; not delivering (is NODE_PII_KEYS the same in both regions?)");
+            }
             None
         }
     }
@@ -240,6 +248,7 @@ pub async fn run(
         }
     };
     let mut running: HashMap<WebhookId, JoinHandle<()>> = HashMap::new();
+    let mut unopened = std::collections::HashSet::new();
     while !*stop.borrow() {
         let active = wf.roles.current().writable();
         let hooks = if active {
@@ -292,7 +301,7 @@ pub async fn run(
                 if running.get(&id).is_some_and(|t| !t.is_finished()) {
                     continue;
                 }
-                let Some(key) = opened_key(&wf.pii, &hook) else {
+                let Some(key) = opened_key(&wf.pii, &hook, &mut unopened) else {
                     continue;
                 };
                 let subscriber = Subscriber {
