@@ -15,6 +15,14 @@
 //! gave up on is closed then (its FIN crosses once forwarding resumes). Closing every
 //! connection at the heal instead would hide exactly the hazard worth testing: a write
 //! that a timed-out client believes failed landing after the partition.
+//!
+//! A **drop** ([`LinkProxy::drop_all`]) is the other half-open shape: bytes are read
+//! and thrown away in both directions, sockets stay open, nothing is reset. That is a
+//! connection whose state one end lost (its host or a middlebox on the path restarted,
+//! the RST got lost) or one the kernel gave up retransmitting on: after the heal the
+//! old connection carries bytes again, but requests and replies sent during the drop
+//! are gone for good, so a client matching replies to requests in order (a pipelined
+//! Redis connection) stays out of step until it dials anew.
 
 use std::sync::Arc;
 
@@ -27,7 +35,7 @@ use tokio::sync::watch;
 pub struct LinkProxy {
     name: String,
     port: u16,
-    cut: Arc<watch::Sender<bool>>,
+    cut: Arc<watch::Sender<Mode>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -35,7 +43,7 @@ impl LinkProxy {
     pub async fn start(name: &str, target_port: u16) -> std::io::Result<LinkProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
-        let (tx, _) = watch::channel(false);
+        let (tx, _) = watch::channel(Mode::Open);
         let cut = Arc::new(tx);
         let accept_cut = cut.clone();
         let task = tokio::spawn(async move {
@@ -73,18 +81,24 @@ impl LinkProxy {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Stops forwarding (blackhole).
+    /// Stops forwarding (blackhole), holding the bytes for the heal.
     pub fn cut(&self) {
-        self.cut.send_replace(true);
+        self.cut.send_replace(Mode::Hold);
+    }
+
+    /// Stops forwarding and throws away every byte either side sends meanwhile, with
+    /// the sockets kept open (see the module doc).
+    pub fn drop_all(&self) {
+        self.cut.send_replace(Mode::Drop);
     }
 
     /// Resumes forwarding, held bytes first.
     pub fn heal(&self) {
-        self.cut.send_replace(false);
+        self.cut.send_replace(Mode::Open);
     }
 
     pub fn is_cut(&self) -> bool {
-        *self.cut.borrow()
+        *self.cut.borrow() != Mode::Open
     }
 }
 
@@ -94,10 +108,43 @@ impl Drop for LinkProxy {
     }
 }
 
-async fn serve(client: TcpStream, target_port: u16, mut cut: watch::Receiver<bool>) {
-    // During a cut the upstream connection is not even attempted.
-    if cut.wait_for(|c| !*c).await.is_err() {
-        return;
+/// What the link does with bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Open,
+    /// Cut: nothing is read, so bytes wait in the socket buffers for the heal.
+    Hold,
+    /// Cut: everything read is thrown away.
+    Drop,
+}
+
+fn open(m: &Mode) -> bool {
+    *m == Mode::Open
+}
+
+async fn serve(mut client: TcpStream, target_port: u16, mut cut: watch::Receiver<Mode>) {
+    // During a cut the upstream connection is not even attempted; during a drop what
+    // the client sends meanwhile is lost.
+    let mut scratch = vec![0u8; 32 * 1024];
+    loop {
+        let mode = *cut.borrow_and_update();
+        match mode {
+            Mode::Open => break,
+            Mode::Hold => {
+                if cut.changed().await.is_err() {
+                    return;
+                }
+            }
+            Mode::Drop => {
+                tokio::select! {
+                    r = client.read(&mut scratch) => match r {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    },
+                    changed = cut.changed() => if changed.is_err() { return },
+                }
+            }
+        }
     }
     let Ok(upstream) = TcpStream::connect(("127.0.0.1", target_port)).await else {
         // The target is down: the client sees its connection closed, as when the
@@ -115,29 +162,36 @@ async fn serve(client: TcpStream, target_port: u16, mut cut: watch::Receiver<boo
 /// Moves bytes from `from` to `to` while the link is not cut. While it is cut nothing
 /// is read, so the sender's writes fill the socket buffers and stall, as they would
 /// against a partition.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut cut: watch::Receiver<bool>) {
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut cut: watch::Receiver<Mode>) {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
-        if cut.wait_for(|c| !*c).await.is_err() {
+        if cut.wait_for(|m| *m != Mode::Hold).await.is_err() {
             return;
         }
         let read = tokio::select! {
             r = from.read(&mut buf) => r,
             // Cut while waiting for bytes: stop reading (a read is cancel-safe).
-            _ = cut.wait_for(|c| *c) => continue,
+            _ = cut.wait_for(|m| *m == Mode::Hold) => continue,
         };
         let n = match read {
             Ok(0) | Err(_) => {
                 // Pass the close on once the link carries it.
-                if cut.wait_for(|c| !*c).await.is_ok() {
+                if cut.wait_for(open).await.is_ok() {
                     let _ = to.shutdown().await;
                 }
                 return;
             }
             Ok(n) => n,
         };
-        if cut.wait_for(|c| !*c).await.is_err() {
+        match *cut.borrow() {
+            Mode::Drop => continue,
+            Mode::Open | Mode::Hold => {}
+        }
+        if cut.wait_for(|m| *m != Mode::Hold).await.is_err() {
             return;
+        }
+        if *cut.borrow() == Mode::Drop {
+            continue;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
@@ -216,5 +270,26 @@ mod tests {
             .expect("answered after the heal")
             .unwrap();
         assert_eq!(&buf, b"hey");
+    }
+
+    #[tokio::test]
+    async fn a_drop_loses_bytes_without_closing_and_the_heal_carries_new_ones() {
+        let proxy = LinkProxy::start("t", echo_server().await).await.unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .unwrap();
+        proxy.drop_all();
+        s.write_all(b"old").await.unwrap();
+        let mut buf = [0u8; 3];
+        let r = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await;
+        assert!(r.is_err(), "a dropping link answered: {r:?}");
+
+        proxy.heal();
+        s.write_all(b"new").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+            .await
+            .expect("answered after the heal")
+            .unwrap();
+        assert_eq!(&buf, b"new", "bytes sent during the drop were delivered");
     }
 }
