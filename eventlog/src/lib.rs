@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`envelope`]: the canonical event envelope and how it is stored in a stream entry.
+//! - `connection`: a Redis connection dialled anew after a response timeout (a
+//!   half-open link); with the `redis` feature.
 //! - `entry`: stream entries parsed from Redis replies (XRANGE, XREAD, XAUTOCLAIM); with
 //!   the `redis` feature.
 //! - [`keys`]: the Redis key layout of one region (streams, role, derived state).
@@ -11,6 +13,8 @@
 //!   the `redis` feature.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "redis")]
+pub mod connection;
 #[cfg(feature = "redis")]
 pub mod entry;
 pub mod envelope;

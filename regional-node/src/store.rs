@@ -9,11 +9,11 @@
 //! concurrent writer's commit makes ours fail with [`CommitOutcome::Conflict`], and
 //! the caller decides again on fresh state.
 
+use eventlog::connection::Reconnecting;
 use eventlog::{keys, Envelope, RoleRecord};
 use internal_tls::PemFile;
 use orders_model::DomainEvent;
 use orders_model::{ApplyError, State};
-use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, Script, Value};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -45,9 +45,10 @@ impl From<redis::RedisError> for StoreError {
 
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
-    /// Upper bound on any one call, so a request fails fast when Redis is gone.
-    timeout: Duration,
+    /// Replaced after a call times out: a half-open connection is never reused. Its
+    /// deadline is the upper bound on any one call, so a request fails fast when Redis
+    /// is gone.
+    conn: Arc<Reconnecting>,
     cache: Arc<StateCache>,
 }
 
@@ -89,7 +90,9 @@ impl StateCache {
 
 impl Store {
     /// Connects lazily: the node starts (and reports not ready) while Redis is down,
-    /// and the manager reconnects by itself when it returns.
+    /// and the manager reconnects by itself when it returns. A call that gets no answer
+    /// in time has the connection dialled anew for the next ones (see
+    /// [`Reconnecting`]): a timeout may mean a half-open link the manager would keep.
     /// A `rediss://` URL trusts only `ca` when given (NODE_REDIS_CA).
     pub fn connect(
         url: &str,
@@ -102,26 +105,25 @@ impl Store {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = Reconnecting::new_lazy("node", client, config, Some(timeout))?;
         Ok(Store {
-            conn,
-            timeout,
+            conn: Arc::new(conn),
             cache: Arc::default(),
         })
     }
 
     /// Runs one command under the store's timeout.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        self.bounded(cmd.query_async::<T>(&mut conn)).await
+        self.bounded(|mut conn| async move { cmd.query_async::<T>(&mut conn).await })
+            .await
     }
 
     pub async fn query_pipe<T: FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        self.bounded(pipe.query_async::<T>(&mut conn)).await
+        self.bounded(|mut conn| async move { pipe.query_async::<T>(&mut conn).await })
+            .await
     }
 
     /// Runs a Lua script (EVALSHA, loading it on first use) under the store's timeout.
@@ -129,22 +131,19 @@ impl Store {
         &self,
         inv: &redis::ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        self.bounded(inv.invoke_async::<T>(&mut conn)).await
+        self.bounded(|mut conn| async move { inv.invoke_async::<T>(&mut conn).await })
+            .await
     }
 
-    /// A call that does not answer within the timeout counts as Redis being away.
-    async fn bounded<T>(
-        &self,
-        call: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {:?}",
-                self.timeout
-            ))),
-        }
+    /// A call that does not answer within the timeout counts as Redis being away (a
+    /// timeout is an I/O error: [`StoreError::Unavailable`]), and has the connection
+    /// replaced.
+    async fn bounded<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(redis::aio::ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        Ok(self.conn.run(call).await?)
     }
 
     async fn mget(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {

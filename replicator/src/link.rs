@@ -6,10 +6,14 @@
 //! that is down at start is normal), a command that finds the connection broken fails
 //! and the next one dials again, once, within the connect timeout; the caller decides
 //! how long to back off ([`retry_policy`]). The response timeout turns a hung peer into
-//! an error instead of a task stuck forever.
+//! an error instead of a task stuck forever, and has the connection dialled anew
+//! ([`Reconnecting`]): the manager itself only reconnects on a connection error, so a
+//! half-open link (packets dropped, socket up) would keep every later command waiting
+//! on a dead connection long after the link healed.
 
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use eventlog::connection::Reconnecting;
+use redis::aio::ConnectionManagerConfig;
 use redis::{Cmd, Pipeline, RedisError, Script, Value};
 use std::time::Duration;
 
@@ -62,7 +66,7 @@ impl LinkError {
 
 pub struct Link {
     side: Side,
-    conn: ConnectionManager,
+    conn: Reconnecting,
 }
 
 impl Link {
@@ -84,7 +88,7 @@ impl Link {
         })?;
         Ok(Link {
             side,
-            conn: ConnectionManager::new_lazy_with_config(client, config)?,
+            conn: Reconnecting::new_lazy(side.as_str(), client, config, None)?,
         })
     }
 
@@ -117,7 +121,11 @@ impl Link {
 
     /// Runs one command. A server error reply is an `Err`.
     pub async fn query(&self, cmd: &Cmd) -> Result<Value, LinkError> {
-        match cmd.query_async::<Value>(&mut self.conn.clone()).await {
+        let reply = self
+            .conn
+            .run(|mut c| async move { cmd.query_async::<Value>(&mut c).await })
+            .await;
+        match reply {
             Ok(Value::ServerError(e)) => Err(self.classify(e.into())),
             Ok(v) => Ok(v),
             Err(e) => Err(self.classify(e)),
@@ -128,7 +136,8 @@ impl Link {
     /// errors are returned in place as [`Value::ServerError`] so the caller can judge each
     /// command.
     pub async fn pipeline(&self, pipe: &Pipeline) -> Result<Vec<Value>, LinkError> {
-        pipe.query_async::<Vec<Value>>(&mut self.conn.clone())
+        self.conn
+            .run(|mut c| async move { pipe.query_async::<Vec<Value>>(&mut c).await })
             .await
             .map_err(|e| self.classify(e))
     }
@@ -148,10 +157,12 @@ impl Link {
         for a in args {
             invocation.arg(&a[..]);
         }
-        match invocation
-            .invoke_async::<Value>(&mut self.conn.clone())
-            .await
-        {
+        let invocation = &invocation;
+        let reply = self
+            .conn
+            .run(|mut c| async move { invocation.invoke_async::<Value>(&mut c).await })
+            .await;
+        match reply {
             Ok(Value::ServerError(e)) => Err(self.classify(e.into())),
             Ok(v) => Ok(v),
             Err(e) => Err(self.classify(e)),

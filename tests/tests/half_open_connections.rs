@@ -21,8 +21,8 @@ async fn a_node_answers_again_within_seconds_after_its_redis_link_drops_bytes_an
     // Given an active node whose Redis link goes through a proxy, taking orders
     let redis = RedisServer::start().await;
     let proxy = LinkProxy::start("node-redis", redis.port()).await.unwrap();
-    let node = Node::start(NodeOptions::new(proxy.redis_url()).env("NODE_REDIS_TIMEOUT_MS", 1000))
-        .await;
+    let node =
+        Node::start(NodeOptions::new(proxy.redis_url()).env("NODE_REDIS_TIMEOUT_MS", 1000)).await;
     node.wait_ready().await;
     let api = Api::new(node.http());
     api.put_product("WIDGET-001", 1000, 1000).await;
@@ -87,7 +87,9 @@ async fn the_replicator_copies_again_within_seconds_after_its_peer_link_drops_by
     // Given a replicator copying from a peer whose link goes through a proxy
     let pair = Pair::start().await;
     let (mut peer, local) = (pair.peer_conn().await, pair.local_conn().await);
-    let proxy = LinkProxy::start("peer-redis", pair.peer.port()).await.unwrap();
+    let proxy = LinkProxy::start("peer-redis", pair.peer.port())
+        .await
+        .unwrap();
     let s = "tandem:events";
     add_events(&mut peer, s, 0, 20).await;
     let rep = Replicator::start(&pair.local.url(), &proxy.redis_url(), &[]).await;
