@@ -3,7 +3,7 @@
 # registry:
 #
 #   tandem-regional-node, tandem-replicator, tandem-gateway   the cargo-built binaries
-#   tandem-redis, tandem-prometheus                           Debian's packages
+#   tandem-redis, tandem-prometheus, tandem-etcd              Debian's packages
 #
 # all FROM debian:bookworm-slim. When the engine lacks that base and cannot pull it, it
 # is built here from Debian's packages (debootstrap into a folder, then `docker import`)
@@ -24,7 +24,8 @@ usage() {
     cat <<'EOF'
 Usage: deploy/build-images.sh [--bin-dir DIR] [--tag TAG] [--base auto|debootstrap]
 
-Builds tandem-{regional-node,replicator,gateway,redis,prometheus}:TAG.
+Builds tandem-{regional-node,replicator,gateway,redis,prometheus,etcd}:TAG
+(etcd: for docker-compose.gateways.yml).
 
   --bin-dir DIR   where cargo put regional-node, replicator and gateway
                   [$TANDEM_BIN_DIR, else target/release]
@@ -211,15 +212,16 @@ tandem_images() {
         build "tandem-$s:$TAG" deploy/images/tandem.Dockerfile "$stage/$s" --build-arg "BINARY=$s"
     done
 }
-# Redis and Prometheus copy nothing in: an empty context.
+# Redis, Prometheus and etcd copy nothing in: an empty context.
 mkdir -p "$stage/empty"
-# The three chains share nothing but the base, and mostly wait on the package mirror
+# The chains share nothing but the base, and mostly wait on the package mirror
 # and the disk: run them side by side.
 tandem_images & tandem_pid=$!
 build "tandem-redis:$TAG" deploy/images/redis.Dockerfile "$stage/empty" & redis_pid=$!
 build "tandem-prometheus:$TAG" deploy/images/prometheus.Dockerfile "$stage/empty" & prometheus_pid=$!
+build "tandem-etcd:$TAG" deploy/images/etcd.Dockerfile "$stage/empty" & etcd_pid=$!
 failed=""
-for pid in "$tandem_pid" "$redis_pid" "$prometheus_pid"; do
+for pid in "$tandem_pid" "$redis_pid" "$prometheus_pid" "$etcd_pid"; do
     wait "$pid" || failed=1
 done
 [ -z "$failed" ] || die "an image failed to build (output above)"
@@ -235,4 +237,4 @@ done
 # A rebuilt image leaves its predecessor untagged: drop ours (only dangling ones, only
 # with our label), or every test run would leave ~100 MB behind.
 docker image prune -f --filter "label=$LABEL" >/dev/null
-say "images ready: $(printf 'tandem-%s:'"$TAG"' ' "${SERVICES[@]}" redis prometheus)"
+say "images ready: $(printf 'tandem-%s:'"$TAG"' ' "${SERVICES[@]}" redis prometheus etcd)"

@@ -27,8 +27,17 @@ use crate::workdir::WorkDir;
 /// Every compose project a test starts is named `tandem-test-<pid>-<n>`.
 pub const PROJECT_PREFIX: &str = "tandem-test-";
 /// Tag of the images the tests build (`deploy/build-images.sh --tag`), so a developer's
-/// `:local` images (release binaries) are left alone.
+/// `:local` images (release binaries) are left alone. `TANDEM_TEST_IMAGE_TAG` overrides it
+/// ([`image_tag`]): two worktrees sharing one engine then test their own binaries.
 pub const IMAGE_TAG: &str = "test";
+
+/// [`IMAGE_TAG`], or `$TANDEM_TEST_IMAGE_TAG` when set and not empty.
+pub fn image_tag() -> String {
+    std::env::var("TANDEM_TEST_IMAGE_TAG")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| IMAGE_TAG.to_string())
+}
 /// The long-running services of the stack (Grafana is an optional profile).
 pub const SERVICES: &[&str] = &[
     "redis-a",
@@ -40,6 +49,22 @@ pub const SERVICES: &[&str] = &[
     "gateway",
     "prometheus",
 ];
+/// The long-running services with `docker-compose.gateways.yml` over the stack: two
+/// gateways and etcd instead of the one gateway.
+pub const GATEWAYS_SERVICES: &[&str] = &[
+    "redis-a",
+    "redis-b",
+    "node-a",
+    "node-b",
+    "replicator-a",
+    "replicator-b",
+    "etcd",
+    "gw-1",
+    "gw-2",
+    "prometheus",
+];
+/// The override file that runs two gateways sharing failover control through etcd.
+pub const GATEWAYS_FILE: &str = "docker-compose.gateways.yml";
 /// Service and port of each region's node inside the compose networks.
 const NODE_PORTS: &[(&str, u16)] = &[("a", 8081), ("b", 8082)];
 /// The network joining the regions, the gateway and Prometheus (docker-compose.yml).
@@ -161,7 +186,7 @@ pub fn build_images() {
             .arg(workspace_root().join("deploy/build-images.sh"))
             .arg("--bin-dir")
             .arg(bin_dir())
-            .args(["--tag", IMAGE_TAG])
+            .args(["--tag", &image_tag()])
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("run deploy/build-images.sh: {e}"))?;
@@ -188,7 +213,13 @@ pub struct Stack {
     pub project: String,
     pub tool: ComposeTool,
     settings: Vec<(String, String)>,
+    /// Compose files over docker-compose.yml (before the test overlay).
+    files: Vec<&'static str>,
+    services: &'static [&'static str],
+    /// The published port of the single `gateway`, or of `gw-1` with two gateways.
     pub gateway_port: u16,
+    /// The published port of `gw-2` (two gateways only).
+    pub gateway2_port: u16,
     pub prometheus_port: u16,
     pub admin_token: String,
     pub node_token: String,
@@ -198,6 +229,17 @@ pub struct Stack {
 impl Stack {
     /// Builds the images, starts the stack and waits until every service is healthy.
     pub async fn up() -> Stack {
+        Stack::up_with(&[], SERVICES).await
+    }
+
+    /// The stack with two gateways (`gw-1`, `gw-2`) sharing failover control through
+    /// etcd ([`GATEWAYS_FILE`]).
+    pub async fn up_gateways() -> Stack {
+        Stack::up_with(&[GATEWAYS_FILE], GATEWAYS_SERVICES).await
+    }
+
+    /// The stack with compose `files` over docker-compose.yml, running `services`.
+    pub async fn up_with(files: &[&'static str], services: &'static [&'static str]) -> Stack {
         build_images();
         remove_abandoned_projects().await;
         let tool = ComposeTool::preferred();
@@ -205,13 +247,13 @@ impl Stack {
         // Published ports are chosen free but are only bound by `up`: another process
         // may take one in between, so try again on fresh ports.
         for attempt in 0..3 {
-            let stack = Stack::configure(tool.clone());
+            let stack = Stack::configure(tool.clone(), files, services);
             let out = stack
                 .compose(&["up", "-d", "--no-build"])
                 .await
                 .expect("run compose up");
             if out.status.success() {
-                stack.wait_healthy(SERVICES, START_DEADLINE).await;
+                stack.wait_healthy(services, START_DEADLINE).await;
                 return stack;
             }
             last = format!(
@@ -225,23 +267,29 @@ impl Stack {
         panic!("the compose stack did not start:\n{last}");
     }
 
-    fn configure(tool: ComposeTool) -> Stack {
+    fn configure(
+        tool: ComposeTool,
+        files: &[&'static str],
+        services: &'static [&'static str],
+    ) -> Stack {
         static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let project = format!("{PROJECT_PREFIX}{}-{n}", std::process::id());
         let workdir = WorkDir::new("compose");
         let (admin_token, node_token) = (secret(), secret());
-        let (gateway_port, prometheus_port) = (free_port(), free_port());
+        let (gateway_port, gateway2_port, prometheus_port) =
+            (free_port(), free_port(), free_port());
         // Passed as the compose tool's environment, which wins over any .env file, so
         // nothing from a developer's shell or .env leaks into the test's stack.
         let settings: Vec<(String, String)> = [
             ("COMPOSE_PROJECT_NAME", project.clone()),
-            ("TANDEM_IMAGE_TAG", IMAGE_TAG.to_string()),
+            ("TANDEM_IMAGE_TAG", image_tag()),
             ("TANDEM_ADMIN_TOKEN", admin_token.clone()),
             ("TANDEM_NODE_TOKEN", node_token.clone()),
             ("TANDEM_PII_KEYS", format!("t1:{}", pii_key())),
             ("GRAFANA_ADMIN_PASSWORD", secret()),
             ("TANDEM_GATEWAY_PORT", gateway_port.to_string()),
+            ("TANDEM_GATEWAY2_PORT", gateway2_port.to_string()),
             ("TANDEM_PROMETHEUS_PORT", prometheus_port.to_string()),
             ("TANDEM_GRAFANA_PORT", free_port().to_string()),
             ("NODE_DURABILITY", "async".to_string()),
@@ -261,7 +309,10 @@ impl Stack {
             project,
             tool,
             settings,
+            files: files.to_vec(),
+            services,
             gateway_port,
+            gateway2_port,
             prometheus_port,
             admin_token,
             node_token,
@@ -281,8 +332,11 @@ impl Stack {
             .arg(&env_file)
             .args(["-p", &self.project])
             .arg("-f")
-            .arg(root.join("docker-compose.yml"))
-            .arg("-f")
+            .arg(root.join("docker-compose.yml"));
+        for f in &self.files {
+            cmd.arg("-f").arg(root.join(f));
+        }
+        cmd.arg("-f")
             .arg(root.join("tests/compose/observe.yml"))
             .args(args)
             .envs(self.settings.iter().map(|(k, v)| (k, v)));
@@ -303,6 +357,20 @@ impl Stack {
         let id = out.lines().next().unwrap_or("").trim().to_string();
         assert!(!id.is_empty(), "no container for service {service}");
         id
+    }
+
+    /// Whether `service` has a container in this project (running or not).
+    pub async fn has_container(&self, service: &str) -> bool {
+        let out = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", self.project),
+            "--filter",
+            &format!("label=com.docker.compose.service={service}"),
+        ])
+        .await;
+        !out.trim().is_empty()
     }
 
     async fn containers(&self, services: &[&str]) -> Vec<String> {
@@ -393,6 +461,16 @@ impl Stack {
         HttpClient::new(format!("http://127.0.0.1:{}", self.gateway_port))
     }
 
+    /// Gateway `service` (`gw-1`, `gw-2`) of the two-gateway stack, at its published port.
+    pub fn gateway_named(&self, service: &str) -> HttpClient {
+        let port = match service {
+            "gw-1" => self.gateway_port,
+            "gw-2" => self.gateway2_port,
+            other => panic!("no gateway service {other} (gw-1, gw-2)"),
+        };
+        HttpClient::new(format!("http://127.0.0.1:{port}"))
+    }
+
     /// The gateway with its admin token.
     pub fn gateway_admin(&self) -> HttpClient {
         self.gateway().with_token(&self.admin_token)
@@ -462,7 +540,7 @@ impl Stack {
 
     /// Writes every service's log into the work dir and prints where.
     async fn save_logs(&self) {
-        for s in SERVICES {
+        for s in self.services {
             let text = self.logs(s, 2000).await;
             let path = self.workdir.path().join(format!("{s}.log"));
             let _ = std::fs::write(&path, &text);

@@ -44,6 +44,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn prometheus_configs_and_alert_rules_pass_promtool() {
     promtool(&["check", "config", "prometheus.yml"]);
+    promtool(&["check", "config", "prometheus-gateways.yml"]);
     promtool(&["check", "config", "local.yml"]);
     let out = promtool(&["test", "rules", "alerts_test.yml"]);
     assert!(out.contains("SUCCESS"), "{out}");
@@ -104,6 +105,16 @@ fn every_alert_rule_is_tested_firing_and_quiet() {
 
 /// `config` of docker-compose.yml with `env`, by `tool`; (success, output).
 fn compose_config(tool: &ComposeTool, env: &[(&str, &str)], extra: &[&str]) -> (bool, String) {
+    compose_config_with(tool, &[], env, extra)
+}
+
+/// The same with compose `files` over docker-compose.yml.
+fn compose_config_with(
+    tool: &ComposeTool,
+    files: &[&str],
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> (bool, String) {
     let root = workspace_root();
     let empty = std::env::temp_dir().join(format!("tandem-empty-{}.env", std::process::id()));
     std::fs::write(&empty, "").unwrap();
@@ -112,10 +123,11 @@ fn compose_config(tool: &ComposeTool, env: &[(&str, &str)], extra: &[&str]) -> (
         .arg("--env-file")
         .arg(&empty)
         .arg("-f")
-        .arg(root.join("docker-compose.yml"))
-        .arg("config")
-        .args(extra)
-        .stdin(Stdio::null());
+        .arg(root.join("docker-compose.yml"));
+    for f in files {
+        cmd.arg("-f").arg(root.join(f));
+    }
+    cmd.arg("config").args(extra).stdin(Stdio::null());
     for key in [
         "TANDEM_ADMIN_TOKEN",
         "TANDEM_NODE_TOKEN",
@@ -244,6 +256,53 @@ fn dashboard_plots_what_a_drill_needs() {
         assert!(
             all.iter().any(|e| e.contains(metric)),
             "no panel of the dashboard queries {metric}"
+        );
+    }
+}
+
+#[test]
+fn gateways_override_parses_and_runs_two_hardened_gateways_and_etcd() {
+    for tool in compose_tools() {
+        let files = ["docker-compose.gateways.yml"];
+        let (ok, out) = compose_config_with(&tool, &files, TOKENS, &[]);
+        assert!(
+            ok,
+            "{} config with the override failed:\n{out}",
+            tool.name()
+        );
+        let config: Yaml = serde_yaml_ng::from_str(&out).expect("config output is YAML");
+        let services = config["services"].as_mapping().expect("services");
+        let service = |name: &str| services[&Yaml::String(name.into())].clone();
+        for name in ["gw-1", "gw-2", "etcd"] {
+            let s = service(name);
+            assert_eq!(s["read_only"], Yaml::Bool(true), "{name} not read-only");
+            assert!(
+                format!("{:?}", s["cap_drop"]).contains("ALL"),
+                "{name} keeps its capabilities"
+            );
+        }
+        // Two gateways on loopback ports of their own, one etcd they both use, unpublished.
+        for (name, id) in [("gw-1", "gw-1"), ("gw-2", "gw-2")] {
+            let env = &service(name)["environment"];
+            assert_eq!(env["GATEWAY_ID"].as_str(), Some(id));
+            assert_eq!(
+                env["GATEWAY_ETCD_ENDPOINTS"].as_str(),
+                Some("http://etcd:2379")
+            );
+            let ports = format!("{:?}", service(name)["ports"]);
+            assert!(ports.contains("127.0.0.1"), "{name}: {ports}");
+        }
+        assert_eq!(service("etcd")["ports"], Yaml::Null, "etcd is published");
+        // The single gateway is parked behind a profile nobody enables.
+        assert!(
+            format!("{:?}", service("gateway")["profiles"]).contains("single-gateway"),
+            "{}: the single gateway would start beside gw-1 and gw-2",
+            tool.name()
+        );
+        // Prometheus reads the two-gateway config.
+        assert!(
+            format!("{:?}", service("prometheus")["command"]).contains("prometheus-gateways.yml"),
+            "{out}"
         );
     }
 }
