@@ -41,6 +41,14 @@ async fn route(
             );
             Ok(resp)
         }
+        (&Method::GET, ["openapi.json"]) => {
+            let mut resp = Response::new(full_body(crate::openapi::document()));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Ok(resp)
+        }
         (&Method::GET, ["gateway", "health"]) => Ok(health(shared)),
         (&Method::GET, ["gateway", "regions"]) => Ok(json(StatusCode::OK, regions(shared))),
         (&Method::POST, ["gateway", "failover"]) => {
@@ -66,7 +74,7 @@ async fn route(
             tracing::info!(region = %region.id, drained, "drain state changed");
             Ok(json(StatusCode::OK, regions(shared)))
         }
-        (_, ["metrics"] | ["gateway", "health" | "regions" | "failover"]) => {
+        (_, ["metrics" | "openapi.json"] | ["gateway", "health" | "regions" | "failover"]) => {
             Err(GatewayError::MethodNotAllowed)
         }
         (_, ["gateway", "regions", _, "drain" | "undrain"]) => Err(GatewayError::MethodNotAllowed),

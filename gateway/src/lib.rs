@@ -19,7 +19,8 @@
 //! - [`jwks`]: the signing keys tokens are checked against, loaded, cached and rotated.
 //! - [`access`]: the scope each route needs; customers reach only their own orders.
 //! - [`limits`]: per-client rate limit, header and body sizes, the retry budget.
-//! - [`admin`]: `/gateway/*` endpoints and `/metrics`.
+//! - [`admin`]: `/gateway/*` endpoints, `/metrics` and `/openapi.json`.
+//! - [`openapi`]: the OpenAPI document: the node's public paths plus the gateway's own.
 //! - [`metrics`]: Prometheus metrics and route templates.
 //! - [`tls`]: rustls server configuration from PEM files.
 //! - [`error`]: the gateway's own error answers and their stable codes.
@@ -40,6 +41,7 @@ pub mod jwks;
 pub mod limits;
 pub mod metrics;
 pub mod node_api;
+pub mod openapi;
 pub mod proxy;
 pub mod routing;
 pub mod server;

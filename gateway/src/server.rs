@@ -300,7 +300,7 @@ async fn dispatch(
     tls: bool,
 ) -> Response<Body> {
     let path = req.uri().path();
-    if path == "/metrics" || path.starts_with("/gateway/") {
+    if path == "/metrics" || path == "/openapi.json" || path.starts_with("/gateway/") {
         admin::handle(shared, req, peer).await
     } else if path == "/admin" || path.starts_with("/admin/") {
         // The nodes' admin API is never reachable through the public endpoint.

@@ -3,6 +3,7 @@
 use crate::api::{self, AppState};
 use crate::bus::{self, BusConfig};
 use crate::config::{Config, Durability};
+use crate::connections;
 use crate::durability::{self, Standby};
 use crate::metrics::Metrics;
 use crate::projector;
@@ -195,25 +196,28 @@ impl Application {
             durability = ?config.durability, https = tls.is_some(),
             client_certificates = config.tls_client_ca.is_some(), "regional node started"
         );
-        let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
-        let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let stopped = async move {
-            let _ = http_stop_rx.await;
+        let app = api::router(state);
+        let limits = connections::Limits {
+            max_connections: config.http_max_connections,
+            header_timeout: Duration::from_millis(config.http_header_timeout_ms),
         };
+        let (http_stop_tx, http_stop_rx) = watch::channel(false);
         let server = match tls {
-            None => tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .await
-            }),
+            None => tokio::spawn(connections::serve(listener, app, limits, http_stop_rx)),
             Some(acceptor) => {
                 // `tap_io` only so axum's ConnectInfo<SocketAddr> (the admin routes'
                 // loopback check) applies to a listener of our own.
                 let listener = TlsListener::new(listener, acceptor)?.tap_io(|_| {});
+                let mut stop = http_stop_rx;
                 tokio::spawn(async move {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(stopped)
-                        .await
+                    let _ = axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
                 })
             }
         };
@@ -221,7 +225,7 @@ impl Application {
         shutdown.await;
         tracing::info!("shutting down: no new entries are read; finishing in-flight work");
         let _ = stop_tx.send(true);
-        let _ = http_stop_tx.send(());
+        let _ = http_stop_tx.send(true);
         let grace = Duration::from_millis(config.shutdown_grace_ms);
         let drained = tokio::time::timeout(grace, async {
             while handlers.join_next().await.is_some() {}

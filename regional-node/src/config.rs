@@ -88,6 +88,16 @@ pub struct Config {
     pub webhook_backoff_ms: u64,
     /// NODE_WEBHOOK_BACKOFF_MAX_MS
     pub webhook_backoff_max_ms: u64,
+    /// NODE_HTTP_MAX_CONNECTIONS [1024]: open client connections at most; further ones
+    /// wait in the listen backlog until one closes.
+    pub http_max_connections: usize,
+    /// NODE_HTTP_HEADER_TIMEOUT_MS [10000]: a connection that has not sent a complete
+    /// request head this long after it opened or after its last answer is closed (slow
+    /// or idle clients cannot hold a connection slot forever).
+    pub http_header_timeout_ms: u64,
+    /// NODE_HTTP_BODY_TIMEOUT_MS [30000]: longest wait for a request body; past it the
+    /// answer is 408 `request_timeout`.
+    pub http_body_timeout_ms: u64,
 }
 
 /// `NODE_PII_KEYS`: parsed at load, so a bad ring stops the node before it starts (the
@@ -127,6 +137,9 @@ impl Config {
             .and_then(|b| b.set_default("webhook_max_attempts", 8))
             .and_then(|b| b.set_default("webhook_backoff_ms", 500))
             .and_then(|b| b.set_default("webhook_backoff_max_ms", 60_000))
+            .and_then(|b| b.set_default("http_max_connections", 1024))
+            .and_then(|b| b.set_default("http_header_timeout_ms", 10_000))
+            .and_then(|b| b.set_default("http_body_timeout_ms", 30_000))
             .map_err(|e| ConfigError(e.to_string()))?;
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
@@ -207,6 +220,16 @@ impl Config {
         if self.promotion_timeout_ms < 1000 {
             return Err(ConfigError(
                 "promotion_timeout_ms (NODE_PROMOTION_TIMEOUT_MS) must be at least 1000".into(),
+            ));
+        }
+        if self.http_max_connections == 0 {
+            return Err(ConfigError(
+                "http_max_connections (NODE_HTTP_MAX_CONNECTIONS) must be at least 1".into(),
+            ));
+        }
+        if self.http_header_timeout_ms == 0 || self.http_body_timeout_ms == 0 {
+            return Err(ConfigError(
+                "http_header_timeout_ms and http_body_timeout_ms (NODE_HTTP_HEADER_TIMEOUT_MS, NODE_HTTP_BODY_TIMEOUT_MS) must be above 0".into(),
             ));
         }
         if self.handler_concurrency == 0 || self.handler_concurrency > 256 {

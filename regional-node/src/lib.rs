@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`app`]: builds the node from its config and runs it until stopped.
 //! - [`config`]: typed configuration (`NODE_*`).
+//! - [`connections`]: the listener: connection cap, header timeout, lingering close.
 //! - [`api`]: the HTTP API of API.md.
 //! - [`durability`]: `replicated` durability: waiting for the standby, and the fallback.
 //! - [`orders`], [`inventory`], [`payments`], [`shipments`]: the modules of the
@@ -28,6 +29,7 @@ pub mod api;
 pub mod app;
 pub mod bus;
 pub mod config;
+pub mod connections;
 pub mod dead_letters;
 pub mod durability;
 pub mod inventory;

@@ -11,19 +11,21 @@ mod requests;
 mod webhooks;
 
 pub use error::ApiError;
+pub use ops::OPENAPI;
 
 use crate::config::Config;
 use crate::workflow::Workflow;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
-use axum::http::{request::Parts, HeaderName, HeaderValue, StatusCode};
+use axum::handler::Handler;
+use axum::http::{request::Parts, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
-use axum::routing::{delete, get, post, put};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, on, post, MethodFilter, MethodRouter};
 use axum::Router;
 use serde_json::Value;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing::Instrument as _;
 
 /// Largest accepted request body.
@@ -41,6 +43,88 @@ pub struct AppState {
     pub standby: Arc<crate::durability::Standby>,
 }
 
+/// One public route: what the router serves and what `openapi.json` must document.
+struct Endpoint {
+    method: Method,
+    path: &'static str,
+    route: MethodRouter<AppState>,
+}
+
+fn endpoint<H, T>(method: Method, path: &'static str, handler: H) -> Endpoint
+where
+    H: Handler<T, AppState>,
+    T: 'static,
+{
+    let filter = MethodFilter::try_from(method.clone()).expect("a method axum routes");
+    Endpoint {
+        method,
+        path,
+        route: on(filter, handler),
+    }
+}
+
+/// The public API, one entry per method and path. The router is built from this table
+/// (axum's routes cannot be listed), so the OpenAPI test can check that the document
+/// covers exactly what the node serves.
+fn public_endpoints() -> Vec<Endpoint> {
+    vec![
+        endpoint(Method::POST, "/orders", public::place_order),
+        endpoint(Method::GET, "/orders/{order_id}", public::get_order),
+        endpoint(
+            Method::POST,
+            "/orders/{order_id}/cancel",
+            public::cancel_order,
+        ),
+        endpoint(
+            Method::POST,
+            "/api/v1/products/check-availability",
+            public::check_availability,
+        ),
+        endpoint(
+            Method::PUT,
+            "/api/v1/products/{sku}",
+            public::upsert_product,
+        ),
+        endpoint(Method::GET, "/api/v1/products/{sku}", public::get_product),
+        endpoint(
+            Method::POST,
+            "/shipments/{shipment_id}/dispatch",
+            public::dispatch,
+        ),
+        endpoint(
+            Method::POST,
+            "/shipments/{shipment_id}/deliver",
+            public::deliver,
+        ),
+        endpoint(Method::GET, "/api/events", events::list),
+        endpoint(Method::GET, "/api/events/{event_id}", events::one),
+        endpoint(Method::POST, "/api/v1/webhooks", webhooks::create),
+        endpoint(Method::GET, "/api/v1/webhooks", webhooks::list),
+        endpoint(
+            Method::DELETE,
+            "/api/v1/webhooks/{webhook_id}",
+            webhooks::delete,
+        ),
+        endpoint(
+            Method::GET,
+            "/api/v1/webhooks/{webhook_id}/dead-letters",
+            webhooks::dead_letters,
+        ),
+        endpoint(Method::GET, "/health/live", ops::live),
+        endpoint(Method::GET, "/health/ready", ops::ready),
+        endpoint(Method::GET, "/metrics", ops::metrics),
+        endpoint(Method::GET, "/openapi.json", ops::openapi),
+    ]
+}
+
+/// Method and path template (axum's `{name}` syntax) of every public route.
+pub fn public_routes() -> Vec<(Method, &'static str)> {
+    public_endpoints()
+        .into_iter()
+        .map(|e| (e.method, e.path))
+        .collect()
+}
+
 pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/admin/role", get(admin::role))
@@ -52,41 +136,29 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/dlq/{entry_id}/replay", post(admin::replay))
         .route("/admin/rebuild", post(admin::rebuild))
         .route("/admin/quarantine", get(admin::quarantine));
-    Router::new()
-        .route("/orders", post(public::place_order))
-        .route("/orders/{order_id}", get(public::get_order))
-        .route("/orders/{order_id}/cancel", post(public::cancel_order))
-        .route(
-            "/api/v1/products/check-availability",
-            post(public::check_availability),
-        )
-        .route(
-            "/api/v1/products/{sku}",
-            put(public::upsert_product).get(public::get_product),
-        )
-        .route("/shipments/{shipment_id}/dispatch", post(public::dispatch))
-        .route("/shipments/{shipment_id}/deliver", post(public::deliver))
-        .route("/api/events", get(events::list))
-        .route("/api/events/{event_id}", get(events::one))
-        .route(
-            "/api/v1/webhooks",
-            post(webhooks::create).get(webhooks::list),
-        )
-        .route("/api/v1/webhooks/{webhook_id}", delete(webhooks::delete))
-        .route(
-            "/api/v1/webhooks/{webhook_id}/dead-letters",
-            get(webhooks::dead_letters),
-        )
-        .route("/health/live", get(ops::live))
-        .route("/health/ready", get(ops::ready))
-        .route("/metrics", get(ops::metrics))
+    // Routes of one path merge into one method router (axum does that for `route`).
+    let public = public_endpoints()
+        .into_iter()
+        .fold(Router::new(), |r, e| r.route(e.path, e.route));
+    public
         .merge(admin)
         .fallback(|| async { ApiError::not_found("route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this path does not take this method (see Allow)",
+            )
+        })
         .route_layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), context))
         .with_state(state)
 }
+
+/// `NODE_HTTP_BODY_TIMEOUT_MS`, for the body extractors (which see no state).
+#[derive(Clone, Copy)]
+struct BodyTimeout(Duration);
 
 /// Who asked: the request id (the caller's or a new one) and the W3C trace context.
 #[derive(Debug, Clone)]
@@ -121,7 +193,22 @@ async fn context(State(state): State<AppState>, mut req: Request, next: Next) ->
         request_id: request_id.clone(),
         traceparent,
     });
-    let mut response = next.run(req).await;
+    req.extensions_mut()
+        .insert(BodyTimeout(Duration::from_millis(
+            state.config.http_body_timeout_ms,
+        )));
+    let mut response = as_json_error(next.run(req).await).await;
+    if matches!(
+        response.status(),
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+    ) {
+        // The body was left unread, so this connection cannot carry another request:
+        // say so, or a client would send its next one into a closing connection.
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            HeaderValue::from_static("close"),
+        );
+    }
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(state.config.region.as_str()) {
         headers.insert(X_REGION.clone(), v);
@@ -130,6 +217,47 @@ async fn context(State(state): State<AppState>, mut req: Request, next: Next) ->
         headers.insert(X_REQUEST_ID.clone(), v);
     }
     response
+}
+
+/// Every failure in our error format, also the ones axum answers itself in plain text
+/// (a path or query its extractors cannot parse, an unknown method): a client matches
+/// on `error.code` and never has to parse anything else.
+async fn as_json_error(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let (parts, body) = response.into_parts();
+    // axum's rejection texts are short and name what could not be parsed.
+    let text = axum::body::to_bytes(body, 1024).await.unwrap_or_default();
+    let message = match String::from_utf8_lossy(&text).trim() {
+        "" => status
+            .canonical_reason()
+            .unwrap_or("bad request")
+            .to_string(),
+        t => t.to_string(),
+    };
+    let mut json = ApiError::new(status, code, message).into_response();
+    // Keep what the original answer said besides its body (`Allow` on a 405).
+    for (name, value) in parts.headers.iter() {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            json.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    json
 }
 
 /// A header's value if it is short, visible ASCII (it ends up in logs and events).
@@ -215,9 +343,26 @@ impl<S: Send + Sync> FromRequest<S> for OptionalJsonBody {
     }
 }
 
-/// The whole body, within [`MAX_BODY`].
+/// The whole body, within [`MAX_BODY`] and the body timeout (a client trickling its
+/// body must not hold a connection and a handler forever).
 async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
-    Bytes::from_request(req, state).await.map_err(|rejection| {
+    let timeout = req
+        .extensions()
+        .get::<BodyTimeout>()
+        .map_or(Duration::from_secs(30), |t| t.0);
+    let read = tokio::time::timeout(timeout, Bytes::from_request(req, state))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} ms",
+                    timeout.as_millis()
+                ),
+            )
+        })?;
+    read.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,

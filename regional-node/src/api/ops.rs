@@ -43,3 +43,11 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         st.wf.metrics.render(),
     )
 }
+
+/// The OpenAPI 3.1 document of the public API, written by hand (`openapi/node.json` at
+/// the repository's root) so that a change of the API is a reviewable change of it.
+pub const OPENAPI: &str = include_str!("../../../openapi/node.json");
+
+pub async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}

@@ -139,6 +139,12 @@ pub fn upsert_product(body: &Value) -> Result<UpsertProduct, ApiError> {
 
 /// The optional `{"reason"}` of `POST /orders/{id}/cancel`.
 pub fn cancel_reason(body: Option<&Value>) -> Result<Option<String>, ApiError> {
+    if body.is_some_and(|b| !b.is_object()) {
+        return Err(ApiError::validation(
+            "the body must be a JSON object (or empty)",
+            Vec::new(),
+        ));
+    }
     match body.map(|b| b.get("reason")) {
         None | Some(None) | Some(Some(Value::Null)) => Ok(None),
         Some(Some(Value::String(r))) if r.len() <= 500 => Ok(Some(r.clone())),
