@@ -10,6 +10,7 @@
 //!   "rebuild equals live" assertions.
 //! - [`compose`]: the docker-compose.yml stack, its images and Docker's faults.
 //! - [`http`]: a small reqwest client returning status, headers and JSON.
+//! - [`raw_http`]: HTTP/1.1 by hand over TCP: oversized and trickled requests.
 //! - [`poll`]: waiting by polling with a deadline.
 //! - [`node`]: the `regional-node` binary.
 //! - [`api`]: the node's HTTP API (orders, products, events, admin) for tests.
@@ -34,6 +35,7 @@ pub mod node;
 pub mod otlp;
 pub mod poll;
 pub mod ports;
+pub mod raw_http;
 pub mod process;
 pub mod redis_server;
 pub mod redis_state;

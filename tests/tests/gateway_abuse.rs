@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use system_tests::gateway::{metric, Gateway, GatewayOptions, TwoRegions};
+use system_tests::raw_http::{read_response, send_big};
 use system_tests::redis_state;
 use system_tests::tokens::{claims, write_jwks, SigningKey, AUDIENCE, ISSUER};
 use system_tests::workdir::WorkDir;
@@ -27,82 +28,6 @@ async fn connect_from(from: &str, gw: &Gateway) -> std::io::Result<TcpStream> {
         .await
 }
 
-/// Reads one HTTP/1.1 response (head and a Content-Length body) or what arrived
-/// before the connection ended; `Err` when the connection broke before a full head.
-async fn read_response(
-    stream: &mut tokio::net::tcp::OwnedReadHalf,
-) -> Result<(String, String), String> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
-                return Ok((head, body));
-            }
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) => return Err(format!("EOF after {} bytes", buf.len())),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(format!("{e} after {} bytes", buf.len())),
-        }
-    }
-}
-
-/// Sends `head` then `total` body bytes as fast as the connection takes them, while
-/// reading the answer; returns the answer and how many body bytes went out.
-async fn send_big(
-    gw: &Gateway,
-    head: String,
-    total: usize,
-    chunked: bool,
-) -> (Result<(String, String), String>, usize) {
-    let stream = connect_from("127.0.0.1", gw).await.expect("connect");
-    let (mut rd, mut wr) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        let mut sent = 0usize;
-        if wr.write_all(head.as_bytes()).await.is_err() {
-            return sent;
-        }
-        let block = vec![b'x'; 64 * 1024];
-        while sent < total {
-            let r = if chunked {
-                let mut framed = format!("{:x}\r\n", block.len()).into_bytes();
-                framed.extend_from_slice(&block);
-                framed.extend_from_slice(b"\r\n");
-                wr.write_all(&framed).await
-            } else {
-                wr.write_all(&block).await
-            };
-            if r.is_err() {
-                return sent;
-            }
-            sent += block.len();
-        }
-        if chunked {
-            let _ = wr.write_all(b"0\r\n\r\n").await;
-        }
-        sent
-    });
-    let answer = tokio::time::timeout(Duration::from_secs(30), read_response(&mut rd))
-        .await
-        .unwrap_or_else(|_| Err("no answer in 30 s".into()));
-    let sent = tokio::time::timeout(Duration::from_secs(60), writer)
-        .await
-        .expect("writer ends")
-        .expect("writer");
-    (answer, sent)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_body_gets_its_413_while_the_client_is_still_sending() {
     // Given a gateway with the default 1 MiB body limit
@@ -116,7 +41,7 @@ async fn an_oversized_body_gets_its_413_while_the_client_is_still_sending() {
     let head = format!(
         "POST /orders HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {BIG}\r\n\r\n"
     );
-    let (answer, sent) = send_big(&gw, head, BIG, false).await;
+    let (answer, sent) = send_big(gw.port(), head, BIG, false).await;
     // Then it reads the 413, and could send its whole body without a reset
     let (head, body) = answer.expect("a readable answer");
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
@@ -125,7 +50,7 @@ async fn an_oversized_body_gets_its_413_while_the_client_is_still_sending() {
 
     // When the body comes chunked, without a declared length (only counting tells)
     let head = "POST /orders HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".to_string();
-    let (answer, _) = send_big(&gw, head, BIG, true).await;
+    let (answer, _) = send_big(gw.port(), head, BIG, true).await;
     let (head, body) = answer.expect("a readable answer");
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     assert!(body.contains("payload_too_large"), "{body}");

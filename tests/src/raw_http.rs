@@ -1,0 +1,85 @@
+//! Raw HTTP/1.1 over TCP, for what an HTTP client library hides: a body sent while the
+//! answer is already coming back, trickled bytes, connections that never finish a head.
+
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads one HTTP/1.1 response (head and a Content-Length body) or what arrived
+/// before the connection ended; `Err` when the connection broke before a full head.
+pub async fn read_response(
+    stream: &mut tokio::net::tcp::OwnedReadHalf,
+) -> Result<(String, String), String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+                return Ok((head, body));
+            }
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) => return Err(format!("EOF after {} bytes", buf.len())),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("{e} after {} bytes", buf.len())),
+        }
+    }
+}
+
+/// Sends `head` then `total` body bytes as fast as the connection takes them, while
+/// reading the answer; returns the answer and how many body bytes went out.
+pub async fn send_big(
+    port: u16,
+    head: String,
+    total: usize,
+    chunked: bool,
+) -> (Result<(String, String), String>, usize) {
+    let stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut rd, mut wr) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut sent = 0usize;
+        if wr.write_all(head.as_bytes()).await.is_err() {
+            return sent;
+        }
+        let block = vec![b'x'; 64 * 1024];
+        while sent < total {
+            let r = if chunked {
+                let mut framed = format!("{:x}\r\n", block.len()).into_bytes();
+                framed.extend_from_slice(&block);
+                framed.extend_from_slice(b"\r\n");
+                wr.write_all(&framed).await
+            } else {
+                wr.write_all(&block).await
+            };
+            if r.is_err() {
+                return sent;
+            }
+            sent += block.len();
+        }
+        if chunked {
+            let _ = wr.write_all(b"0\r\n\r\n").await;
+        }
+        sent
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(30), read_response(&mut rd))
+        .await
+        .unwrap_or_else(|_| Err("no answer in 30 s".into()));
+    let sent = tokio::time::timeout(Duration::from_secs(60), writer)
+        .await
+        .expect("writer ends")
+        .expect("writer");
+    (answer, sent)
+}
+
