@@ -71,6 +71,16 @@ pub fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
     }
 }
 
+/// The largest reply the copier takes. A batch of entries is far smaller (the node's
+/// events are kilobytes, a batch at most `batch_size` of them); a peer that declares or
+/// sends more is broken or hostile, and buffering it would exhaust memory.
+pub const MAX_REPLY_BYTES: usize = 256 << 20;
+/// Deepest nesting of arrays in a reply: XREAD's is 5 levels. A bound keeps a reply of
+/// nested one-element arrays from overflowing the stack of the recursive scan.
+const MAX_DEPTH: usize = 16;
+/// Longest header line (`$<len>` / `*<count>`): an i64 and the type byte fit easily.
+const MAX_HEADER_LINE: usize = 32;
+
 /// A RESP2 connection that returns whole replies as bytes.
 pub struct RawConn {
     side: Side,
@@ -225,6 +235,12 @@ impl RawConn {
                 self.buf.drain(..pos);
                 return Ok(out);
             }
+            if self.buf.len() - pos > MAX_REPLY_BYTES {
+                return Err(LinkError::Other(format!(
+                    "{}: a reply is over {MAX_REPLY_BYTES} bytes",
+                    self.side.as_str()
+                )));
+            }
             if self.buf.capacity() - self.buf.len() < 64 * 1024 {
                 self.buf.reserve(1 << 20);
             }
@@ -269,12 +285,24 @@ fn parse_len(buf: &[u8], pos: usize, cr: usize) -> Result<i64, String> {
         .ok_or_else(|| format!("bad length at byte {pos}"))
 }
 
-/// The end of the RESP frame starting at `pos`; `None` while it is incomplete.
+/// The end of the RESP frame starting at `pos`; `None` while it is incomplete. A frame
+/// that declares more than [`MAX_REPLY_BYTES`], nests deeper than [`MAX_DEPTH`] or has
+/// a header line that never ends is an error, never a wait for more bytes.
 pub fn frame_end(buf: &[u8], pos: usize) -> Result<Option<usize>, String> {
+    frame_end_within(buf, pos, 0)
+}
+
+fn frame_end_within(buf: &[u8], pos: usize, depth: usize) -> Result<Option<usize>, String> {
+    if depth > MAX_DEPTH {
+        return Err(format!("reply nested deeper than {MAX_DEPTH} levels"));
+    }
     let Some(&kind) = buf.get(pos) else {
         return Ok(None);
     };
     let Some(cr) = line_end(buf, pos) else {
+        if matches!(kind, b'$' | b'*' | b'%' | b'~') && buf.len() - pos > MAX_HEADER_LINE {
+            return Err(format!("header line at byte {pos} does not end"));
+        }
         return Ok(None);
     };
     match kind {
@@ -284,15 +312,22 @@ pub fn frame_end(buf: &[u8], pos: usize) -> Result<Option<usize>, String> {
             if n < 0 {
                 return Ok(Some(cr + 2));
             }
+            if n as u64 > MAX_REPLY_BYTES as u64 {
+                return Err(format!("bulk string of {n} bytes at byte {pos}"));
+            }
             let end = cr + 2 + n as usize + 2;
             Ok((end <= buf.len()).then_some(end))
         }
         b'*' | b'%' | b'~' => {
             let n = parse_len(buf, pos, cr)?;
+            // Every element takes at least 3 bytes (`+` and CRLF).
+            if n > (MAX_REPLY_BYTES / 3) as i64 {
+                return Err(format!("aggregate of {n} elements at byte {pos}"));
+            }
             let n = if kind == b'%' { n * 2 } else { n };
             let mut p = cr + 2;
             for _ in 0..n.max(0) {
-                match frame_end(buf, p)? {
+                match frame_end_within(buf, p, depth + 1)? {
                     Some(e) => p = e,
                     None => return Ok(None),
                 }
@@ -555,6 +590,32 @@ mod tests {
         let mut out = Vec::new();
         assert!(xread_to_entries(b"*-1\r\n", &mut out).unwrap().0.is_empty());
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn malformed_or_huge_replies_are_errors_not_waits() {
+        // A declared length past the bound: refused before a byte of it is buffered.
+        assert!(frame_end(b"$99999999999\r\n", 0).is_err());
+        assert!(frame_end(b"*9223372036854775807\r\n", 0).is_err());
+        assert!(frame_end(b"%4611686018427387904\r\n", 0).is_err());
+        // A length line that never ends.
+        assert!(frame_end(&[b'$'; 64], 0).is_err());
+        assert!(
+            frame_end(b"$12", 0).unwrap().is_none(),
+            "short: wait for more"
+        );
+        // Nesting past the bound (a stack overflow otherwise).
+        let deep = b"*1\r\n".repeat(100_000);
+        assert!(frame_end(&deep, 0).is_err());
+        let fine = b"*1\r\n".repeat(MAX_DEPTH);
+        assert_eq!(
+            frame_end(&[fine, b":1\r\n".to_vec()].concat(), 0).unwrap(),
+            Some(MAX_DEPTH * 4 + 4)
+        );
+        // Garbage lengths.
+        assert!(frame_end(b"$x\r\n", 0).is_err());
+        let mut out = Vec::new();
+        assert!(xread_to_entries(b"*1\r\n*2\r\n$999999999999\r\n", &mut out).is_err());
     }
 
     #[test]

@@ -82,4 +82,3 @@ pub async fn send_big(
         .expect("writer");
     (answer, sent)
 }
-

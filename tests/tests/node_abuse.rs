@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use system_tests::raw_http::{read_response, send_big};
 use system_tests::redis_state;
-use system_tests::{order_body, Region, RedisOptions};
+use system_tests::{order_body, RedisOptions, Region};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
