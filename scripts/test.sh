@@ -5,7 +5,9 @@
 # tests in tests/ start the real binaries from target/debug and their own redis-server
 # and etcd processes on free ports; tests/tests/compose_stack.rs builds the container
 # images from the same binaries (deploy/build-images.sh, which builds the Debian base
-# image itself when it is missing) and runs the docker-compose.yml stack.
+# image itself when it is missing) and runs the docker-compose.yml stack;
+# tests/tests/openapi.rs installs schemathesis from PyPI into target/schemathesis-venv
+# (Debian's python3-venv is installed here when `python3 -m venv` is missing).
 #
 # Without a Docker engine the compose test is skipped with a message, unless CI is set
 # or TANDEM_REQUIRE_DOCKER=1 (.ci/run sets it): then it fails.
@@ -22,6 +24,10 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v objcopy >/dev/null 2>&1 || missing+=(binutils)
+# tests/tests/openapi.rs runs schemathesis (from PyPI) in a virtualenv under target/.
+venv_probe=$(mktemp -d)
+python3 -m venv "$venv_probe/v" >/dev/null 2>&1 || missing+=(python3-venv)
+rm -rf "$venv_probe"
 if docker info >/dev/null 2>&1; then
     if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
         missing+=(docker-compose)
