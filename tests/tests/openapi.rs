@@ -587,15 +587,16 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     let region = Region::start().await;
     region.api.put_product(WIDGET, 1000, 1_000_000).await;
     let url = region.node.url();
-    // When schemathesis generates requests from the document (bounded: a few examples
-    // per operation, examples and fuzzing phases, one worker)
+    // When schemathesis generates requests from the document (bounded: 25 examples per
+    // operation; the stateful phase follows the document's links from a placed order
+    // to its reads, cancel, shipment steps and events; one worker)
     let out = tokio::time::timeout(
         Duration::from_secs(120),
         tokio::process::Command::new(&st)
             .args(["run", &format!("{url}/openapi.json")])
             .args(["--url", &url])
             .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection"])
-            .args(["--phases", "examples,coverage,fuzzing"])
+            .args(["--phases", "examples,coverage,fuzzing,stateful"])
             .args(["--max-examples", "25", "--seed", "1", "--workers", "1"])
             .args(["--request-timeout", "10", "--no-color"])
             .env("SCHEMATHESIS_HOOKS", "")
