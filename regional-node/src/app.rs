@@ -200,6 +200,7 @@ impl Application {
         let limits = connections::Limits {
             max_connections: config.http_max_connections,
             header_timeout: Duration::from_millis(config.http_header_timeout_ms),
+            idle_timeout: Duration::from_millis(config.http_idle_timeout_ms),
         };
         let (http_stop_tx, http_stop_rx) = watch::channel(false);
         let server = match tls {

@@ -92,9 +92,14 @@ pub struct Config {
     /// wait in the listen backlog until one closes.
     pub http_max_connections: usize,
     /// NODE_HTTP_HEADER_TIMEOUT_MS [10000]: a connection that has not sent a complete
-    /// request head this long after it opened or after its last answer is closed (slow
-    /// or idle clients cannot hold a connection slot forever).
+    /// request head this long after it opened, or after the head's first byte, is
+    /// closed (slow clients cannot hold a connection slot).
     pub http_header_timeout_ms: u64,
+    /// NODE_HTTP_IDLE_TIMEOUT_MS [75000]: a keep-alive connection with nothing sent
+    /// since its last answer is closed after this long. Longer than the gateway's pool
+    /// keeps an idle connection (60 s), so the node never closes one the gateway is
+    /// about to reuse.
+    pub http_idle_timeout_ms: u64,
     /// NODE_HTTP_BODY_TIMEOUT_MS [30000]: longest wait for a request body; past it the
     /// answer is 408 `request_timeout`.
     pub http_body_timeout_ms: u64,
@@ -139,6 +144,7 @@ impl Config {
             .and_then(|b| b.set_default("webhook_backoff_max_ms", 60_000))
             .and_then(|b| b.set_default("http_max_connections", 1024))
             .and_then(|b| b.set_default("http_header_timeout_ms", 10_000))
+            .and_then(|b| b.set_default("http_idle_timeout_ms", 75_000))
             .and_then(|b| b.set_default("http_body_timeout_ms", 30_000))
             .map_err(|e| ConfigError(e.to_string()))?;
         if let Some(path) = file {
@@ -227,9 +233,12 @@ impl Config {
                 "http_max_connections (NODE_HTTP_MAX_CONNECTIONS) must be at least 1".into(),
             ));
         }
-        if self.http_header_timeout_ms == 0 || self.http_body_timeout_ms == 0 {
+        if self.http_header_timeout_ms == 0
+            || self.http_body_timeout_ms == 0
+            || self.http_idle_timeout_ms == 0
+        {
             return Err(ConfigError(
-                "http_header_timeout_ms and http_body_timeout_ms (NODE_HTTP_HEADER_TIMEOUT_MS, NODE_HTTP_BODY_TIMEOUT_MS) must be above 0".into(),
+                "NODE_HTTP_HEADER_TIMEOUT_MS, NODE_HTTP_BODY_TIMEOUT_MS and NODE_HTTP_IDLE_TIMEOUT_MS must be above 0".into(),
             ));
         }
         if self.handler_concurrency == 0 || self.handler_concurrency > 256 {

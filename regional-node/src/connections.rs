@@ -4,8 +4,12 @@
 //! - At most `NODE_HTTP_MAX_CONNECTIONS` connections are served at once; further ones
 //!   wait in the kernel's listen backlog until a slot frees.
 //! - A connection that has not sent a complete request head within the header timeout
-//!   (after it opened, or after its last answer) is closed: a slowloris client, or an
-//!   idle one, cannot keep a slot (hyper's `header_read_timeout`).
+//!   (from when it opened, or from the first byte of a later request) is closed: a
+//!   slowloris client cannot keep a slot. A keep-alive connection with nothing sent
+//!   since its last answer is closed after the longer idle timeout, which must exceed
+//!   the idle timeout of the clients' pools (the gateway's is 60 s): a server that
+//!   closes a connection a client is just reusing turns that request into an error the
+//!   client cannot safely retry.
 //! - Lingering close, as nginx does it: when hyper ends a connection because a request
 //!   body was left unread (a 413 for a body over the limit, a 408), the node shuts down
 //!   its sending side and reads and discards what the client still sends, bounded in
@@ -19,11 +23,15 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tower::ServiceExt as _;
 
 /// While lingering, a pause this long in the client's sending ends it.
@@ -37,6 +45,7 @@ const LINGER_BYTES: u64 = 64 * 1024 * 1024;
 pub struct Limits {
     pub max_connections: usize,
     pub header_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 /// Serves `router` on `listener` until `stop` turns true, then stops accepting, lets
@@ -87,15 +96,28 @@ async fn serve_connection(
     limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) {
+    let activity = Arc::new(Activity::default());
+    activity.idle_since.store(now_ms(), Ordering::Release);
+    let requests = activity.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         // What `into_make_service_with_connect_info` would add: admin checks loopback.
         req.extensions_mut().insert(ConnectInfo(peer));
-        router.clone().oneshot(req)
+        let in_flight = requests.begin();
+        let answer = router.clone().oneshot(req);
+        // Boxed: hyper's `poll_without_shutdown` wants an `Unpin` connection.
+        Box::pin(async move {
+            let answer = answer.await;
+            drop(in_flight);
+            answer
+        })
     });
+    let io = Watched {
+        inner: stream,
+        activity: activity.clone(),
+    };
     let mut conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(TokioIo::new(io), service);
     let mut stopping = false;
     let done = loop {
         tokio::select! {
@@ -104,15 +126,143 @@ async fn serve_connection(
                 stopping = true;
                 std::pin::Pin::new(&mut conn).graceful_shutdown();
             }
+            why = activity.expired(&limits) => {
+                // Nothing in flight: dropping the connection closes it.
+                tracing::debug!(%peer, why, "connection closed");
+                return;
+            }
         }
     };
     match done {
         Ok(()) => {
             let parts = conn.into_parts();
-            linger(parts.io.into_inner()).await;
+            linger(parts.io.into_inner().inner).await;
         }
-        // A header timeout, a malformed request, a client that vanished: just close.
+        // A malformed request, a client that vanished: just close.
         Err(e) => tracing::debug!(%peer, error = %e, "connection ended"),
+    }
+}
+
+/// Milliseconds on one monotonic clock.
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// What a connection's reads, its requests and its timer share.
+#[derive(Default)]
+struct Activity {
+    /// Requests whose head has arrived and whose answer is not out yet.
+    in_flight: AtomicU32,
+    /// At least one request head arrived: quiet time from then on is idle time.
+    served: AtomicBool,
+    /// Bytes arrived while nothing was in flight: a request head has begun.
+    begun: AtomicBool,
+    /// When the connection opened or its last answer went out, or (while `begun`)
+    /// when the head began; in [`now_ms`].
+    idle_since: AtomicU64,
+    wake: Notify,
+}
+
+/// Held while a request is in flight.
+struct InFlight(Arc<Activity>);
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.served.store(true, Ordering::Release);
+        self.begun.store(false, Ordering::Release);
+        self.wake.notify_one();
+        InFlight(self.clone())
+    }
+
+    fn read_some(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0 && !self.begun.swap(true, Ordering::AcqRel) {
+            self.idle_since.store(now_ms(), Ordering::Release);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Completes when the connection should be closed, with why.
+    async fn expired(&self, limits: &Limits) -> &'static str {
+        loop {
+            let waiting = if self.in_flight.load(Ordering::Acquire) > 0 {
+                None
+            } else if self.begun.load(Ordering::Acquire) || !self.served.load(Ordering::Acquire) {
+                Some(("header timeout", limits.header_timeout))
+            } else {
+                Some(("idle timeout", limits.idle_timeout))
+            };
+            let Some((why, limit)) = waiting else {
+                self.wake.notified().await;
+                continue;
+            };
+            let since = self.idle_since.load(Ordering::Acquire);
+            let elapsed = Duration::from_millis(now_ms().saturating_sub(since));
+            if elapsed >= limit {
+                return why;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(limit - elapsed) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.idle_since.store(now_ms(), Ordering::Release);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+        a.wake.notify_one();
+    }
+}
+
+/// The client's stream, telling [`Activity`] when bytes arrive.
+struct Watched {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.read_some();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 

@@ -1,7 +1,8 @@
 //! Bad input and abuse at the node itself (reached directly, as the gateway and any
 //! client on its network do): an oversized body still gets its 413 while the client is
 //! sending; slow request heads, idle connections and trickled bodies are cut off
-//! after their timeouts while other clients are served; a flood of connections past
+//! after their timeouts while other clients are served, and a kept-alive connection
+//! outlives the header timeout; a flood of connections past
 //! the cap waits instead of being served at once, and real clients get through.
 
 use std::time::{Duration, Instant};
@@ -80,10 +81,11 @@ async fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_cut_off_after_the_timeouts_while_others_are_served() {
-    // Given a node with a 1 s header timeout and a 1 s body timeout
+    // Given a node with a 1 s header timeout, a 1 s body timeout and a 3 s idle timeout
     let region = Region::start_with(RedisOptions::default(), |o| {
         o.env("NODE_HTTP_HEADER_TIMEOUT_MS", 1_000)
             .env("NODE_HTTP_BODY_TIMEOUT_MS", 1_000)
+            .env("NODE_HTTP_IDLE_TIMEOUT_MS", 3_000)
     })
     .await;
     let port = region.node.port();
@@ -131,6 +133,29 @@ async fn slow_clients_are_cut_off_after_the_timeouts_while_others_are_served() {
         "{:?}",
         started.elapsed()
     );
+
+    // When a client is answered and then keeps its connection open, sending nothing
+    let stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut rd, mut wr) = stream.into_split();
+    wr.write_all(b"GET /health/live HTTP/1.1\r\nhost: node\r\n\r\n")
+        .await
+        .expect("send");
+    let (head, _) = read_response(&mut rd).await.expect("answered");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let started = Instant::now();
+    // Then the connection stays open past the header timeout (a pooled connection the
+    // client may reuse), and is closed after the idle timeout
+    let mut probe = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(6), rd.read(&mut probe)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+    let idle = started.elapsed();
+    assert!(
+        idle >= Duration::from_millis(2_800) && idle < Duration::from_secs(5),
+        "closed after {idle:?}"
+    );
+    drop(wr);
 
     // When an order's body trickles in a byte every 200 ms
     let body = serde_json::to_vec(&order_body("c-1", &[("SLOW-1", 1)], "tok_ok")).expect("json");
