@@ -204,7 +204,13 @@ impl Application {
         };
         let (http_stop_tx, http_stop_rx) = watch::channel(false);
         let server = match tls {
-            None => tokio::spawn(connections::serve(listener, app, limits, http_stop_rx)),
+            None => tokio::spawn(connections::serve(
+                listener,
+                app,
+                limits,
+                wf.metrics.clone(),
+                http_stop_rx,
+            )),
             Some(acceptor) => {
                 // `tap_io` only so axum's ConnectInfo<SocketAddr> (the admin routes'
                 // loopback check) applies to a listener of our own.

@@ -17,6 +17,7 @@
 //!   client's next bytes with a reset, which destroys the answer before the client has
 //!   read it.
 
+use crate::metrics::Metrics;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper::body::Incoming;
@@ -54,8 +55,12 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    metrics: Metrics,
     mut stop: watch::Receiver<bool>,
 ) {
+    for reason in ["header_timeout", "idle_timeout", "lingered"] {
+        metrics.http_connections_closed.with_label_values(&[reason]);
+    }
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let slot = tokio::select! {
@@ -77,8 +82,16 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let stop = stop.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            serve_connection(stream, peer, router, limits, stop).await;
+            metrics.http_connections.inc();
+            if let Some(reason) = serve_connection(stream, peer, router, limits, stop).await {
+                metrics
+                    .http_connections_closed
+                    .with_label_values(&[reason])
+                    .inc();
+            }
+            metrics.http_connections.dec();
             drop(slot);
         });
     }
@@ -89,13 +102,14 @@ pub async fn serve(
         .map(|all| all.forget());
 }
 
+/// Serves one connection to its end; returns why the node closed it, when it did.
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     router: Router,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
-) {
+) -> Option<&'static str> {
     let activity = Arc::new(Activity::default());
     activity.idle_since.store(now_ms(), Ordering::Release);
     let requests = activity.clone();
@@ -129,17 +143,22 @@ async fn serve_connection(
             why = activity.expired(&limits) => {
                 // Nothing in flight: dropping the connection closes it.
                 tracing::debug!(%peer, why, "connection closed");
-                return;
+                return Some(why);
             }
         }
     };
     match done {
         Ok(()) => {
             let parts = conn.into_parts();
-            linger(parts.io.into_inner().inner).await;
+            linger(parts.io.into_inner().inner)
+                .await
+                .then_some("lingered")
         }
         // A malformed request, a client that vanished: just close.
-        Err(e) => tracing::debug!(%peer, error = %e, "connection ended"),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "connection ended");
+            None
+        }
     }
 }
 
@@ -189,9 +208,9 @@ impl Activity {
             let waiting = if self.in_flight.load(Ordering::Acquire) > 0 {
                 None
             } else if self.begun.load(Ordering::Acquire) || !self.served.load(Ordering::Acquire) {
-                Some(("header timeout", limits.header_timeout))
+                Some(("header_timeout", limits.header_timeout))
             } else {
-                Some(("idle timeout", limits.idle_timeout))
+                Some(("idle_timeout", limits.idle_timeout))
             };
             let Some((why, limit)) = waiting else {
                 self.wake.notified().await;
@@ -267,21 +286,27 @@ impl AsyncWrite for Watched {
 }
 
 /// Half-closes and reads until the client closes too, within the bounds above. A client
-/// that had finished sending sees the end at once, so this costs nothing then.
-async fn linger(mut stream: TcpStream) {
+/// that had finished sending sees the end at once, so this costs nothing then. True when
+/// the client was still sending (an answer went out before its body was read).
+async fn linger(mut stream: TcpStream) -> bool {
     if stream.shutdown().await.is_err() {
-        return;
+        return false;
     }
     let until = tokio::time::Instant::now() + LINGER_TIME;
     let mut left = LINGER_BYTES;
+    let mut discarded = false;
     let mut buf = vec![0u8; 64 * 1024];
     while left > 0 {
         let pause = LINGER_PAUSE.min(until.saturating_duration_since(tokio::time::Instant::now()));
         match tokio::time::timeout(pause, stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n as u64),
-            _ => return,
+            Ok(Ok(n)) if n > 0 => {
+                discarded = true;
+                left = left.saturating_sub(n as u64);
+            }
+            _ => break,
         }
     }
+    discarded
 }
 
 /// Completes once `stop` turns true (or its sender is gone).

@@ -37,6 +37,11 @@ pub struct Metrics {
     pub webhook_deliveries: IntCounterVec,
     /// From the status change (the event's `occurredAt`) to the receiver's 2xx.
     pub webhook_delivery_latency: Histogram,
+    /// Client connections open now (`NODE_HTTP_MAX_CONNECTIONS` at most).
+    pub http_connections: IntGauge,
+    /// Connections the node closed itself: `header_timeout` (slow or silent clients),
+    /// `idle_timeout`, `lingered` (after an answer given before the body was read).
+    pub http_connections_closed: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -137,6 +142,16 @@ impl Metrics {
                 "Entries in the region's quarantine stream (tandem:quarantine)",
             )
             .expect("valid metric"),
+            http_connections: IntGauge::new(
+                "tandem_node_http_connections",
+                "Client connections open now",
+            )
+            .expect("valid metric"),
+            http_connections_closed: counter(
+                "tandem_node_http_connections_closed_total",
+                "Connections the node closed itself; reason: header_timeout, idle_timeout, lingered",
+                &["reason"],
+            ),
             saga_timeouts: IntCounter::new(
                 "tandem_node_saga_timeouts_total",
                 "Orders cancelled because they were not paid NODE_SAGA_TIMEOUT_MS after they were placed",
@@ -169,6 +184,7 @@ impl Metrics {
             &metrics.durability_degraded,
             &metrics.fenced,
             &metrics.quarantined_events,
+            &metrics.http_connections,
         ] {
             metrics
                 .registry

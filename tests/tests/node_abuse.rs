@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use system_tests::api::metric_sum;
 use system_tests::raw_http::{read_response, send_big};
 use system_tests::redis_state;
 use system_tests::{order_body, RedisOptions, Region};
@@ -67,6 +68,14 @@ async fn an_oversized_body_gets_its_413_while_the_client_is_still_sending() {
     // And nothing was written
     let after = redis_state::snapshot(&mut redis).await;
     redis_state::assert_unchanged(&before, &after, "oversized bodies");
+    // And the operator sees the lingering closes
+    let metrics = region.api.metrics().await;
+    let lingered = metric_sum(
+        &metrics,
+        "tandem_node_http_connections_closed_total",
+        &[("reason", "lingered")],
+    );
+    assert!(lingered.unwrap_or(0.0) >= 2.0, "{lingered:?}");
 }
 
 /// Whether the node closed `stream`: EOF, a reset, or an answer (hyper may say 408
@@ -192,6 +201,18 @@ async fn slow_clients_are_cut_off_after_the_timeouts_while_others_are_served() {
     );
     let after = redis_state::snapshot(&mut redis).await;
     redis_state::assert_unchanged(&before, &after, "a trickled order");
+    // And the operator sees why connections were closed
+    let metrics = region.api.metrics().await;
+    let closed = |reason: &str| {
+        metric_sum(
+            &metrics,
+            "tandem_node_http_connections_closed_total",
+            &[("reason", reason)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(closed("header_timeout") >= 2.0, "{metrics}");
+    assert!(closed("idle_timeout") >= 1.0, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
