@@ -10,9 +10,7 @@ use crate::projector;
 use crate::roles::Roles;
 use crate::sagas;
 use crate::store::{Store, StoreError};
-use crate::tls::TlsListener;
 use crate::workflow::Workflow;
-use axum::serve::ListenerExt;
 use eventlog::Role;
 use orders_model::pii::KeyRing;
 use std::future::Future;
@@ -203,31 +201,14 @@ impl Application {
             idle_timeout: Duration::from_millis(config.http_idle_timeout_ms),
         };
         let (http_stop_tx, http_stop_rx) = watch::channel(false);
-        let server = match tls {
-            None => tokio::spawn(connections::serve(
-                listener,
-                app,
-                limits,
-                wf.metrics.clone(),
-                http_stop_rx,
-            )),
-            Some(acceptor) => {
-                // `tap_io` only so axum's ConnectInfo<SocketAddr> (the admin routes'
-                // loopback check) applies to a listener of our own.
-                let listener = TlsListener::new(listener, acceptor)?.tap_io(|_| {});
-                let mut stop = http_stop_rx;
-                tokio::spawn(async move {
-                    let _ = axum::serve(
-                        listener,
-                        app.into_make_service_with_connect_info::<SocketAddr>(),
-                    )
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await;
-                })
-            }
-        };
+        let server = tokio::spawn(connections::serve(
+            listener,
+            tls,
+            app,
+            limits,
+            wf.metrics.clone(),
+            http_stop_rx,
+        ));
 
         shutdown.await;
         tracing::info!("shutting down: no new entries are read; finishing in-flight work");

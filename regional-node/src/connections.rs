@@ -1,4 +1,4 @@
-//! Client connections: how many are open, how long one may take to send a request
+//! Client connections, over plain TCP or TLS (NODE_TLS_CERT): how many are open, how long one may take to send a request
 //! head, and how one ends after an answer the client was not reading yet.
 //!
 //! - At most `NODE_HTTP_MAX_CONNECTIONS` connections are served at once; further ones
@@ -33,6 +33,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
 /// While lingering, a pause this long in the client's sending ends it.
@@ -53,6 +55,7 @@ pub struct Limits {
 /// each connection finish its request in flight, and returns when all have closed.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     router: Router,
     limits: Limits,
     metrics: Metrics,
@@ -83,9 +86,30 @@ pub async fn serve(
         let router = router.clone();
         let stop = stop.clone();
         let metrics = metrics.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             metrics.http_connections.inc();
-            if let Some(reason) = serve_connection(stream, peer, router, limits, stop).await {
+            let closed = match tls {
+                None => serve_connection(Plain(stream), peer, router, limits, stop).await,
+                // The handshake runs here, on the connection's own task and within the
+                // header timeout, so a silent client holds up no one else's accept.
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls)) => {
+                            serve_connection(Tls(Box::new(tls)), peer, router, limits, stop).await
+                        }
+                        // A refused client certificate lands here: say so, with the
+                        // peer, so an operator can tell a misconfigured gateway.
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, error = %e, "TLS handshake refused");
+                            None
+                        }
+                        Err(_) => Some("header_timeout"),
+                    }
+                }
+            };
+            if let Some(reason) = closed {
                 metrics
                     .http_connections_closed
                     .with_label_values(&[reason])
@@ -103,8 +127,8 @@ pub async fn serve(
 }
 
 /// Serves one connection to its end; returns why the node closed it, when it did.
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S: Stream>(
+    stream: S,
     peer: SocketAddr,
     router: Router,
     limits: Limits,
@@ -150,9 +174,8 @@ async fn serve_connection(
     match done {
         Ok(()) => {
             let parts = conn.into_parts();
-            linger(parts.io.into_inner().inner)
-                .await
-                .then_some("lingered")
+            let tcp = parts.io.into_inner().inner.close_send().await;
+            linger(tcp).await.then_some("lingered")
         }
         // A malformed request, a client that vanished: just close.
         Err(e) => {
@@ -238,13 +261,84 @@ impl Drop for InFlight {
     }
 }
 
+/// A client's stream: plain TCP, or TLS on it.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Ends the sending side (for TLS with its close_notify) and hands back the TCP
+    /// stream to linger on.
+    fn close_send(self) -> impl std::future::Future<Output = TcpStream> + Send;
+}
+
+struct Plain(TcpStream);
+struct Tls(Box<TlsStream<TcpStream>>);
+
+impl Stream for Plain {
+    async fn close_send(mut self) -> TcpStream {
+        let _ = self.0.shutdown().await;
+        self.0
+    }
+}
+
+impl Stream for Tls {
+    async fn close_send(mut self) -> TcpStream {
+        let _ = self.0.shutdown().await;
+        self.0.into_inner().0
+    }
+}
+
+macro_rules! delegate_io {
+    ($t:ty) => {
+        impl AsyncRead for $t {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                Pin::new(&mut self.0).poll_read(cx, buf)
+            }
+        }
+        impl AsyncWrite for $t {
+            fn poll_write(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<std::io::Result<usize>> {
+                Pin::new(&mut self.0).poll_write(cx, buf)
+            }
+            fn poll_flush(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                Pin::new(&mut self.0).poll_flush(cx)
+            }
+            fn poll_shutdown(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                Pin::new(&mut self.0).poll_shutdown(cx)
+            }
+            fn poll_write_vectored(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> Poll<std::io::Result<usize>> {
+                Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+            }
+            fn is_write_vectored(&self) -> bool {
+                self.0.is_write_vectored()
+            }
+        }
+    };
+}
+delegate_io!(Plain);
+delegate_io!(Tls);
+
 /// The client's stream, telling [`Activity`] when bytes arrive.
-struct Watched {
-    inner: TcpStream,
+struct Watched<S> {
+    inner: S,
     activity: Arc<Activity>,
 }
 
-impl AsyncRead for Watched {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -259,7 +353,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -285,13 +379,10 @@ impl AsyncWrite for Watched {
     }
 }
 
-/// Half-closes and reads until the client closes too, within the bounds above. A client
+/// Reads until the client closes too (its sending side already closed), within the bounds above. A client
 /// that had finished sending sees the end at once, so this costs nothing then. True when
 /// the client was still sending (an answer went out before its body was read).
 async fn linger(mut stream: TcpStream) -> bool {
-    if stream.shutdown().await.is_err() {
-        return false;
-    }
     let until = tokio::time::Instant::now() + LINGER_TIME;
     let mut left = LINGER_BYTES;
     let mut discarded = false;

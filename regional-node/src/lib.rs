@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`app`]: builds the node from its config and runs it until stopped.
 //! - [`config`]: typed configuration (`NODE_*`).
-//! - [`connections`]: the listener: connection cap, header timeout, lingering close.
+//! - [`connections`]: the listener, plain or HTTPS (optionally requiring client
+//!   certificates): connection cap, header and idle timeouts, lingering close.
 //! - [`api`]: the HTTP API of API.md.
 //! - [`durability`]: `replicated` durability: waiting for the standby, and the fallback.
 //! - [`orders`], [`inventory`], [`payments`], [`shipments`]: the modules of the
@@ -21,7 +22,6 @@
 //! - [`projector`]: standby projection and rebuild from the event stream.
 //! - [`roles`], [`promotion`]: role, epoch, lease fencing and promotion.
 //! - [`jobs`]: admin jobs (promotion, rebuild) that outlive the request that started them.
-//! - [`tls`]: HTTPS, optionally with client certificates required (mutual TLS).
 //! - [`metrics`]: Prometheus metrics (logs and spans: the `telemetry` crate).
 #![forbid(unsafe_code)]
 
@@ -43,6 +43,5 @@ pub mod roles;
 pub mod sagas;
 pub mod shipments;
 pub mod store;
-pub mod tls;
 pub mod webhooks;
 pub mod workflow;
