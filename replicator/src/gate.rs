@@ -117,7 +117,10 @@ pub fn peer_maybe_demoted(local: Option<RoleRecord>, peer: Option<RoleRecord>) -
 /// was active in (`peer_last_active`, the highest epoch in its history) is the one this
 /// region follows: a peer that was active at some later epoch wrote a log this region
 /// may have diverged from, and only a rejoin (once the peer is active again) may join
-/// the two.
+/// the two. The same holds when the local region was itself demoted from active
+/// ([`RoleRecord::demoted_from`]): its log may end in events the peer never received,
+/// and the peer's events copied after them would repeat work (chaos seed 4006: order
+/// sequences 6 after 7 once it was promoted).
 pub fn follow_demoted(
     gate: Gate,
     local: Option<RoleRecord>,
@@ -127,6 +130,7 @@ pub fn follow_demoted(
     match local {
         Some(l)
             if matches!(gate, Gate::Idle { .. })
+                && l.demoted_from.is_none()
                 && peer_maybe_demoted(local, peer)
                 && peer_last_active == Some(l.epoch) =>
         {
@@ -162,6 +166,13 @@ mod tests {
                 peer_epoch: Epoch(4)
             }
         );
+        // We were active ourselves before the demotion: our log may have diverged.
+        let mut demoted = l.unwrap();
+        demoted.demoted_from = Some(Epoch(3));
+        assert!(matches!(
+            follow_demoted(decide(Some(demoted), p), Some(demoted), p, Some(Epoch(4))),
+            Gate::Idle { .. }
+        ));
         // The peer was active at an epoch we never followed: wait for a rejoin.
         assert!(matches!(
             follow_demoted(decide(l, p), l, p, Some(Epoch(5))),
