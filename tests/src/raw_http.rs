@@ -82,3 +82,30 @@ pub async fn send_big(
         .expect("writer");
     (answer, sent)
 }
+
+/// Sends `head` (its Content-Length is `body`'s) then trickles `body` a byte every
+/// 200 ms, and returns the answer (which must come within 10 s) and how long it took
+/// from the first body byte.
+pub async fn trickle_body(
+    stream: TcpStream,
+    head: String,
+    body: Vec<u8>,
+) -> (String, String, std::time::Duration) {
+    let (mut rd, mut wr) = stream.into_split();
+    wr.write_all(head.as_bytes()).await.expect("head");
+    let trickle = tokio::spawn(async move {
+        for b in body {
+            if wr.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let started = std::time::Instant::now();
+    let (head, body) = tokio::time::timeout(Duration::from_secs(10), read_response(&mut rd))
+        .await
+        .expect("an answer within 10 s")
+        .expect("a readable answer");
+    trickle.abort();
+    (head, body, started.elapsed())
+}

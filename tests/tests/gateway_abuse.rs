@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use system_tests::gateway::{metric, Gateway, GatewayOptions, TwoRegions};
-use system_tests::raw_http::{read_response, send_big};
+use system_tests::raw_http::{self, send_big};
 use system_tests::redis_state;
 use system_tests::tokens::{claims, write_jwks, SigningKey, AUDIENCE, ISSUER};
 use system_tests::workdir::WorkDir;
@@ -139,34 +139,15 @@ async fn slow_headers_and_trickled_bodies_time_out() {
     // When an order's body trickles in a byte every 200 ms
     let body = serde_json::to_vec(&order_body("c-1", &[("SLOW-1", 1)], "tok_ok")).expect("json");
     let stream = connect_from("127.0.0.1", &gw).await.expect("connect");
-    let (mut rd, mut wr) = stream.into_split();
     let head = format!(
         "POST /orders HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\nidempotency-key: slow-1\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
-    wr.write_all(head.as_bytes()).await.expect("head");
-    let trickle = tokio::spawn(async move {
-        for b in body {
-            if wr.write_all(&[b]).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
-    let started = Instant::now();
-    let (head, body) = tokio::time::timeout(Duration::from_secs(10), read_response(&mut rd))
-        .await
-        .expect("an answer within 10 s")
-        .expect("a readable answer");
-    trickle.abort();
+    let (head, body, took) = raw_http::trickle_body(stream, head, body).await;
     // Then it gets 408 request_timeout at the request deadline, and nothing is written
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert!(body.contains("request_timeout"), "{body}");
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(took < Duration::from_secs(4), "{took:?}");
     let after = redis_state::snapshot(&mut redis).await;
     redis_state::assert_unchanged(&before, &after, "a trickled order");
 }

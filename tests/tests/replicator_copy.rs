@@ -319,18 +319,7 @@ async fn a_local_promotion_in_progress_stops_copying() {
     let pair = Pair::start().await;
     let (mut peer, mut local) = (pair.peer_conn().await, pair.local_conn().await);
     add_events(&mut peer, "tandem:events", 0, 10).await;
-    cmd(
-        &mut local,
-        &[
-            "HSET",
-            "tandem:promotion-intent",
-            "epoch",
-            "2",
-            "region",
-            "b",
-        ],
-    )
-    .await;
+    record_intent(&mut local, 2).await;
 
     // When the replicator runs
     let rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
@@ -395,18 +384,7 @@ async fn a_batch_copied_after_a_local_promotion_began_is_refused_in_redis() {
     wait_streams_equal(&peer, &local, "tandem:events", DEADLINE).await;
 
     // When a promotion of the local region records its intent and the peer writes more
-    cmd(
-        &mut local,
-        &[
-            "HSET",
-            "tandem:promotion-intent",
-            "epoch",
-            "2",
-            "region",
-            "b",
-        ],
-    )
-    .await;
+    record_intent(&mut local, 2).await;
     add_events(&mut peer, "tandem:events", 10, 5).await;
 
     // Then the local Redis refuses the copy (the script checks the intent where it
@@ -426,4 +404,21 @@ async fn a_batch_copied_after_a_local_promotion_began_is_refused_in_redis() {
     set_role(&mut peer, "active", 2).await;
     set_role(&mut local, "standby", 2).await;
     wait_streams_equal(&peer, &local, "tandem:events", DEADLINE).await;
+}
+
+/// What a promotion of the local region (region b) to `epoch` records first.
+async fn record_intent(local: &mut MultiplexedConnection, epoch: u64) {
+    let epoch = epoch.to_string();
+    cmd(
+        local,
+        &[
+            "HSET",
+            "tandem:promotion-intent",
+            "epoch",
+            &epoch,
+            "region",
+            "b",
+        ],
+    )
+    .await;
 }
