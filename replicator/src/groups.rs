@@ -139,22 +139,8 @@ pub async fn align_after_rejoin(
                 .arg(&l.name)
                 .arg(to.to_string());
         }
-        for ((consumer, deliveries), ids) in &claim {
-            for chunk in ids.chunks(1000) {
-                let cmd = pipe
-                    .cmd("XCLAIM")
-                    .arg(stream)
-                    .arg(&l.name)
-                    .arg(consumer)
-                    .arg(0);
-                for id in chunk {
-                    cmd.arg(id.to_string());
-                }
-                cmd.arg("RETRYCOUNT")
-                    .arg(*deliveries)
-                    .arg("FORCE")
-                    .arg("JUSTID");
-            }
+        for cmd in claim_commands(stream, &l.name, &claim) {
+            pipe.add_command(redis::cmd(&cmd[0]).arg(&cmd[1..]).clone());
         }
         for r in local.pipeline(&pipe).await? {
             if let Value::ServerError(e) = r {
@@ -176,6 +162,34 @@ pub async fn align_after_rejoin(
         changed += 1;
     }
     Ok(changed)
+}
+
+/// The XCLAIM commands that make `claim`'s entries pending under their consumers with
+/// their delivery counts. FORCE creates the pending entry even though the entry was
+/// never delivered here; JUSTID with RETRYCOUNT keeps the peer's delivery count.
+fn claim_commands(
+    stream: &str,
+    group: &str,
+    claim: &BTreeMap<(String, i64), Vec<StreamId>>,
+) -> Vec<Vec<String>> {
+    let mut cmds = Vec::new();
+    for ((consumer, deliveries), ids) in claim {
+        for chunk in ids.chunks(1000) {
+            let mut cmd = vec![
+                "XCLAIM".to_string(),
+                stream.to_string(),
+                group.to_string(),
+                consumer.clone(),
+                "0".to_string(),
+            ];
+            cmd.extend(chunk.iter().map(ToString::to_string));
+            cmd.extend(
+                ["RETRYCOUNT", &deliveries.to_string(), "FORCE", "JUSTID"].map(String::from),
+            );
+            cmds.push(cmd);
+        }
+    }
+    cmds
 }
 
 async fn groups(link: &Link, stream: &str) -> Result<Vec<GroupInfo>, LinkError> {
@@ -591,24 +605,7 @@ async fn apply(
         cmd.extend(ids.iter().map(ToString::to_string));
         cmds.push(cmd);
     }
-    for ((consumer, deliveries), ids) in &plan.claim {
-        for chunk in ids.chunks(1000) {
-            // FORCE creates the pending entry even though the entry was never delivered
-            // here; JUSTID with RETRYCOUNT keeps the peer's delivery count.
-            let mut cmd = vec![
-                "XCLAIM".to_string(),
-                stream.to_string(),
-                group.to_string(),
-                consumer.clone(),
-                "0".to_string(),
-            ];
-            cmd.extend(chunk.iter().map(ToString::to_string));
-            cmd.extend(
-                ["RETRYCOUNT", &deliveries.to_string(), "FORCE", "JUSTID"].map(String::from),
-            );
-            cmds.push(cmd);
-        }
-    }
+    cmds.extend(claim_commands(stream, group, &plan.claim));
     if !guarded(local, &cmds).await? {
         return Ok(false);
     }
