@@ -123,7 +123,25 @@ async fn await_standby(
         return Ok(Confirmation::Held);
     };
     let limit = Duration::from_millis(st.config.replicated_timeout_ms);
-    Ok(st.standby.confirm(id, limit).await)
+    let confirmed = st.standby.confirm(id, limit).await;
+    if confirmed != Confirmation::Held {
+        return Ok(confirmed);
+    }
+    // The standby's stream reaching past the entry's id is not proof that it holds the
+    // entry: a peer that was promoted meanwhile appends its own, higher ids (chaos seed
+    // 7001, replicated: orders acknowledged as replicated by an old active that were
+    // then only in its quarantine). Ask for the entry itself.
+    let Some(peer) = &st.peer else {
+        return Ok(confirmed);
+    };
+    let id = id.to_string();
+    let held: Result<Vec<(String, redis::Value)>, _> = peer
+        .query(redis::cmd("XRANGE").arg(keys::EVENTS).arg(&id).arg(&id))
+        .await;
+    Ok(match held {
+        Ok(entries) if !entries.is_empty() => Confirmation::Held,
+        _ => Confirmation::Degraded,
+    })
 }
 
 pub async fn get_order(
