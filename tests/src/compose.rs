@@ -419,8 +419,35 @@ impl Stack {
     }
 
     /// `docker pause` (the cgroup freezer): the processes hang with every socket open.
+    ///
+    /// The freezer gives up ("unable to freeze") when a task does not stop in time, as a
+    /// Redis busy writing its AOF on a loaded machine may not; runc thaws the cgroup
+    /// again then, so the pause is simply tried once more, a few times.
     pub async fn pause(&self, services: &[&str]) {
-        self.each("pause", services).await;
+        let ids = self.containers(services).await;
+        let mut args = vec!["pause"];
+        args.extend(ids.iter().map(String::as_str));
+        let Err(first) = try_docker(&args).await else {
+            return;
+        };
+        for id in &ids {
+            let mut attempt = 1;
+            loop {
+                let paused = docker(&["inspect", "-f", "{{.State.Paused}}", id]).await;
+                if paused.trim() == "true" {
+                    break;
+                }
+                match try_docker(&["pause", id]).await {
+                    Ok(_) => break,
+                    Err(e) if attempt < 5 => {
+                        eprintln!("[compose] docker pause {id}: {e}; trying again");
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("docker pause {id} failed: {e} (first: {first})"),
+                }
+            }
+        }
     }
 
     pub async fn unpause(&self, services: &[&str]) {
@@ -644,18 +671,24 @@ async fn remove_project(project: &str) {
 
 /// Runs `docker args` and returns its stdout; panics (with stderr) when it fails.
 pub async fn docker(args: &[&str]) -> String {
+    try_docker(args)
+        .await
+        .unwrap_or_else(|e| panic!("docker {args:?} failed: {e}"))
+}
+
+/// Runs `docker args`: its stdout, or its stderr when it fails.
+pub async fn try_docker(args: &[&str]) -> Result<String, String> {
     let out = Command::new("docker")
         .args(args)
         .stdin(Stdio::null())
         .output()
         .await
         .unwrap_or_else(|e| panic!("run docker {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
 }
 
 /// 32 random bytes, hex: a token nobody else knows.
