@@ -93,7 +93,21 @@ impl Application {
             consumer,
         };
         let config = Arc::new(config);
-        let standby = Arc::new(Standby::new(wf.metrics.durability_degraded.clone()));
+        // `replicated` durability asks the standby whether it holds an order's event on a
+        // connection of its own: the short-timeout one above is the role watcher's, and a
+        // slow answer on a loaded machine is not a missing entry.
+        let standby_reads = match (&config.durability, &config.peer_redis_url) {
+            (Durability::Replicated, Some(url)) => Some(Store::connect(
+                url,
+                config.redis_ca(),
+                durability::peer_timeout(PEER_TIMEOUT),
+            )?),
+            _ => None,
+        };
+        let standby = Arc::new(Standby::new(
+            wf.metrics.durability_degraded.clone(),
+            standby_reads,
+        ));
         let state = AppState {
             wf,
             config: config.clone(),

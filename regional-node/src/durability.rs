@@ -39,6 +39,8 @@ pub struct Standby {
     /// True while the standby is known to be unreachable or behind.
     degraded: watch::Sender<bool>,
     gauge: prometheus::IntGauge,
+    /// The standby's Redis, asked for single entries ([`Standby::holds`]).
+    reads: Option<Store>,
 }
 
 /// How a wait for the standby ended.
@@ -51,11 +53,34 @@ pub enum Confirmation {
 }
 
 impl Standby {
-    pub fn new(gauge: prometheus::IntGauge) -> Standby {
+    pub fn new(gauge: prometheus::IntGauge, reads: Option<Store>) -> Standby {
         Standby {
             top: watch::Sender::new(StreamId::ZERO),
             degraded: watch::Sender::new(false),
             gauge,
+            reads,
+        }
+    }
+
+    /// Whether the standby's stream holds entry `id` now. Its top reaching past `id` is
+    /// not proof: a peer promoted meanwhile appends its own, higher ids (chaos seed 7001,
+    /// replicated: orders acknowledged as replicated by an old active that were then
+    /// only in its quarantine).
+    pub async fn holds(&self, id: StreamId) -> Confirmation {
+        let Some(peer) = &self.reads else {
+            return Confirmation::Degraded;
+        };
+        let id = id.to_string();
+        let held: Result<Vec<(String, redis::Value)>, _> = peer
+            .query(redis::cmd("XRANGE").arg(keys::EVENTS).arg(&id).arg(&id))
+            .await;
+        match held {
+            Ok(entries) if !entries.is_empty() => Confirmation::Held,
+            Ok(_) => Confirmation::Degraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "asking the standby for an entry failed");
+                Confirmation::Degraded
+            }
         }
     }
 

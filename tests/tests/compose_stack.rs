@@ -432,7 +432,24 @@ async fn rejoined(stack: &Stack, epoch: u64) {
             {
                 Ok(())
             } else {
-                Err(format!("a: {ra} b: {rb} replicator-a: {rep}"))
+                // What the gateway saw too: a region that is active where a standby is
+                // expected was promoted by it, and its view says why.
+                let gw = stack
+                    .gateway()
+                    .try_request(reqwest::Method::GET, "/gateway/regions", None, &[])
+                    .await
+                    .map(|r| r.text)
+                    .unwrap_or_else(|e| e.to_string());
+                let mut why = String::new();
+                if ra["role"] == "active" {
+                    let log = stack.logs("gateway", 400).await;
+                    let warnings: Vec<&str> =
+                        log.lines().filter(|l| l.contains("\"WARN\"")).collect();
+                    why = warnings[warnings.len().saturating_sub(12)..].join("\n");
+                }
+                Err(format!(
+                    "a: {ra} b: {rb} replicator-a: {rep} gateway: {gw}\n{why}"
+                ))
             }
         },
     )

@@ -432,6 +432,68 @@ async fn replicated_durability_falls_back_to_local_acks_while_the_standby_is_dow
     );
 }
 
+#[tokio::test]
+async fn a_retried_order_is_acknowledged_as_replicated_only_when_the_standby_holds_it() {
+    // Given region a active in `replicated` durability (fallback `async`), and b's
+    // replicator stopped: b holds nothing a writes from now on
+    let mut t = Takeover::start_with(|o| {
+        o.env("NODE_DURABILITY", "replicated")
+            .env("NODE_REPLICATED_TIMEOUT_MS", 500)
+    })
+    .await;
+    let a = t.api_a();
+    a.put_product("RT-1", 1000, 1000).await;
+    t.wait_b_caught_up().await;
+    t.rep_b.kill();
+    let body = order_body("c-rt", &[("RT-1", 1)], "tok_ok");
+
+    // When an order is placed: the standby never confirms it, so the answer says local
+    let first = a.place_order_with_key(&body, "rt-1").await;
+    assert_eq!(first.status, 201, "{}", first.text);
+    assert_eq!(
+        first.header("tandem-durability"),
+        Some("local"),
+        "{}",
+        first.text
+    );
+    let order_id = first.order_id();
+
+    // And b's stream then moves past the order's id with entries of its own, as a peer
+    // promoted meanwhile appends them, so the node sees its standby "caught up" again
+    let mut conn_b = t.conn_b().await;
+    let _: String = redis::cmd("XADD")
+        .arg("tandem:events")
+        .arg("*")
+        .arg("type")
+        .arg("ProductUpserted")
+        .arg("event")
+        .arg("{}")
+        .query_async(&mut conn_b)
+        .await
+        .unwrap();
+    eventually(FLOW, "durability no longer degraded", || async {
+        match degraded(&a).await {
+            Some(0.0) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    assert!(!order_placed_on(&mut conn_b, &order_id).await);
+
+    // Then the client's retry (its first answer may never have reached it) gets the same
+    // order, still acknowledged as held by region a only: b does not hold it
+    let retry = a.place_order_with_key(&body, "rt-1").await;
+    assert_eq!(retry.status, 201, "{}", retry.text);
+    assert_eq!(retry.order_id(), order_id);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(
+        retry.header("tandem-durability"),
+        Some("local"),
+        "{}",
+        retry.text
+    );
+}
+
 /// Resumes a paused Redis, also when the test fails while it is paused.
 struct ResumeOnDrop<'a>(&'a system_tests::RedisServer);
 
