@@ -296,9 +296,13 @@ impl Stack {
             // Looser than the defaults (100 ms probe timeout, 600 ms lease): CI and
             // developers' machines run other builds and tests beside the stack, and a
             // probe that misses 100 ms there is load, not a dead region. The faults the
-            // tests inject are seconds long either way.
+            // tests inject are seconds long either way. 400 ms was not loose enough: with
+            // eight containers on two cores, probes and lease renewals of a healthy
+            // active region missed it twice in a row now and then (once in CI, right
+            // after region a thawed from a pause), and the gateway failed over to the
+            // region that had just come back.
             ("GATEWAY_HEALTH_INTERVAL_MS", "200".to_string()),
-            ("GATEWAY_HEALTH_TIMEOUT_MS", "400".to_string()),
+            ("GATEWAY_HEALTH_TIMEOUT_MS", "1000".to_string()),
             ("GATEWAY_LEASE_MS", "1500".to_string()),
             ("RUST_LOG", "info".to_string()),
         ]
