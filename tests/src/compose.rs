@@ -9,10 +9,10 @@
 //! the test. A missing compose tool always fails it (`scripts/test.sh` installs Debian's
 //! `docker-compose` where an engine exists).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
@@ -26,6 +26,10 @@ use crate::workdir::WorkDir;
 
 /// Every compose project a test starts is named `tandem-test-<pid>-<n>`.
 pub const PROJECT_PREFIX: &str = "tandem-test-";
+/// The `chaos` tool's Docker backend names its projects `tandem-chaos-<pid>-<n>`.
+pub const CHAOS_PROJECT_PREFIX: &str = "tandem-chaos-";
+/// Prefixes of the projects this harness starts, and removes once their process is gone.
+const OWN_PREFIXES: [&str; 2] = [PROJECT_PREFIX, CHAOS_PROJECT_PREFIX];
 /// Tag of the images the tests build (`deploy/build-images.sh --tag`), so a developer's
 /// `:local` images (release binaries) are left alone. `TANDEM_TEST_IMAGE_TAG` overrides it
 /// ([`image_tag`]): two worktrees sharing one engine then test their own binaries.
@@ -179,29 +183,72 @@ impl ComposeTool {
 /// Builds the stack's images from the binaries under test, once per test process
 /// (`deploy/build-images.sh --bin-dir <bin_dir> --tag test`; docker caches the rest).
 pub fn build_images() {
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    let result = BUILT.get_or_init(|| {
-        let started = Instant::now();
-        let out = std::process::Command::new("bash")
-            .arg(workspace_root().join("deploy/build-images.sh"))
-            .arg("--bin-dir")
-            .arg(bin_dir())
-            .args(["--tag", &image_tag()])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("run deploy/build-images.sh: {e}"))?;
-        let log = String::from_utf8_lossy(&out.stderr).into_owned();
-        if !out.status.success() {
-            return Err(format!("deploy/build-images.sh failed:\n{log}"));
-        }
-        eprintln!(
-            "[compose] images built in {:.1}s:\n{log}",
-            started.elapsed().as_secs_f64()
-        );
-        Ok(())
-    });
-    if let Err(e) = result {
+    if let Err(e) = try_build_images(&image_tag()) {
         panic!("{e}");
+    }
+}
+
+/// `deploy/build-images.sh --bin-dir <bin_dir> --tag <tag>`, once per tag and process.
+pub fn try_build_images(tag: &str) -> Result<(), String> {
+    static BUILT: OnceLock<Mutex<BTreeMap<String, Result<(), String>>>> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    built
+        .entry(tag.to_string())
+        .or_insert_with(|| {
+            let started = Instant::now();
+            let out = std::process::Command::new("bash")
+                .arg(workspace_root().join("deploy/build-images.sh"))
+                .arg("--bin-dir")
+                .arg(bin_dir())
+                .args(["--tag", tag])
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("run deploy/build-images.sh: {e}"))?;
+            let log = String::from_utf8_lossy(&out.stderr).into_owned();
+            if !out.status.success() {
+                return Err(format!("deploy/build-images.sh failed:\n{log}"));
+            }
+            eprintln!(
+                "[compose] images built in {:.1}s:\n{log}",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        })
+        .clone()
+}
+
+/// How [`Stack::up_options`] brings a stack up.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Compose files over docker-compose.yml (before the test overlay).
+    pub files: Vec<&'static str>,
+    /// The services to wait for (healthy).
+    pub services: &'static [&'static str],
+    /// `TANDEM_IMAGE_TAG` of the images to run.
+    pub image_tag: String,
+    /// Build the images first ([`try_build_images`]), or take them as they are.
+    pub build: bool,
+    /// The project is named `<prefix><pid>-<n>`.
+    pub project_prefix: &'static str,
+    /// Settings over the test's defaults (e.g. `NODE_DURABILITY`).
+    pub settings: Vec<(String, String)>,
+}
+
+impl StackOptions {
+    /// What the compose tests run: `docker-compose.yml` and `files`, images built from
+    /// the binaries under test with [`image_tag`].
+    pub fn test(files: &[&'static str], services: &'static [&'static str]) -> StackOptions {
+        StackOptions {
+            files: files.to_vec(),
+            services,
+            image_tag: image_tag(),
+            build: true,
+            project_prefix: PROJECT_PREFIX,
+            settings: Vec::new(),
+        }
     }
 }
 
@@ -240,14 +287,24 @@ impl Stack {
 
     /// The stack with compose `files` over docker-compose.yml, running `services`.
     pub async fn up_with(files: &[&'static str], services: &'static [&'static str]) -> Stack {
-        build_images();
+        Stack::up_options(StackOptions::test(files, services)).await
+    }
+
+    /// The stack as `options` say. Panics when it does not start.
+    pub async fn up_options(options: StackOptions) -> Stack {
+        if options.build {
+            if let Err(e) = try_build_images(&options.image_tag) {
+                panic!("{e}");
+            }
+        }
         remove_abandoned_projects().await;
         let tool = ComposeTool::preferred();
+        let services = options.services;
         let mut last = String::new();
         // Published ports are chosen free but are only bound by `up`: another process
         // may take one in between, so try again on fresh ports.
         for attempt in 0..3 {
-            let stack = Stack::configure(tool.clone(), files, services);
+            let stack = Stack::configure(tool.clone(), &options);
             let out = stack
                 .compose(&["up", "-d", "--no-build"])
                 .await
@@ -267,23 +324,19 @@ impl Stack {
         panic!("the compose stack did not start:\n{last}");
     }
 
-    fn configure(
-        tool: ComposeTool,
-        files: &[&'static str],
-        services: &'static [&'static str],
-    ) -> Stack {
+    fn configure(tool: ComposeTool, options: &StackOptions) -> Stack {
         static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let project = format!("{PROJECT_PREFIX}{}-{n}", std::process::id());
+        let project = format!("{}{}-{n}", options.project_prefix, std::process::id());
         let workdir = WorkDir::new("compose");
         let (admin_token, node_token) = (secret(), secret());
         let (gateway_port, gateway2_port, prometheus_port) =
             (free_port(), free_port(), free_port());
         // Passed as the compose tool's environment, which wins over any .env file, so
         // nothing from a developer's shell or .env leaks into the test's stack.
-        let settings: Vec<(String, String)> = [
+        let mut settings: Vec<(String, String)> = [
             ("COMPOSE_PROJECT_NAME", project.clone()),
-            ("TANDEM_IMAGE_TAG", image_tag()),
+            ("TANDEM_IMAGE_TAG", options.image_tag.clone()),
             ("TANDEM_ADMIN_TOKEN", admin_token.clone()),
             ("TANDEM_NODE_TOKEN", node_token.clone()),
             ("TANDEM_PII_KEYS", format!("t1:{}", pii_key())),
@@ -309,12 +362,17 @@ impl Stack {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        // The caller's settings win over these defaults.
+        for (k, v) in &options.settings {
+            settings.retain(|(key, _)| key != k);
+            settings.push((k.clone(), v.clone()));
+        }
         Stack {
             project,
             tool,
             settings,
-            files: files.to_vec(),
-            services,
+            files: options.files.clone(),
+            services: options.services,
             gateway_port,
             gateway2_port,
             prometheus_port,
@@ -349,7 +407,14 @@ impl Stack {
 
     /// The container id of `service`.
     pub async fn container(&self, service: &str) -> String {
-        let out = docker(&[
+        self.try_container(service)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The container id of `service`, or why there is none.
+    pub async fn try_container(&self, service: &str) -> Result<String, String> {
+        let out = try_docker(&[
             "ps",
             "-aq",
             "--filter",
@@ -357,10 +422,12 @@ impl Stack {
             "--filter",
             &format!("label=com.docker.compose.service={service}"),
         ])
-        .await;
+        .await?;
         let id = out.lines().next().unwrap_or("").trim().to_string();
-        assert!(!id.is_empty(), "no container for service {service}");
-        id
+        if id.is_empty() {
+            return Err(format!("no container for service {service}"));
+        }
+        Ok(id)
     }
 
     /// Whether `service` has a container in this project (running or not).
@@ -479,12 +546,20 @@ impl Stack {
 
     /// The loopback port Docker published for `service`'s `port`.
     pub async fn published_port(&self, service: &str, port: u16) -> u16 {
-        let id = self.container(service).await;
-        let out = docker(&["port", &id, &format!("{port}/tcp")]).await;
+        self.try_published_port(service, port)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The loopback port Docker published for `service`'s `port` now: a container
+    /// started again is given a new one (the test overlay leaves the host port open).
+    pub async fn try_published_port(&self, service: &str, port: u16) -> Result<u16, String> {
+        let id = self.try_container(service).await?;
+        let out = try_docker(&["port", &id, &format!("{port}/tcp")]).await?;
         out.lines()
             .filter_map(|l| l.trim().rsplit(':').next()?.parse().ok())
             .next()
-            .unwrap_or_else(|| panic!("{service}:{port} is not published: {out:?}"))
+            .ok_or_else(|| format!("{service}:{port} is not published: {out:?}"))
     }
 
     /// A client of the gateway's published port, as a user's client would reach it.
@@ -569,6 +644,19 @@ impl Stack {
         )
     }
 
+    /// Writes every service's log into the work dir; returns each service's file.
+    pub async fn write_logs(&self, lines: usize) -> Vec<(String, PathBuf)> {
+        let mut out = Vec::new();
+        for s in self.services {
+            let text = self.logs(s, lines).await;
+            let path = self.workdir.path().join(format!("{s}.log"));
+            if std::fs::write(&path, &text).is_ok() {
+                out.push((s.to_string(), path));
+            }
+        }
+        out
+    }
+
     /// Writes every service's log into the work dir and prints where.
     async fn save_logs(&self) {
         for s in self.services {
@@ -635,16 +723,16 @@ async fn remove_abandoned_projects() {
         "{{.Label \"com.docker.compose.project\"}}",
     ])
     .await;
-    let projects: BTreeSet<&str> = out
+    let projects: BTreeSet<(&str, &str)> = out
         .lines()
         .map(str::trim)
-        .filter(|p| p.starts_with(PROJECT_PREFIX))
+        .filter_map(|p| {
+            let prefix = OWN_PREFIXES.iter().find(|pre| p.starts_with(**pre))?;
+            Some((p, &p[prefix.len()..]))
+        })
         .collect();
-    for project in projects {
-        let pid = project[PROJECT_PREFIX.len()..]
-            .split('-')
-            .next()
-            .unwrap_or("");
+    for (project, rest) in projects {
+        let pid = rest.split('-').next().unwrap_or("");
         if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
             eprintln!("[compose] removing abandoned project {project}");
             remove_project(project).await;

@@ -7,16 +7,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use system_tests::chaos::backend::{Attached, Endpoints};
 use system_tests::chaos::campaign::{self, Settings};
+use system_tests::chaos::docker::{DockerBackend, DockerOptions};
 use system_tests::chaos::process::ProcessBackend;
 use system_tests::chaos::report;
 use system_tests::chaos::schedule::{Capabilities, Schedule};
 use system_tests::chaos::Durability;
 
 /// Seeded fault campaign: careful clients, a nemesis (kills, pauses, blackholed links,
-/// restarts, switchovers), a heal, a settle, and a checker of seven invariants.
+/// restarts, switchovers), a heal, a settle, and a checker of seven invariants. Runs the
+/// system as local processes (default) or as the compose stack (--backend docker), or
+/// attaches to one someone else runs (--attach).
 #[derive(Debug, Parser)]
 #[command(name = "chaos", version)]
 struct Args {
@@ -45,14 +48,31 @@ struct Args {
     #[arg(long, default_value_t = 120)]
     settle_timeout: u64,
     /// Directory of the regional-node, replicator and gateway binaries (default: next to
-    /// this binary when they are there, else target/debug or $TANDEM_BIN_DIR).
+    /// this binary when they are there, else target/debug or $TANDEM_BIN_DIR). With
+    /// --backend docker, what --build-images puts in the images.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+
+    /// What runs the system and takes the faults.
+    #[arg(long, value_enum, default_value = "process")]
+    backend: BackendKind,
+    /// Docker backend: tag of the tandem-* images to run (deploy/build-images.sh
+    /// builds `local` by default).
+    #[arg(long, env = "TANDEM_IMAGE_TAG", default_value = "local")]
+    image_tag: String,
+    /// Docker backend: build the images first (deploy/build-images.sh --bin-dir
+    /// <bin dir> --tag <image tag>), from the binaries next to this one (see --bin-dir).
+    #[arg(long)]
+    build_images: bool,
 
     /// Run against a system someone else started instead of starting one. Its processes
     /// and links are not the tool's, so only planned switchovers are injected (with
     /// --gateway-admin-token; without it, none): say --faults for how many.
-    #[arg(long, requires_all = ["gateway", "node_a", "node_b", "redis_a", "redis_b"])]
+    #[arg(
+        long,
+        requires_all = ["gateway", "node_a", "node_b", "redis_a", "redis_b"],
+        conflicts_with = "backend"
+    )]
     attach: bool,
     /// Attach: the gateway's URL.
     #[arg(long)]
@@ -77,20 +97,28 @@ struct Args {
     redis_b: Option<String>,
 }
 
+/// `--backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BackendKind {
+    /// Local processes on free ports, every cuttable link through the tool's own TCP
+    /// proxies: SIGKILL, SIGSTOP, blackholed links, restarts.
+    Process,
+    /// The compose stack (docker-compose.yml, the images of deploy/build-images.sh) as a
+    /// private project, removed at the end: docker kill and start, docker pause, docker
+    /// network disconnect of a region or of both Redis servers, docker restart of the
+    /// gateway. Needs a Docker engine and docker-compose (1.29) or Compose v2.
+    Docker,
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let seed = args.seed.unwrap_or_else(random_seed);
     let caps = if args.attach {
-        Capabilities {
-            processes: false,
-            links: false,
-            switchover: args.gateway_admin_token.is_some(),
-        }
+        Capabilities::attached(args.gateway_admin_token.is_some())
     } else {
-        Capabilities {
-            processes: true,
-            links: true,
-            switchover: true,
+        match args.backend {
+            BackendKind::Process => Capabilities::PROCESS,
+            BackendKind::Docker => Capabilities::DOCKER,
         }
     };
     let schedule = Schedule::generate(seed, args.faults, caps);
@@ -154,6 +182,21 @@ fn main() -> ExitCode {
                 },
             };
             campaign::run(&mut backend, settings).await
+        } else if args.backend == BackendKind::Docker {
+            let mut backend = DockerBackend::start(DockerOptions {
+                durability: args.durability,
+                image_tag: args.image_tag.clone(),
+                build_images: args.build_images,
+            })
+            .await?;
+            // Interrupted, the backend is dropped here, which removes the compose
+            // project (containers, networks, volumes) rather than leaving it running.
+            tokio::select! {
+                report = campaign::run(&mut backend, settings) => report,
+                _ = tokio::signal::ctrl_c() => {
+                    Err("interrupted; the compose project is removed".to_string())
+                }
+            }
         } else {
             let mut backend = ProcessBackend::start(args.durability).await?;
             campaign::run(&mut backend, settings).await

@@ -1,9 +1,10 @@
 //! The fault-injection interface: what the campaign asks of whatever runs the system.
 //!
 //! The process backend ([`super::process`]) runs everything as local processes behind
-//! the tool's own link proxies; [`Attached`] is a system someone else runs. A Docker
-//! backend (`docker kill`, `docker pause`, `docker network disconnect`) implements the
-//! same trait and keeps the same schedule, clients and checker.
+//! the tool's own link proxies; the Docker backend ([`super::docker`]) runs the compose
+//! stack and breaks containers (`docker kill`, `docker pause`, `docker network
+//! disconnect`, `docker restart`); [`Attached`] is a system someone else runs. All three
+//! share the schedule, the clients, the checker and the report.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -27,11 +28,14 @@ pub struct Endpoints {
 
 /// Injects faults into a running system and heals them.
 pub trait Backend {
-    /// For the report: `process`, `attach`, ...
+    /// For the report: `process`, `docker`, `attach`.
     fn name(&self) -> &'static str;
 
     fn capabilities(&self) -> Capabilities;
 
+    /// Where the system answers now. The campaign reads it again after
+    /// [`heal_all`](Self::heal_all): a restarted container may have been given another
+    /// published port (the gateway's stays fixed, since the clients hold it).
     fn endpoints(&self) -> &Endpoints;
 
     /// Starts a fault. Planned switchovers are the campaign's own (gateway admin API),
@@ -47,10 +51,10 @@ pub trait Backend {
     fn heal_all(&mut self) -> impl Future<Output = Vec<String>>;
 
     /// Processes that exited although no fault killed them (each reported once).
-    fn unexpected_exits(&mut self) -> Vec<String>;
+    fn unexpected_exits(&mut self) -> impl Future<Output = Vec<String>>;
 
     /// Keeps the logs and data on disk; returns what is where.
-    fn keep_logs(&mut self) -> Vec<(String, PathBuf)>;
+    fn keep_logs(&mut self) -> impl Future<Output = Vec<(String, PathBuf)>>;
 }
 
 /// A system started by someone else: the tool has neither its processes nor proxies on
@@ -65,11 +69,7 @@ impl Backend for Attached {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            processes: false,
-            links: false,
-            switchover: self.endpoints.gateway_admin_token.is_some(),
-        }
+        Capabilities::attached(self.endpoints.gateway_admin_token.is_some())
     }
 
     fn endpoints(&self) -> &Endpoints {
@@ -90,11 +90,11 @@ impl Backend for Attached {
         Vec::new()
     }
 
-    fn unexpected_exits(&mut self) -> Vec<String> {
+    async fn unexpected_exits(&mut self) -> Vec<String> {
         Vec::new()
     }
 
-    fn keep_logs(&mut self) -> Vec<(String, PathBuf)> {
+    async fn keep_logs(&mut self) -> Vec<(String, PathBuf)> {
         Vec::new()
     }
 }

@@ -42,6 +42,18 @@ pub struct FaultRecord {
     pub result: String,
     /// From the injection to the next acknowledged new write.
     pub rto_ms: Option<u64>,
+    /// The backend could not inject it (its error is the result).
+    pub refused: bool,
+    /// The backend could not heal it (its error is in the result).
+    pub heal_failed: bool,
+}
+
+impl FaultRecord {
+    /// Carried out: injected by the backend, or a switchover asked of the gateway
+    /// (whatever it answered).
+    pub fn injected(&self) -> bool {
+        self.injected_ms.is_some() && !self.refused
+    }
 }
 
 /// How the settle ended.
@@ -117,6 +129,8 @@ pub async fn run<B: Backend>(backend: &mut B, settings: Settings) -> Result<Repo
             healed_ms: None,
             result: String::new(),
             rto_ms: None,
+            refused: false,
+            heal_failed: false,
         })
         .collect();
     let mut switchovers = Vec::new();
@@ -133,7 +147,10 @@ pub async fn run<B: Backend>(backend: &mut B, settings: Settings) -> Result<Repo
                 } else {
                     rec.result = match backend.inject(f.kind).await {
                         Ok(()) => "ok".into(),
-                        Err(e) => e,
+                        Err(e) => {
+                            rec.refused = true;
+                            e
+                        }
                     };
                 }
             }
@@ -147,11 +164,12 @@ pub async fn run<B: Backend>(backend: &mut B, settings: Settings) -> Result<Repo
                 if let Err(e) = backend.heal(f.kind).await {
                     let rec = &mut records[f.id - 1];
                     rec.result = format!("{}; heal: {e}", rec.result);
+                    rec.heal_failed = true;
                 }
                 records[f.id - 1].healed_ms = Some(now_ms());
             }
         }
-        notes.extend(backend.unexpected_exits());
+        notes.extend(backend.unexpected_exits().await);
     }
     for (id, task) in switchovers {
         records[id - 1].result = task
@@ -160,6 +178,8 @@ pub async fn run<B: Backend>(backend: &mut B, settings: Settings) -> Result<Repo
     }
     eprintln!("[chaos] {:>8.2}s final heal", secs(now_ms()));
     notes.extend(backend.heal_all().await);
+    // A restarted container may answer on another published port now.
+    let endpoints = backend.endpoints().clone();
     tokio::time::sleep(COOL_DOWN).await;
     eprintln!(
         "[chaos] {:>8.2}s waiting for the clients' last answers",
@@ -194,7 +214,7 @@ pub async fn run<B: Backend>(backend: &mut B, settings: Settings) -> Result<Repo
     }
     notes.extend(verdict.notes.iter().cloned());
     let logs = if verdict.violations() > 0 || !settle.converged {
-        backend.keep_logs()
+        backend.keep_logs().await
     } else {
         Vec::new()
     };

@@ -7,6 +7,8 @@
 //! - [`schedule`]: the seeded fault plan (pure: a seed is a reproducible plan).
 //! - [`backend`]: the fault-injection interface, and an attached system (switchovers only).
 //! - [`process`]: the process backend: every process local, every cuttable link proxied.
+//! - [`docker`]: the Docker backend: the compose stack, broken with `docker kill`,
+//!   `docker pause`, `docker network disconnect` and `docker restart`.
 //! - [`proxy`]: the blackholing TCP proxies on those links.
 //! - [`clients`]: careful clients: idempotent retries until a definitive answer.
 //! - [`history`]: what the clients sent and saw.
@@ -19,6 +21,7 @@ pub mod backend;
 pub mod campaign;
 pub mod checker;
 pub mod clients;
+pub mod docker;
 pub mod history;
 pub mod process;
 pub mod proxy;

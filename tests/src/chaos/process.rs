@@ -257,11 +257,7 @@ impl Backend for ProcessBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            processes: true,
-            links: true,
-            switchover: true,
-        }
+        Capabilities::PROCESS
     }
 
     fn endpoints(&self) -> &Endpoints {
@@ -308,6 +304,10 @@ impl Backend for ProcessBackend {
             FaultKind::Switchover => {
                 Err("a switchover is the campaign's, not the backend's".into())
             }
+            // Not in Capabilities::PROCESS, so never planned for this backend.
+            FaultKind::Partition(_) | FaultKind::RestartGateway => {
+                Err(format!("{fault}: not a fault of the process backend"))
+            }
         }
     }
 
@@ -341,7 +341,9 @@ impl Backend for ProcessBackend {
             }
             FaultKind::RestartRedis(_)
             | FaultKind::RestartReplicator(_)
-            | FaultKind::Switchover => Ok(()),
+            | FaultKind::Switchover
+            | FaultKind::Partition(_)
+            | FaultKind::RestartGateway => Ok(()),
         }
     }
 
@@ -350,7 +352,7 @@ impl Backend for ProcessBackend {
             r.to_peer_redis.heal();
             r.from_gateway.heal();
         }
-        let mut notes = self.unexpected_exits();
+        let mut notes = self.unexpected_exits().await;
         for c in Self::all_components() {
             if self.running(c) {
                 // A paused process takes SIGCONT; a running one ignores it.
@@ -365,7 +367,7 @@ impl Backend for ProcessBackend {
         notes
     }
 
-    fn unexpected_exits(&mut self) -> Vec<String> {
+    async fn unexpected_exits(&mut self) -> Vec<String> {
         let mut notes = Vec::new();
         for c in Self::all_components() {
             if !self.down.contains(&c) && !self.reported.contains(&c) && !self.running(c) {
@@ -376,7 +378,7 @@ impl Backend for ProcessBackend {
         notes
     }
 
-    fn keep_logs(&mut self) -> Vec<(String, PathBuf)> {
+    async fn keep_logs(&mut self) -> Vec<(String, PathBuf)> {
         crate::workdir::keep_all();
         let mut dirs = vec![("redis data".to_string(), self._data.path().to_path_buf())];
         dirs.extend(self.log_dirs());

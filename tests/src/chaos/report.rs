@@ -52,6 +52,15 @@ pub fn render(r: &Report) -> String {
         );
     }
 
+    let injected = r.faults.iter().filter(|f| f.injected()).count();
+    let heal_failed = r.faults.iter().filter(|f| f.heal_failed).count();
+    let _ = writeln!(
+        w,
+        "injected: {injected} of {} faults ({} not injected, {heal_failed} heals failed)",
+        r.faults.len(),
+        r.faults.len() - injected
+    );
+
     let _ = writeln!(w, "\nfaults by kind:");
     let mut by_kind: BTreeMap<&str, Vec<Option<u64>>> = BTreeMap::new();
     for f in &r.faults {
@@ -163,10 +172,15 @@ pub fn render(r: &Report) -> String {
     if violations > 0 {
         let _ = writeln!(
             w,
-            "\nreproduce: chaos --faults {} --seed {} --durability {} (clients {}, rate {})",
+            "\nreproduce: chaos --faults {} --seed {} --durability {}{} (clients {}, rate {})",
             s.faults,
             s.seed,
             s.durability.as_str(),
+            if r.backend == "docker" {
+                " --backend docker"
+            } else {
+                ""
+            },
             s.clients,
             s.rate
         );

@@ -55,7 +55,8 @@ pub enum Target {
     Region(Region),
 }
 
-/// A link a fault may cut (each goes through one of the tool's proxies).
+/// A link a fault may cut (the process backend's proxies; the Docker backend cuts
+/// [`Link::Regions`] by taking both Redis servers off the shared network).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Link {
     /// Both directions between the regions: each region's node and replicator to the
@@ -79,17 +80,71 @@ pub enum FaultKind {
     RestartReplicator(Region),
     /// A planned switchover to the standby (gateway admin API) under load.
     Switchover,
+    /// A whole region cut off from the gateway and from the other region (its node,
+    /// Redis and replicator still see each other); reconnected at the heal. The Docker
+    /// backend's `docker network disconnect` of the region from the shared network.
+    Partition(Region),
+    /// The gateway stopped (SIGTERM, then SIGKILL after a grace) and started at once,
+    /// its failover state from its state directory: `docker restart`.
+    RestartGateway,
 }
 
-/// Which faults a backend can inject.
+/// Which faults a backend can inject. A kind a backend lacks is never drawn, and the
+/// kinds are drawn from one fixed list, so adding a kind for one backend leaves every
+/// other backend's plan of a seed as it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
-    /// Kill, pause and restart processes.
+    /// Kill, pause and restart processes (or their containers).
     pub processes: bool,
-    /// Cut links (the tool owns proxies on them).
-    pub links: bool,
+    /// Cut the link between the regions ([`Link::Regions`]).
+    pub region_link: bool,
+    /// Cut the gateway's link to one region, that region's link to the other staying up
+    /// ([`Link::Gateway`]).
+    pub gateway_links: bool,
+    /// Cut a whole region off from the gateway and the other region
+    /// ([`FaultKind::Partition`]).
+    pub partitions: bool,
+    /// Stop and start the gateway ([`FaultKind::RestartGateway`]).
+    pub gateway_restart: bool,
     /// Planned switchover through the gateway's admin API.
     pub switchover: bool,
+}
+
+impl Capabilities {
+    /// The process backend: every process local, every cuttable link proxied.
+    pub const PROCESS: Capabilities = Capabilities {
+        processes: true,
+        region_link: true,
+        gateway_links: true,
+        partitions: false,
+        gateway_restart: false,
+        switchover: true,
+    };
+
+    /// The Docker backend: containers killed, paused and restarted, networks
+    /// disconnected. The gateway reaches a node over the same network the node uses
+    /// for the other region's Redis, so the gateway's link to one region alone cannot
+    /// be cut; a whole region's partition can.
+    pub const DOCKER: Capabilities = Capabilities {
+        processes: true,
+        region_link: true,
+        gateway_links: false,
+        partitions: true,
+        gateway_restart: true,
+        switchover: true,
+    };
+
+    /// A system someone else runs: at most planned switchovers (with the admin token).
+    pub const fn attached(switchover: bool) -> Capabilities {
+        Capabilities {
+            processes: false,
+            region_link: false,
+            gateway_links: false,
+            partitions: false,
+            gateway_restart: false,
+            switchover,
+        }
+    }
 }
 
 impl FaultKind {
@@ -97,7 +152,10 @@ impl FaultKind {
     pub fn is_instant(self) -> bool {
         matches!(
             self,
-            FaultKind::RestartRedis(_) | FaultKind::RestartReplicator(_) | FaultKind::Switchover
+            FaultKind::RestartRedis(_)
+                | FaultKind::RestartReplicator(_)
+                | FaultKind::Switchover
+                | FaultKind::RestartGateway
         )
     }
 
@@ -121,12 +179,17 @@ impl FaultKind {
             RestartRedis(_) => "restart redis (AOF)",
             RestartReplicator(_) => "restart replicator",
             Switchover => "switchover",
+            Partition(_) => "partition region",
+            RestartGateway => "restart gateway",
         }
     }
 
     fn needs(self, caps: Capabilities) -> bool {
         match self {
-            FaultKind::Cut(_) => caps.links,
+            FaultKind::Cut(Link::Regions) => caps.region_link,
+            FaultKind::Cut(Link::Gateway(_)) => caps.gateway_links,
+            FaultKind::Partition(_) => caps.partitions,
+            FaultKind::RestartGateway => caps.gateway_restart,
             FaultKind::Switchover => caps.switchover,
             _ => caps.processes,
         }
@@ -156,6 +219,11 @@ impl FaultKind {
             RestartRedis(r) => vec![Slot::Redis(r)],
             RestartReplicator(r) => vec![Slot::Replicator(r)],
             Switchover => vec![Slot::Control],
+            // Every process of the region, as for a region's kill. Not the link between
+            // the regions: a cut of that link may overlap (the backend keeps a Redis off
+            // the shared network until both are healed).
+            Partition(r) => region(r),
+            RestartGateway => vec![Slot::Gateway],
         }
     }
 }
@@ -178,6 +246,8 @@ impl fmt::Display for FaultKind {
             RestartRedis(r) => write!(f, "restart redis {} from its AOF", r.id()),
             RestartReplicator(r) => write!(f, "restart replicator {}", r.id()),
             Switchover => write!(f, "planned switchover to the standby"),
+            Partition(r) => write!(f, "partition region {} (gateway and peer)", r.id()),
+            RestartGateway => write!(f, "restart gateway"),
         }
     }
 }
@@ -384,6 +454,13 @@ fn weighted_kinds(caps: Capabilities) -> Vec<(FaultKind, u64)> {
         (Cut(Link::Regions), 3),
         (Switchover, 3),
     ]);
+    // Appended after every other kind: a backend without them draws exactly what it drew
+    // before they existed (the pick walks this list in order).
+    kinds.extend([
+        (Partition(Region::A), 2),
+        (Partition(Region::B), 2),
+        (RestartGateway, 1),
+    ]);
     kinds.retain(|(k, _)| k.needs(caps));
     kinds
 }
@@ -422,11 +499,7 @@ impl SplitMix64 {
 mod tests {
     use super::*;
 
-    const ALL: Capabilities = Capabilities {
-        processes: true,
-        links: true,
-        switchover: true,
-    };
+    const ALL: Capabilities = Capabilities::PROCESS;
 
     #[test]
     fn a_seed_always_gives_the_same_plan() {
@@ -475,18 +548,55 @@ mod tests {
 
     #[test]
     fn without_process_control_only_switchovers_are_planned() {
-        let caps = Capabilities {
-            processes: false,
-            links: false,
-            switchover: true,
-        };
-        let plan = Schedule::generate(1, 10, caps);
+        let plan = Schedule::generate(1, 10, Capabilities::attached(true));
         assert!(plan.faults.iter().all(|f| f.kind == FaultKind::Switchover));
-        let none = Capabilities {
-            switchover: false,
-            ..caps
-        };
-        assert!(Schedule::generate(1, 10, none).faults.is_empty());
+        assert!(Schedule::generate(1, 10, Capabilities::attached(false))
+            .faults
+            .is_empty());
+    }
+
+    #[test]
+    fn the_docker_kinds_leave_the_process_plans_as_they_were() {
+        // Seed 10's first faults as the process backend drew them before the Docker
+        // kinds existed (tests/tests/chaos_campaign.rs runs this seed).
+        let plan = Schedule::generate(10, 4, ALL);
+        let kinds: Vec<String> = plan.faults.iter().map(|f| f.kind.to_string()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "SIGKILL node a",
+                "SIGSTOP gateway",
+                "restart replicator b",
+                "SIGKILL region a"
+            ]
+        );
+        for seed in 0..50 {
+            let plan = Schedule::generate(seed, 60, ALL);
+            assert!(plan
+                .faults
+                .iter()
+                .all(|f| !matches!(f.kind, FaultKind::Partition(_) | FaultKind::RestartGateway)));
+        }
+    }
+
+    #[test]
+    fn the_docker_backend_draws_partitions_and_never_a_gateway_link_cut() {
+        let plan = Schedule::generate(7, 400, Capabilities::DOCKER);
+        let labels: std::collections::BTreeSet<&str> =
+            plan.faults.iter().map(|f| f.kind.label()).collect();
+        assert!(labels.contains("partition region"), "{labels:?}");
+        assert!(labels.contains("restart gateway"), "{labels:?}");
+        assert!(labels.contains("cut regions"), "{labels:?}");
+        assert!(!labels.contains("cut gateway-region"), "{labels:?}");
+        assert_eq!(labels.len(), 16, "{labels:?}");
+        for (i, f) in plan.faults.iter().enumerate() {
+            for g in &plan.faults[i + 1..] {
+                let shared = f.kind.slots().iter().any(|s| g.kind.slots().contains(s));
+                let overlap =
+                    g.start_ms < f.end_ms() + REST_MS && f.start_ms < g.end_ms() + REST_MS;
+                assert!(!(shared && overlap), "{f} and {g} hold the same component");
+            }
+        }
     }
 
     #[test]
