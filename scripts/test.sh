@@ -5,11 +5,12 @@
 # tests in tests/ start the real binaries from target/debug and their own redis-server
 # and etcd processes on free ports; tests/tests/compose_stack.rs builds the container
 # images from the same binaries (deploy/build-images.sh, which builds the Debian base
-# image itself when it is missing) and runs the docker-compose.yml stack;
+# image itself when it is missing) and runs the docker-compose.yml stack, as does
+# tests/tests/chaos_docker.rs (the chaos campaign's Docker backend);
 # tests/tests/openapi.rs installs schemathesis from PyPI into target/schemathesis-venv
 # (Debian's python3-venv is installed here when `python3 -m venv` is missing).
 #
-# Without a Docker engine the compose test is skipped with a message, unless CI is set
+# Without a Docker engine the compose tests are skipped with a message, unless CI is set
 # or TANDEM_REQUIRE_DOCKER=1 (.ci/run sets it): then it fails.
 set -euo pipefail
 

@@ -11,11 +11,20 @@
 //! | restart Redis, replicator | `docker kill` and `docker start` at once                  |
 //! | restart gateway           | `docker restart` (SIGTERM, SIGKILL after 10 s, start)     |
 //!
+//! The report names the faults as for processes ("SIGKILL node a" is `docker kill`,
+//! which sends SIGKILL; "SIGSTOP node a" is `docker pause`, which freezes the cgroup).
+//!
 //! A node reaches the gateway and the other region's Redis over the same network
 //! (`wan`), so the gateway's link to one region cannot be cut alone: that kind is never
 //! planned here ([`Capabilities::DOCKER`]). Off the network, packets go nowhere (no
-//! reset) and the name no longer resolves; a container put back gets a new address
-//! under its service name, as after a real partition heals.
+//! reset) and the name no longer resolves; a container put back is found under its
+//! service name again (its address may have changed), as after a real partition heals.
+//!
+//! Redis keeps the image's `appendfsync everysec` (the process backend runs `always`):
+//! a killed container's Redis has written everything it acknowledged into the host
+//! kernel's page cache, which outlives the container, so a loss the checker finds is
+//! still never Redis's fsync window. Only a host crash could lose that last second, and
+//! the campaign never crashes the host.
 //!
 //! The stack is a private compose project (`tandem-chaos-<pid>-<n>`, with the overlays
 //! `tests/compose/chaos.yml`, the nodes' campaign settings, and `tests/compose/observe.yml`,
@@ -144,16 +153,20 @@ impl DockerBackend {
         // The compose harness panics when the stack does not come up (it is a test's
         // fixture); here that is the campaign's "could not run".
         let up = Instant::now();
-        let stack = tokio::spawn(Stack::up_options(stack_options))
-            .await
-            .map_err(|e| match e.try_into_panic() {
-                Ok(p) => p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "the compose stack did not start".into()),
-                Err(e) => format!("the compose stack did not start: {e}"),
-            })?;
+        let (stack, wan) = tokio::spawn(async move {
+            let stack = Stack::up_options(stack_options).await;
+            let wan = stack.network(WAN).await;
+            (stack, wan)
+        })
+        .await
+        .map_err(|e| match e.try_into_panic() {
+            Ok(p) => p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the compose stack did not start".into()),
+            Err(e) => format!("the compose stack did not start: {e}"),
+        })?;
         eprintln!(
             "[docker] stack {} up and healthy in {:.1}s ({}, images :{})",
             stack.project,
@@ -165,7 +178,6 @@ impl DockerBackend {
         for s in SERVICES {
             ids.insert(*s, stack.try_container(s).await?);
         }
-        let wan = stack.network(WAN).await;
         let endpoints = Endpoints {
             gateway: format!("http://127.0.0.1:{}", stack.gateway_port),
             gateway_admin_token: Some(stack.admin_token.clone()),
