@@ -21,8 +21,8 @@ use system_tests::compose::{build_images, docker_or_skip, image_tag};
 /// Seed 93, six faults (`chaos --plan --backend docker --faults 6 --seed 93`): the
 /// gateway restarted; region a (active) killed; region b partitioned (by then the
 /// active one); node a paused, then killed; the gateway restarted again. Every kind of
-/// Docker fault but the cut between the regions, and two failovers the gateway must
-/// carry out by itself.
+/// Docker fault but the cut between the regions, and at least one failover the gateway
+/// must carry out by itself.
 const SEED: u64 = 93;
 const FAULTS: usize = 6;
 
@@ -103,10 +103,11 @@ async fn a_short_docker_campaign_breaks_containers_and_finds_no_violation() {
             "`{command}` was never run:\n{actions}"
         );
     }
-    // And the gateway failed over by itself (not a planned switchover) at least twice:
-    // after region a was killed and after region b was cut off
+    // And the gateway failed over by itself (not a planned switchover): region a,
+    // active, was killed for seconds. (Region b's partition is planned for 1.4 s, about
+    // the gateway's lease, so whether it fails over too is up to timing.)
     assert!(
-        unplanned >= 2.0,
+        unplanned >= 1.0,
         "tandem_gateway_failovers_total{{reason=\"unhealthy\"}} moved by {unplanned}\n{text}"
     );
     eprintln!("[chaos-docker] the gateway failed over {unplanned} times by itself");
@@ -115,19 +116,33 @@ async fn a_short_docker_campaign_breaks_containers_and_finds_no_violation() {
 /// Samples the gateway's `tandem_gateway_failovers_total{reason="unhealthy"}` through
 /// its published port while the campaign runs. The counter lives in the gateway's
 /// memory and a restarted gateway starts it at 0 again, so the watch adds up what each
-/// gateway's life counted.
+/// gateway's life counted. A new life shows as `tandem_gateway_requests_total` going
+/// down: the old one had served thousands of requests, a new one cannot have caught up
+/// within a sample's period.
 struct FailoverWatch {
     stop: Arc<AtomicBool>,
-    total: Arc<Mutex<(f64, f64)>>,
+    seen: Arc<Mutex<Lives>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Default)]
+struct Lives {
+    /// The first sample: failovers before the campaign (a gateway that flapped while
+    /// the stack came up on a busy host) are not the faults'.
+    baseline: Option<f64>,
+    /// Unplanned failovers counted by the gateway's earlier lives.
+    earlier: f64,
+    /// The current life's last samples: unplanned failovers and requests served.
+    failovers: f64,
+    requests: f64,
+    restarts_seen: u32,
 }
 
 impl FailoverWatch {
     fn start(gateway: String) -> FailoverWatch {
         let stop = Arc::new(AtomicBool::new(false));
-        // (what earlier gateway lives counted, what the current one counts)
-        let total = Arc::new(Mutex::new((0.0, 0.0)));
-        let (s, t) = (stop.clone(), total.clone());
+        let seen = Arc::new(Mutex::new(Lives::default()));
+        let (s, l) = (stop.clone(), seen.clone());
         let task = tokio::spawn(async move {
             let http = reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
@@ -136,31 +151,38 @@ impl FailoverWatch {
             while !s.load(Ordering::Relaxed) {
                 if let Ok(r) = http.get(format!("{gateway}/metrics")).send().await {
                     if let Ok(text) = r.text().await {
-                        let now = system_tests::api::metric_sum(
-                            &text,
-                            "tandem_gateway_failovers_total",
-                            &[("reason", "unhealthy")],
-                        )
-                        .unwrap_or(0.0);
-                        let mut t = t.lock().unwrap();
-                        if now < t.1 {
-                            // A new gateway: keep what the last one counted.
-                            t.0 += t.1;
+                        let sum = |metric: &str, labels: &[(&str, &str)]| {
+                            system_tests::api::metric_sum(&text, metric, labels).unwrap_or(0.0)
+                        };
+                        let failovers =
+                            sum("tandem_gateway_failovers_total", &[("reason", "unhealthy")]);
+                        let requests = sum("tandem_gateway_requests_total", &[]);
+                        let mut l = l.lock().unwrap();
+                        l.baseline.get_or_insert(failovers);
+                        if requests < l.requests || failovers < l.failovers {
+                            l.earlier += l.failovers;
+                            l.restarts_seen += 1;
                         }
-                        t.1 = now;
+                        l.failovers = failovers;
+                        l.requests = requests;
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
-        FailoverWatch { stop, total, task }
+        FailoverWatch { stop, seen, task }
     }
 
+    /// Unplanned failovers over every life of the gateway since the watch started.
     async fn stop(self) -> f64 {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
-        let t = self.total.lock().unwrap();
-        t.0 + t.1
+        let l = self.seen.lock().unwrap();
+        eprintln!(
+            "[chaos-docker] failover watch: {} gateway restarts seen, {l:?}",
+            l.restarts_seen
+        );
+        l.earlier + l.failovers - l.baseline.unwrap_or(0.0)
     }
 }
 

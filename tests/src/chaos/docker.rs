@@ -232,8 +232,12 @@ impl DockerBackend {
         let mut args: Vec<&str> = verb.to_vec();
         let ids: Vec<String> = services.iter().map(|s| self.id(s)).collect();
         args.extend(ids.iter().map(String::as_str));
-        self.record(format!("docker {} {}", verb.join(" "), services.join(" ")));
-        try_docker(&args).await.map(|_| ())
+        let command = format!("docker {} {}", verb.join(" "), services.join(" "));
+        self.record(command.clone());
+        try_docker(&args)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{command}: {e}"))
     }
 
     fn record(&mut self, action: String) {
@@ -244,25 +248,44 @@ impl DockerBackend {
         ));
     }
 
-    /// `docker pause`, tried again when the freezer gives up: runc reports "unable to
-    /// freeze" when the cgroup does not settle frozen in time, which a loaded host
-    /// causes now and then (it thaws what it froze, so trying again is safe).
+    /// `docker pause` of `services` together; a container the freezer gave up on is
+    /// paused again alone. runc reports "unable to freeze" when a task does not stop
+    /// in time (a process busy in the kernel on a loaded host) and thaws the cgroup
+    /// again, so trying once more is safe; the others stay paused meanwhile.
     async fn pause(&mut self, services: &[&'static str]) -> Result<(), String> {
-        let mut last = Ok(());
-        for _ in 0..5 {
-            last = self.each(&["pause"], services).await;
-            match &last {
-                Ok(()) => {
-                    self.paused.extend(services);
-                    return Ok(());
+        let Err(first) = self.each(&["pause"], services).await else {
+            self.paused.extend(services);
+            return Ok(());
+        };
+        let mut errors = Vec::new();
+        for s in services {
+            let id = self.id(s);
+            let mut attempt = 1;
+            loop {
+                let paused = try_docker(&["inspect", "-f", "{{.State.Paused}}", &id]).await;
+                if paused.as_deref().map(str::trim) == Ok("true") {
+                    self.paused.insert(s);
+                    break;
                 }
-                Err(e) if e.contains("unable to freeze") => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                match try_docker(&["pause", &id]).await {
+                    Ok(_) => {
+                        self.record(format!("docker pause {s} (again)"));
+                        self.paused.insert(s);
+                        break;
+                    }
+                    Err(e) if attempt < 5 => {
+                        attempt += 1;
+                        eprintln!("[docker] docker pause {s}: {e}; trying again");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => {
+                        errors.push(format!("docker pause {s}: {e} (first: {first})"));
+                        break;
+                    }
                 }
-                Err(_) => break,
             }
         }
-        last
+        join(errors)
     }
 
     /// `docker unpause` of those of `services` a fault paused.
@@ -389,7 +412,9 @@ impl DockerBackend {
                     args.extend(["--alias", s.as_str()]);
                 }
                 args.extend([wan.as_str(), id.as_str()]);
-                try_docker(&args).await
+                try_docker(&args)
+                    .await
+                    .map_err(|e| format!("docker network {verb} {WAN} {s}: {e}"))
             });
         }
         let mut errors = Vec::new();
@@ -411,7 +436,9 @@ impl DockerBackend {
             "{{.Id}}|{{.State.Status}}|{{.RestartCount}}|{{range $k, $v := .NetworkSettings.Networks}}{{$v.NetworkID}},{{end}}",
         ];
         args.extend(self.ids.values().map(String::as_str));
-        let out = try_docker(&args).await?;
+        let out = try_docker(&args)
+            .await
+            .map_err(|e| format!("docker inspect: {e}"))?;
         let mut states = BTreeMap::new();
         for line in out.lines() {
             let parts: Vec<&str> = line.trim().split('|').collect();
@@ -454,11 +481,13 @@ impl DockerBackend {
         Ok(())
     }
 
-    /// Waits until the gateway routes writes to region a at epoch 1, as the process
-    /// backend starts.
+    /// Waits until the gateway routes writes to region a, as the process backend
+    /// starts. A gateway whose probes timed out while the stack came up on a busy host
+    /// may have failed over to b already: then a planned switchover brings region a
+    /// back first, so a seed's faults hit the regions its plan names.
     async fn wait_active_a(&self) -> Result<(), String> {
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| e.to_string())?;
         let deadline = Instant::now() + READY_DEADLINE;
@@ -472,10 +501,28 @@ impl DockerBackend {
                 Ok(r) => {
                     let status = r.status().as_u16();
                     let body: serde_json::Value = r.json().await.unwrap_or_default();
-                    if status == 200 && body["active"] == "a" && body["writes"] == true {
-                        return Ok(());
+                    if status == 200 && body["writes"] == true {
+                        if body["active"] == "a" {
+                            return Ok(());
+                        }
+                        eprintln!(
+                            "[docker] the gateway failed over while the stack came up ({} \
+                             active at epoch {}): switching back to a",
+                            body["active"], body["epoch"]
+                        );
+                        let mut req = http
+                            .post(format!("{}/gateway/failover", self.endpoints.gateway))
+                            .json(&serde_json::json!({"to": "a"}));
+                        if let Some(t) = &self.endpoints.gateway_admin_token {
+                            req = req.bearer_auth(t);
+                        }
+                        last = match req.send().await {
+                            Ok(r) => format!("switchover to a: {}", r.status()),
+                            Err(e) => format!("switchover to a: {e}"),
+                        };
+                    } else {
+                        last = format!("{status} {body}");
                     }
-                    last = format!("{status} {body}");
                 }
                 Err(e) => last = e.to_string(),
             }
