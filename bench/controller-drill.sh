@@ -14,6 +14,8 @@
 #
 # RTO: from the kill to the first order answered 201 by region b. Goal: under 2 s.
 # Usage: bench/controller-drill.sh [N]          (N=10)
+# Variables: BIN_DIR [target/release]; BUILD=0 skips `cargo build --release` (e.g. to
+# time the debug binaries the tests use: RTO is mostly timeouts, not CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10}
@@ -26,11 +28,14 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update </dev/null >/dev/null
     apt-get install -y --no-install-recommends "${need[@]}" </dev/null >/dev/null
 fi
-cargo build --release -q --bins -p regional-node -p replicator -p gateway
+if [ "${BUILD:-1}" = 1 ]; then
+    cargo build --release -q --bins -p regional-node -p replicator -p gateway
+fi
 
 OUT=$(mktemp /tmp/tandem-controller-drill-XXXXXX)
 trap 'rm -f "$OUT"' EXIT
-export TANDEM_BIN_DIR="$PWD/target/release"
+BIN_DIR=${BIN_DIR:-target/release}
+export TANDEM_BIN_DIR="$(cd "$BIN_DIR" && pwd)"
 for i in $(seq 1 "$N"); do
     echo "## run $i/$N" >&2
     cargo test -q -p system-tests --test gateway_failover -- --nocapture --test-threads 1 \

@@ -353,9 +353,20 @@ impl Stack {
             // eight containers on two cores, probes and lease renewals of a healthy
             // active region missed it twice in a row now and then (once in CI, right
             // after region a thawed from a pause), and the gateway failed over to the
-            // region that had just come back.
+            // region that had just come back. Not with etcd control (two gateways): a
+            // lease the controller grants must end, at the latest arrival of the
+            // renewal (its timeout later), before the controller's 1 s etcd lease can,
+            // and a 1 s timeout leaves no lease at all to grant.
             ("GATEWAY_HEALTH_INTERVAL_MS", "200".to_string()),
-            ("GATEWAY_HEALTH_TIMEOUT_MS", "1000".to_string()),
+            (
+                "GATEWAY_HEALTH_TIMEOUT_MS",
+                if options.files.contains(&GATEWAYS_FILE) {
+                    "400"
+                } else {
+                    "1000"
+                }
+                .to_string(),
+            ),
             ("GATEWAY_LEASE_MS", "1500".to_string()),
             ("RUST_LOG", "info".to_string()),
         ]
