@@ -82,41 +82,66 @@ pub fn plan_pel(peer: &[Pending], local: &[Pending], top: StreamId) -> PelPlan {
 }
 
 /// Where a local group's position goes on rejoin: back to the lowest of its own, the
-/// peer's (when the peer has the group) and the last entry the rejoin kept. `None` when
-/// it stays.
+/// peer's (when the peer has the group), the last entry the rejoin kept, and just before
+/// `redo_from` (the earliest kept entry whose outcome was quarantined, see
+/// [`align_after_rejoin`]). `None` when it stays.
 pub fn rejoin_position(
     local: &GroupInfo,
     peer: Option<&GroupInfo>,
     kept: StreamId,
+    redo_from: Option<StreamId>,
 ) -> Option<StreamId> {
     let mut to = local.last_delivered.min(kept);
     if let Some(p) = peer {
         to = to.min(p.last_delivered);
     }
+    if let Some(r) = redo_from {
+        to = to.min(just_before(r));
+    }
     (to < local.last_delivered).then_some(to)
 }
 
+/// The highest id below `id`: a group positioned there delivers `id` next.
+fn just_before(id: StreamId) -> StreamId {
+    match (id.ms, id.seq) {
+        (0, 0) => StreamId::ZERO,
+        (ms, 0) => StreamId {
+            ms: ms - 1,
+            seq: u64::MAX,
+        },
+        (ms, seq) => StreamId { ms, seq: seq - 1 },
+    }
+}
+
 /// On rejoin, after the divergent tail was set aside: the local groups must not claim
-/// more work done than the active peer's. A handler here may have acknowledged an entry
-/// (or moved a position) in the same step that appended events which were just
-/// quarantined; left as it is, that entry would never be handled again if this region
-/// were promoted before the next group sync (the order stays where it was, forever).
-/// So each position goes back (see [`rejoin_position`]) and every entry the peer still
-/// has pending, up to `kept`, is pending here again under the peer's consumer. Nothing
-/// is acknowledged here: that waits for the copy, as in the normal sync. Returns how
-/// many groups changed.
+/// more work done than what the region still holds the outcome of.
+///
+/// A handler here may have acknowledged an entry (and moved the position past it) in the
+/// same step that appended events which were just quarantined. Left as it is, that entry
+/// would never be handled again if this region were promoted before the next group sync
+/// (the order stays where it was, forever). Neither the last kept entry nor the peer's
+/// position is a bound for that: the entry is kept, and the peer may have handled it too,
+/// with an outcome not copied here yet (chaos seed 6007: an order stuck PAID). So
+/// `redo_from`, the earliest kept entry that caused a quarantined event, is delivered
+/// again: every position goes back before it (handlers are idempotent; a redelivery of
+/// what was done costs a lookup). See [`rejoin_position`] for the other bounds.
+///
+/// Every entry the peer still has pending, up to `kept`, is pending here again under the
+/// peer's consumer. Nothing is acknowledged here: that waits for the copy, as in the
+/// normal sync. Returns how many groups changed.
 pub async fn align_after_rejoin(
     local: &Link,
     peer: &Link,
     stream: &str,
     kept: StreamId,
+    redo_from: Option<StreamId>,
 ) -> Result<usize, LinkError> {
     let theirs = groups(peer, stream).await?;
     let ours = groups(local, stream).await?;
     let mut changed = 0;
     for l in &ours {
         let p = theirs.iter().find(|p| p.name == l.name);
-        let position = rejoin_position(l, p, kept);
+        let position = rejoin_position(l, p, kept, redo_from);
         let claim = match p {
             Some(_) => {
                 let (peer_pel, local_pel) = tokio::try_join!(
@@ -157,6 +182,7 @@ pub async fn align_after_rejoin(
             from = %l.last_delivered,
             to = ?position.map(|p| p.to_string()),
             pending_again = claimed,
+            redo_from = ?redo_from.map(|r| r.to_string()),
             "rejoin: consumer group set back to the active peer's progress"
         );
         changed += 1;
@@ -669,15 +695,53 @@ mod tests {
         };
         let kept = StreamId { ms: 50, seq: 0 };
         // Ahead of what was kept (the tail is gone): back to the kept top.
-        assert_eq!(rejoin_position(&g(80), Some(&g(90)), kept), Some(kept));
+        assert_eq!(
+            rejoin_position(&g(80), Some(&g(90)), kept, None),
+            Some(kept)
+        );
         // Ahead of the peer within the kept prefix: back to the peer's.
         assert_eq!(
-            rejoin_position(&g(40), Some(&g(30)), kept),
+            rejoin_position(&g(40), Some(&g(30)), kept, None),
             Some(StreamId { ms: 30, seq: 0 })
         );
         // At or behind both: stays.
-        assert_eq!(rejoin_position(&g(30), Some(&g(40)), kept), None);
-        assert_eq!(rejoin_position(&g(30), None, kept), None);
+        assert_eq!(rejoin_position(&g(30), Some(&g(40)), kept, None), None);
+        assert_eq!(rejoin_position(&g(30), None, kept, None), None);
+    }
+
+    #[test]
+    fn rejoin_delivers_again_a_kept_entry_whose_outcome_was_quarantined() {
+        let g = |ms: u64| GroupInfo {
+            name: "shipments".into(),
+            last_delivered: StreamId { ms, seq: 0 },
+            entries_read: None,
+        };
+        let kept = StreamId { ms: 50, seq: 0 };
+        // Both regions handled entry 40 (ours and the peer's positions are past it), but
+        // what this region appended for it was quarantined: 40 is delivered again.
+        let cause = StreamId { ms: 40, seq: 0 };
+        assert_eq!(
+            rejoin_position(&g(45), Some(&g(48)), kept, Some(cause)),
+            Some(StreamId {
+                ms: 39,
+                seq: u64::MAX
+            })
+        );
+        assert_eq!(
+            rejoin_position(
+                &g(45),
+                Some(&g(48)),
+                kept,
+                Some(StreamId { ms: 40, seq: 3 })
+            ),
+            Some(StreamId { ms: 40, seq: 2 })
+        );
+        // A group not past the cause yet stays where it is.
+        assert_eq!(
+            rejoin_position(&g(30), Some(&g(48)), kept, Some(cause)),
+            None
+        );
+        assert_eq!(just_before(StreamId::ZERO), StreamId::ZERO);
     }
 
     #[test]

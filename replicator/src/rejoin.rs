@@ -215,7 +215,12 @@ pub async fn run(
         }
         // Before the role changes (and with it the gate): no group sync and no
         // promotion can find the groups ahead of what the peer did.
-        crate::groups::align_after_rejoin(local, peer, stream, start).await?;
+        let redo_from = if stream == keys::EVENTS {
+            earliest_cause(local, stream, old_epoch, start).await?
+        } else {
+            None
+        };
+        crate::groups::align_after_rejoin(local, peer, stream, start, redo_from).await?;
         finish_args.push(start.to_string().into_bytes());
         finish_args.push(counter.into_bytes());
     }
@@ -234,6 +239,67 @@ pub async fn run(
         "local region is now standby at the peer's epoch"
     );
     Ok(quarantined)
+}
+
+/// The earliest entry of `stream`, at or before `kept`, that caused an event this
+/// region quarantined from `old_epoch` (through the event's `causationId` and the event
+/// index). Read from the quarantine stream, not from this run's batches, so a rejoin
+/// redone after a crash finds the same answer. A cause the index does not name (a
+/// request id: the event answered an HTTP command) needs no redelivery.
+async fn earliest_cause(
+    local: &Link,
+    stream: &str,
+    old_epoch: Epoch,
+    kept: StreamId,
+) -> Result<Option<StreamId>, LinkError> {
+    let epoch = old_epoch.0.to_string();
+    let mut causes = BTreeSet::new();
+    let mut from = "-".to_string();
+    loop {
+        let v = local
+            .query(
+                redis::cmd("XRANGE")
+                    .arg(keys::QUARANTINE)
+                    .arg(&from)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(BATCH),
+            )
+            .await?;
+        let page = Entry::from_range(v);
+        let Some(last) = page.last() else { break };
+        from = format!("({}", last.id);
+        for q in &page {
+            if q.field_str("stream") != Some(stream) || q.field_str("epoch") != Some(&epoch) {
+                continue;
+            }
+            match q.envelope() {
+                Ok(env) => {
+                    causes.insert(env.causation_id);
+                }
+                Err(e) => {
+                    tracing::warn!(id = %q.id, error = %e, "quarantined entry without a readable envelope: its cause is not delivered again");
+                }
+            }
+        }
+        if page.len() < BATCH {
+            break;
+        }
+    }
+    let causes: Vec<String> = causes.into_iter().collect();
+    let mut earliest: Option<StreamId> = None;
+    for chunk in causes.chunks(BATCH) {
+        let v = local
+            .query(redis::cmd("HMGET").arg(keys::EVENT_INDEX).arg(chunk))
+            .await?;
+        let ids = reply::array(&v).unwrap_or_default();
+        for id in ids.iter().filter_map(reply::stream_id) {
+            if id <= kept && earliest.is_none_or(|e| id < e) {
+                earliest = Some(id);
+            }
+        }
+    }
+    Ok(earliest)
 }
 
 /// For each local entry: does the peer hold an entry with the same id and the same

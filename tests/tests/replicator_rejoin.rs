@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use system_tests::eventually;
 use system_tests::replicator::{
-    add_events, entries, envelope, role, set_role, wait_streams_equal, Pair, Replicator,
+    add_events, entries, envelope, role, set_role, wait_streams_equal, xlen, Pair, Replicator,
 };
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -262,4 +262,115 @@ async fn an_entry_with_the_same_id_but_other_fields_is_quarantined() {
     };
     assert_eq!(get("originalId"), Some(clash));
     assert_eq!(get("type").as_deref(), Some("OrderCancelled"));
+}
+
+/// Chaos seed 6007 (async durability): region b handled a kept entry (a payment) and
+/// acknowledged it in the same step that appended its outcome (the shipment), which a
+/// never received. On rejoin that outcome is quarantined; if b's consumer group still
+/// counted the payment as handled, and b were promoted before the next group sync, the
+/// order would stay PAID forever. The rejoin sets the group back before that entry.
+#[tokio::test]
+async fn rejoin_delivers_again_an_entry_whose_outcome_was_quarantined() {
+    let pair = Pair::start().await;
+    let (mut a, mut b) = (pair.peer_conn().await, pair.local_conn().await);
+    let s = "tandem:events";
+    set_role(&mut b, "active", 1).await;
+    set_role(&mut a, "standby", 1).await;
+
+    // Given a common history on both regions, indexed by event id on b as its node does
+    let common = add_events(&mut b, s, 0, 20).await;
+    copy_entries(&mut b, &mut a, s, &common).await;
+    for (n, id) in common.iter().enumerate() {
+        let _: i64 = redis::cmd("HSET")
+            .arg("tandem:eventidx")
+            .arg(format!("00000000-0000-4000-8000-{n:012}"))
+            .arg(id)
+            .query_async(&mut b)
+            .await
+            .unwrap();
+    }
+    let start = common.last().unwrap().clone();
+    // And the shipments group past all of it on both regions (both handled entry 10)
+    for conn in [&mut a, &mut b] {
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(s)
+            .arg("shipments")
+            .arg(&start)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+
+    // And a failover: a is promoted to epoch 2, starting at the common history's end
+    set_role(&mut a, "active", 2).await;
+    let record = format!(
+        r#"{{"region":"a","startOffsets":{{"tandem:events":"{start}"}},"at":"2026-11-30T00:00:00.000Z"}}"#
+    );
+    let _: i64 = redis::cmd("HSET")
+        .arg("tandem:epochs")
+        .arg("2")
+        .arg(&record)
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    // And b's outcome of entry 10 (and of nothing older), written in epoch 1, never
+    // reached a
+    let mut outcome: serde_json::Value =
+        serde_json::from_str(&envelope("ShipmentDispatched", 5000)).unwrap();
+    outcome["causationId"] = "00000000-0000-4000-8000-000000000010".into();
+    let _: String = redis::cmd("XADD")
+        .arg(s)
+        .arg("*")
+        .arg("type")
+        .arg("ShipmentDispatched")
+        .arg("event")
+        .arg(outcome.to_string())
+        .query_async(&mut b)
+        .await
+        .unwrap();
+
+    // When b's replicator rejoins it to a
+    let rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
+    eventually(DEADLINE, "b demoted to standby@2", || {
+        let mut b = b.clone();
+        async move {
+            let r = role(&mut b).await;
+            if r == ("standby".to_string(), 2) {
+                Ok(())
+            } else {
+                Err(r)
+            }
+        }
+    })
+    .await;
+
+    // Then the outcome is quarantined, and the rejoin reports b's shipments group set
+    // back to just before entry 10, so that a promotion of b handles it again (later
+    // group syncs take a's position once a's own outcome is copied)
+    assert_eq!(xlen(&mut b, "tandem:quarantine").await, 1);
+    let (ms, seq) = common[10].split_once('-').unwrap();
+    let before = match seq.parse::<u64>().unwrap() {
+        0 => format!("{}-{}", ms.parse::<u64>().unwrap() - 1, u64::MAX),
+        n => format!("{ms}-{}", n - 1),
+    };
+    let line = eventually(
+        DEADLINE,
+        "the rejoin's report of the shipments group",
+        || {
+            let log = rep.log_tail(400);
+            async move {
+                log.lines()
+                    .find(|l| l.contains("consumer group set back") && l.contains("shipments"))
+                    .map(str::to_string)
+                    .ok_or(log)
+            }
+        },
+    )
+    .await;
+    assert!(
+        line.contains(&before),
+        "shipments group not set back to {before} (before entry 10, {}): {line}",
+        common[10]
+    );
 }
