@@ -727,6 +727,9 @@ impl Controller {
             return true;
         };
         let timeout = self.lease_timeout();
+        // The wall-clock twin of `bound`, taken first so it is never the later one: the
+        // node's write window ends by it (see `NodeApi::lease`).
+        let not_after = std::time::SystemTime::now() + timeout + ttl;
         let epoch = {
             let mut lease = self.lease();
             if lease.stopped || lease.region != Some(index) {
@@ -738,7 +741,10 @@ impl Controller {
             lease.epoch
         };
         let region = self.routing.region(index);
-        let result = self.api.lease(&region.url, epoch, ttl, timeout).await;
+        let result = self
+            .api
+            .lease(&region.url, epoch, ttl, not_after, timeout)
+            .await;
         {
             let mut lease = self.lease();
             lease.in_flight -= 1;

@@ -192,15 +192,25 @@ impl NodeApi {
             .await
     }
 
-    /// `POST /admin/lease {"epoch":N,"ttlMs":M}`.
+    /// `POST /admin/lease {"epoch":N,"ttlMs":M,"notAfterMs":T}`: `not_after` is this
+    /// gateway's bound of the renewal; the node's write window never ends after it.
     pub async fn lease(
         &self,
         base: &str,
         epoch: u64,
         ttl: Duration,
+        not_after: std::time::SystemTime,
         timeout: Duration,
     ) -> Result<RoleReport, NodeError> {
-        let body = serde_json::json!({ "epoch": epoch, "ttlMs": ttl.as_millis() as u64 });
+        let not_after_ms = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let body = serde_json::json!({
+            "epoch": epoch,
+            "ttlMs": ttl.as_millis() as u64,
+            "notAfterMs": not_after_ms,
+        });
         self.call(Method::POST, base, "/admin/lease", Some(body), timeout)
             .await
     }

@@ -11,7 +11,7 @@ use crate::store::{Store, StoreError};
 use eventlog::{keys, roles::fields, Role};
 use redis::Script;
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 const POLL: Duration = Duration::from_millis(50);
@@ -94,6 +94,12 @@ const UNREACHABLE_TTL: Duration = Duration::from_millis(400);
 pub enum RoleError {
     #[error("epoch {requested} is stale: the region is at epoch {stored}")]
     StaleEpoch { requested: u64, stored: u64 },
+    /// The renewal reached this node (or its Redis) after the deadline its gateway gave
+    /// it: the gateway no longer counts on it, so it opens no write window.
+    #[error(
+        "the lease renewal arrived after its deadline ({late_ms} ms late by this region's clocks)"
+    )]
+    LeaseExpired { late_ms: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -302,8 +308,24 @@ impl Roles {
         self.store.invoke(&inv).await
     }
 
-    /// Renews the lease of the active region at `epoch` for `ttl`.
-    pub async fn grant_lease(&self, epoch: u64, ttl: Duration) -> Result<RoleState, RoleError> {
+    /// Renews the lease of the active region at `epoch` for `ttl`, ending no later than
+    /// `not_after` (the gateway's bound of the renewal, by its wall clock) when given.
+    ///
+    /// The cap matters when this node or its Redis stalls with the renewal in hand: the
+    /// gateway stops counting on a renewal at `not_after` and may promote the peer once
+    /// that has passed (plus its margin). Counted from when the stall ended, the window
+    /// would outlive that bound, and a commit held up in the same stall would be applied
+    /// after the peer's epoch began (chaos finding F1: SIGSTOP of a Redis or a region).
+    /// The cap compares wall clocks of different hosts; they must agree to well within
+    /// the gateway's lease margin (NTP does).
+    pub async fn grant_lease(
+        &self,
+        epoch: u64,
+        ttl: Duration,
+        not_after: Option<SystemTime>,
+    ) -> Result<RoleState, RoleError> {
+        let started = Instant::now();
+        let deadline = wall_deadline(ttl, not_after)?;
         let stored = self.store.role().await?.ok_or(RoleError::StaleEpoch {
             requested: epoch,
             stored: 0,
@@ -334,27 +356,51 @@ impl Roles {
                 });
             }
         }
-        // Redis' copy of the lease first, counted from before we answer, so it ends no
-        // later than the gateway's bound (answer time + ttl).
-        let started = Instant::now();
-        self.open_write_window(ttl, true).await?;
+        // Redis' copy of the lease first, counted from before we answer (and capped by
+        // the deadline), so it ends no later than the gateway's bound.
+        let opened = self.open_write_window(ttl, deadline, true).await?;
+        if let WindowEnd::Passed { late_ms } = opened {
+            tracing::warn!(
+                epoch,
+                late_ms,
+                "lease renewal reached Redis after its deadline; no write window opened"
+            );
+            return Err(RoleError::LeaseExpired { late_ms });
+        }
         {
             let mut lease = self.lease.lock().expect("lease lock");
-            lease.until = Some(started + ttl);
+            let left = deadline
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            lease.until = Some((started + ttl).min(Instant::now() + left));
             lease.enforced = true;
         }
         Ok(self.refresh().await)
     }
 
     /// Moves the region's write window in Redis (see [`fields::WRITE_UNTIL`]) to at
-    /// least `len` from now by Redis' clock; `fencing` marks the lease as enforced.
-    async fn open_write_window(&self, len: Duration, fencing: bool) -> Result<(), StoreError> {
+    /// least `len` from now by Redis' clock, but not past `deadline` (wall clock: Redis
+    /// may run the script long after it was sent, if it was paused); `fencing` marks the
+    /// lease as enforced.
+    async fn open_write_window(
+        &self,
+        len: Duration,
+        deadline: SystemTime,
+        fencing: bool,
+    ) -> Result<WindowEnd, StoreError> {
         let mut inv = OPEN_WRITE_WINDOW.prepare_invoke();
         inv.key(keys::ROLE)
             .arg(len.as_millis() as u64)
-            .arg(if fencing { "1" } else { "0" });
-        let _: i64 = self.store.invoke(&inv).await?;
-        Ok(())
+            .arg(if fencing { "1" } else { "0" })
+            .arg(unix_ms(deadline));
+        let late: i64 = self.store.invoke(&inv).await?;
+        Ok(if late > 0 {
+            WindowEnd::Passed {
+                late_ms: late as u64,
+            }
+        } else {
+            WindowEnd::Open
+        })
     }
 
     /// While the lease has lapsed but the peer has just vouched for our epoch, the write
@@ -374,7 +420,8 @@ impl Roles {
         if left.is_zero() {
             return;
         }
-        if let Err(e) = self.open_write_window(left, false).await {
+        let deadline = SystemTime::now() + left;
+        if let Err(e) = self.open_write_window(left, deadline, false).await {
             tracing::debug!(error = %e, "could not extend the write window on the peer's word");
         }
     }
@@ -409,7 +456,9 @@ impl Roles {
             Some("ok") => {
                 if role == Role::Active {
                     // A fresh promotion starts unfenced; the gateway's next probe renews.
-                    self.open_write_window(PROMOTION_GRACE, false).await?;
+                    let deadline = SystemTime::now() + PROMOTION_GRACE;
+                    self.open_write_window(PROMOTION_GRACE, deadline, false)
+                        .await?;
                     let mut lease = self.lease.lock().expect("lease lock");
                     if lease.enforced {
                         lease.until = Some(Instant::now() + PROMOTION_GRACE);
@@ -426,21 +475,54 @@ impl Roles {
 }
 
 /// KEYS: role. ARGV: window length (ms), fencing ("1": the lease is enforced from now
-/// on). Moves `write_until` to at least now + length by Redis' clock (never back).
+/// on), deadline (unix ms). Moves `write_until` to at least now + length by Redis' clock,
+/// but not past the deadline (never back). Returns by how many ms the deadline had
+/// passed when the script ran (0: the window is open).
 static OPEN_WRITE_WINDOW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"
 local t = redis.call('TIME')
-local want = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local deadline = tonumber(ARGV[3])
+if deadline <= now then return now - deadline + 1 end
+local want = math.min(now + tonumber(ARGV[1]), deadline)
 local cur = tonumber(redis.call('HGET', KEYS[1], '{until}') or '0')
 if want > cur then redis.call('HSET', KEYS[1], '{until}', want) end
 if ARGV[2] == '1' then redis.call('HSET', KEYS[1], '{fencing}', 'lease') end
-return want
+return 0
 "#,
         until = fields::WRITE_UNTIL,
         fencing = fields::FENCING
     ))
 });
+
+/// What [`OPEN_WRITE_WINDOW`] did.
+enum WindowEnd {
+    Open,
+    Passed { late_ms: u64 },
+}
+
+/// The end of a window of `ttl` from now, capped by the grantor's `not_after`; an error
+/// when `not_after` has already passed by this host's clock.
+fn wall_deadline(ttl: Duration, not_after: Option<SystemTime>) -> Result<SystemTime, RoleError> {
+    let now = SystemTime::now();
+    let own = now + ttl;
+    let Some(cap) = not_after else {
+        return Ok(own);
+    };
+    match cap.duration_since(now) {
+        Ok(_) => Ok(own.min(cap)),
+        Err(e) => Err(RoleError::LeaseExpired {
+            late_ms: e.duration().as_millis().max(1) as u64,
+        }),
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 static SET_ROLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(

@@ -668,6 +668,102 @@ async fn a_commit_that_reaches_redis_after_the_lease_ended_is_refused() {
     );
 }
 
+/// Chaos finding F1: a renewal held up in a paused Redis used to open a full write window
+/// when Redis resumed, after the gateway had stopped counting on it (and might have
+/// promoted the peer): a commit queued behind it then landed in the old epoch after the
+/// new one began. The gateway now sends its bound of the renewal (`notAfterMs`), and the
+/// window never ends after it.
+#[tokio::test]
+async fn a_lease_renewal_that_reaches_redis_after_its_deadline_opens_no_write_window() {
+    // Given an active node holding a lease
+    let region = Region::start_with(Default::default(), |o| {
+        o.env("NODE_REDIS_TIMEOUT_MS", 10_000)
+    })
+    .await;
+    let http = region.node.http();
+    let lease = http
+        .post("/admin/lease", &json!({"epoch": 1, "ttlMs": 800}))
+        .await;
+    assert_eq!(lease.status, 200, "lease: {}", lease.text);
+
+    let mut conn = region.redis.client().await;
+    let granted: u64 = redis::cmd("HGET")
+        .arg("tandem:role")
+        .arg("write_until")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET write_until");
+
+    // When Redis holds every write for 1.5 s, and a renewal comes in during the hold
+    // whose gateway stops counting on it 300 ms later
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1_500)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT PAUSE");
+    let not_after = unix_ms() + 300;
+    let renewal = http
+        .post(
+            "/admin/lease",
+            &json!({"epoch": 1, "ttlMs": 800, "notAfterMs": not_after}),
+        )
+        .await;
+
+    // Then the renewal is refused with a stable code, and Redis' write window (what the
+    // commit script checks) still ends where the first grant put it
+    assert_eq!(renewal.status, 409, "late renewal: {}", renewal.text);
+    assert_eq!(
+        renewal.json["error"]["code"], "lease_expired",
+        "{}",
+        renewal.text
+    );
+    let until: u64 = redis::cmd("HGET")
+        .arg("tandem:role")
+        .arg("write_until")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET write_until");
+    assert_eq!(
+        until, granted,
+        "the late renewal moved the write window (its bound was {not_after})"
+    );
+
+    // And a renewal that arrives in time opens it again, still within its bound
+    let not_after = unix_ms() + 5_000;
+    let renewal = http
+        .post(
+            "/admin/lease",
+            &json!({"epoch": 1, "ttlMs": 800, "notAfterMs": not_after}),
+        )
+        .await;
+    assert_eq!(renewal.status, 200, "renewal in time: {}", renewal.text);
+    let until: u64 = redis::cmd("HGET")
+        .arg("tandem:role")
+        .arg("write_until")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET write_until");
+    assert!(until > unix_ms() && until <= not_after, "window {until}");
+
+    // And a malformed bound is refused as bad input
+    let bad = http
+        .post(
+            "/admin/lease",
+            &json!({"epoch": 1, "ttlMs": 800, "notAfterMs": "soon"}),
+        )
+        .await;
+    assert_eq!(bad.status, 400, "malformed notAfterMs: {}", bad.text);
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
+
 /// Two rebuilds of one region (two nodes, or a node and its restarted self) take turns:
 /// the second is refused while the first holds the pause, so the first one's end can
 /// never end the pause under the second while it is still writing.

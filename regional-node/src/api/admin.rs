@@ -210,10 +210,25 @@ pub async fn lease(
         .and_then(Value::as_u64)
         .filter(|t| (1..=60_000).contains(t))
         .ok_or_else(|| ApiError::validation("ttlMs must be 1-60000", vec!["ttlMs".into()]))?;
+    // The gateway's bound of this renewal, by its wall clock (optional: older gateways
+    // do not send it). See `Roles::grant_lease`.
+    let not_after = match body.get("notAfterMs") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms))
+                .ok_or_else(|| {
+                    ApiError::validation(
+                        "notAfterMs must be a unix time in milliseconds",
+                        vec!["notAfterMs".into()],
+                    )
+                })?,
+        ),
+    };
     let result = st
         .wf
         .roles
-        .grant_lease(epoch, Duration::from_millis(ttl))
+        .grant_lease(epoch, Duration::from_millis(ttl), not_after)
         .await;
     tracing::debug!(caller = caller(&headers), action = "lease", epoch, ttl_ms = ttl, outcome = %outcome(&result), "control call");
     let role = result?;

@@ -164,6 +164,9 @@ impl From<RoleError> for ApiError {
             RoleError::StaleEpoch { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "stale_epoch", e.to_string())
             }
+            RoleError::LeaseExpired { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "lease_expired", e.to_string())
+            }
             RoleError::Store(e) => e.into(),
         }
     }
