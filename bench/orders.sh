@@ -7,6 +7,9 @@
 # baseline in the same run: redis-benchmark XADD of an envelope-sized entry into the
 # same Redis, and reports the node's events/s as a ratio of it.
 #
+# With WEBHOOK=1 a webhook receiver is subscribed to order.status_updated and each rate
+# also reports the deliveries and their latency (see bench/webhooks.sh).
+#
 # Usage: bench/orders.sh [RATES] [SECONDS]     e.g. bench/orders.sh 200,1000,2000 10
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +38,7 @@ node_cpu0=$(cpu_ticks "$node_pid"); redis_cpu0=$(cpu_ticks "$redis_pid")
 
 echo "## order workflow: $(nproc) cores, rates $RATES, ${SECONDS_PER_RATE}s each"
 target/release/order_bench --node "http://127.0.0.1:$node_port" --redis "redis://127.0.0.1:$redis_port" \
-  --rates "$RATES" --seconds "$SECONDS_PER_RATE" | tee "$work/bench.csv"
+  --rates "$RATES" --seconds "$SECONDS_PER_RATE" ${WEBHOOK:+--webhook} | tee "$work/bench.csv"
 
 events=$(redis-cli -p "$redis_port" xlen tandem:events)
 orders=$(redis-cli -p "$redis_port" hget tandem:stats:orders SHIPPED)

@@ -27,6 +27,8 @@ pub struct Received {
     pub body: Vec<u8>,
     /// What the receiver answered.
     pub status: u16,
+    /// When the request's body had been read (the benchmark's delivery time).
+    pub received_at: std::time::SystemTime,
 }
 
 impl Received {
@@ -162,6 +164,7 @@ async fn receive(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
         Ok(Ok(b)) => b.to_bytes().to_vec(),
         _ => Vec::new(),
     };
+    let received_at = std::time::SystemTime::now();
     let delay = shared.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
@@ -186,6 +189,7 @@ async fn receive(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
             signature,
             body,
             status: status.as_u16(),
+            received_at,
         });
     let mut answer = Response::new(Full::new(Bytes::new()));
     *answer.status_mut() = status;

@@ -5,8 +5,14 @@
 //! The shipped time is taken when the event appears in the region's stream (read with
 //! XREAD on the node's Redis), so the node is not slowed by polling.
 //!
+//! With `--webhook`, it also subscribes a webhook receiver (tests/src/webhook_receiver.rs)
+//! to `order.status_updated` and reports, per rate, how many status events were
+//! delivered and the delivery latency p50/p99: from the status change (the integration
+//! event's `timestamp`, the commit of the domain event) to the receiver reading the
+//! request. After each rate it waits for the deliveries to stop before the next one.
+//!
 //! Usage: order_bench --node http://127.0.0.1:8081 --redis redis://127.0.0.1:6380
-//!        [--rates 200,1000,2000] [--seconds 10]
+//!        [--rates 200,1000,2000] [--seconds 10] [--webhook]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +23,7 @@ struct Args {
     redis: String,
     rates: Vec<u64>,
     seconds: u64,
+    webhook: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -25,6 +32,7 @@ fn parse_args() -> Result<Args, String> {
         redis: String::new(),
         rates: vec![200, 1000, 2000],
         seconds: 10,
+        webhook: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -41,9 +49,10 @@ fn parse_args() -> Result<Args, String> {
             "--seconds" => {
                 args.seconds = value()?.parse().map_err(|e| format!("--seconds: {e}"))?
             }
+            "--webhook" => args.webhook = true,
             "--help" | "-h" => {
                 return Err(
-                    "usage: order_bench --node URL --redis URL [--rates 200,1000] [--seconds 10]"
+                    "usage: order_bench --node URL --redis URL [--rates 200,1000] [--seconds 10] [--webhook]"
                         .into(),
                 )
             }
@@ -96,6 +105,20 @@ async fn main() {
             r.status()
         );
     }
+
+    let receiver = if args.webhook {
+        let receiver = system_tests::webhook_receiver::WebhookReceiver::start().await;
+        let r = http
+            .post(format!("{}/api/v1/webhooks", args.node))
+            .json(&serde_json::json!({"url": receiver.url(), "events": ["order.status_updated"]}))
+            .send()
+            .await
+            .expect("node reachable");
+        assert_eq!(r.status(), 201, "webhook subscription failed");
+        Some(receiver)
+    } else {
+        None
+    };
 
     let state: Arc<Mutex<Step>> = Arc::default();
     let client = redis::Client::open(args.redis.as_str()).expect("redis url");
@@ -156,10 +179,16 @@ async fn main() {
         });
     }
 
-    println!("rate_target,rate_sent,orders,shipped,errors,post_p50_ms,post_p99_ms,shipped_p50_ms,shipped_p99_ms,kept_up");
+    let webhook_columns = if receiver.is_some() {
+        ",webhooks_delivered,webhook_p50_ms,webhook_p99_ms,webhook_drain_s"
+    } else {
+        ""
+    };
+    println!("rate_target,rate_sent,orders,shipped,errors,post_p50_ms,post_p99_ms,shipped_p50_ms,shipped_p99_ms,kept_up{webhook_columns}");
     let mut best = 0;
     for &rate in &args.rates {
         *state.lock().unwrap() = Step::default();
+        let delivered_before = receiver.as_ref().map_or(0, |r| r.received().len());
         let total = rate * args.seconds;
         let interval = Duration::from_secs_f64(1.0 / rate as f64);
         let started = Instant::now();
@@ -205,6 +234,10 @@ async fn main() {
         while Instant::now() < drain && !state.lock().unwrap().sent.is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let webhooks = match &receiver {
+            Some(r) => deliveries(r, delivered_before, send_secs, started).await,
+            None => String::new(),
+        };
         let mut st = state.lock().unwrap();
         st.shipped.sort();
         st.post.sort();
@@ -222,7 +255,7 @@ async fn main() {
             best = best.max(rate);
         }
         println!(
-            "{rate},{sent_rate:.0},{total},{},{},{:.2},{:.2},{:.2},{:.2},{kept_up}",
+            "{rate},{sent_rate:.0},{total},{},{},{:.2},{:.2},{:.2},{:.2},{kept_up}{webhooks}",
             st.shipped.len(),
             st.errors,
             pct(&st.post, 0.5),
@@ -232,4 +265,65 @@ async fn main() {
         );
     }
     println!("highest_sustained_orders_per_s,{best}");
+}
+
+/// Waits until the receiver has had nothing new for a second (at most two minutes),
+/// then summarises the deliveries since `from`: `,count,p50_ms,p99_ms,drain_s` where
+/// drain is how long after the last order was sent the last delivery came.
+async fn deliveries(
+    receiver: &system_tests::webhook_receiver::WebhookReceiver,
+    from: usize,
+    send_secs: f64,
+    started: Instant,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = receiver.received().len();
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline && quiet_since.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let n = receiver.received().len();
+        if n != seen {
+            seen = n;
+            quiet_since = Instant::now();
+        }
+    }
+    let drain = (quiet_since.duration_since(started).as_secs_f64() - send_secs).max(0.0);
+    let got = receiver.received();
+    let mut latencies: Vec<f64> = got[from.min(got.len())..]
+        .iter()
+        .filter(|r| (200..300).contains(&r.status))
+        .filter_map(|r| {
+            let ts = r.json()["timestamp"].as_str().map(str::to_string)?;
+            let sent = ms_of_day(&ts)?;
+            let at = r.received_at.duration_since(std::time::UNIX_EPOCH).ok()?;
+            let at = (at.as_millis() % DAY_MS) as i64;
+            // Both are times of day (UTC, ms): a run across midnight wraps.
+            Some((at - sent).rem_euclid(DAY_MS as i64) as f64)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    format!(
+        ",{},{:.0},{:.0},{drain:.1}",
+        latencies.len(),
+        pct(0.5),
+        pct(0.99)
+    )
+}
+
+const DAY_MS: u128 = 86_400_000;
+
+/// Milliseconds since midnight of an RFC 3339 UTC time `...THH:MM:SS.mmmZ`.
+fn ms_of_day(ts: &str) -> Option<i64> {
+    let time = ts.split_once('T')?.1.trim_end_matches('Z');
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut parts = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, m, s) = (parts.next()??, parts.next()??, parts.next()??);
+    let ms: i64 = format!("{frac:0<3}")[..3].parse().ok()?;
+    Some(((h * 60 + m) * 60 + s) * 1000 + ms)
 }
