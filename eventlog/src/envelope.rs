@@ -14,6 +14,11 @@ pub const FIELD_TYPE: &str = "type";
 /// Stream entry field holding the JSON envelope.
 pub const FIELD_EVENT: &str = "event";
 
+/// The largest `event` field decoded. The node refuses request bodies over 1 MiB, so no
+/// event it writes comes near this; anything larger in a stream was not written by a
+/// node, and is refused before the JSON parser sees it.
+pub const MAX_EVENT_BYTES: usize = 2 << 20;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Envelope {
@@ -44,6 +49,8 @@ pub enum DecodeError {
     MissingField(&'static str),
     #[error("stream entry's event is not a valid envelope: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("stream entry's event is {0} bytes, over the {max} byte limit", max = MAX_EVENT_BYTES)]
+    TooLarge(usize),
 }
 
 impl Envelope {
@@ -60,6 +67,9 @@ impl Envelope {
     {
         for (name, value) in fields {
             if name == FIELD_EVENT {
+                if value.len() > MAX_EVENT_BYTES {
+                    return Err(DecodeError::TooLarge(value.len()));
+                }
                 return Ok(serde_json::from_slice(value)?);
             }
         }
@@ -125,6 +135,16 @@ mod tests {
             "occurredAt":"x","version":1,"correlationId":"c","causationId":"c","region":"a","epoch":1,
             "payload":{},"addedLater":true}"#;
         assert!(Envelope::from_fields([("event", &json[..])]).is_ok());
+    }
+
+    #[test]
+    fn an_oversized_event_is_refused_before_parsing() {
+        let mut big = br#"{"eventId":""#.to_vec();
+        big.resize(MAX_EVENT_BYTES + 1, b'x');
+        assert!(matches!(
+            Envelope::from_fields([("event", &big[..])]),
+            Err(DecodeError::TooLarge(n)) if n == MAX_EVENT_BYTES + 1
+        ));
     }
 
     #[test]
