@@ -288,13 +288,25 @@ impl Roles {
 
     /// The peer region's role, epoch and promotion intent, read from its Redis; `None`
     /// when no peer is configured or it cannot be read (which vouches for nothing).
+    ///
+    /// Role and intent are read in one transaction. Read one after the other, a
+    /// promotion that finished in between (it drops its intent as it stores the new
+    /// role) showed the old role and no intent: a word that vouched for an epoch the
+    /// peer had just left, and the old active wrote into the new epoch (chaos seed 9402,
+    /// SIGSTOP of the old active's region: 2 commits 10-23 ms into the new epoch).
     pub async fn peer_status(&self) -> Option<PeerStatus> {
         let peer = self.peer.as_ref()?;
-        let role = peer.role().await.ok()?;
-        let intent: Option<String> = peer
-            .query(redis::cmd("HGET").arg(keys::PROMOTION_INTENT).arg("epoch"))
-            .await
-            .ok()?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HMGET")
+            .arg(keys::ROLE)
+            .arg(&eventlog::RoleRecord::FIELDS[..])
+            .cmd("HGET")
+            .arg(keys::PROMOTION_INTENT)
+            .arg("epoch");
+        let (values, intent): (Vec<Option<String>>, Option<String>) =
+            peer.query_pipe(&pipe).await.ok()?;
+        let role = eventlog::RoleRecord::from_hmget(&values).ok()?;
         Some(PeerStatus {
             role: role.map(|r| r.role),
             epoch: role.map(|r| r.epoch.0).unwrap_or(0),
