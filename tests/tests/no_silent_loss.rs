@@ -808,3 +808,73 @@ async fn a_second_rebuild_waits_its_turn() {
     )
     .await;
 }
+
+/// Chaos seeds 9402 and 9406: the node reads the peer's word (role, epoch, promotion
+/// intent) to keep writing on a lapsed lease. Read in two steps, a promotion finishing
+/// in between read as "standby at the old epoch, no intent", which vouched for an epoch
+/// the peer had just left, and the old active committed into the new one. Here the
+/// peer's Redis flips, atomically and as fast as it can, between the two states a
+/// promotion's end goes through (standby at 16 with intent 17; active at 17, no
+/// intent); no reading may mix them.
+#[tokio::test]
+async fn the_peers_word_is_never_a_mix_of_before_and_after_its_promotion() {
+    use regional_node::roles::Roles;
+    use regional_node::store::Store;
+    use system_tests::redis_server::RedisServer;
+
+    let (own, peer) = (RedisServer::start().await, RedisServer::start().await);
+    let connect = |url: String| Store::connect(&url, None, Duration::from_secs(5)).unwrap();
+    let roles = Roles::new(connect(own.url()), Some(connect(peer.url())));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let mut conn = peer.client().await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut flips = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut p = redis::pipe();
+                if flips % 2 == 0 {
+                    p.atomic()
+                        .hset_multiple("tandem:role", &[("role", "standby"), ("epoch", "16")])
+                        .hset("tandem:promotion-intent", "epoch", "17");
+                } else {
+                    p.atomic()
+                        .hset_multiple("tandem:role", &[("role", "active"), ("epoch", "17")])
+                        .del("tandem:promotion-intent");
+                }
+                let _: () = p.query_async(&mut conn).await.expect("flip");
+                flips += 1;
+            }
+            flips
+        })
+    };
+
+    let mut mixed = Vec::new();
+    let mut readings = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let Some(p) = roles.peer_status().await else {
+            continue;
+        };
+        readings += 1;
+        let before = p.epoch == 16 && p.intent_epoch == 17;
+        let after = p.epoch == 17 && p.intent_epoch == 0;
+        let unset = p.epoch == 0 && p.intent_epoch == 0; // before the first flip
+        if !(before || after || unset) {
+            mixed.push(p);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flips = flipper.await.unwrap();
+    assert!(
+        flips > 100 && readings > 100,
+        "{flips} flips, {readings} readings"
+    );
+    assert!(
+        mixed.is_empty(),
+        "{} of {readings} readings mixed the two states (first: {:?})",
+        mixed.len(),
+        mixed.first()
+    );
+}
