@@ -834,7 +834,7 @@ async fn the_peers_word_is_never_a_mix_of_before_and_after_its_promotion() {
             let mut flips = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let mut p = redis::pipe();
-                if flips % 2 == 0 {
+                if flips.is_multiple_of(2) {
                     p.atomic()
                         .hset_multiple("tandem:role", &[("role", "standby"), ("epoch", "16")])
                         .hset("tandem:promotion-intent", "epoch", "17");
