@@ -9,14 +9,13 @@ use crate::limits::{header_bytes, ClientKey};
 use crate::metrics::{method_label, Route, NO_REGION_LABEL};
 use crate::node_api::error_chain;
 use crate::routing::{Region, Routing, Tried};
-use crate::upstream::{Target, Upstream};
+use crate::upstream::{Head, SendBody, Target, Upstream, UpstreamError};
 use crate::Shared;
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::http::{
-    header, uri, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
-    Version,
+    header, uri, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -568,20 +567,25 @@ async fn exchange(
 
         let region = routing.region(target);
         let upstream_body = match body {
-            RequestBody::Buffered(b) => full_body(b.clone()),
+            RequestBody::Buffered(b) => SendBody::Buffered(b.clone()),
             RequestBody::Streaming(s) => match s.take() {
-                Some(incoming) => {
-                    let limit = usize::try_from(cfg.max_body_bytes).unwrap_or(usize::MAX);
-                    Limited::new(incoming, limit).boxed()
-                }
+                Some(incoming) => SendBody::Streaming {
+                    body: incoming,
+                    limit: usize::try_from(cfg.max_body_bytes).unwrap_or(usize::MAX),
+                    length: req
+                        .headers
+                        .get(header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok()),
+                },
                 None => return conclude(shared, last_failure),
             },
         };
-        let mut upstream = Request::new(upstream_body);
-        *upstream.method_mut() = req.method.clone();
-        *upstream.uri_mut() = Uri::from(req.path_and_query.clone());
-        *upstream.version_mut() = Version::HTTP_11;
-        *upstream.headers_mut() = req.headers.clone();
+        let head = Head {
+            method: req.method,
+            path_and_query: req.path_and_query.as_str(),
+            headers: req.headers,
+        };
 
         tried = tried.with(target);
         let attempt_deadline = cfg
@@ -592,7 +596,7 @@ async fn exchange(
             authority: region.authority.as_str(),
             host: &region.host_header,
         };
-        let sent = client.send(to, upstream);
+        let sent = client.send(to, head, upstream_body);
         tokio::pin!(sent);
         // Most answers come quickly: only a slow one pays for watching the topology.
         let first = WATCH_AFTER.min(attempt_deadline);
@@ -624,7 +628,7 @@ async fn exchange(
                 }
             }
             Some(Ok(Err(e))) => {
-                if has_length_limit_error(&e) {
+                if matches!(e, UpstreamError::BodyTooLarge) {
                     return Err(GatewayError::BodyTooLarge(cfg.max_body_bytes));
                 }
                 routing.record_failure(target);
@@ -690,17 +694,6 @@ async fn overtaken(
 
 async fn wait_for_change(changes: &mut watch::Receiver<u64>, at_most: Duration) {
     let _ = tokio::time::timeout(at_most, changes.changed()).await;
-}
-
-fn has_length_limit_error(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 /// Hop-by-hop headers are for one connection only (RFC 9110 7.6.1).
@@ -776,8 +769,9 @@ fn prepare_headers(
 }
 
 fn into_client_response(resp: Response<Body>, region: &Region) -> Response<Body> {
+    // Hop-by-hop fields were left out when the answer head was read (see
+    // [`crate::upstream`]).
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(&X_REGION) {
         parts
             .headers
