@@ -218,6 +218,22 @@ impl Conn {
         )
     }
 
+    /// Puts read bytes not consumed yet back in front of the buffer (which is empty).
+    fn put_back(&mut self, bytes: Bytes) {
+        debug_assert!(self.read.is_empty());
+        if bytes.is_empty() {
+            return;
+        }
+        match bytes.try_into_mut() {
+            // The same memory, still the buffer's only user: join it back.
+            Ok(mut front) => {
+                front.unsplit(std::mem::take(&mut self.read));
+                self.read = front;
+            }
+            Err(shared) => self.read.extend_from_slice(&shared),
+        }
+    }
+
     /// Reads more into the buffer; an end of stream is an error.
     async fn fill(&mut self) -> Result<(), UpstreamError> {
         if self.read.capacity() - self.read.len() < 1024 {
@@ -272,9 +288,12 @@ impl Upstream {
         head: Head<'_>,
         body: SendBody,
     ) -> Result<Response<Body>, UpstreamError> {
+        // Connecting (and its TLS handshake) is boxed: most requests find a pooled
+        // connection, and every request's future would otherwise be as large as the
+        // handshake's, and copied as often.
         let (mut conn, pooled) = match self.checkout(to.index) {
             Some(c) => (c, true),
-            None => (self.connect(to.index, to.authority).await?, false),
+            None => (Box::pin(self.connect(to.index, to.authority)).await?, false),
         };
         let framing = match &body {
             SendBody::Buffered(b) => {
@@ -304,7 +323,7 @@ impl Upstream {
             if !pooled {
                 return Err(UpstreamError::Io(e));
             }
-            conn = self.connect(to.index, to.authority).await?;
+            conn = Box::pin(self.connect(to.index, to.authority)).await?;
             write_head(&mut conn.write, &head, to.host, framing);
             if inline {
                 if let SendBody::Buffered(b) = &body {
@@ -321,7 +340,7 @@ impl Upstream {
                 .map_err(UpstreamError::Io)?,
             SendBody::Buffered(_) => {}
             SendBody::Streaming { body, limit, .. } => {
-                stream_body(&mut conn.stream, body, limit, framing).await?;
+                Box::pin(stream_body(&mut conn.stream, body, limit, framing)).await?;
             }
         }
         if let Stream::Tls(s) = &mut conn.stream {
@@ -340,33 +359,41 @@ impl Upstream {
             if conn.read.is_empty() {
                 conn.fill().await?;
             }
-            let parsed = loop {
-                match parse_head(&conn.read, method)? {
-                    Some(p) => break p,
-                    None if conn.read.len() >= MAX_HEAD => {
-                        return Err(UpstreamError::Protocol("answer head over 64 KiB"))
-                    }
-                    None => conn.fill().await?,
+            // Parsed once, over the bytes as they will be kept: the field values share
+            // this memory, and so does the body when it came with the head.
+            let bytes = conn.read.split().freeze();
+            let Some(answer) = parse_answer(&bytes, method)? else {
+                if bytes.len() >= MAX_HEAD {
+                    return Err(UpstreamError::Protocol("answer head over 64 KiB"));
                 }
+                conn.put_back(bytes);
+                conn.fill().await?;
+                continue;
             };
-            let head_bytes = conn.read.split_to(parsed.len).freeze();
-            if parsed.status.is_informational() {
+            let rest = bytes.slice(answer.len..);
+            if answer.status.is_informational() {
                 // 100 Continue and the like: the real answer follows.
+                conn.put_back(rest);
                 continue;
             }
-            let headers = parsed.headers(&head_bytes)?;
+            let keep_alive = answer.keep_alive;
             let mut resp = Response::new(full_body(Bytes::new()));
-            *resp.status_mut() = parsed.status;
+            *resp.status_mut() = answer.status;
             *resp.version_mut() = Version::HTTP_11;
-            *resp.headers_mut() = headers;
-            let keep_alive = parsed.keep_alive;
-            let body = match parsed.framing {
+            *resp.headers_mut() = answer.headers;
+            let body = match answer.framing {
                 Framing::Empty => {
-                    self.checkin_if(region, conn, keep_alive);
+                    self.checkin_if(region, conn, keep_alive && rest.is_empty());
                     return Ok(resp);
+                }
+                Framing::Length(n) if n as usize <= rest.len() => {
+                    let n = n as usize;
+                    self.checkin_if(region, conn, keep_alive && rest.len() == n);
+                    full_body(rest.slice(..n))
                 }
                 Framing::Length(n) if n as usize <= READ_WHOLE_UP_TO => {
                     let n = n as usize;
+                    conn.put_back(rest);
                     while conn.read.len() < n {
                         conn.fill().await?;
                     }
@@ -374,18 +401,21 @@ impl Upstream {
                     self.checkin_if(region, conn, keep_alive);
                     full_body(body)
                 }
-                framing => StreamedBody {
-                    conn: Some(conn),
-                    state: match framing {
-                        Framing::Length(n) => BodyState::Length(n),
-                        Framing::Chunked => BodyState::ChunkSize,
-                        _ => BodyState::UntilClose,
-                    },
-                    keep_alive: keep_alive && framing != Framing::UntilClose,
-                    pool: self.clone(),
-                    region,
+                framing => {
+                    conn.put_back(rest);
+                    StreamedBody {
+                        conn: Some(conn),
+                        state: match framing {
+                            Framing::Length(n) => BodyState::Length(n),
+                            Framing::Chunked => BodyState::ChunkSize,
+                            _ => BodyState::UntilClose,
+                        },
+                        keep_alive: keep_alive && framing != Framing::UntilClose,
+                        pool: self.clone(),
+                        region,
+                    }
+                    .boxed()
                 }
-                .boxed(),
             };
             *resp.body_mut() = body;
             return Ok(resp);
@@ -544,10 +574,13 @@ async fn stream_body(
     Ok(())
 }
 
-/// An answer head, parsed: where its fields are is found again in [`Parsed::headers`].
-struct Parsed {
+/// An answer head, parsed.
+struct Answer {
+    /// Bytes of the head, blank line included.
     len: usize,
     status: StatusCode,
+    /// The fields, hop-by-hop ones (and those `Connection` names) left out.
+    headers: HeaderMap,
     keep_alive: bool,
     framing: Framing,
 }
@@ -563,8 +596,8 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authorization",
 ];
 
-/// `None`: the head is not complete yet.
-fn parse_head(buf: &[u8], method: &Method) -> Result<Option<Parsed>, UpstreamError> {
+/// `None`: the head is not complete yet. Field values share `buf`'s memory.
+fn parse_answer(buf: &Bytes, method: &Method) -> Result<Option<Answer>, UpstreamError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut fields);
     let len = match resp.parse(buf) {
@@ -586,7 +619,15 @@ fn parse_head(buf: &[u8], method: &Method) -> Result<Option<Parsed>, UpstreamErr
     let mut keep_alive = http11;
     let mut length: Option<u64> = None;
     let mut chunked = None;
+    let mut connection: Option<&[u8]> = None;
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
     for f in resp.headers.iter() {
+        // Hop-by-hop names are all lowercase-comparable ASCII; most fields are none
+        // of them, and the first byte tells most apart.
+        let hop = matches!(
+            f.name.as_bytes().first(),
+            Some(b'c' | b'C' | b'k' | b'K' | b'p' | b'P' | b't' | b'T' | b'u' | b'U')
+        ) && HOP_BY_HOP.iter().any(|h| f.name.eq_ignore_ascii_case(h));
         if f.name.eq_ignore_ascii_case("content-length") {
             let n = std::str::from_utf8(f.value)
                 .ok()
@@ -596,18 +637,36 @@ fn parse_head(buf: &[u8], method: &Method) -> Result<Option<Parsed>, UpstreamErr
                 return Err(UpstreamError::Protocol("conflicting content-length"));
             }
             length = Some(n);
-        } else if f.name.eq_ignore_ascii_case("transfer-encoding") {
-            // Chunked only if it is the last coding (RFC 9112 6.3).
-            let last = f.value.rsplit(|b| *b == b',').next().unwrap_or_default();
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if f.name.eq_ignore_ascii_case("connection") {
-            for token in f.value.split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && !http11 {
-                    keep_alive = true;
+        } else if hop {
+            if f.name.eq_ignore_ascii_case("transfer-encoding") {
+                // Chunked only if it is the last coding (RFC 9112 6.3).
+                let last = f.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if f.name.eq_ignore_ascii_case("connection") {
+                connection = Some(f.value);
+                for token in f.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        keep_alive = false;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") && !http11 {
+                        keep_alive = true;
+                    }
                 }
+            }
+            continue;
+        }
+        let name = HeaderName::from_bytes(f.name.as_bytes())
+            .map_err(|_| UpstreamError::Protocol("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(buf.slice_ref(f.value))
+            .map_err(|_| UpstreamError::Protocol("bad header value"))?;
+        headers.append(name, value);
+    }
+    if let Some(list) = connection {
+        // Fields the region named as meant for this connection only.
+        for token in list.split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                headers.remove(name);
             }
         }
     }
@@ -626,48 +685,17 @@ fn parse_head(buf: &[u8], method: &Method) -> Result<Option<Parsed>, UpstreamErr
             (None, None) => Framing::UntilClose,
         }
     };
-    Ok(Some(Parsed {
+    if chunked.is_some() {
+        // The body is passed on unchunked: the client's connection frames it anew.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    Ok(Some(Answer {
         len,
         status,
+        headers,
         keep_alive,
         framing,
     }))
-}
-
-impl Parsed {
-    /// The answer's fields, hop-by-hop ones (and those `Connection` names) left out;
-    /// values share `head`'s memory.
-    fn headers(&self, head: &Bytes) -> Result<HeaderMap, UpstreamError> {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut fields);
-        // Parsed once already: this only finds the fields again.
-        let _ = resp.parse(head);
-        let connection = resp
-            .headers
-            .iter()
-            .find(|f| f.name.eq_ignore_ascii_case("connection"))
-            .map(|f| f.value);
-        let mut map = HeaderMap::with_capacity(resp.headers.len());
-        for f in resp.headers.iter() {
-            if HOP_BY_HOP.iter().any(|h| f.name.eq_ignore_ascii_case(h)) {
-                continue;
-            }
-            if let Some(list) = connection {
-                let named = list
-                    .split(|b| *b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(f.name.as_bytes()));
-                if named {
-                    continue;
-                }
-            }
-            let name = HeaderName::from_bytes(f.name.as_bytes())
-                .map_err(|_| UpstreamError::Protocol("bad header name"))?;
-            let value = HeaderValue::from_maybe_shared(head.slice_ref(f.value))
-                .map_err(|_| UpstreamError::Protocol("bad header value"))?;
-            map.append(name, value);
-        }
-        Ok(map)
-    }
 }
 
 /// A streamed answer body. The connection goes back to the pool when the body has
@@ -859,29 +887,32 @@ mod tests {
 
     #[test]
     fn answer_heads_are_framed_and_hop_by_hop_fields_dropped() {
+        let parse =
+            |raw: &'static [u8], method: &Method| parse_answer(&Bytes::from_static(raw), method);
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: x-secret\r\nx-secret: 1\r\nKeep-Alive: timeout=5\r\nx-kept: yes\r\n\r\nhello";
-        let p = parse_head(raw, &Method::GET).unwrap().unwrap();
+        let p = parse(raw, &Method::GET).unwrap().unwrap();
         assert_eq!(p.framing, Framing::Length(5));
+        assert_eq!(&raw[p.len..], b"hello");
         assert!(p.keep_alive);
-        let head = Bytes::copy_from_slice(&raw[..p.len]);
-        let h = p.headers(&head).unwrap();
+        let h = p.headers;
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
         assert_eq!(h[header::CONTENT_LENGTH], "5");
 
         let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
-        let p = parse_head(chunked, &Method::GET).unwrap().unwrap();
+        let p = parse(chunked, &Method::GET).unwrap().unwrap();
         assert_eq!(p.framing, Framing::Chunked);
+        assert!(p.headers.is_empty());
         let close = b"HTTP/1.0 200 OK\r\n\r\n";
-        let p = parse_head(close, &Method::GET).unwrap().unwrap();
+        let p = parse(close, &Method::GET).unwrap().unwrap();
         assert_eq!((p.framing, p.keep_alive), (Framing::UntilClose, false));
         let head_req = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n";
-        let p = parse_head(head_req, &Method::HEAD).unwrap().unwrap();
+        let p = parse(head_req, &Method::HEAD).unwrap().unwrap();
         assert_eq!(p.framing, Framing::Empty);
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le", &Method::GET)
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Le", &Method::GET)
             .unwrap()
             .is_none());
-        assert!(parse_head(
+        assert!(parse(
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             &Method::GET
         )
