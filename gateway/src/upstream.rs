@@ -596,6 +596,31 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authorization",
 ];
 
+/// The names the nodes answer with, as the node writes them (lowercase): taken as
+/// they are, where `HeaderName::from_bytes` would check each byte and copy a name it
+/// does not know into memory of its own.
+fn known_name(name: &[u8]) -> Option<HeaderName> {
+    static X_REGION: HeaderName = HeaderName::from_static("x-region");
+    static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    static TANDEM_DURABILITY: HeaderName = HeaderName::from_static("tandem-durability");
+    static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    Some(match name {
+        b"content-type" => header::CONTENT_TYPE,
+        b"content-length" => header::CONTENT_LENGTH,
+        b"date" => header::DATE,
+        b"x-region" => X_REGION.clone(),
+        b"x-request-id" => X_REQUEST_ID.clone(),
+        b"tandem-durability" => TANDEM_DURABILITY.clone(),
+        b"traceparent" => TRACEPARENT.clone(),
+        b"location" => header::LOCATION,
+        b"retry-after" => header::RETRY_AFTER,
+        b"etag" => header::ETAG,
+        b"cache-control" => header::CACHE_CONTROL,
+        b"vary" => header::VARY,
+        _ => return None,
+    })
+}
+
 /// `None`: the head is not complete yet. Field values share `buf`'s memory.
 fn parse_answer(buf: &Bytes, method: &Method) -> Result<Option<Answer>, UpstreamError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -655,8 +680,11 @@ fn parse_answer(buf: &Bytes, method: &Method) -> Result<Option<Answer>, Upstream
             }
             continue;
         }
-        let name = HeaderName::from_bytes(f.name.as_bytes())
-            .map_err(|_| UpstreamError::Protocol("bad header name"))?;
+        let name = match known_name(f.name.as_bytes()) {
+            Some(n) => n,
+            None => HeaderName::from_bytes(f.name.as_bytes())
+                .map_err(|_| UpstreamError::Protocol("bad header name"))?,
+        };
         let value = HeaderValue::from_maybe_shared(buf.slice_ref(f.value))
             .map_err(|_| UpstreamError::Protocol("bad header value"))?;
         headers.append(name, value);
