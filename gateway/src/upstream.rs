@@ -109,9 +109,38 @@ pub struct Head<'a> {
     pub method: &'a Method,
     /// Origin form: `/path?query`.
     pub path_and_query: &'a str,
-    /// Already free of hop-by-hop fields; `Content-Length` is replaced by this
-    /// client's own framing.
+    /// The client's fields, already free of hop-by-hop ones; `Content-Length` is
+    /// replaced by this client's own framing, and the names in [`Added`] by the
+    /// gateway's values.
     pub headers: &'a HeaderMap,
+    pub added: &'a Added,
+}
+
+/// The fields the gateway sets on a request it forwards, written after the client's
+/// own; the client's fields of these names never pass.
+#[derive(Clone)]
+pub struct Added {
+    pub request_id: HeaderValue,
+    pub traceparent: HeaderValue,
+    pub forwarded_for: HeaderValue,
+    pub forwarded_proto: HeaderValue,
+    /// The authenticated caller (`tandem-subject`, `tandem-scopes`), with auth on.
+    pub subject: Option<HeaderValue>,
+    pub scopes: Option<HeaderValue>,
+    /// The client's `Authorization` stays here (auth on: checked by the gateway).
+    pub drop_authorization: bool,
+}
+
+impl Added {
+    /// Whether the client's field `name` gives way to the gateway's.
+    fn replaces(&self, name: &HeaderName) -> bool {
+        match name.as_str() {
+            "content-length" | "transfer-encoding" | "x-request-id" | "traceparent"
+            | "x-forwarded-for" | "x-forwarded-proto" | "tandem-subject" | "tandem-scopes" => true,
+            "authorization" => self.drop_authorization,
+            _ => false,
+        }
+    }
 }
 
 /// One worker's connections to every region.
@@ -507,14 +536,27 @@ fn write_head(out: &mut Vec<u8>, head: &Head<'_>, host: &HeaderValue, framing: R
         out.extend_from_slice(host.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    for (name, value) in head.headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
+    let mut field = |name: &str, value: &HeaderValue| {
+        out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in head.headers {
+        if !head.added.replaces(name) {
+            field(name.as_str(), value);
+        }
+    }
+    let added = head.added;
+    field("x-request-id", &added.request_id);
+    field("traceparent", &added.traceparent);
+    field("x-forwarded-for", &added.forwarded_for);
+    field("x-forwarded-proto", &added.forwarded_proto);
+    if let Some(v) = &added.subject {
+        field("tandem-subject", v);
+    }
+    if let Some(v) = &added.scopes {
+        field("tandem-scopes", v);
     }
     match framing {
         RequestFraming::Length(Some(n)) => {
@@ -524,6 +566,25 @@ fn write_head(out: &mut Vec<u8>, head: &Head<'_>, host: &HeaderValue, framing: R
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// The head `write_head` gives for a GET of `/` with these fields, for tests.
+#[cfg(test)]
+pub(crate) fn written_head(headers: &HeaderMap, added: &Added) -> String {
+    let mut out = Vec::new();
+    let head = Head {
+        method: &Method::GET,
+        path_and_query: "/",
+        headers,
+        added,
+    };
+    write_head(
+        &mut out,
+        &head,
+        &HeaderValue::from_static("node"),
+        RequestFraming::Length(None),
+    );
+    String::from_utf8(out).expect("ascii")
 }
 
 async fn write_all(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
@@ -913,6 +974,18 @@ impl hyper::body::Body for StreamedBody {
 mod tests {
     use super::*;
 
+    fn test_added() -> Added {
+        Added {
+            request_id: HeaderValue::from_static("r"),
+            traceparent: HeaderValue::from_static("t"),
+            forwarded_for: HeaderValue::from_static("1.2.3.4"),
+            forwarded_proto: HeaderValue::from_static("http"),
+            subject: None,
+            scopes: None,
+            drop_authorization: false,
+        }
+    }
+
     #[test]
     fn answer_heads_are_framed_and_hop_by_hop_fields_dropped() {
         let parse =
@@ -953,10 +1026,12 @@ mod tests {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
         h.insert("x-a", HeaderValue::from_static("1"));
         let mut out = Vec::new();
+        let added = test_added();
         let head = Head {
             method: &Method::POST,
             path_and_query: "/orders?x=1",
             headers: &h,
+            added: &added,
         };
         write_head(
             &mut out,
@@ -966,7 +1041,9 @@ mod tests {
         );
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
-            "POST /orders?x=1 HTTP/1.1\r\nhost: node:1\r\nx-a: 1\r\ncontent-length: 3\r\n\r\n"
+            "POST /orders?x=1 HTTP/1.1\r\nhost: node:1\r\nx-a: 1\r\nx-request-id: r\r\n\
+             traceparent: t\r\nx-forwarded-for: 1.2.3.4\r\nx-forwarded-proto: http\r\n\
+             content-length: 3\r\n\r\n"
         );
     }
 
@@ -1017,6 +1094,7 @@ mod tests {
                         method: &Method::GET,
                         path_and_query: "/x",
                         headers: &headers,
+                        added: &test_added(),
                     },
                     SendBody::Buffered(Bytes::new()),
                 )
