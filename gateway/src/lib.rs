@@ -232,7 +232,16 @@ impl Application {
         let addr = self.listener.local_addr().unwrap_or(shared.config.listen);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut threads = Vec::new();
-        for n in 1..shared.config.workers {
+        // On a work-stealing runtime (GATEWAY_BENCH_RUNTIME) its own threads are the
+        // workers: one listener, connections spread by the runtime.
+        let own_threads = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::CurrentThread;
+        let extra_workers = if own_threads {
+            shared.config.workers
+        } else {
+            1
+        };
+        for n in 1..extra_workers {
             let listener = match server::bind_shared(addr).and_then(|l| l.into_std()) {
                 Ok(l) => l,
                 Err(e) => {
@@ -265,7 +274,8 @@ impl Application {
             listen = %addr,
             tls = self.tls.is_some(),
             regions = shared.config.regions.len(),
-            workers = threads.len() + 1,
+            workers = if own_threads { threads.len() + 1 } else { shared.config.workers },
+            work_stealing = !own_threads,
             id = %shared.config.id,
             etcd = shared.config.etcd.is_some(),
             "gateway listening"

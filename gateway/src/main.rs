@@ -35,11 +35,26 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return failed_start(StartFailure::BadConfiguration, &e),
     };
-    // Worker 0 and the control tasks; the other workers start their own runtimes.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    // Thread per core (the default): this runtime is worker 0 and runs the control
+    // tasks; the other workers start their own. `GATEWAY_BENCH_RUNTIME=work-stealing`
+    // runs everything on one work-stealing runtime of `workers` threads instead, to
+    // measure one shape against the other.
+    let runtime = match std::env::var("GATEWAY_BENCH_RUNTIME").as_deref() {
+        Ok("work-stealing") => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.workers)
+            .enable_all()
+            .build(),
+        Ok("thread-per-core") | Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Ok(other) => {
+            let e = std::io::Error::other(format!(
+                "GATEWAY_BENCH_RUNTIME={other}: expected thread-per-core or work-stealing"
+            ));
+            return failed_start(StartFailure::BadConfiguration, &e);
+        }
+    }
+    .expect("tokio runtime");
     let status = runtime.block_on(async {
         let app = match Application::build(config).await {
             Ok(app) => app,

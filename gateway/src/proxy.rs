@@ -9,14 +9,13 @@ use crate::limits::{header_bytes, ClientKey};
 use crate::metrics::{method_label, Route, NO_REGION_LABEL};
 use crate::node_api::error_chain;
 use crate::routing::{Region, Routing, Tried};
-use crate::upstream::{Target, Upstream};
+use crate::upstream::{Added, Head, SendBody, Target, Upstream, UpstreamError};
 use crate::Shared;
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::http::{
-    header, uri, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
-    Version,
+    header, uri, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,7 +45,6 @@ static X_REGION: HeaderName = HeaderName::from_static("x-region");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// The authenticated caller's `sub`, for the node (API.md "Security"); never the client's.
 pub static TANDEM_SUBJECT: HeaderName = HeaderName::from_static("tandem-subject");
 /// The caller's `scope` claim as given, for the node (e.g. `pii:read` on `/api/events`).
@@ -254,20 +252,15 @@ async fn forward_inner(
         placing_as_self(shared, principal, bytes)?;
     }
 
-    prepare_headers(&mut parts.headers, (request_id, traceparent), peer, tls);
-    if shared.auth.is_some() {
+    let added = prepare_headers(&mut parts.headers, (request_id, traceparent), peer, tls);
+    let added = Added {
         // The node learns who asked from the identity headers; the token itself is a
         // credential it has no use for.
-        parts.headers.remove(header::AUTHORIZATION);
-    }
-    if let Some(p) = &caller.principal {
-        parts
-            .headers
-            .insert(TANDEM_SUBJECT.clone(), p.subject.clone());
-        parts
-            .headers
-            .insert(TANDEM_SCOPES.clone(), p.scope_claim.clone());
-    }
+        drop_authorization: shared.auth.is_some(),
+        subject: caller.principal.as_ref().map(|p| p.subject.clone()),
+        scopes: caller.principal.as_ref().map(|p| p.scope_claim.clone()),
+        ..added
+    };
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -281,6 +274,7 @@ async fn forward_inner(
             method: &parts.method,
             path_and_query: &path_and_query,
             headers: &parts.headers,
+            added: &added,
             read: is_read,
             idempotent,
         };
@@ -298,7 +292,9 @@ async fn forward_inner(
             &Outgoing {
                 method: &Method::GET,
                 path_and_query: &order_path(order_id)?,
-                headers: &identity_only(&parts.headers),
+                // Nothing of the client's own: the gateway's trace and identity only.
+                headers: &HeaderMap::new(),
+                added: &added,
                 read: false,
                 idempotent: true,
             },
@@ -318,6 +314,7 @@ async fn forward_inner(
         method: &parts.method,
         path_and_query: &path_and_query,
         headers: &parts.headers,
+        added: &added,
         read: is_read,
         idempotent,
     };
@@ -456,30 +453,14 @@ fn order_path(order_id: &str) -> Result<uri::PathAndQuery, GatewayError> {
         .map_err(|_| GatewayError::BadRequest("bad request target".into()))
 }
 
-/// The headers of a request the gateway makes on a client's behalf: its trace and
-/// identity, nothing of the client's own.
-fn identity_only(prepared: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(8);
-    for name in [
-        &X_REQUEST_ID,
-        &TRACEPARENT,
-        &X_FORWARDED_FOR,
-        &X_FORWARDED_PROTO,
-        &TANDEM_SUBJECT,
-        &TANDEM_SCOPES,
-    ] {
-        if let Some(v) = prepared.get(name) {
-            out.insert(name.clone(), v.clone());
-        }
-    }
-    out
-}
-
 /// One request as it goes upstream (perhaps more than once).
 struct Outgoing<'r> {
     method: &'r Method,
     path_and_query: &'r uri::PathAndQuery,
+    /// The client's fields, hop-by-hop ones gone.
     headers: &'r HeaderMap,
+    /// What the gateway adds (and the client's fields of those names that never pass).
+    added: &'r Added,
     /// Routed as a read (any healthy region, per the read policy) or to the active one.
     read: bool,
     /// Safe to send again.
@@ -568,20 +549,26 @@ async fn exchange(
 
         let region = routing.region(target);
         let upstream_body = match body {
-            RequestBody::Buffered(b) => full_body(b.clone()),
+            RequestBody::Buffered(b) => SendBody::Buffered(b.clone()),
             RequestBody::Streaming(s) => match s.take() {
-                Some(incoming) => {
-                    let limit = usize::try_from(cfg.max_body_bytes).unwrap_or(usize::MAX);
-                    Limited::new(incoming, limit).boxed()
-                }
+                Some(incoming) => SendBody::Streaming {
+                    body: incoming,
+                    limit: usize::try_from(cfg.max_body_bytes).unwrap_or(usize::MAX),
+                    length: req
+                        .headers
+                        .get(header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok()),
+                },
                 None => return conclude(shared, last_failure),
             },
         };
-        let mut upstream = Request::new(upstream_body);
-        *upstream.method_mut() = req.method.clone();
-        *upstream.uri_mut() = Uri::from(req.path_and_query.clone());
-        *upstream.version_mut() = Version::HTTP_11;
-        *upstream.headers_mut() = req.headers.clone();
+        let head = Head {
+            method: req.method,
+            path_and_query: req.path_and_query.as_str(),
+            headers: req.headers,
+            added: req.added,
+        };
 
         tried = tried.with(target);
         let attempt_deadline = cfg
@@ -592,7 +579,7 @@ async fn exchange(
             authority: region.authority.as_str(),
             host: &region.host_header,
         };
-        let sent = client.send(to, upstream);
+        let sent = client.send(to, head, upstream_body);
         tokio::pin!(sent);
         // Most answers come quickly: only a slow one pays for watching the topology.
         let first = WATCH_AFTER.min(attempt_deadline);
@@ -624,7 +611,7 @@ async fn exchange(
                 }
             }
             Some(Ok(Err(e))) => {
-                if has_length_limit_error(&e) {
+                if matches!(e, UpstreamError::BodyTooLarge) {
                     return Err(GatewayError::BodyTooLarge(cfg.max_body_bytes));
                 }
                 routing.record_failure(target);
@@ -692,17 +679,6 @@ async fn wait_for_change(changes: &mut watch::Receiver<u64>, at_most: Duration) 
     let _ = tokio::time::timeout(at_most, changes.changed()).await;
 }
 
-fn has_length_limit_error(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
 /// Hop-by-hop headers are for one connection only (RFC 9110 7.6.1).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Usually there are none: one pass over the names is cheaper than eight removals.
@@ -742,42 +718,40 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// `traceparent` is the gateway's request span when spans are exported; otherwise the
 /// caller's trace context passes as it is, and a request without one starts a trace.
+/// The fields the gateway sets are not written into the client's map: the upstream
+/// client writes them after the client's own and leaves the client's copies of those
+/// names out (see [`Added`]), which spares a map update per field.
 fn prepare_headers(
     headers: &mut HeaderMap,
     (request_id, traceparent): (&HeaderValue, Option<HeaderValue>),
     peer: SocketAddr,
     tls: bool,
-) {
+) -> Added {
     strip_hop_by_hop(headers);
-    // Identity is the gateway's word alone: a client's own copies never pass.
-    headers.remove(&TANDEM_SUBJECT);
-    headers.remove(&TANDEM_SCOPES);
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-    match traceparent {
-        Some(ours) => {
-            headers.insert(TRACEPARENT.clone(), ours);
-        }
-        None if !headers.contains_key(&TRACEPARENT) => {
-            headers.insert(TRACEPARENT.clone(), new_traceparent());
-        }
-        None => {}
-    }
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip())).ok(),
-        None => Some(peer_header(peer.ip())),
+    let traceparent = traceparent
+        .or_else(|| headers.get(&TRACEPARENT).cloned())
+        .unwrap_or_else(new_traceparent);
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).map(|v| v.to_str()) {
+        Some(Ok(prev)) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip()))
+            .unwrap_or_else(|_| peer_header(peer.ip())),
+        _ => peer_header(peer.ip()),
     };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+    Added {
+        request_id: request_id.clone(),
+        traceparent,
+        forwarded_for,
+        forwarded_proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+        // Identity is the gateway's word alone: a client's own copies never pass.
+        subject: None,
+        scopes: None,
+        drop_authorization: false,
     }
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
-    );
 }
 
 fn into_client_response(resp: Response<Body>, region: &Region) -> Response<Body> {
+    // Hop-by-hop fields were left out when the answer head was read (see
+    // [`crate::upstream`]).
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(&X_REGION) {
         parts
             .headers
@@ -862,17 +836,26 @@ mod tests {
             "tandem-scopes",
             HeaderValue::from_static("orders:admin pii:read"),
         );
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         h.insert("x-kept", HeaderValue::from_static("1"));
         let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        prepare_headers(
+        let added = prepare_headers(
             &mut h,
             (&HeaderValue::from_static("r-1"), None),
             peer,
             false,
         );
-        assert!(!h.contains_key(&TANDEM_SUBJECT));
-        assert!(!h.contains_key(&TANDEM_SCOPES));
-        assert!(h.contains_key("x-kept"));
+        let head = crate::upstream::written_head(&h, &added);
+        assert!(!head.contains("c-victim"), "{head}");
+        assert!(!head.contains("orders:admin"), "{head}");
+        assert!(head.contains("x-kept: 1\r\n"), "{head}");
+        assert!(head.contains("x-request-id: r-1\r\n"), "{head}");
+        assert!(
+            head.contains("x-forwarded-for: 10.0.0.1, 127.0.0.1\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("x-forwarded-proto: http\r\n"), "{head}");
+        assert_eq!(head.matches("traceparent: 00-").count(), 1, "{head}");
     }
 
     #[test]

@@ -24,7 +24,10 @@ use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -270,17 +273,23 @@ impl Driver<'_> {
         let conn = self.builder.serve_connection(io, service);
         tokio::pin!(conn);
         let mut closing: Option<tokio::time::Instant> = None;
+        // The watchers are looked at only when they were woken, not each time the
+        // connection's task runs for its requests (select! polls every branch).
+        let mut idle = OnWake::new(state.idle_expired(limits));
+        let mut stopped = OnWake::new(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
         loop {
             let far = tokio::time::Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 result = conn.as_mut() => return result,
-                reason = state.idle_expired(limits), if closing.is_none() => {
+                reason = &mut idle, if closing.is_none() => {
                     shared.metrics.connections_closed.with_label_values(&[reason.label()]).inc();
                     conn.as_mut().graceful_shutdown();
                     // A response still being written gets the request deadline to finish.
                     closing = Some(tokio::time::Instant::now() + shared.config.request_timeout);
                 }
-                _ = stop.wait_for(|s| *s), if closing.is_none() => {
+                _ = &mut stopped, if closing.is_none() => {
                     conn.as_mut().graceful_shutdown();
                     closing = Some(far);
                 }
@@ -289,6 +298,68 @@ impl Driver<'_> {
                 }
             }
         }
+    }
+}
+
+/// A future polled only after its own waker fired (and on the first poll): a watcher
+/// that sits in a `select!` next to a busy future then costs an atomic swap per poll of
+/// the task instead of a poll of its own.
+struct OnWake<'a, T> {
+    inner: Pin<Box<dyn Future<Output = T> + Send + 'a>>,
+    flag: Arc<WakeFlag>,
+    waker: Waker,
+}
+
+struct WakeFlag {
+    woken: AtomicBool,
+    /// The task's waker, passed the wake-up on.
+    task: Mutex<Option<Waker>>,
+}
+
+impl Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        if let Some(w) = self.task.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+impl<'a, T> OnWake<'a, T> {
+    fn new(inner: impl Future<Output = T> + Send + 'a) -> Self {
+        let flag = Arc::new(WakeFlag {
+            woken: AtomicBool::new(true),
+            task: Mutex::new(None),
+        });
+        OnWake {
+            inner: Box::pin(inner),
+            waker: Waker::from(flag.clone()),
+            flag,
+        }
+    }
+}
+
+impl<T> Future for OnWake<'_, T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        {
+            let mut task = self.flag.task.lock().unwrap_or_else(|e| e.into_inner());
+            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *task = Some(cx.waker().clone());
+            }
+        }
+        if !self.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let this = &mut *self;
+        this.inner
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.waker))
     }
 }
 
