@@ -16,7 +16,8 @@
 //! - [`webhooks`]: webhook subscriptions and the signed, at-least-once deliveries of
 //!   the integration events.
 //! - [`sagas`]: saga timeouts: orders not paid in time are cancelled and compensated.
-//! - [`store`]: Redis access and the atomic commit script.
+//! - [`store`]: Redis access; its `scripts`: the commit, park and apply scripts and
+//!   the typed requests they take, laid out in one place for Rust and Lua.
 //! - [`bus`]: consumer groups, retries, dead letters, reclaiming.
 //! - [`dead_letters`]: the dead-letter list for operators: pages, filters, bulk replay.
 //! - [`projector`]: standby projection and rebuild from the event stream.

@@ -8,17 +8,28 @@
 //! the consumed entry. The stream is the outbox, so there is no dual write; a
 //! concurrent writer's commit makes ours fail with [`CommitOutcome::Conflict`], and
 //! the caller decides again on fresh state.
+//!
+//! The scripts and their typed requests ([`CommitRequest`], [`ParkRequest`],
+//! [`ApplyRequest`]) are in [`scripts`], where one layout per script gives both the
+//! Rust encoding and the Lua names of every argument.
+
+pub mod scripts;
 
 use eventlog::connection::Reconnecting;
 use eventlog::{keys, Envelope, RoleRecord};
 use internal_tls::PemFile;
 use orders_model::DomainEvent;
 use orders_model::{ApplyError, State};
-use redis::{FromRedisValue, Script, Value};
+use redis::{FromRedisValue, Value};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+pub use scripts::{
+    Ack, AppliedEntry, ApplyRequest, CommitRequest, Counter, Encoded, Expect, Guarded, NewEvent,
+    ParkRequest, Write,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -28,14 +39,21 @@ pub enum StoreError {
     /// Redis answered with an error: a bug or corrupted data, not worth retrying soon.
     #[error("redis error: {0}")]
     Redis(String),
+    /// A script refused its arguments as malformed (its reply began with
+    /// [`scripts::BAD_REQUEST`]): the Rust and Lua sides disagree, a bug; nothing was
+    /// written.
+    #[error("script refused a malformed request: {0}")]
+    BadRequest(String),
     #[error(transparent)]
     Apply(#[from] ApplyError),
 }
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
-        // A server still loading its AOF after a restart is away, not broken.
-        if eventlog::unavailable::is_unavailable(&e) {
+        if e.code() == Some(scripts::BAD_REQUEST) {
+            StoreError::BadRequest(e.detail().unwrap_or_default().to_string())
+        } else if eventlog::unavailable::is_unavailable(&e) {
+            // A server still loading its AOF after a restart is away, not broken.
             StoreError::Unavailable(e.to_string())
         } else {
             StoreError::Redis(e.to_string())
@@ -212,56 +230,24 @@ impl Store {
         epoch: u64,
         ack: Option<(&str, &str)>,
     ) -> Result<CommitOutcome, StoreError> {
-        let mut inv = COMMIT.prepare_invoke();
-        inv.key(keys::ROLE)
-            .key(keys::EVENTS)
-            .key(keys::EVENT_INDEX)
-            .key(keys::PROJECTION_CURSOR);
-        // Every key read is compared; a key only written (never read) is just set.
-        let mut guarded: Vec<(&String, Option<&Option<String>>)> =
-            tx.reads.iter().map(|(k, v)| (k, Some(v))).collect();
-        guarded.extend(
-            tx.writes
-                .keys()
-                .filter(|k| !tx.reads.contains_key(*k))
-                .map(|k| (k, None)),
-        );
-        let (group, ack_id) = ack.unwrap_or(("", ""));
-        inv.arg(epoch.to_string())
-            .arg(guarded.len())
-            .arg(events.len())
-            .arg(tx.incrs.len())
-            .arg(group)
-            .arg(ack_id);
-        for (key, expected) in &guarded {
-            inv.key(key.as_str());
-            match expected {
-                None => inv.arg("n").arg(""),
-                Some(None) => inv.arg("a").arg(""),
-                Some(Some(v)) => inv.arg("v").arg(v.as_str()),
-            };
-            match tx.writes.get(key.as_str()) {
-                Some(new) => inv.arg("1").arg(new.as_str()),
-                None => inv.arg("0").arg(""),
-            };
-        }
-        for (env, _) in events {
-            inv.key(keys::aggregate(&env.aggregate_id));
-            let [(_, ty), (_, json)] = env.to_fields();
-            inv.arg(env.event_id.as_str()).arg(ty).arg(json);
-        }
-        for (key, field, delta) in &tx.incrs {
-            inv.key(key.as_str());
-            inv.arg(field.as_str()).arg(*delta);
-        }
-        let reply: Vec<Value> = self.invoke(&inv).await?;
-        let outcome = CommitOutcome::parse(reply)?;
+        let outcome = self
+            .commit_request(&tx.commit_request(events, epoch, ack))
+            .await?;
         match &outcome {
             CommitOutcome::Committed => self.cache.put(tx.writes.iter()),
             CommitOutcome::Conflict(key) => self.cache.evict([key]),
             _ => {}
         }
         Ok(outcome)
+    }
+
+    /// Sends one commit (see [`CommitRequest`]); [`Store::commit`] builds it from a
+    /// transaction.
+    pub async fn commit_request(
+        &self,
+        req: &CommitRequest<'_>,
+    ) -> Result<CommitOutcome, StoreError> {
+        CommitOutcome::parse(self.eval(&req.encode()).await?)
     }
 
     /// Moves `entry_id`, consumed by `group`, to the dead-letter stream with `fields`,
@@ -273,14 +259,13 @@ impl Store {
         entry_id: &str,
         fields: &[(&str, &str)],
     ) -> Result<CommitOutcome, StoreError> {
-        let mut inv = PARK.prepare_invoke();
-        inv.key(keys::ROLE).key(keys::DLQ).key(keys::EVENTS);
-        inv.arg(epoch.to_string()).arg(group).arg(entry_id);
-        for (f, v) in fields {
-            inv.arg(*f).arg(*v);
-        }
-        let reply: Vec<Value> = self.invoke(&inv).await?;
-        CommitOutcome::parse(reply)
+        let req = ParkRequest {
+            epoch,
+            group,
+            entry_id,
+            fields,
+        };
+        CommitOutcome::parse(self.eval(&req.encode()).await?)
     }
 
     /// The projector's step: writes the state a batch of replicated entries implies
@@ -293,29 +278,46 @@ impl Store {
         entries: &[(&str, &str, &str)],
         expected_cursor: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let mut inv = APPLY.prepare_invoke();
-        inv.key(keys::PROJECTION_CURSOR).key(keys::EVENT_INDEX);
-        inv.arg(expected_cursor.unwrap_or(""))
-            .arg(entries.len())
-            .arg(tx.writes.len())
-            .arg(tx.incrs.len());
-        for (entry_id, event_id, aggregate_id) in entries {
-            inv.key(keys::aggregate(aggregate_id));
-            inv.arg(*entry_id).arg(*event_id);
-        }
-        for (key, value) in &tx.writes {
-            inv.key(key.as_str());
-            inv.arg(value.as_str());
-        }
-        for (key, field, delta) in &tx.incrs {
-            inv.key(key.as_str());
-            inv.arg(field.as_str()).arg(*delta);
-        }
-        let reply: Vec<Value> = self.invoke(&inv).await?;
+        let req = ApplyRequest {
+            expected_cursor,
+            entries: entries
+                .iter()
+                .map(|&(entry_id, event_id, aggregate_id)| AppliedEntry {
+                    entry_id,
+                    event_id,
+                    aggregate_id,
+                })
+                .collect(),
+            writes: tx
+                .writes
+                .iter()
+                .map(|(key, value)| Write { key, value })
+                .collect(),
+            counters: tx.counters(),
+        };
+        self.apply_request(&req).await
+    }
+
+    /// Sends one projector step (see [`ApplyRequest`]): false when the cursor had moved.
+    pub async fn apply_request(&self, req: &ApplyRequest<'_>) -> Result<bool, StoreError> {
+        let reply = self.eval(&req.encode()).await?;
         Ok(
             matches!(reply.first(), Some(Value::SimpleString(s)) if s == "ok")
                 || matches!(reply.first(), Some(Value::BulkString(b)) if b == b"ok"),
         )
+    }
+
+    /// Runs a script on arguments already encoded for it. A request the script refuses
+    /// as malformed is [`StoreError::BadRequest`].
+    pub async fn eval(&self, encoded: &Encoded<'_>) -> Result<Vec<Value>, StoreError> {
+        let mut inv = encoded.script().prepare_invoke();
+        for key in &encoded.keys {
+            inv.key(key.as_ref());
+        }
+        for arg in &encoded.args {
+            inv.arg(arg.as_ref());
+        }
+        self.invoke(&inv).await
     }
 
     /// Reads entries `[start, end]` of a stream (ids or `-`/`+`/`(id`).
@@ -480,6 +482,70 @@ impl Tx {
     }
 }
 
+impl Tx {
+    /// The commit of this transaction: every key read is compared, a key only written
+    /// (never read) is just set.
+    pub fn commit_request<'a>(
+        &'a self,
+        events: &'a [(Envelope, DomainEvent)],
+        epoch: u64,
+        ack: Option<(&'a str, &'a str)>,
+    ) -> CommitRequest<'a> {
+        let expect = |v: &'a Option<String>| match v {
+            Some(v) => Expect::Value(v),
+            None => Expect::Absent,
+        };
+        let mut guarded: Vec<Guarded<'a>> = self
+            .reads
+            .iter()
+            .map(|(key, read)| Guarded {
+                key,
+                expect: expect(read),
+                write: self.writes.get(key).map(String::as_str),
+            })
+            .collect();
+        guarded.extend(
+            self.writes
+                .iter()
+                .filter(|(k, _)| !self.reads.contains_key(*k))
+                .map(|(key, value)| Guarded {
+                    key,
+                    expect: Expect::Nothing,
+                    write: Some(value),
+                }),
+        );
+        CommitRequest {
+            epoch,
+            guarded,
+            events: events
+                .iter()
+                .map(|(env, _)| {
+                    let [(_, event_type), (_, json)] = env.to_fields();
+                    NewEvent {
+                        event_id: &env.event_id,
+                        aggregate_id: &env.aggregate_id,
+                        event_type: event_type.into(),
+                        json: json.into(),
+                    }
+                })
+                .collect(),
+            counters: self.counters(),
+            ack: ack.map(|(group, entry_id)| Ack { group, entry_id }),
+        }
+    }
+
+    fn counters(&self) -> Vec<Counter<'_>> {
+        self.incrs
+            .iter()
+            .map(|(key, field, delta)| Counter {
+                key,
+                field,
+                delta: *delta,
+            })
+            .collect()
+    }
+}
+
 impl State for Tx {
     fn get(&self, key: &str) -> Result<Option<&str>, ApplyError> {
         if let Some(v) = self.writes.get(key) {
@@ -497,116 +563,3 @@ impl State for Tx {
         self.incrs.push((key.to_string(), field.to_string(), delta));
     }
 }
-
-/// The check every script that appends to a replicated stream starts with. KEYS[1]:
-/// role; ARGV[1]: the writer's epoch. The region must be active at that epoch, inside
-/// its write window by Redis' clock once a lease is enforced (see
-/// `eventlog::roles::fields::WRITE_UNTIL`), and not paused by a rebuild. Defines
-/// `now_ms()`.
-const WRITE_GUARD: &str = r#"
-local role = redis.call('HMGET', KEYS[1], 'role', 'epoch', 'paused', 'fencing', 'write_until')
-if role[1] ~= 'active' or role[2] ~= ARGV[1] then
-  return {'not_active', tostring(role[1]), tostring(role[2])}
-end
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-if role[4] and not (role[5] and tonumber(role[5]) > now_ms()) then
-  return {'fenced', tostring(role[5])}
-end
-if role[3] then
-  local until_ms = tonumber(role[3])
-  if until_ms and until_ms > now_ms() then
-    return {'paused'}
-  end
-end
-"#;
-
-/// KEYS: role, events, event index, cursor, then one per guarded key, one aggregate
-/// index per event, one per counter. ARGV: epoch, #guarded, #events, #counters,
-/// ack group, ack id, then (mode, expected, write?, value) per guarded key,
-/// (eventId, type, json) per event, (field, delta) per counter.
-static COMMIT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{WRITE_GUARD}{COMMIT_BODY}")));
-
-const COMMIT_BODY: &str = r#"
-local ng, ne, nc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local a = 7
-for i = 1, ng do
-  local cur = redis.call('GET', KEYS[4 + i])
-  if ARGV[a] == 'a' then
-    if cur then return {'conflict', KEYS[4 + i]} end
-  elseif ARGV[a] == 'v' and cur ~= ARGV[a + 1] then
-    return {'conflict', KEYS[4 + i]}
-  end
-  a = a + 4
-end
-a = 7
-for i = 1, ng do
-  if ARGV[a + 2] == '1' then redis.call('SET', KEYS[4 + i], ARGV[a + 3]) end
-  a = a + 4
-end
-local out = {'ok'}
-for j = 1, ne do
-  local id = redis.call('XADD', KEYS[2], '*', 'type', ARGV[a + 1], 'event', ARGV[a + 2])
-  redis.call('HSET', KEYS[3], ARGV[a], id)
-  redis.call('RPUSH', KEYS[4 + ng + j], id)
-  out[#out + 1] = id
-  a = a + 3
-end
-for k = 1, nc do
-  redis.call('HINCRBY', KEYS[4 + ng + ne + k], ARGV[a], ARGV[a + 1])
-  a = a + 2
-end
-if ne > 0 then redis.call('SET', KEYS[4], out[#out]) end
-if ARGV[5] ~= '' then redis.call('XACK', KEYS[2], ARGV[5], ARGV[6]) end
-return out
-"#;
-
-/// KEYS: role, dead letters, events. ARGV: epoch, group, entry id, then the dead-letter
-/// entry's fields and values. Moves a consumed entry to the dead letters and
-/// acknowledges it, under the same guard as a commit: a region that is no longer
-/// active (or fenced) must not add to a replicated stream.
-static PARK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{WRITE_GUARD}{}",
-        r#"
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('XADD', KEYS[2], '*', unpack(fields))
-redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
-return {'ok'}
-"#
-    ))
-});
-
-/// KEYS: cursor, event index, then one aggregate index per entry, one per write, one
-/// per counter. ARGV: expected cursor ('' = none), #entries, #writes, #counters, then
-/// (entry id, event id) per entry, the values, then (field, delta) per counter.
-static APPLY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local cur = redis.call('GET', KEYS[1])
-if (ARGV[1] == '' and cur) or (ARGV[1] ~= '' and cur ~= ARGV[1]) then return {'moved'} end
-local n, nw, nc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local a = 5
-for i = 1, n do
-  redis.call('HSET', KEYS[2], ARGV[a + 1], ARGV[a])
-  redis.call('RPUSH', KEYS[2 + i], ARGV[a])
-  a = a + 2
-end
-local last = ARGV[a - 2]
-for i = 1, nw do
-  redis.call('SET', KEYS[2 + n + i], ARGV[a])
-  a = a + 1
-end
-for k = 1, nc do
-  redis.call('HINCRBY', KEYS[2 + n + nw + k], ARGV[a], ARGV[a + 1])
-  a = a + 2
-end
-redis.call('SET', KEYS[1], last)
-return {'ok'}
-"#,
-    )
-});
