@@ -24,7 +24,7 @@ use crate::reply;
 use crate::status::Shared;
 use eventlog::entry::Entry;
 use eventlog::envelope::{StreamId, FIELD_TYPE};
-use eventlog::{keys, Epoch};
+use eventlog::{keys, Epoch, RoleRecord};
 use redis::{Script, Value};
 use std::collections::BTreeSet;
 use std::sync::OnceLock;
@@ -32,12 +32,34 @@ use std::sync::OnceLock;
 /// Entries examined per batch (one peer pipeline and one script each).
 const BATCH: usize = 500;
 
-/// KEYS: stream, quarantine stream, checkpoint hash. ARGV: epoch of the moved entries,
-/// checkpoint field counting deletions, then (id, flag) pairs: `q` quarantine and
-/// delete, `d` delete only (the peer holds the same entry; the copy brings it back).
+/// Refuses (error `TANDEM_ROLE_CHANGED`) when the local role record is no longer the one
+/// the rejoin was decided on, or a promotion of the local region has begun. The gate
+/// decides from role records read a moment earlier, and a rejoin takes a while: the
+/// gateway may promote this region in between (its peer hung, say). Without the check
+/// the rejoin moved the new active's first writes to the quarantine and set it back to
+/// standby at the old peer's epoch (compose_stack, pause fault: region b promoted at
+/// epoch 4, then demoted to standby at 3 by its own replicator, 273 events quarantined).
+/// Expects `role_key`, `intent_key`, `want_role`, `want_epoch` to be defined.
+const ROLE_UNCHANGED: &str = r#"
+local current = redis.call('HMGET', role_key, 'role', 'epoch')
+if (current[1] or '') ~= want_role or (current[2] or '') ~= want_epoch then
+  return redis.error_reply('TANDEM_ROLE_CHANGED the local role is ' .. tostring(current[1]) .. '@' .. tostring(current[2]) .. ', the rejoin began at ' .. want_role .. '@' .. want_epoch)
+end
+local intent = tonumber(redis.call('HGET', intent_key, 'epoch') or '0') or 0
+if intent > (tonumber(want_epoch) or 0) then
+  return redis.error_reply('TANDEM_ROLE_CHANGED a promotion of the local region to epoch ' .. intent .. ' has begun')
+end
+"#;
+
+/// KEYS: stream, quarantine stream, checkpoint hash, role, promotion intent. ARGV: epoch
+/// of the moved entries, checkpoint field counting deletions, the local role and epoch
+/// the rejoin began at (see [`ROLE_UNCHANGED`]), then (id, flag) pairs: `q` quarantine
+/// and delete, `d` delete only (the peer holds the same entry; the copy brings it back).
 const MOVE: &str = r#"
+local role_key, intent_key, want_role, want_epoch = KEYS[4], KEYS[5], ARGV[3], ARGV[4]
+-- ROLE_UNCHANGED
 local moved, deleted = 0, 0
-for i = 3, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local id, flag = ARGV[i], ARGV[i + 1]
   local e = redis.call('XRANGE', KEYS[1], id, id)
   if #e == 1 then
@@ -57,9 +79,14 @@ if deleted > 0 then redis.call('HINCRBY', KEYS[3], ARGV[2], deleted) end
 return {moved, deleted}
 "#;
 
-/// KEYS: the n streams, then the role hash, then the checkpoint hash. ARGV: the new
-/// epoch, n, then per stream (start offset, deletion counter field).
+/// KEYS: the n streams, then the role hash, the checkpoint hash and the promotion intent.
+/// ARGV: the new epoch, n, then per stream (start offset, deletion counter field), then
+/// the local role and epoch the rejoin began at (see [`ROLE_UNCHANGED`]).
 const FINISH: &str = r#"
+local nn = tonumber(ARGV[2])
+local role_key, intent_key = KEYS[nn + 1], KEYS[nn + 3]
+local want_role, want_epoch = ARGV[3 + 2 * nn], ARGV[4 + 2 * nn]
+-- ROLE_UNCHANGED
 local function parse(id)
   local dash = string.find(id, '-', 1, true)
   return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
@@ -104,19 +131,28 @@ return 'OK'
 
 fn scripts() -> &'static (Script, Script) {
     static S: OnceLock<(Script, Script)> = OnceLock::new();
-    S.get_or_init(|| (Script::new(MOVE), Script::new(FINISH)))
+    S.get_or_init(|| {
+        let guarded = |src: &str| src.replacen("-- ROLE_UNCHANGED\n", ROLE_UNCHANGED, 1);
+        (Script::new(&guarded(MOVE)), Script::new(&guarded(FINISH)))
+    })
 }
 
 /// Runs a rejoin to the peer's epoch; `local_epoch` is the epoch the local role record
-/// names (the epoch the entries moved aside were written in). Returns how many entries
-/// were quarantined.
+/// names (the epoch the entries moved aside were written in), `began_at` the local role
+/// record the rejoin was decided on: every step refuses once it has changed. Returns
+/// how many entries were quarantined.
 pub async fn run(
     shared: &Shared,
     local: &Link,
     peer: &Link,
     local_epoch: Option<Epoch>,
+    began_at: Option<RoleRecord>,
     peer_epoch: Epoch,
 ) -> Result<u64, LinkError> {
+    let (want_role, want_epoch) = match began_at {
+        Some(r) => (r.role.as_str().to_string(), r.epoch.0.to_string()),
+        None => (String::new(), String::new()),
+    };
     let record = match epochs::peer_record(peer, peer_epoch.0).await? {
         Some(r) => r,
         None => {
@@ -174,6 +210,8 @@ pub async fn run(
             let mut args: Vec<Vec<u8>> = vec![
                 old_epoch.0.to_string().into_bytes(),
                 counter.clone().into_bytes(),
+                want_role.clone().into_bytes(),
+                want_epoch.clone().into_bytes(),
             ];
             for (e, fate) in tail.iter().zip(quarantine::fates(&held, &mut diverged)) {
                 if fate == Fate::Keep {
@@ -196,13 +234,19 @@ pub async fn run(
                 args.push(e.id.to_string().into_bytes());
                 args.push(fate.flag().to_vec());
             }
-            if args.len() == 2 {
+            if args.len() == 4 {
                 continue;
             }
             let v = local
                 .script(
                     move_script,
-                    &[stream, keys::QUARANTINE, keys::REPLICATION_CHECKPOINT],
+                    &[
+                        stream,
+                        keys::QUARANTINE,
+                        keys::REPLICATION_CHECKPOINT,
+                        keys::ROLE,
+                        keys::PROMOTION_INTENT,
+                    ],
                     &args,
                 )
                 .await?;
@@ -228,6 +272,9 @@ pub async fn run(
     let mut finish_keys: Vec<&str> = streams.iter().map(String::as_str).collect();
     finish_keys.push(keys::ROLE);
     finish_keys.push(keys::REPLICATION_CHECKPOINT);
+    finish_keys.push(keys::PROMOTION_INTENT);
+    finish_args.push(want_role.into_bytes());
+    finish_args.push(want_epoch.into_bytes());
     local
         .script(finish_script, &finish_keys, &finish_args)
         .await?;

@@ -126,7 +126,9 @@ pub async fn run(shared: Arc<Shared>, local: Arc<Link>, peer: Arc<Link>) {
                     .copied()
                     .flatten()
                     .map(|r| r.demoted_from.unwrap_or(r.epoch));
-                let result = rejoin::run(&shared, &local, &peer, local_epoch, peer_epoch).await;
+                let began_at = l.as_ref().ok().copied().flatten();
+                let result =
+                    rejoin::run(&shared, &local, &peer, local_epoch, began_at, peer_epoch).await;
                 // The local streams may have been cut back: forget what the copier had
                 // reported, so the group task waits for the next session's positions
                 // instead of trusting tops that no longer exist.

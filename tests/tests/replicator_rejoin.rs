@@ -374,3 +374,76 @@ async fn rejoin_delivers_again_an_entry_whose_outcome_was_quarantined() {
         common[10]
     );
 }
+
+/// compose_stack, pause fault: the gateway promoted region b (its peer hung) while b's
+/// replicator was rejoining it to the peer's older epoch, decided from role records
+/// read a moment before. The rejoin went on: it moved b's first writes as active to
+/// the quarantine and set b back to standby at the peer's epoch. Every step of a
+/// rejoin now refuses once the local role record is not the one it began at.
+#[tokio::test]
+async fn a_promotion_during_a_rejoin_stops_it() {
+    let pair = Pair::start().await;
+    let (mut a, mut b) = (pair.peer_conn().await, pair.local_conn().await);
+    let s = "tandem:events";
+    // Given b active at epoch 1 with a long tail a never received, and a active at 2
+    set_role(&mut b, "active", 1).await;
+    let common = add_events(&mut b, s, 0, 10).await;
+    copy_entries(&mut b, &mut a, s, &common).await;
+    let start = common.last().unwrap().clone();
+    set_role(&mut a, "active", 2).await;
+    let record = format!(
+        r#"{{"region":"a","startOffsets":{{"tandem:events":"{start}"}},"at":"2026-11-30T00:00:00.000Z"}}"#
+    );
+    let _: i64 = redis::cmd("HSET")
+        .arg("tandem:epochs")
+        .arg("2")
+        .arg(&record)
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    const TAIL: u64 = 40_000;
+    add_events(&mut b, s, 1000, TAIL).await;
+
+    // When b's replicator begins to rejoin b to a's epoch 2, and b is promoted to epoch
+    // 3 meanwhile (its promotion's intent first, then its role)
+    let rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
+    eventually(DEADLINE, "the rejoin has begun moving b's tail", || {
+        let mut b = b.clone();
+        async move {
+            match xlen(&mut b, "tandem:quarantine").await {
+                0 => Err(0),
+                n => Ok(n),
+            }
+        }
+    })
+    .await;
+    let _: i64 = redis::cmd("HSET")
+        .arg("tandem:promotion-intent")
+        .arg("epoch")
+        .arg(3)
+        .query_async(&mut b)
+        .await
+        .unwrap();
+    set_role(&mut b, "active", 3).await;
+
+    // Then the rejoin stops, saying why, and b stays active at epoch 3 with the rest of
+    // its tail in place
+    eventually(DEADLINE, "the rejoin refused to go on", || {
+        let log = rep.log_tail(200);
+        async move {
+            if log.contains("TANDEM_ROLE_CHANGED") {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        }
+    })
+    .await;
+    assert_eq!(role(&mut b).await, ("active".to_string(), 3));
+    let moved = xlen(&mut b, "tandem:quarantine").await;
+    assert!(
+        moved < TAIL,
+        "the whole tail ({moved} entries) was quarantined after b's promotion"
+    );
+    assert_eq!(xlen(&mut b, s).await, 10 + TAIL - moved);
+}
