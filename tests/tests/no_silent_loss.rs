@@ -687,12 +687,7 @@ async fn a_lease_renewal_that_reaches_redis_after_its_deadline_opens_no_write_wi
     assert_eq!(lease.status, 200, "lease: {}", lease.text);
 
     let mut conn = region.redis.client().await;
-    let granted: u64 = redis::cmd("HGET")
-        .arg("tandem:role")
-        .arg("write_until")
-        .query_async(&mut conn)
-        .await
-        .expect("HGET write_until");
+    let granted: u64 = write_until(&mut conn).await;
 
     // When Redis holds every write for 1.5 s, and a renewal comes in during the hold
     // whose gateway stops counting on it 300 ms later
@@ -719,12 +714,7 @@ async fn a_lease_renewal_that_reaches_redis_after_its_deadline_opens_no_write_wi
         "{}",
         renewal.text
     );
-    let until: u64 = redis::cmd("HGET")
-        .arg("tandem:role")
-        .arg("write_until")
-        .query_async(&mut conn)
-        .await
-        .expect("HGET write_until");
+    let until: u64 = write_until(&mut conn).await;
     assert_eq!(
         until, granted,
         "the late renewal moved the write window (its bound was {not_after})"
@@ -739,12 +729,7 @@ async fn a_lease_renewal_that_reaches_redis_after_its_deadline_opens_no_write_wi
         )
         .await;
     assert_eq!(renewal.status, 200, "renewal in time: {}", renewal.text);
-    let until: u64 = redis::cmd("HGET")
-        .arg("tandem:role")
-        .arg("write_until")
-        .query_async(&mut conn)
-        .await
-        .expect("HGET write_until");
+    let until: u64 = write_until(&mut conn).await;
     assert!(until > unix_ms() && until <= not_after, "window {until}");
 
     // And a malformed bound is refused as bad input
@@ -755,6 +740,15 @@ async fn a_lease_renewal_that_reaches_redis_after_its_deadline_opens_no_write_wi
         )
         .await;
     assert_eq!(bad.status, 400, "malformed notAfterMs: {}", bad.text);
+}
+
+async fn write_until(conn: &mut MultiplexedConnection) -> u64 {
+    redis::cmd("HGET")
+        .arg("tandem:role")
+        .arg("write_until")
+        .query_async(conn)
+        .await
+        .expect("HGET write_until")
 }
 
 fn unix_ms() -> u64 {

@@ -30,6 +30,22 @@ async fn copy_entries(
     }
 }
 
+/// Promotes the region behind `conn` (a, the peer) to `epoch`, with the epoch's record
+/// naming `start` as where tandem:events stood, as a promotion writes it.
+async fn promote_at(conn: &mut MultiplexedConnection, epoch: u64, start: &str) {
+    set_role(conn, "active", epoch).await;
+    let record = format!(
+        r#"{{"region":"a","startOffsets":{{"tandem:events":"{start}"}},"at":"2026-11-30T00:00:00.000Z"}}"#
+    );
+    let _: i64 = redis::cmd("HSET")
+        .arg("tandem:epochs")
+        .arg(epoch.to_string())
+        .arg(&record)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn rejoin_quarantines_the_divergent_tail_and_follows_the_new_active() {
     let pair = Pair::start().await;
@@ -45,17 +61,7 @@ async fn rejoin_quarantines_the_divergent_tail_and_follows_the_new_active() {
     let start = common.last().unwrap().clone();
 
     // And a failover: a is promoted to epoch 2, starting at the common history's end
-    set_role(&mut a, "active", 2).await;
-    let record = format!(
-        r#"{{"region":"a","startOffsets":{{"tandem:events":"{start}"}},"at":"2026-11-21T00:00:00.000Z"}}"#
-    );
-    let _: i64 = redis::cmd("HSET")
-        .arg("tandem:epochs")
-        .arg("2")
-        .arg(&record)
-        .query_async(&mut a)
-        .await
-        .unwrap();
+    promote_at(&mut a, 2, &start).await;
     // One of b's late writes reached a after the cut (same id and fields on both) ...
     let late = add_events(&mut b, s, 20, 1).await;
     copy_entries(&mut b, &mut a, s, &late).await;
@@ -303,17 +309,7 @@ async fn rejoin_delivers_again_an_entry_whose_outcome_was_quarantined() {
     }
 
     // And a failover: a is promoted to epoch 2, starting at the common history's end
-    set_role(&mut a, "active", 2).await;
-    let record = format!(
-        r#"{{"region":"a","startOffsets":{{"tandem:events":"{start}"}},"at":"2026-11-30T00:00:00.000Z"}}"#
-    );
-    let _: i64 = redis::cmd("HSET")
-        .arg("tandem:epochs")
-        .arg("2")
-        .arg(&record)
-        .query_async(&mut a)
-        .await
-        .unwrap();
+    promote_at(&mut a, 2, &start).await;
     // And b's outcome of entry 10 (and of nothing older), written in epoch 1, never
     // reached a
     let mut outcome: serde_json::Value =
@@ -390,17 +386,7 @@ async fn a_promotion_during_a_rejoin_stops_it() {
     let common = add_events(&mut b, s, 0, 10).await;
     copy_entries(&mut b, &mut a, s, &common).await;
     let start = common.last().unwrap().clone();
-    set_role(&mut a, "active", 2).await;
-    let record = format!(
-        r#"{{"region":"a","startOffsets":{{"tandem:events":"{start}"}},"at":"2026-11-30T00:00:00.000Z"}}"#
-    );
-    let _: i64 = redis::cmd("HSET")
-        .arg("tandem:epochs")
-        .arg("2")
-        .arg(&record)
-        .query_async(&mut a)
-        .await
-        .unwrap();
+    promote_at(&mut a, 2, &start).await;
     const TAIL: u64 = 40_000;
     add_events(&mut b, s, 1000, TAIL).await;
 
