@@ -32,8 +32,12 @@ use std::sync::OnceLock;
 /// Entries examined per batch (one peer pipeline and one script each).
 const BATCH: usize = 500;
 
-/// Refuses (error `TANDEM_ROLE_CHANGED`) when the local role record is no longer the one
-/// the rejoin was decided on, or a promotion of the local region has begun. The gate
+/// Refuses (error `TANDEM_ROLE_CHANGED`) when the local region was promoted, or a
+/// promotion of it began, after the rejoin was decided on (its role active, or its
+/// intent, at an epoch above the one the rejoin began at). Other changes go on: the node
+/// itself steps down to standby at its epoch when it sees the peer ahead, which is what
+/// the rejoin is for (refusing then, a first version of this check left the tail half
+/// moved while the copy resumed: chaos seed 9802, replicated). The gate
 /// decides from role records read a moment earlier, and a rejoin takes a while: the
 /// gateway may promote this region in between (its peer hung, say). Without the check
 /// the rejoin moved the new active's first writes to the quarantine and set it back to
@@ -42,8 +46,8 @@ const BATCH: usize = 500;
 /// Expects `role_key`, `intent_key`, `want_role`, `want_epoch` to be defined.
 const ROLE_UNCHANGED: &str = r#"
 local current = redis.call('HMGET', role_key, 'role', 'epoch')
-if (current[1] or '') ~= want_role or (current[2] or '') ~= want_epoch then
-  return redis.error_reply('TANDEM_ROLE_CHANGED the local role is ' .. tostring(current[1]) .. '@' .. tostring(current[2]) .. ', the rejoin began at ' .. want_role .. '@' .. want_epoch)
+if current[1] == 'active' and (tonumber(current[2]) or 0) > (tonumber(want_epoch) or 0) then
+  return redis.error_reply('TANDEM_ROLE_CHANGED the local region was promoted to epoch ' .. tostring(current[2]) .. ' after the rejoin began at ' .. want_role .. '@' .. want_epoch)
 end
 local intent = tonumber(redis.call('HGET', intent_key, 'epoch') or '0') or 0
 if intent > (tonumber(want_epoch) or 0) then
