@@ -7,6 +7,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Most regions a gateway fronts: a request's set of tried regions is one 64-bit word
+/// ([`crate::routing::Tried`]).
+pub const MAX_REGIONS: usize = 64;
+
 /// A configuration error; `main` prints it and exits with `EX_USAGE` (64).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -649,10 +653,10 @@ fn parse_regions(s: &str) -> Result<Vec<RegionConfig>, ConfigError> {
             tls,
         });
     }
-    if out.len() > crate::routing::Tried::MAX_REGIONS {
+    if out.len() > MAX_REGIONS {
         return Err(invalid(
             "regions",
-            format!("at most {} regions", crate::routing::Tried::MAX_REGIONS),
+            format!("at most {} regions", MAX_REGIONS),
         ));
     }
     if out.len() < 2 {

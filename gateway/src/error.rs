@@ -1,7 +1,7 @@
 //! The gateway's own error answers: one enum, each variant with its status and a stable
 //! `error.code`, rendered as `{"error":{"code","message"}}`.
 
-use crate::proxy::{full_body, Body};
+use crate::body::{full_body, Body};
 use hyper::http::{header, HeaderValue, Response, StatusCode};
 
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,7 @@
 pub mod access;
 pub mod admin;
 pub mod auth;
+pub mod body;
 pub mod config;
 pub mod connections;
 pub mod election;
@@ -144,6 +145,11 @@ impl Application {
         })?;
         let ids: Vec<String> = config.regions.iter().map(|r| r.id.clone()).collect();
         let metrics = Arc::new(Metrics::new(&ids));
+        // Every refusal reason shows as 0 from the start, so a dashboard's rate() has a
+        // series before the first refusal. Here, not in `metrics`, which auth records into.
+        for failure in auth::Failure::ALL {
+            metrics.auth_failures.with_label_values(&[failure.reason()]);
+        }
         let routing = Arc::new(Routing::new(&config, metrics.clone()));
         let node_tls = match &config.node_tls {
             Some(t) => {

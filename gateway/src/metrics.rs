@@ -209,9 +209,6 @@ impl Metrics {
         for reason in ["idle", "evicted"] {
             connections_closed.with_label_values(&[reason]);
         }
-        for failure in crate::auth::Failure::ALL {
-            auth_failures.with_label_values(&[failure.reason()]);
-        }
         let hot = HotSeries::new(regions);
         Metrics {
             registry,

@@ -12,7 +12,7 @@ use crate::routing::{Region, Routing, Tried};
 use crate::upstream::{Added, Head, SendBody, Target, Upstream, UpstreamError};
 use crate::Shared;
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::http::{
     header, uri, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode,
@@ -23,9 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::Instrument as _;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Every body the gateway sends or receives: streamed from a peer or built here.
-pub type Body = BoxBody<Bytes, BoxError>;
+pub use crate::body::{full_body, Body, BoxError};
 
 /// Request bodies up to this size are buffered, so a request that never reached a
 /// region (connect refused) can be sent to another; larger ones stream.
@@ -51,10 +49,6 @@ pub static TANDEM_SUBJECT: HeaderName = HeaderName::from_static("tandem-subject"
 pub static TANDEM_SCOPES: HeaderName = HeaderName::from_static("tandem-scopes");
 /// An order as the node shows it is a few KiB; more than this is not an order.
 const MAX_ORDER_BYTES: usize = 1024 * 1024;
-
-pub fn full_body(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
-}
 
 /// The regions as one worker reaches them (see [`crate::upstream`]).
 pub type UpstreamClient = Arc<Upstream>;

@@ -265,7 +265,7 @@ impl Routing {
 pub struct Tried(u64);
 
 impl Tried {
-    pub const MAX_REGIONS: usize = 64;
+    pub const MAX_REGIONS: usize = crate::config::MAX_REGIONS;
 
     pub fn contains(self, i: usize) -> bool {
         i < Self::MAX_REGIONS && self.0 & (1 << i) != 0

@@ -26,8 +26,8 @@
 //! certificate: [`crate::tls::node_client`]); a pooled connection is reused as it is,
 //! and plain regions take no TLS path at all.
 
+use crate::body::{full_body, Body, BoxError};
 use crate::config::RegionConfig;
-use crate::proxy::{full_body, Body, BoxError};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper::http::{

@@ -10,11 +10,10 @@
 //! Events are self-describing: each carries every id and item it affects, so the
 //! projection can apply it without reading anything but the keys it names.
 
-use crate::integration::IntegrationEventType;
 use crate::order::{IdempotencyKey, LineItem, OrderId, ShipmentId, Status};
 use crate::pii::Sealed;
 use crate::product::{Currency, ItemQuantity, Sku};
-use crate::webhooks::{WebhookId, WebhookUrl};
+use crate::webhooks::{IntegrationEventType, WebhookId, WebhookUrl};
 use eventlog::{Envelope, ENVELOPE_VERSION};
 use serde::{Deserialize, Serialize};
 

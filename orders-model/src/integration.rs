@@ -8,36 +8,16 @@
 //! first delivery (Standard Webhooks' `webhook-id`, the receiver's dedup key).
 
 use crate::events::DomainEvent;
+// The subscription vocabulary lives with the subscriptions, which the events name: so
+// the events need not import this module, which is derived from them.
 use crate::order::Status;
+pub use crate::webhooks::IntegrationEventType;
 use eventlog::Envelope;
 use serde::{Deserialize, Serialize};
 
 /// `source` of every integration event. It names the service, not the region: the
 /// same event derived in either region is the same event.
 pub const SOURCE: &str = "tandem.orders";
-
-/// The integration event types a webhook may subscribe to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum IntegrationEventType {
-    #[serde(rename = "order.status_updated")]
-    OrderStatusUpdated,
-}
-
-impl IntegrationEventType {
-    pub const ALL: [IntegrationEventType; 1] = [IntegrationEventType::OrderStatusUpdated];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IntegrationEventType::OrderStatusUpdated => "order.status_updated",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<IntegrationEventType> {
-        IntegrationEventType::ALL
-            .into_iter()
-            .find(|t| t.as_str() == s)
-    }
-}
 
 /// An integration event as published (and as a webhook's body).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

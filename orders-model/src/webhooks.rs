@@ -2,10 +2,32 @@
 //! subscriptions as `apply` derives them from the `WebhookSubscribed` and
 //! `WebhookDeleted` events.
 
-use crate::integration::IntegrationEventType;
 use crate::pii::Sealed;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// The integration event types a webhook may subscribe to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum IntegrationEventType {
+    #[serde(rename = "order.status_updated")]
+    OrderStatusUpdated,
+}
+
+impl IntegrationEventType {
+    pub const ALL: [IntegrationEventType; 1] = [IntegrationEventType::OrderStatusUpdated];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntegrationEventType::OrderStatusUpdated => "order.status_updated",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<IntegrationEventType> {
+        IntegrationEventType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+    }
+}
 
 /// A webhook id: `wh_` and 1-64 letters, digits, `-` or `_`. It names a consumer group
 /// and a stream key, so nothing else may get in.
