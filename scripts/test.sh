@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The project's test command (README): installs what the tests need when it is missing
-# (Debian's redis-server and etcd-server; prometheus for promtool; docker-compose where
-# a Docker engine runs), builds every binary once, then runs every test. The system
-# tests in tests/ start the real binaries from target/debug and their own redis-server
-# and etcd processes on free ports; tests/tests/compose_stack.rs builds the container
-# images from the same binaries (deploy/build-images.sh, which builds the Debian base
-# image itself when it is missing) and runs the docker-compose.yml stack, as does
-# tests/tests/chaos_docker.rs (the chaos campaign's Docker backend);
+# (Debian's redis-server and etcd-server; prometheus for promtool; docker-compose 1.29
+# and Compose v2 where a Docker engine runs), builds every binary once, then runs every
+# test. The system tests in tests/ start the real binaries from target/debug and their
+# own redis-server and etcd processes on free ports; tests/tests/compose_stack.rs builds
+# the container images from the same binaries (deploy/build-images.sh, which builds the
+# Debian base image itself when it is missing) and runs the docker-compose.yml stack
+# under Compose v2, as do tests/tests/chaos_docker.rs (the chaos campaign's Docker
+# backend) and compose_gateways.rs under docker-compose 1.29;
 # tests/tests/openapi.rs installs schemathesis from PyPI into target/schemathesis-venv
 # (Debian's python3-venv is installed here when `python3 -m venv` is missing).
 #
@@ -41,6 +42,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     # The redis-server, etcd-server and prometheus packages may start services on their
     # default ports; the tests never use them.
     $SUDO apt-get install -y --no-install-recommends "${missing[@]}" </dev/null
+fi
+# Compose v2 beside Debian's docker-compose 1.29: compose_stack.rs runs the stack under
+# the first, compose_gateways.rs and chaos_docker.rs under the second. Bookworm has no
+# Compose v2 package; deploy/install-compose-v2.sh takes trixie's from Debian's archive.
+if docker info >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
+    if ! $SUDO bash deploy/install-compose-v2.sh; then
+        if [ "${TANDEM_REQUIRE_DOCKER:-}" = 1 ]; then
+            echo "scripts/test.sh: Compose v2 could not be installed (above); CI tests both compose tools" >&2
+            exit 1
+        fi
+        echo "scripts/test.sh: no Compose v2 (above); the compose tests run under docker-compose 1.29 only" >&2
+    fi
 fi
 redis-server --version
 promtool --version 2>&1 | head -n 1

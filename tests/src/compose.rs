@@ -163,6 +163,19 @@ impl ComposeTool {
             })
     }
 
+    /// The tool for the other half of the stack tests: the last one installed (Debian's
+    /// docker-compose 1.29 where Compose v2 is installed too), so a run of every test
+    /// brings the stack up and breaks it under both tools. `$TANDEM_COMPOSE` wins, as for
+    /// [`ComposeTool::preferred`].
+    pub fn alternate() -> ComposeTool {
+        if std::env::var_os("TANDEM_COMPOSE").is_some() {
+            return ComposeTool::preferred();
+        }
+        ComposeTool::installed()
+            .pop()
+            .unwrap_or_else(ComposeTool::preferred)
+    }
+
     pub fn name(&self) -> String {
         self.argv.join(" ")
     }
@@ -235,6 +248,8 @@ pub struct StackOptions {
     pub project_prefix: &'static str,
     /// Settings over the test's defaults (e.g. `NODE_DURABILITY`).
     pub settings: Vec<(String, String)>,
+    /// The compose tool that runs the project.
+    pub tool: ComposeTool,
 }
 
 impl StackOptions {
@@ -248,6 +263,7 @@ impl StackOptions {
             build: true,
             project_prefix: PROJECT_PREFIX,
             settings: Vec::new(),
+            tool: ComposeTool::preferred(),
         }
     }
 }
@@ -282,7 +298,11 @@ impl Stack {
     /// The stack with two gateways (`gw-1`, `gw-2`) sharing failover control through
     /// etcd ([`GATEWAYS_FILE`]).
     pub async fn up_gateways() -> Stack {
-        Stack::up_with(&[GATEWAYS_FILE], GATEWAYS_SERVICES).await
+        Stack::up_options(StackOptions {
+            tool: ComposeTool::alternate(),
+            ..StackOptions::test(&[GATEWAYS_FILE], GATEWAYS_SERVICES)
+        })
+        .await
     }
 
     /// The stack with compose `files` over docker-compose.yml, running `services`.
@@ -298,7 +318,8 @@ impl Stack {
             }
         }
         remove_abandoned_projects().await;
-        let tool = ComposeTool::preferred();
+        let tool = options.tool.clone();
+        eprintln!("[compose] project run by `{}`", tool.name());
         let services = options.services;
         let mut last = String::new();
         // Published ports are chosen free but are only bound by `up`: another process

@@ -184,7 +184,10 @@ fn compose_file_parses_with_every_compose_tool_and_wants_tokens() {
 #[test]
 fn compose_publishes_only_the_gateway_and_monitoring_on_loopback() {
     for tool in compose_tools() {
-        let (ok, out) = compose_config(&tool, TOKENS, &[]);
+        // With Grafana's profile on: Compose v2 leaves out the services of a profile
+        // that is off.
+        let env = [TOKENS, &[("COMPOSE_PROFILES", "grafana")]].concat();
+        let (ok, out) = compose_config(&tool, &env, &[]);
         assert!(ok, "{out}");
         let config: Yaml = serde_yaml_ng::from_str(&out).expect("config output is YAML");
         let services = config["services"].as_mapping().expect("services");
@@ -293,12 +296,15 @@ fn gateways_override_parses_and_runs_two_hardened_gateways_and_etcd() {
             assert!(ports.contains("127.0.0.1"), "{name}: {ports}");
         }
         assert_eq!(service("etcd")["ports"], Yaml::Null, "etcd is published");
-        // The single gateway is parked behind a profile nobody enables.
-        assert!(
-            format!("{:?}", service("gateway")["profiles"]).contains("single-gateway"),
-            "{}: the single gateway would start beside gw-1 and gw-2",
-            tool.name()
-        );
+        // The single gateway is parked behind a profile nobody enables: Compose v2 leaves
+        // it out of the configuration, 1.29 lists it with its profile.
+        if let Some(single) = services.get(Yaml::String("gateway".into())) {
+            assert!(
+                format!("{:?}", single["profiles"]).contains("single-gateway"),
+                "{}: the single gateway would start beside gw-1 and gw-2",
+                tool.name()
+            );
+        }
         // Prometheus reads the two-gateway config.
         assert!(
             format!("{:?}", service("prometheus")["command"]).contains("prometheus-gateways.yml"),

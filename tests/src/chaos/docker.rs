@@ -39,7 +39,9 @@ use std::time::{Duration, Instant};
 use super::backend::{Backend, Endpoints};
 use super::schedule::{Capabilities, FaultKind, Link, Region, Target};
 use super::Durability;
-use crate::compose::{try_docker, Stack, StackOptions, CHAOS_PROJECT_PREFIX, SERVICES, WAN};
+use crate::compose::{
+    try_docker, ComposeTool, Stack, StackOptions, CHAOS_PROJECT_PREFIX, SERVICES, WAN,
+};
 
 /// How the Docker backend brings the stack up.
 #[derive(Debug, Clone)]
@@ -149,6 +151,8 @@ impl DockerBackend {
                 "NODE_DURABILITY".to_string(),
                 options.durability.as_str().to_string(),
             )],
+            // The other compose tool than compose_stack.rs's, where two are installed.
+            tool: ComposeTool::alternate(),
         };
         // The compose harness panics when the stack does not come up (it is a test's
         // fixture); here that is the campaign's "could not run".
