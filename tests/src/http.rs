@@ -56,6 +56,18 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
+    /// Polls `/health/ready` until it answers `status` (200 ready, 503 not ready) and
+    /// returns that answer, so a test can assert on the reason given.
+    pub async fn wait_readiness(&self, status: u16, deadline: Duration, what: &str) -> Response {
+        crate::poll::wait_until(
+            deadline,
+            what,
+            || self.get("/health/ready"),
+            |r| r.status == status,
+        )
+        .await
+    }
+
     pub fn new(base: impl Into<String>) -> HttpClient {
         let client = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)

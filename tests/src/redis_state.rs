@@ -339,3 +339,40 @@ pub async fn stream_event_types(conn: &mut MultiplexedConnection, aggregate: &st
         .map(|(_, e)| e["eventType"].as_str().unwrap_or("?").to_string())
         .collect()
 }
+
+/// Waits until `order` is confirmed in this region's stream while its payment step's
+/// entry is still pending in the `payments` group: the charge is in flight (a retry
+/// waiting), which is where the failover tests cut a region off.
+pub async fn wait_payment_pending(
+    conn: &MultiplexedConnection,
+    order: &str,
+    deadline: std::time::Duration,
+    what: &str,
+) {
+    crate::poll::eventually(deadline, what, || {
+        let mut conn = conn.clone();
+        async move {
+            let types = stream_event_types(&mut conn, order).await;
+            let pending: RedisValue = redis::cmd("XPENDING")
+                .arg(EVENTS)
+                .arg("payments")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(RedisValue::Nil);
+            // XPENDING's summary form: [count, lowest id, highest id, consumers].
+            let pending_count = match &pending {
+                RedisValue::Array(v) => match v.first() {
+                    Some(RedisValue::Int(n)) => *n,
+                    _ => 0,
+                },
+                _ => 0,
+            };
+            if types.iter().any(|t| t == "OrderConfirmed") && pending_count > 0 {
+                Ok(())
+            } else {
+                Err((types, pending))
+            }
+        }
+    })
+    .await
+}

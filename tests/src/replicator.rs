@@ -178,21 +178,22 @@ pub struct Pair {
 impl Pair {
     /// Ephemeral servers with roles a=active@1, b=standby@1.
     pub async fn start() -> Pair {
-        let pair = Pair {
-            peer: RedisServer::start().await,
-            local: RedisServer::start().await,
-        };
-        set_role(&mut pair.peer.client().await, "active", 1).await;
-        set_role(&mut pair.local.client().await, "standby", 1).await;
-        pair
+        Pair::with_roles(RedisServer::start().await, RedisServer::start().await).await
     }
 
     /// The peer keeps its data across kill/restart.
     pub async fn start_persistent_peer() -> Pair {
-        let pair = Pair {
-            peer: RedisServer::start_persistent().await,
-            local: RedisServer::start().await,
-        };
+        Pair::with_roles(RedisServer::start_persistent().await, RedisServer::start().await).await
+    }
+
+    /// The local Redis keeps its data across kill/restart.
+    pub async fn start_persistent_local() -> Pair {
+        Pair::with_roles(RedisServer::start().await, RedisServer::start_persistent().await).await
+    }
+
+    /// Writes the role records a=active@1, b=standby@1 into the two servers.
+    async fn with_roles(peer: RedisServer, local: RedisServer) -> Pair {
+        let pair = Pair { peer, local };
         set_role(&mut pair.peer.client().await, "active", 1).await;
         set_role(&mut pair.local.client().await, "standby", 1).await;
         pair
@@ -415,6 +416,49 @@ pub async fn xlen(conn: &mut MultiplexedConnection, stream: &str) -> u64 {
         .query_async(conn)
         .await
         .expect("XLEN")
+}
+
+/// Waits until `local` holds exactly `count` entries of `stream`.
+pub async fn wait_len(
+    local: &MultiplexedConnection,
+    stream: &str,
+    count: u64,
+    deadline: Duration,
+    what: &str,
+) {
+    eventually(deadline, what, || {
+        let mut l = local.clone();
+        async move {
+            match xlen(&mut l, stream).await {
+                n if n == count => Ok(()),
+                n => Err(n),
+            }
+        }
+    })
+    .await
+}
+
+/// Waits until both sides hold the same `count` entries of `stream` (ids and fields).
+pub async fn wait_copied(
+    peer: &MultiplexedConnection,
+    local: &MultiplexedConnection,
+    stream: &str,
+    count: usize,
+    deadline: Duration,
+    what: &str,
+) {
+    eventually(deadline, what, || {
+        let (mut p, mut l) = (peer.clone(), local.clone());
+        async move {
+            let (theirs, ours) = (entries(&mut p, stream).await, entries(&mut l, stream).await);
+            if theirs.len() == count && theirs == ours {
+                Ok(())
+            } else {
+                Err((theirs.len(), ours.len()))
+            }
+        }
+    })
+    .await
 }
 
 /// Waits until both sides hold the same, non-empty list of entries of `stream`: same ids

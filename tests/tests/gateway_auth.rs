@@ -59,6 +59,28 @@ fn as_user(gw: &Gateway, token: &str) -> HttpClient {
     gw.http().with_token(token)
 }
 
+/// Two regions behind a gateway that trusts `keys` (a JWKS file in `dir`), region a
+/// active. The regions are handed back so that they live as long as the test.
+async fn gateway_trusting(dir: &WorkDir, keys: &[&SigningKey]) -> (TwoRegions, Gateway) {
+    let jwks = dir.path().join("jwks.json");
+    write_jwks(&jwks, keys);
+    let regions = TwoRegions::start(false).await;
+    let gw = Gateway::start(auth_options(&regions, &jwks.display().to_string())).await;
+    gw.wait_active("a", 1, SETTLE).await;
+    (regions, gw)
+}
+
+/// Puts product `sku` (10 in stock) through the gateway as the catalog writer `ops`.
+async fn put_widget(ops: &HttpClient, sku: &str, price: u64) {
+    let put = ops
+        .put(
+            &format!("/api/v1/products/{sku}"),
+            &json!({"name": "Widget", "price": price, "currency": "USD", "stock": 10}),
+        )
+        .await;
+    assert!(put.status == 200 || put.status == 201, "{}", put.text);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_forged_stale_or_misdirected_token_is_refused_and_writes_nothing() {
     // Given a gateway checking tokens against a JWKS file with an RSA and an EC key
@@ -66,21 +88,11 @@ async fn every_forged_stale_or_misdirected_token_is_refused_and_writes_nothing()
     let rsa = SigningKey::rsa(dir.path(), "rsa-1");
     let ec = SigningKey::ec(dir.path(), "ec-1");
     let stranger = SigningKey::rsa(dir.path(), "stranger");
-    let jwks = dir.path().join("jwks.json");
-    write_jwks(&jwks, &[&rsa, &ec]);
-    let regions = TwoRegions::start(false).await;
-    let gw = Gateway::start(auth_options(&regions, &jwks.display().to_string())).await;
-    gw.wait_active("a", 1, SETTLE).await;
+    let (regions, gw) = gateway_trusting(&dir, &[&rsa, &ec]).await;
 
     // And a product put by a catalog writer (RS256), and nothing else going on
     let ops = as_user(&gw, &rsa.sign(&claims("ops", "catalog:write")));
-    let put = ops
-        .put(
-            "/api/v1/products/AUTH-1",
-            &json!({"name": "Widget", "price": 1000, "currency": "USD", "stock": 10}),
-        )
-        .await;
-    assert!(put.status == 200 || put.status == 201, "{}", put.text);
+    put_widget(&ops, "AUTH-1", 1000).await;
     let mut redis_a = regions.a.redis.client().await;
     let mut redis_b = regions.b.redis.client().await;
     redis_state::wait_workflow_idle(&mut redis_a, SETTLE).await;
@@ -315,19 +327,9 @@ async fn customers_reach_only_their_own_orders() {
     // Given a gateway with auth, a product, and an order placed by customer c-1
     let dir = WorkDir::new("auth-keys");
     let key = SigningKey::ec(dir.path(), "ec-1");
-    let jwks = dir.path().join("jwks.json");
-    write_jwks(&jwks, &[&key]);
-    let regions = TwoRegions::start(false).await;
-    let gw = Gateway::start(auth_options(&regions, &jwks.display().to_string())).await;
-    gw.wait_active("a", 1, SETTLE).await;
+    let (regions, gw) = gateway_trusting(&dir, &[&key]).await;
     let ops = as_user(&gw, &key.sign(&claims("ops", "catalog:write")));
-    let put = ops
-        .put(
-            "/api/v1/products/OWN-1",
-            &json!({"name": "Widget", "price": 500, "currency": "USD", "stock": 10}),
-        )
-        .await;
-    assert!(put.status == 200 || put.status == 201, "{}", put.text);
+    put_widget(&ops, "OWN-1", 500).await;
     let c1 = as_user(&gw, &key.sign(&claims("c-1", "orders:read orders:write")));
     let c2 = as_user(&gw, &key.sign(&claims("c-2", "orders:read orders:write")));
     let admin = as_user(
@@ -593,11 +595,7 @@ async fn webhooks_need_the_webhooks_write_scope() {
     // Given a gateway with auth in front of the regions
     let dir = WorkDir::new("auth-keys");
     let key = SigningKey::ec(dir.path(), "ec-1");
-    let jwks = dir.path().join("jwks.json");
-    write_jwks(&jwks, &[&key]);
-    let regions = TwoRegions::start(false).await;
-    let gw = Gateway::start(auth_options(&regions, &jwks.display().to_string())).await;
-    gw.wait_active("a", 1, SETTLE).await;
+    let (_regions, gw) = gateway_trusting(&dir, &[&key]).await;
     let body = json!({"url": "https://example.com/hook", "events": ["order.status_updated"]});
 
     // When a caller without the scope manages webhooks, it is refused

@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use system_tests::chaos::proxy::LinkProxy;
-use system_tests::replicator::{add_events, entries, xlen, Pair, Replicator};
-use system_tests::{eventually, order_body, wait_until, Api, Node, NodeOptions, RedisServer};
+use system_tests::replicator::{add_events, wait_copied, wait_len, Pair, Replicator};
+use system_tests::{eventually, order_body, Api, Node, NodeOptions, RedisServer};
 
 /// How soon after the heal service must be back: a few response timeouts (1 s each
 /// here), far below the kernel's retransmission limit.
@@ -33,13 +33,9 @@ async fn a_node_answers_again_within_seconds_after_its_redis_link_drops_bytes_an
     // node's commands to time out
     proxy.drop_all();
     let http = node.http();
-    wait_until(
-        DEADLINE,
-        "node not ready while its Redis link drops bytes",
-        || http.get("/health/ready"),
-        |r| r.status == 503,
-    )
-    .await;
+    http
+        .wait_readiness(503, DEADLINE, "node not ready while its Redis link drops bytes")
+        .await;
     let r = api
         .place_order(&order_body("c-2", &[("WIDGET-001", 1)], "tok_ok"))
         .await;
@@ -50,13 +46,9 @@ async fn a_node_answers_again_within_seconds_after_its_redis_link_drops_bytes_an
     let healed = Instant::now();
 
     // Then the node is ready again and takes orders within seconds
-    wait_until(
-        AFTER_HEAL,
-        "node ready again soon after the heal",
-        || http.get("/health/ready"),
-        |r| r.status == 200,
-    )
-    .await;
+    http
+        .wait_readiness(200, AFTER_HEAL, "node ready again soon after the heal")
+        .await;
     let ready_after = healed.elapsed();
     let id = eventually(
         AFTER_HEAL.saturating_sub(healed.elapsed()),
@@ -93,28 +85,15 @@ async fn the_replicator_copies_again_within_seconds_after_its_peer_link_drops_by
     let s = "tandem:events";
     add_events(&mut peer, s, 0, 20).await;
     let rep = Replicator::start(&pair.local.url(), &proxy.redis_url(), &[]).await;
-    eventually(DEADLINE, "first events copied", || {
-        let mut l = local.clone();
-        async move {
-            match xlen(&mut l, s).await {
-                20 => Ok(()),
-                n => Err(n),
-            }
-        }
-    })
-    .await;
+    wait_len(&local, s, 20, DEADLINE, "first events copied").await;
 
     // When the peer link drops every byte (sockets open) until the replicator's reads
     // time out and it reports the peer unreachable
     proxy.drop_all();
     let http = rep.http();
-    wait_until(
-        DEADLINE,
-        "replicator not ready while the peer link drops bytes",
-        || http.get("/health/ready"),
-        |r| r.status == 503,
-    )
-    .await;
+    http
+        .wait_readiness(503, DEADLINE, "replicator not ready while the peer link drops bytes")
+        .await;
     add_events(&mut peer, s, 20, 10).await;
 
     // And the link heals
@@ -122,30 +101,12 @@ async fn the_replicator_copies_again_within_seconds_after_its_peer_link_drops_by
     let healed = Instant::now();
 
     // Then what the peer wrote meanwhile is copied within seconds
-    eventually(
-        AFTER_HEAL,
-        "events written during the drop copied soon after the heal",
-        || {
-            let (mut p, mut l) = (peer.clone(), local.clone());
-            async move {
-                let (a, b) = (entries(&mut p, s).await, entries(&mut l, s).await);
-                if a.len() == 30 && a == b {
-                    Ok(())
-                } else {
-                    Err((a.len(), b.len()))
-                }
-            }
-        },
-    )
-    .await;
+    let what = "events written during the drop copied soon after the heal";
+    wait_copied(&peer, &local, s, 30, AFTER_HEAL, what).await;
     let copied_after = healed.elapsed();
-    wait_until(
-        AFTER_HEAL,
-        "replicator ready again",
-        || http.get("/health/ready"),
-        |r| r.status == 200,
-    )
-    .await;
+    http
+        .wait_readiness(200, AFTER_HEAL, "replicator ready again")
+        .await;
     eprintln!(
         "replicator: copy resumed {copied_after:?} after the heal, ready {:?} after it",
         healed.elapsed()

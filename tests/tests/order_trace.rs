@@ -234,32 +234,7 @@ async fn a_failover_continues_the_order_trace_in_the_other_region() {
     // When an order gets as far as its payment in region a, which then dies
     let id = place_traced(&api, "tok_flaky").await;
     let b_redis = regions.b.redis.client().await;
-    eventually(SETTLE, "the payment step's entry pending in b", || {
-        let mut conn = b_redis.clone();
-        let id = id.clone();
-        async move {
-            let types = redis_state::stream_event_types(&mut conn, &id).await;
-            let pending: redis::Value = redis::cmd("XPENDING")
-                .arg("tandem:events")
-                .arg("payments")
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(redis::Value::Nil);
-            let pending_count = match &pending {
-                redis::Value::Array(v) => match v.first() {
-                    Some(redis::Value::Int(n)) => *n,
-                    _ => 0,
-                },
-                _ => 0,
-            };
-            if types.iter().any(|t| t == "OrderConfirmed") && pending_count > 0 {
-                Ok(())
-            } else {
-                Err((types, pending))
-            }
-        }
-    })
-    .await;
+    redis_state::wait_payment_pending(&b_redis, &id, SETTLE, "the payment step's entry pending in b").await;
     // (the steps finished in a have been exported before it dies)
     wait_spans(&receiver, 4).await;
     regions.a.node.kill();

@@ -17,7 +17,7 @@ use system_tests::process::workspace_binary;
 use system_tests::redis_state::{self, Dumped, DERIVED_PATTERNS};
 use system_tests::tokens::{claims, write_jwks, SigningKey, AUDIENCE, ISSUER};
 use system_tests::workdir::WorkDir;
-use system_tests::{eventually, Api, Node, RedisOptions, RedisServer, Region};
+use system_tests::{Api, Node, RedisOptions, RedisServer, Region};
 
 const SETTLE: Duration = Duration::from_secs(30);
 /// Two test keys (32 bytes each, standard base64): bytes 0..32 and 32..64.
@@ -254,32 +254,7 @@ async fn personal_data_is_sealed_in_both_regions_and_never_answered() {
     // And region a dies (its node; its Redis and AOF stay) while the tok_flaky order's
     // charge waits for its retry, held pending in the payments group b has a copy of
     let b_redis = regions.b.redis.client().await;
-    eventually(SETTLE, "the tok_flaky charge pending in b's copy", || {
-        let mut conn = b_redis.clone();
-        let id = flaky_id.clone();
-        async move {
-            let types = redis_state::stream_event_types(&mut conn, &id).await;
-            let pending: redis::Value = redis::cmd("XPENDING")
-                .arg("tandem:events")
-                .arg("payments")
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(redis::Value::Nil);
-            let pending = match &pending {
-                redis::Value::Array(v) => match v.first() {
-                    Some(redis::Value::Int(n)) => *n,
-                    _ => 0,
-                },
-                _ => 0,
-            };
-            if types.iter().any(|t| t == "OrderConfirmed") && pending > 0 {
-                Ok(())
-            } else {
-                Err(types)
-            }
-        }
-    })
-    .await;
+    redis_state::wait_payment_pending(&b_redis, &flaky_id, SETTLE, "the tok_flaky charge pending in b's copy").await;
     regions.a.node.kill();
 
     // Then b takes over and charges the order: it opened the token a sealed

@@ -3,9 +3,8 @@
 
 use std::time::Duration;
 
-use system_tests::replicator::{add_events, entries, xlen, Pair, Replicator};
-use system_tests::RedisServer;
-use system_tests::{eventually, wait_until};
+use system_tests::eventually;
+use system_tests::replicator::{add_events, entries, wait_copied, wait_len, Pair, Replicator};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -17,37 +16,19 @@ async fn peer_redis_killed_and_restarted_copying_resumes() {
     let s = "tandem:events";
     add_events(&mut peer, s, 0, 100).await;
     let mut rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
-    eventually(DEADLINE, "first events copied", || {
-        let mut l = local.clone();
-        async move {
-            if xlen(&mut l, s).await == 100 {
-                Ok(())
-            } else {
-                Err(())
-            }
-        }
-    })
-    .await;
+    wait_len(&local, s, 100, DEADLINE, "first events copied").await;
     let http = rep.http();
-    wait_until(
-        DEADLINE,
-        "ready",
-        || http.get("/health/ready"),
-        |r| r.status == 200,
-    )
-    .await;
+    http
+        .wait_readiness(200, DEADLINE, "ready")
+        .await;
 
     // When the peer's Redis is killed
     pair.peer.kill();
 
     // Then readiness turns 503 with a reason naming the peer, and the process keeps running
-    let r = wait_until(
-        DEADLINE,
-        "not ready while the peer is down",
-        || http.get("/health/ready"),
-        |r| r.status == 503,
-    )
-    .await;
+    let r = http
+        .wait_readiness(503, DEADLINE, "not ready while the peer is down")
+        .await;
     assert!(
         r.json["reason"].as_str().unwrap_or("").contains("peer"),
         "{}",
@@ -66,25 +47,11 @@ async fn peer_redis_killed_and_restarted_copying_resumes() {
     add_events(&mut peer, s, 100, 50).await;
 
     // Then the replicator is ready again and copies what was written meanwhile
-    wait_until(
-        DEADLINE,
-        "ready again",
-        || http.get("/health/ready"),
-        |r| r.status == 200,
-    )
-    .await;
-    eventually(DEADLINE, "events written after the restart copied", || {
-        let (mut p, mut l) = (peer.clone(), local.clone());
-        async move {
-            let (a, b) = (entries(&mut p, s).await, entries(&mut l, s).await);
-            if a.len() == 150 && a == b {
-                Ok(())
-            } else {
-                Err((a.len(), b.len()))
-            }
-        }
-    })
-    .await;
+    http
+        .wait_readiness(200, DEADLINE, "ready again")
+        .await;
+    let what = "events written after the restart copied";
+    wait_copied(&peer, &local, s, 150, DEADLINE, what).await;
     assert!(
         rep.is_running(),
         "replicator exited; log:\n{}",
@@ -123,48 +90,26 @@ async fn hung_peer_is_reported_and_copying_resumes_when_it_answers_again() {
     add_events(&mut peer, s, 0, 10).await;
     let mut rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
     let http = rep.http();
-    wait_until(
-        DEADLINE,
-        "ready",
-        || http.get("/health/ready"),
-        |r| r.status == 200,
-    )
-    .await;
+    http
+        .wait_readiness(200, DEADLINE, "ready")
+        .await;
     let pid = redis_pid(&mut peer).await;
 
     // When the peer's Redis hangs (accepts connections, never answers)
     signal(pid, "STOP");
-    let hung = wait_until(
-        DEADLINE,
-        "not ready while the peer hangs",
-        || http.get("/health/ready"),
-        |r| r.status == 503,
-    )
-    .await;
+    let hung = http
+        .wait_readiness(503, DEADLINE, "not ready while the peer hangs")
+        .await;
     signal(pid, "CONT");
     assert_eq!(hung.json["peer"]["redis"], "unreachable", "{}", hung.text);
     assert!(rep.is_running());
 
     // Then, once it answers again, the replicator is ready and copies new writes
     add_events(&mut peer, s, 10, 10).await;
-    wait_until(
-        DEADLINE,
-        "ready again",
-        || http.get("/health/ready"),
-        |r| r.status == 200,
-    )
-    .await;
-    eventually(DEADLINE, "events written after the hang copied", || {
-        let mut l = local.clone();
-        async move {
-            if xlen(&mut l, s).await == 20 {
-                Ok(())
-            } else {
-                Err(())
-            }
-        }
-    })
-    .await;
+    http
+        .wait_readiness(200, DEADLINE, "ready again")
+        .await;
+    wait_len(&local, s, 20, DEADLINE, "events written after the hang copied").await;
 }
 
 #[tokio::test]
@@ -178,48 +123,28 @@ async fn sigterm_stops_the_replicator_cleanly() {
 #[tokio::test]
 async fn local_redis_restarted_copying_resumes_without_duplicates() {
     // Given a replicator copying into a local Redis that persists its data
-    let mut pair = Pair {
-        peer: RedisServer::start().await,
-        local: RedisServer::start_persistent().await,
-    };
-    system_tests::replicator::set_role(&mut pair.peer_conn().await, "active", 1).await;
-    system_tests::replicator::set_role(&mut pair.local_conn().await, "standby", 1).await;
+    let mut pair = Pair::start_persistent_local().await;
     let mut peer = pair.peer_conn().await;
     let s = "tandem:events";
     add_events(&mut peer, s, 0, 50).await;
     let mut rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
     let http = rep.http();
-    eventually(DEADLINE, "first events copied", || async {
-        let mut l = pair.local_conn().await;
-        if xlen(&mut l, s).await == 50 {
-            Ok(())
-        } else {
-            Err(())
-        }
-    })
-    .await;
+    let local = pair.local_conn().await;
+    wait_len(&local, s, 50, DEADLINE, "first events copied").await;
 
     // When the local Redis dies, the replicator reports it
     pair.local.kill();
-    let r = wait_until(
-        DEADLINE,
-        "not ready while local is down",
-        || http.get("/health/ready"),
-        |r| r.status == 503,
-    )
-    .await;
+    let r = http
+        .wait_readiness(503, DEADLINE, "not ready while local is down")
+        .await;
     assert_eq!(r.json["local"]["redis"], "unreachable", "{}", r.text);
     add_events(&mut peer, s, 50, 50).await;
 
     // Then after its restart everything written meanwhile is copied, once
     pair.local.restart().await;
-    wait_until(
-        DEADLINE,
-        "ready again",
-        || http.get("/health/ready"),
-        |r| r.status == 200,
-    )
-    .await;
+    http
+        .wait_readiness(200, DEADLINE, "ready again")
+        .await;
     eventually(DEADLINE, "all events copied", || async {
         let (mut p, mut l) = (pair.peer_conn().await, pair.local_conn().await);
         let (a, b) = (entries(&mut p, s).await, entries(&mut l, s).await);

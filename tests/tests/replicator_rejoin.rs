@@ -46,6 +46,52 @@ async fn promote_at(conn: &mut MultiplexedConnection, epoch: u64, start: &str) {
         .unwrap();
 }
 
+/// One field of a quarantined (or copied) entry, as text.
+fn field(fields: &[(String, Vec<u8>)], name: &str) -> Option<String> {
+    fields
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Waits until region b's role record says `role` at `epoch`.
+async fn wait_role(b: &MultiplexedConnection, role_now: &str, epoch: u64) {
+    eventually(DEADLINE, &format!("b {role_now}@{epoch}"), || {
+        let mut b = b.clone();
+        async move {
+            let r = role(&mut b).await;
+            if r.0 == role_now && r.1 == epoch {
+                Ok(())
+            } else {
+                Err(r)
+            }
+        }
+    })
+    .await;
+}
+
+/// Waits until b's tandem:events equals a's and b's `(role, epoch)` passes `role_ok`.
+async fn wait_follows(
+    a: &MultiplexedConnection,
+    b: &MultiplexedConnection,
+    role_ok: impl Fn((String, u64)) -> bool,
+) {
+    let s = "tandem:events";
+    eventually(DEADLINE, "b follows a", || {
+        let (mut a, mut b) = (a.clone(), b.clone());
+        let role_ok = &role_ok;
+        async move {
+            let (x, y) = (entries(&mut a, s).await, entries(&mut b, s).await);
+            if x == y && role_ok(role(&mut b).await) {
+                Ok(())
+            } else {
+                Err((x.len(), y.len()))
+            }
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn rejoin_quarantines_the_divergent_tail_and_follows_the_new_active() {
     let pair = Pair::start().await;
@@ -75,18 +121,7 @@ async fn rejoin_quarantines_the_divergent_tail_and_follows_the_new_active() {
     let rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
 
     // Then b becomes standby at epoch 2
-    eventually(DEADLINE, "b demoted to standby@2", || {
-        let mut b = b.clone();
-        async move {
-            let r = role(&mut b).await;
-            if r == ("standby".to_string(), 2) {
-                Ok(())
-            } else {
-                Err(r)
-            }
-        }
-    })
-    .await;
+    wait_role(&b, "standby", 2).await;
 
     // And b's stream equals a's: the new active's entries copied in, the divergent tail gone
     wait_streams_equal(&a, &b, s, DEADLINE).await;
@@ -103,18 +138,11 @@ async fn rejoin_quarantines_the_divergent_tail_and_follows_the_new_active() {
     let q = entries(&mut b, "tandem:quarantine").await;
     let original: Vec<String> = q
         .iter()
-        .map(|(_, f)| {
-            String::from_utf8(f.iter().find(|(k, _)| k == "originalId").unwrap().1.clone()).unwrap()
-        })
+        .map(|(_, f)| field(f, "originalId").expect("originalId"))
         .collect();
     assert_eq!(original, divergent);
     for (i, (_, fields)) in q.iter().enumerate() {
-        let get = |k: &str| {
-            fields
-                .iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-        };
+        let get = |k: &str| field(fields, k);
         assert_eq!(get("stream").as_deref(), Some(s));
         assert_eq!(get("epoch").as_deref(), Some("1"));
         assert_eq!(get("type").as_deref(), Some("OrderPlaced"));
@@ -168,24 +196,11 @@ async fn rejoin_without_an_epoch_record_keeps_the_common_history() {
     let rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
 
     // Then only the entries a lacks are quarantined, and b follows a
-    eventually(DEADLINE, "b follows a", || {
-        let (mut a, mut b) = (a.clone(), b.clone());
-        async move {
-            let (x, y) = (entries(&mut a, s).await, entries(&mut b, s).await);
-            if x == y && role(&mut b).await == ("standby".to_string(), 2) {
-                Ok(())
-            } else {
-                Err((x.len(), y.len()))
-            }
-        }
-    })
-    .await;
+    wait_follows(&a, &b, |(role, epoch)| role == "standby" && epoch == 2).await;
     let q = entries(&mut b, "tandem:quarantine").await;
     let original: Vec<String> = q
         .iter()
-        .map(|(_, f)| {
-            String::from_utf8(f.iter().find(|(k, _)| k == "originalId").unwrap().1.clone()).unwrap()
-        })
+        .map(|(_, f)| field(f, "originalId").expect("originalId"))
         .collect();
     assert_eq!(original, divergent);
     assert!(newer.iter().all(|id| !entries_contains(&q, id)));
@@ -217,16 +232,7 @@ async fn an_entry_with_the_same_id_but_other_fields_is_quarantined() {
     let common = add_events(&mut b, s, 0, 5).await;
     copy_entries(&mut b, &mut a, s, &common).await;
     let start = common.last().unwrap().clone();
-    set_role(&mut a, "active", 2).await;
-    let record =
-        format!(r#"{{"region":"a","startOffsets":{{"tandem:events":"{start}"}},"at":"x"}}"#);
-    let _: i64 = redis::cmd("HSET")
-        .arg("tandem:epochs")
-        .arg("2")
-        .arg(&record)
-        .query_async(&mut a)
-        .await
-        .unwrap();
+    promote_at(&mut a, 2, &start).await;
 
     // Given both regions wrote an entry with the same id, but different events
     let theirs = add_events(&mut a, s, 100, 1).await;
@@ -246,26 +252,10 @@ async fn an_entry_with_the_same_id_but_other_fields_is_quarantined() {
     let _rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
 
     // Then b's own version is quarantined and a's version takes its place
-    eventually(DEADLINE, "b follows a", || {
-        let (mut a, mut b) = (a.clone(), b.clone());
-        async move {
-            let (x, y) = (entries(&mut a, s).await, entries(&mut b, s).await);
-            if x == y && role(&mut b).await.1 == 2 {
-                Ok(())
-            } else {
-                Err((x.len(), y.len()))
-            }
-        }
-    })
-    .await;
+    wait_follows(&a, &b, |(_, epoch)| epoch == 2).await;
     let q = entries(&mut b, "tandem:quarantine").await;
     assert_eq!(q.len(), 1);
-    let get = |k: &str| {
-        q[0].1
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-    };
+    let get = |k: &str| field(&q[0].1, k);
     assert_eq!(get("originalId"), Some(clash));
     assert_eq!(get("type").as_deref(), Some("OrderCancelled"));
 }
@@ -328,18 +318,7 @@ async fn rejoin_delivers_again_an_entry_whose_outcome_was_quarantined() {
 
     // When b's replicator rejoins it to a
     let rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
-    eventually(DEADLINE, "b demoted to standby@2", || {
-        let mut b = b.clone();
-        async move {
-            let r = role(&mut b).await;
-            if r == ("standby".to_string(), 2) {
-                Ok(())
-            } else {
-                Err(r)
-            }
-        }
-    })
-    .await;
+    wait_role(&b, "standby", 2).await;
 
     // Then the outcome is quarantined, and the rejoin reports b's shipments group set
     // back to just before entry 10, so that a promotion of b handles it again (later

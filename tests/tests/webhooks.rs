@@ -93,6 +93,37 @@ fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Places `count` orders of one widget each, for customers `{prefix}0`, `{prefix}1`...
+async fn place_orders(api: &Api, prefix: &str, count: usize) -> Vec<String> {
+    let mut orders = Vec::with_capacity(count);
+    for i in 0..count {
+        let body = order_body(&format!("{prefix}{i}"), &[(WIDGET, 1)], "tok_ok");
+        orders.push(api.place_ok(&body).await);
+    }
+    orders
+}
+
+/// Waits until `receiver` has accepted each of `orders`' three status changes up to
+/// SHIPPED; returns the accepted events by order.
+async fn wait_delivered(
+    receiver: &WebhookReceiver,
+    orders: &[String],
+    what: &str,
+) -> BTreeMap<String, Vec<Value>> {
+    eventually(FLOW, what, || async {
+        let got = accepted_by_order(&receiver.accepted());
+        if orders
+            .iter()
+            .all(|o| got.get(o).is_some_and(|e| e.len() == 3))
+        {
+            Ok(got)
+        } else {
+            Err(got)
+        }
+    })
+    .await
+}
+
 /// The events each order's accepted deliveries carried, first acceptance of each
 /// webhook-id only (a redelivery repeats one), in the order received.
 fn accepted_by_order(accepted: &[Received]) -> BTreeMap<String, Vec<Value>> {
@@ -362,13 +393,7 @@ async fn deliveries_are_signed_ordered_per_order_and_retried_after_500s() {
     receiver.fail_next(3);
     let (_, secret) = subscribe(api, &receiver.url()).await;
     api.put_product(WIDGET, 1000, 100).await;
-    let mut orders = Vec::new();
-    for i in 0..3 {
-        orders.push(
-            api.place_ok(&order_body(&format!("c-{i}"), &[(WIDGET, 1)], "tok_ok"))
-                .await,
-        );
-    }
+    let orders = place_orders(api, "c-", 3).await;
 
     // When they are shipped and delivered
     for id in &orders {
@@ -635,28 +660,11 @@ async fn the_new_active_region_resumes_deliveries_after_a_takeover() {
     let receiver = WebhookReceiver::start().await;
     let (hook, secret) = subscribe(&a, &receiver.url()).await;
     a.put_product(WIDGET, 1000, 100).await;
-    let mut wave1 = Vec::new();
-    for i in 0..3 {
-        wave1.push(
-            a.place_ok(&order_body(&format!("c-1-{i}"), &[(WIDGET, 1)], "tok_ok"))
-                .await,
-        );
-    }
+    let wave1 = place_orders(&a, "c-1-", 3).await;
     for id in &wave1 {
         a.wait_status(id, &["SHIPPED"], FLOW).await;
     }
-    eventually(FLOW, "the first wave delivered", || async {
-        let got = accepted_by_order(&receiver.accepted());
-        if wave1
-            .iter()
-            .all(|o| got.get(o).is_some_and(|e| e.len() == 3))
-        {
-            Ok(())
-        } else {
-            Err(got)
-        }
-    })
-    .await;
+    wait_delivered(&receiver, &wave1, "the first wave delivered").await;
     let group = format!("webhook:{hook}");
     let (conn_a, conn_b) = (t.conn_a().await, t.conn_b().await);
     eventually(FLOW, "b holds a's webhook cursor", || async {
@@ -674,13 +682,7 @@ async fn the_new_active_region_resumes_deliveries_after_a_takeover() {
     // region a dies, b is promoted, and the receiver recovers
     receiver.set_failing(true);
     let before_wave2 = receiver.received().len();
-    let mut wave2 = Vec::new();
-    for i in 0..2 {
-        wave2.push(
-            a.place_ok(&order_body(&format!("c-2-{i}"), &[(WIDGET, 1)], "tok_ok"))
-                .await,
-        );
-    }
+    let wave2 = place_orders(&a, "c-2-", 2).await;
     eventually(FLOW, "a is retrying the second wave", || async {
         let n = receiver.received().len();
         if n >= before_wave2 + 2 {
@@ -701,18 +703,7 @@ async fn the_new_active_region_resumes_deliveries_after_a_takeover() {
     for id in &wave2 {
         b.wait_status(id, &["SHIPPED"], FLOW).await;
     }
-    let got = eventually(FLOW, "the second wave delivered by b", || async {
-        let got = accepted_by_order(&receiver.accepted());
-        if wave2
-            .iter()
-            .all(|o| got.get(o).is_some_and(|e| e.len() == 3))
-        {
-            Ok(got)
-        } else {
-            Err(got)
-        }
-    })
-    .await;
+    let got = wait_delivered(&receiver, &wave2, "the second wave delivered by b").await;
     for id in wave1.iter().chain(&wave2) {
         let published = integration_events(&b, id).await;
         assert_eq!(
@@ -785,18 +776,7 @@ async fn two_nodes_of_one_region_deliver_each_event_once_in_order() {
 
     // Then every status change is delivered once (the receiver never failed), each
     // order's in order: one node of the region delivers the webhook
-    let got = eventually(FLOW, "every order's three events", || async {
-        let got = accepted_by_order(&receiver.accepted());
-        if orders
-            .iter()
-            .all(|o| got.get(o).is_some_and(|e| e.len() == 3))
-        {
-            Ok(got)
-        } else {
-            Err(got.len())
-        }
-    })
-    .await;
+    let got = wait_delivered(&receiver, &orders, "every order's three events").await;
     for id in &orders {
         assert_eq!(transitions(&got[id]), pairs(&DELIVERED_PATH[..3]), "{id}");
     }
@@ -822,13 +802,7 @@ async fn a_receiver_that_hangs_does_not_slow_order_handling() {
 
     // When orders are placed
     let started = std::time::Instant::now();
-    let mut orders = Vec::new();
-    for i in 0..5 {
-        orders.push(
-            api.place_ok(&order_body(&format!("c-{i}"), &[(WIDGET, 1)], "tok_ok"))
-                .await,
-        );
-    }
+    let orders = place_orders(api, "c-", 5).await;
 
     // Then they are all shipped long before even one delivery could have timed out:
     // the deliveries wait on their own
