@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use system_tests::eventually;
+use system_tests::redis_state::StreamEntry;
 use system_tests::replicator::{
     add_events, entries, envelope, role, set_role, wait_streams_equal, xlen, Pair, Replicator,
 };
@@ -30,6 +31,28 @@ async fn copy_entries(
     }
 }
 
+/// The regions before the failover: b (local) active at epoch 1, a (peer) its
+/// standby; with a connection to a and one to b.
+async fn b_active_a_standby() -> (Pair, MultiplexedConnection, MultiplexedConnection) {
+    let pair = Pair::start().await;
+    let (mut a, mut b) = (pair.peer_conn().await, pair.local_conn().await);
+    set_role(&mut b, "active", 1).await;
+    set_role(&mut a, "standby", 1).await;
+    (pair, a, b)
+}
+
+/// `count` events written in b and copied verbatim to a: the history both regions
+/// share before the failover. Returns their ids.
+async fn common_history(
+    b: &mut MultiplexedConnection,
+    a: &mut MultiplexedConnection,
+    count: u64,
+) -> Vec<String> {
+    let common = add_events(b, "tandem:events", 0, count).await;
+    copy_entries(b, a, "tandem:events", &common).await;
+    common
+}
+
 /// Promotes the region behind `conn` (a, the peer) to `epoch`, with the epoch's record
 /// naming `start` as where tandem:events stood, as a promotion writes it.
 async fn promote_at(conn: &mut MultiplexedConnection, epoch: u64, start: &str) {
@@ -52,6 +75,14 @@ fn field(fields: &[(String, Vec<u8>)], name: &str) -> Option<String> {
         .iter()
         .find(|(n, _)| n == name)
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+}
+
+/// The `originalId` of each quarantined entry, in the quarantine's order.
+fn original_ids(quarantine: &[StreamEntry]) -> Vec<String> {
+    quarantine
+        .iter()
+        .map(|(_, f)| field(f, "originalId").expect("originalId"))
+        .collect()
 }
 
 /// Waits until region b's role record says `role` at `epoch`.
@@ -92,22 +123,21 @@ async fn wait_follows(
     .await;
 }
 
+/// A failover after a shared history of `count` events: b was active at epoch 1, and a
+/// was promoted to epoch 2 starting at that history's end. b has not noticed yet.
+async fn failed_over_after(count: u64) -> (Pair, MultiplexedConnection, MultiplexedConnection) {
+    let (pair, mut a, mut b) = b_active_a_standby().await;
+    let common = common_history(&mut b, &mut a, count).await;
+    promote_at(&mut a, 2, common.last().expect("a common history")).await;
+    (pair, a, b)
+}
+
 #[tokio::test]
 async fn rejoin_quarantines_the_divergent_tail_and_follows_the_new_active() {
-    let pair = Pair::start().await;
-    // Region b (local) was active in epoch 1; region a (peer) was its standby.
-    let (mut a, mut b) = (pair.peer_conn().await, pair.local_conn().await);
+    // Given a common history that reached a before the failover, and a failover: a is
+    // promoted to epoch 2, starting at the common history's end
+    let (pair, mut a, mut b) = failed_over_after(20).await;
     let s = "tandem:events";
-    set_role(&mut b, "active", 1).await;
-    set_role(&mut a, "standby", 1).await;
-
-    // Given a common history that reached a before the failover
-    let common = add_events(&mut b, s, 0, 20).await;
-    copy_entries(&mut b, &mut a, s, &common).await;
-    let start = common.last().unwrap().clone();
-
-    // And a failover: a is promoted to epoch 2, starting at the common history's end
-    promote_at(&mut a, 2, &start).await;
     // One of b's late writes reached a after the cut (same id and fields on both) ...
     let late = add_events(&mut b, s, 20, 1).await;
     copy_entries(&mut b, &mut a, s, &late).await;
@@ -136,10 +166,7 @@ async fn rejoin_quarantines_the_divergent_tail_and_follows_the_new_active() {
 
     // And the quarantine holds exactly the divergent entries, with their origin
     let q = entries(&mut b, "tandem:quarantine").await;
-    let original: Vec<String> = q
-        .iter()
-        .map(|(_, f)| field(f, "originalId").expect("originalId"))
-        .collect();
+    let original = original_ids(&q);
     assert_eq!(original, divergent);
     for (i, (_, fields)) in q.iter().enumerate() {
         let get = |k: &str| field(fields, k);
@@ -184,8 +211,7 @@ async fn rejoin_without_an_epoch_record_keeps_the_common_history() {
     let s = "tandem:events";
     // Given b (standby at epoch 1) sharing a history with a, plus entries a never had
     set_role(&mut b, "standby", 1).await;
-    let common = add_events(&mut b, s, 0, 30).await;
-    copy_entries(&mut b, &mut a, s, &common).await;
+    common_history(&mut b, &mut a, 30).await;
     let newer = add_events(&mut a, s, 100, 4).await;
     tokio::time::sleep(Duration::from_millis(5)).await;
     let divergent = add_events(&mut b, s, 200, 2).await;
@@ -198,10 +224,7 @@ async fn rejoin_without_an_epoch_record_keeps_the_common_history() {
     // Then only the entries a lacks are quarantined, and b follows a
     wait_follows(&a, &b, |(role, epoch)| role == "standby" && epoch == 2).await;
     let q = entries(&mut b, "tandem:quarantine").await;
-    let original: Vec<String> = q
-        .iter()
-        .map(|(_, f)| field(f, "originalId").expect("originalId"))
-        .collect();
+    let original = original_ids(&q);
     assert_eq!(original, divergent);
     assert!(newer.iter().all(|id| !entries_contains(&q, id)));
     assert_eq!(
@@ -216,7 +239,7 @@ async fn rejoin_without_an_epoch_record_keeps_the_common_history() {
     assert_eq!(copied, Some(newer.len() as f64));
 }
 
-fn entries_contains(q: &[system_tests::redis_state::StreamEntry], id: &str) -> bool {
+fn entries_contains(q: &[StreamEntry], id: &str) -> bool {
     q.iter().any(|(_, f)| {
         f.iter()
             .any(|(k, v)| k == "originalId" && v == id.as_bytes())
@@ -225,14 +248,8 @@ fn entries_contains(q: &[system_tests::redis_state::StreamEntry], id: &str) -> b
 
 #[tokio::test]
 async fn an_entry_with_the_same_id_but_other_fields_is_quarantined() {
-    let pair = Pair::start().await;
-    let (mut a, mut b) = (pair.peer_conn().await, pair.local_conn().await);
+    let (pair, mut a, mut b) = failed_over_after(5).await;
     let s = "tandem:events";
-    set_role(&mut b, "active", 1).await;
-    let common = add_events(&mut b, s, 0, 5).await;
-    copy_entries(&mut b, &mut a, s, &common).await;
-    let start = common.last().unwrap().clone();
-    promote_at(&mut a, 2, &start).await;
 
     // Given both regions wrote an entry with the same id, but different events
     let theirs = add_events(&mut a, s, 100, 1).await;
@@ -267,15 +284,11 @@ async fn an_entry_with_the_same_id_but_other_fields_is_quarantined() {
 /// order would stay PAID forever. The rejoin sets the group back before that entry.
 #[tokio::test]
 async fn rejoin_delivers_again_an_entry_whose_outcome_was_quarantined() {
-    let pair = Pair::start().await;
-    let (mut a, mut b) = (pair.peer_conn().await, pair.local_conn().await);
+    let (pair, mut a, mut b) = b_active_a_standby().await;
     let s = "tandem:events";
-    set_role(&mut b, "active", 1).await;
-    set_role(&mut a, "standby", 1).await;
 
     // Given a common history on both regions, indexed by event id on b as its node does
-    let common = add_events(&mut b, s, 0, 20).await;
-    copy_entries(&mut b, &mut a, s, &common).await;
+    let common = common_history(&mut b, &mut a, 20).await;
     for (n, id) in common.iter().enumerate() {
         let _: i64 = redis::cmd("HSET")
             .arg("tandem:eventidx")
@@ -357,15 +370,9 @@ async fn rejoin_delivers_again_an_entry_whose_outcome_was_quarantined() {
 /// rejoin now refuses once the local role record is not the one it began at.
 #[tokio::test]
 async fn a_promotion_during_a_rejoin_stops_it() {
-    let pair = Pair::start().await;
-    let (mut a, mut b) = (pair.peer_conn().await, pair.local_conn().await);
-    let s = "tandem:events";
     // Given b active at epoch 1 with a long tail a never received, and a active at 2
-    set_role(&mut b, "active", 1).await;
-    let common = add_events(&mut b, s, 0, 10).await;
-    copy_entries(&mut b, &mut a, s, &common).await;
-    let start = common.last().unwrap().clone();
-    promote_at(&mut a, 2, &start).await;
+    let (pair, _, mut b) = failed_over_after(10).await;
+    let s = "tandem:events";
     const TAIL: u64 = 40_000;
     add_events(&mut b, s, 1000, TAIL).await;
 
