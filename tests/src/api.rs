@@ -12,7 +12,6 @@ use crate::poll::eventually;
 /// Statuses from which an order never moves again without an operator.
 pub const TERMINAL: &[&str] = &["DELIVERED", "REJECTED", "PAYMENT_FAILED", "CANCELLED"];
 
-/// The happy path's events up to shipping.
 /// The events of an order whose payment is declined, up to the released reservation.
 pub const PAYMENT_FAILED_FLOW: &[&str] = &[
     "OrderPlaced",
@@ -39,6 +38,17 @@ pub const FLOW: Duration = Duration::from_secs(30);
 /// The product most flows start from.
 pub const WIDGET: &str = "WIDGET-001";
 
+/// The events of an order cancelled after its confirmation and before any charge:
+/// the stock is released and nothing is refunded.
+pub const CANCELLED_BEFORE_PAYMENT: &[&str] = &[
+    "OrderPlaced",
+    "InventoryReserved",
+    "OrderConfirmed",
+    "OrderCancelled",
+    "InventoryReleased",
+];
+
+/// The happy path's events up to shipping.
 pub const HAPPY_PATH_TO_SHIPPED: &[&str] = &[
     "OrderPlaced",
     "InventoryReserved",
@@ -121,6 +131,23 @@ impl Api {
     /// Places an order and asserts 201; returns its orderId.
     pub async fn place_ok(&self, body: &Value) -> String {
         self.place_order(body).await.order_id()
+    }
+
+    /// Places `count` orders of one `sku` at once (customers `c-0`, `c-1`...), all
+    /// paid with `tok_ok`; returns their ids once every POST was answered 201, in the
+    /// order the answers came. Orders still in flight are what the crash tests need.
+    pub async fn place_concurrently(&self, sku: &str, count: usize) -> Vec<String> {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..count {
+            let api = self.clone();
+            let body = order_body(&format!("c-{i}"), &[(sku, 1)], "tok_ok");
+            set.spawn(async move { api.place_ok(&body).await });
+        }
+        let mut ids = Vec::with_capacity(count);
+        while let Some(id) = set.join_next().await {
+            ids.push(id.expect("join an order's placement"));
+        }
+        ids
     }
 
     /// The starting point of many flows: [`WIDGET`] in stock (price 1000, 10 on hand)

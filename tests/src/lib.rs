@@ -16,6 +16,7 @@
 //! - [`api`]: the node's HTTP API (orders, products, events, admin) for tests.
 //! - [`region`]: a private Redis plus one active node, the usual test fixture.
 //! - [`tokens`]: a test identity provider: key pairs, JWKS (file or HTTPS), signed tokens.
+//! - [`receiver`]: the HTTP listener behind the OTLP and webhook receivers.
 //! - [`otlp`]: an OTLP/HTTP receiver that keeps the spans the binaries export.
 //! - [`webhook_receiver`]: a webhook endpoint that records deliveries, checks their
 //!   Standard Webhooks signatures and can answer 500 for a while.
@@ -37,6 +38,7 @@ pub mod poll;
 pub mod ports;
 pub mod process;
 pub mod raw_http;
+pub mod receiver;
 pub mod redis_server;
 pub mod redis_state;
 pub mod region;

@@ -7,7 +7,6 @@
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -16,7 +15,8 @@ use prost::Message as _;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
+
+use crate::receiver::Listener;
 
 /// One span as received: ids in lowercase hex, as a `traceparent` writes them.
 #[derive(Debug, Clone)]
@@ -40,42 +40,23 @@ impl ReceivedSpan {
 
 /// The receiver; stops when dropped.
 pub struct OtlpReceiver {
-    port: u16,
+    listener: Listener,
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 impl OtlpReceiver {
     pub async fn start() -> OtlpReceiver {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the OTLP receiver");
-        let port = listener.local_addr().expect("local address").port();
         let spans = Arc::new(Mutex::new(Vec::new()));
-        let kept = spans.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let kept = kept.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let kept = kept.clone();
-                        async move { Ok::<_, std::convert::Infallible>(receive(req, &kept).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        OtlpReceiver { port, spans, task }
+        let listener = Listener::start("OTLP receiver", spans.clone(), |req, kept| async move {
+            receive(req, &kept).await
+        })
+        .await;
+        OtlpReceiver { listener, spans }
     }
 
     /// The value for `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://127.0.0.1:{}", self.listener.port())
     }
 
     /// The variables that make a binary export its spans here, in batches sent every
@@ -98,12 +79,6 @@ impl OtlpReceiver {
             .into_iter()
             .filter(|s| s.trace_id == trace_id)
             .collect()
-    }
-}
-
-impl Drop for OtlpReceiver {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

@@ -183,12 +183,20 @@ impl Pair {
 
     /// The peer keeps its data across kill/restart.
     pub async fn start_persistent_peer() -> Pair {
-        Pair::with_roles(RedisServer::start_persistent().await, RedisServer::start().await).await
+        Pair::with_roles(
+            RedisServer::start_persistent().await,
+            RedisServer::start().await,
+        )
+        .await
     }
 
     /// The local Redis keeps its data across kill/restart.
     pub async fn start_persistent_local() -> Pair {
-        Pair::with_roles(RedisServer::start().await, RedisServer::start_persistent().await).await
+        Pair::with_roles(
+            RedisServer::start().await,
+            RedisServer::start_persistent().await,
+        )
+        .await
     }
 
     /// Writes the role records a=active@1, b=standby@1 into the two servers.

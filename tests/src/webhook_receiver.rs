@@ -10,13 +10,13 @@ use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use sha2::Sha256;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
+
+use crate::receiver::Listener;
 
 /// One request as received.
 #[derive(Debug, Clone)]
@@ -69,42 +69,24 @@ struct Shared {
 
 /// The receiver; stops when dropped.
 pub struct WebhookReceiver {
-    port: u16,
+    listener: Listener,
     shared: Arc<Shared>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 impl WebhookReceiver {
     pub async fn start() -> WebhookReceiver {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the webhook receiver");
-        let port = listener.local_addr().expect("local address").port();
         let shared = Arc::new(Shared::default());
-        let kept = shared.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let kept = kept.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let kept = kept.clone();
-                        async move { Ok::<_, std::convert::Infallible>(receive(req, &kept).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        WebhookReceiver { port, shared, task }
+        let listener =
+            Listener::start("webhook receiver", shared.clone(), |req, kept| async move {
+                receive(req, &kept).await
+            })
+            .await;
+        WebhookReceiver { listener, shared }
     }
 
     /// The URL to subscribe.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/hook", self.port)
+        format!("http://127.0.0.1:{}/hook", self.listener.port())
     }
 
     /// Answer 500 to the next `n` requests.
@@ -137,12 +119,6 @@ impl WebhookReceiver {
             .into_iter()
             .filter(|r| (200..300).contains(&r.status))
             .collect()
-    }
-}
-
-impl Drop for WebhookReceiver {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

@@ -345,11 +345,7 @@ async fn customers_reach_only_their_own_orders() {
             &order_body("c-1", &[("OWN-1", 1)], "tok_decline"),
         )
         .await;
-    assert_eq!(placed.status, 201, "{}", placed.text);
-    let id = placed.json["orderId"]
-        .as_str()
-        .expect("orderId")
-        .to_string();
+    let id = placed.order_id();
     // (a declined payment leaves it PAYMENT_FAILED: terminal, so nothing moves after this)
     let final_state = eventually(SETTLE, "order settles", || {
         let c1 = c1.clone();

@@ -33,9 +33,12 @@ async fn a_node_answers_again_within_seconds_after_its_redis_link_drops_bytes_an
     // node's commands to time out
     proxy.drop_all();
     let http = node.http();
-    http
-        .wait_readiness(503, DEADLINE, "node not ready while its Redis link drops bytes")
-        .await;
+    http.wait_readiness(
+        503,
+        DEADLINE,
+        "node not ready while its Redis link drops bytes",
+    )
+    .await;
     let r = api
         .place_order(&order_body("c-2", &[("WIDGET-001", 1)], "tok_ok"))
         .await;
@@ -46,8 +49,7 @@ async fn a_node_answers_again_within_seconds_after_its_redis_link_drops_bytes_an
     let healed = Instant::now();
 
     // Then the node is ready again and takes orders within seconds
-    http
-        .wait_readiness(200, AFTER_HEAL, "node ready again soon after the heal")
+    http.wait_readiness(200, AFTER_HEAL, "node ready again soon after the heal")
         .await;
     let ready_after = healed.elapsed();
     let id = eventually(
@@ -91,9 +93,12 @@ async fn the_replicator_copies_again_within_seconds_after_its_peer_link_drops_by
     // time out and it reports the peer unreachable
     proxy.drop_all();
     let http = rep.http();
-    http
-        .wait_readiness(503, DEADLINE, "replicator not ready while the peer link drops bytes")
-        .await;
+    http.wait_readiness(
+        503,
+        DEADLINE,
+        "replicator not ready while the peer link drops bytes",
+    )
+    .await;
     add_events(&mut peer, s, 20, 10).await;
 
     // And the link heals
@@ -104,8 +109,7 @@ async fn the_replicator_copies_again_within_seconds_after_its_peer_link_drops_by
     let what = "events written during the drop copied soon after the heal";
     wait_copied(&peer, &local, s, 30, AFTER_HEAL, what).await;
     let copied_after = healed.elapsed();
-    http
-        .wait_readiness(200, AFTER_HEAL, "replicator ready again")
+    http.wait_readiness(200, AFTER_HEAL, "replicator ready again")
         .await;
     eprintln!(
         "replicator: copy resumed {copied_after:?} after the heal, ready {:?} after it",

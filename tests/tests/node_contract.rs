@@ -561,22 +561,7 @@ async fn sigterm_mid_flow_loses_no_order() {
     first.wait_ready().await;
     let api = system_tests::Api::new(first.http());
     api.put_product("WIDGET-001", 100, 1_000).await;
-    let mut set = JoinSet::new();
-    for i in 0..30 {
-        let api = api.clone();
-        set.spawn(async move {
-            api.place_ok(&order_body(
-                &format!("c-{i}"),
-                &[("WIDGET-001", 1)],
-                "tok_ok",
-            ))
-            .await
-        });
-    }
-    let mut ids = Vec::new();
-    while let Some(id) = set.join_next().await {
-        ids.push(id.unwrap());
-    }
+    let ids = api.place_concurrently("WIDGET-001", 30).await;
 
     // When it receives SIGTERM
     let status = first.terminate(Duration::from_secs(12)).await;

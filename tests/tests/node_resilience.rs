@@ -291,22 +291,7 @@ async fn node_survives_a_redis_restart() {
     api.put_product("WIDGET-001", 100, 1_000).await;
 
     // And 20 orders just accepted, still in flight
-    let mut set = JoinSet::new();
-    for i in 0..20 {
-        let api = api.clone();
-        set.spawn(async move {
-            api.place_ok(&order_body(
-                &format!("c-{i}"),
-                &[("WIDGET-001", 1)],
-                "tok_ok",
-            ))
-            .await
-        });
-    }
-    let mut in_flight = Vec::new();
-    while let Some(id) = set.join_next().await {
-        in_flight.push(id.unwrap());
-    }
+    let in_flight = api.place_concurrently("WIDGET-001", 20).await;
 
     // When Redis dies
     region.redis.kill();

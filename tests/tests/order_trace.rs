@@ -234,7 +234,13 @@ async fn a_failover_continues_the_order_trace_in_the_other_region() {
     // When an order gets as far as its payment in region a, which then dies
     let id = place_traced(&api, "tok_flaky").await;
     let b_redis = regions.b.redis.client().await;
-    redis_state::wait_payment_pending(&b_redis, &id, SETTLE, "the payment step's entry pending in b").await;
+    redis_state::wait_payment_pending(
+        &b_redis,
+        &id,
+        SETTLE,
+        "the payment step's entry pending in b",
+    )
+    .await;
     // (the steps finished in a have been exported before it dies)
     wait_spans(&receiver, 4).await;
     regions.a.node.kill();

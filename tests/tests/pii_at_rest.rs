@@ -254,7 +254,13 @@ async fn personal_data_is_sealed_in_both_regions_and_never_answered() {
     // And region a dies (its node; its Redis and AOF stay) while the tok_flaky order's
     // charge waits for its retry, held pending in the payments group b has a copy of
     let b_redis = regions.b.redis.client().await;
-    redis_state::wait_payment_pending(&b_redis, &flaky_id, SETTLE, "the tok_flaky charge pending in b's copy").await;
+    redis_state::wait_payment_pending(
+        &b_redis,
+        &flaky_id,
+        SETTLE,
+        "the tok_flaky charge pending in b's copy",
+    )
+    .await;
     regions.a.node.kill();
 
     // Then b takes over and charges the order: it opened the token a sealed

@@ -18,9 +18,7 @@ async fn peer_redis_killed_and_restarted_copying_resumes() {
     let mut rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
     wait_len(&local, s, 100, DEADLINE, "first events copied").await;
     let http = rep.http();
-    http
-        .wait_readiness(200, DEADLINE, "ready")
-        .await;
+    http.wait_readiness(200, DEADLINE, "ready").await;
 
     // When the peer's Redis is killed
     pair.peer.kill();
@@ -47,9 +45,7 @@ async fn peer_redis_killed_and_restarted_copying_resumes() {
     add_events(&mut peer, s, 100, 50).await;
 
     // Then the replicator is ready again and copies what was written meanwhile
-    http
-        .wait_readiness(200, DEADLINE, "ready again")
-        .await;
+    http.wait_readiness(200, DEADLINE, "ready again").await;
     let what = "events written after the restart copied";
     wait_copied(&peer, &local, s, 150, DEADLINE, what).await;
     assert!(
@@ -90,9 +86,7 @@ async fn hung_peer_is_reported_and_copying_resumes_when_it_answers_again() {
     add_events(&mut peer, s, 0, 10).await;
     let mut rep = Replicator::start(&pair.local.url(), &pair.peer.url(), &[]).await;
     let http = rep.http();
-    http
-        .wait_readiness(200, DEADLINE, "ready")
-        .await;
+    http.wait_readiness(200, DEADLINE, "ready").await;
     let pid = redis_pid(&mut peer).await;
 
     // When the peer's Redis hangs (accepts connections, never answers)
@@ -106,10 +100,15 @@ async fn hung_peer_is_reported_and_copying_resumes_when_it_answers_again() {
 
     // Then, once it answers again, the replicator is ready and copies new writes
     add_events(&mut peer, s, 10, 10).await;
-    http
-        .wait_readiness(200, DEADLINE, "ready again")
-        .await;
-    wait_len(&local, s, 20, DEADLINE, "events written after the hang copied").await;
+    http.wait_readiness(200, DEADLINE, "ready again").await;
+    wait_len(
+        &local,
+        s,
+        20,
+        DEADLINE,
+        "events written after the hang copied",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -142,9 +141,7 @@ async fn local_redis_restarted_copying_resumes_without_duplicates() {
 
     // Then after its restart everything written meanwhile is copied, once
     pair.local.restart().await;
-    http
-        .wait_readiness(200, DEADLINE, "ready again")
-        .await;
+    http.wait_readiness(200, DEADLINE, "ready again").await;
     eventually(DEADLINE, "all events copied", || async {
         let (mut p, mut l) = (pair.peer_conn().await, pair.local_conn().await);
         let (a, b) = (entries(&mut p, s).await, entries(&mut l, s).await);

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use system_tests::api::{metric_sum, order_body, Api, FLOW};
+use system_tests::api::{metric_sum, order_body, Api, CANCELLED_BEFORE_PAYMENT, FLOW};
 use system_tests::gateway::{rfc3339_micros, Gateway, GatewayOptions, TwoRegions};
 use system_tests::redis_state::{self, EVENTS, SAGA_CURSOR_GROUP};
 use system_tests::{eventually, Region};
@@ -15,13 +15,7 @@ const SKU: &str = "SAGA-1";
 
 /// The events of a `tok_error` order the saga timeout compensated: its payment was
 /// dead-lettered, nothing was charged, so the stock is released and nothing refunded.
-const TIMED_OUT: &[&str] = &[
-    "OrderPlaced",
-    "InventoryReserved",
-    "OrderConfirmed",
-    "OrderCancelled",
-    "InventoryReleased",
-];
+const TIMED_OUT: &[&str] = CANCELLED_BEFORE_PAYMENT;
 
 /// Milliseconds from `earlier` to `later`, both RFC 3339 timestamps.
 fn millis_between(earlier: &str, later: &str) -> i64 {
@@ -34,6 +28,19 @@ fn event<'a>(events: &'a [Value], ty: &str) -> &'a Value {
         .iter()
         .find(|e| e["eventType"] == ty)
         .unwrap_or_else(|| panic!("no {ty} among {events:?}"))
+}
+
+/// Waits until `order` has the events of a saga timeout's compensation; returns them,
+/// its OrderCancelled checked to name the timeout as the reason.
+async fn timed_out_events(api: &Api, order: &str) -> Vec<Value> {
+    api.wait_events(order, TIMED_OUT, FLOW).await;
+    let events = api.events(order).await;
+    let cancelled = event(&events, "OrderCancelled");
+    assert_eq!(
+        cancelled["payload"]["reason"], "saga_timeout",
+        "{cancelled}"
+    );
+    events
 }
 
 /// Places a `tok_error` order and waits until its payment is dead-lettered.
@@ -78,13 +85,8 @@ async fn unpaid_order_is_cancelled_by_the_saga_timeout_and_its_stock_released() 
 
     // Then once its time is up it is CANCELLED, its stock released, nothing refunded
     let order = api.wait_status(&id, &["CANCELLED"], FLOW).await;
-    api.wait_events(&id, TIMED_OUT, FLOW).await;
-    let events = api.events(&id).await;
+    let events = timed_out_events(api, &id).await;
     let cancelled = event(&events, "OrderCancelled");
-    assert_eq!(
-        cancelled["payload"]["reason"], "saga_timeout",
-        "{cancelled}"
-    );
     assert_eq!(
         cancelled["payload"]["previousStatus"], "CONFIRMED",
         "{cancelled}"
@@ -226,13 +228,8 @@ async fn saga_timeout_is_enforced_by_the_new_active_when_region_a_dies() {
         FLOW + Duration::from_millis(TIMEOUT_MS as u64),
     )
     .await;
-    api.wait_events(&id, TIMED_OUT, FLOW).await;
-    let events = api.events(&id).await;
+    let events = timed_out_events(&api, &id).await;
     let cancelled = event(&events, "OrderCancelled");
-    assert_eq!(
-        cancelled["payload"]["reason"], "saga_timeout",
-        "{cancelled}"
-    );
     assert_eq!(cancelled["region"], "b", "{cancelled}");
     assert_eq!(cancelled["epoch"], 2, "{cancelled}");
     let waited = millis_between(

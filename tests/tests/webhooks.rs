@@ -49,6 +49,19 @@ async fn integration_events(api: &Api, order: &str) -> Vec<Value> {
         .await
 }
 
+/// Waits until the event store lists exactly `count` integration events of `order`.
+async fn wait_integration_events(api: &Api, order: &str, count: usize) -> Vec<Value> {
+    eventually(FLOW, &format!("{count} integration events"), || async {
+        let e = integration_events(api, order).await;
+        if e.len() == count {
+            Ok(e)
+        } else {
+            Err(e)
+        }
+    })
+    .await
+}
+
 /// Dispatches and delivers `order`'s shipment; the delivery with `body`.
 async fn dispatch_and_deliver(api: &Api, order: &str, body: Option<Value>) {
     let shipment = api.order(order).await.json["shipmentId"]
@@ -91,6 +104,15 @@ fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
         .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect()
+}
+
+/// `tandem_node_webhook_deliveries_total` for one outcome (delivered, failed, parked).
+fn deliveries(metrics: &str, outcome: &str) -> Option<f64> {
+    metric_sum(
+        metrics,
+        "tandem_node_webhook_deliveries_total",
+        &[("outcome", outcome)],
+    )
 }
 
 /// Places `count` orders of one widget each, for customers `{prefix}0`, `{prefix}1`...
@@ -207,15 +229,7 @@ async fn status_changes_are_integration_events_in_the_event_store() {
 
     // And the event store lists one integration event per status change after
     // placing, in the seed's shape, each with an id fixed by its domain event
-    let published = eventually(FLOW, "four integration events", || async {
-        let e = integration_events(api, &id).await;
-        if e.len() == 4 {
-            Ok(e)
-        } else {
-            Err(e)
-        }
-    })
-    .await;
+    let published = wait_integration_events(api, &id, 4).await;
     assert_eq!(transitions(&published), pairs(DELIVERED_PATH));
     let domain_id = |ty: &str| {
         events.iter().find(|e| e["eventType"] == ty).unwrap()["eventId"]
@@ -263,15 +277,7 @@ async fn status_changes_are_integration_events_in_the_event_store() {
         .await;
     api.wait_status(&second, &["SHIPPED"], FLOW).await;
     dispatch_and_deliver(api, &second, None).await;
-    let published = eventually(FLOW, "four integration events", || async {
-        let e = integration_events(api, &second).await;
-        if e.len() == 4 {
-            Ok(e)
-        } else {
-            Err(e)
-        }
-    })
-    .await;
+    let published = wait_integration_events(api, &second, 4).await;
     assert!(published[3]["data"]["delivered_at"].is_string());
     assert_eq!(published[3]["data"].get("delivery_location"), None);
 
@@ -448,14 +454,7 @@ async fn deliveries_are_signed_ordered_per_order_and_retried_after_500s() {
 
     // And the operator sees the outcomes and the latency in the metrics
     let metrics = api.metrics().await;
-    let outcome = |o: &str| {
-        metric_sum(
-            &metrics,
-            "tandem_node_webhook_deliveries_total",
-            &[("outcome", o)],
-        )
-        .unwrap_or(0.0)
-    };
+    let outcome = |o: &str| deliveries(&metrics, o).unwrap_or(0.0);
     assert_eq!(outcome("failed"), 3.0);
     assert!(outcome("delivered") >= 12.0, "{metrics}");
     assert!(
@@ -558,24 +557,10 @@ async fn a_receiver_that_keeps_failing_gets_its_events_parked_and_a_delete_stops
     let unknown = api.http.get("/api/v1/webhooks/wh_nope/dead-letters").await;
     assert_eq!(unknown.status, 404, "{}", unknown.text);
     assert_eq!(broken.received().len(), 6, "two attempts per event");
-    eventually(FLOW, "the fine receiver has all three", || async {
-        let got = accepted_by_order(&fine.accepted());
-        if got.get(&first).is_some_and(|e| e.len() == 3) {
-            Ok(())
-        } else {
-            Err(got)
-        }
-    })
-    .await;
+    let what = "the fine receiver has all three";
+    wait_delivered(&fine, std::slice::from_ref(&first), what).await;
     let metrics = api.metrics().await;
-    assert_eq!(
-        metric_sum(
-            &metrics,
-            "tandem_node_webhook_deliveries_total",
-            &[("outcome", "parked")]
-        ),
-        Some(3.0)
-    );
+    assert_eq!(deliveries(&metrics, "parked"), Some(3.0));
 
     // When the broken webhook is deleted and another order goes through
     let r = api
@@ -596,19 +581,8 @@ async fn a_receiver_that_keeps_failing_gets_its_events_parked_and_a_delete_stops
     api.wait_status(&second, &["SHIPPED"], FLOW).await;
 
     // Then the fine receiver gets its events and the deleted webhook's receiver none
-    eventually(
-        FLOW,
-        "the fine receiver has the second order's events",
-        || async {
-            let got = accepted_by_order(&fine.accepted());
-            if got.get(&second).is_some_and(|e| e.len() == 3) {
-                Ok(())
-            } else {
-                Err(got)
-            }
-        },
-    )
-    .await;
+    let what = "the fine receiver has the second order's events";
+    wait_delivered(&fine, std::slice::from_ref(&second), what).await;
     assert_eq!(broken.received().len(), tried_before);
     // And the deleted webhook's cursor goes with it
     let group = format!("webhook:{broken_id}");
@@ -731,13 +705,7 @@ async fn the_new_active_region_resumes_deliveries_after_a_takeover() {
     assert!(receiver.received().iter().all(|r| r.verifies(&secret)));
     let metrics = b.metrics().await;
     assert!(
-        metric_sum(
-            &metrics,
-            "tandem_node_webhook_deliveries_total",
-            &[("outcome", "delivered")]
-        )
-        .unwrap_or(0.0)
-            >= 6.0,
+        deliveries(&metrics, "delivered").unwrap_or(0.0) >= 6.0,
         "b delivered the second wave: {metrics}"
     );
 }
@@ -814,11 +782,7 @@ async fn a_receiver_that_hangs_does_not_slow_order_handling() {
     // And the hanging delivery times out, counted as failed, and is retried
     eventually(FLOW, "a delivery attempt timed out", || async {
         let m = api.metrics().await;
-        match metric_sum(
-            &m,
-            "tandem_node_webhook_deliveries_total",
-            &[("outcome", "failed")],
-        ) {
+        match deliveries(&m, "failed") {
             Some(n) if n >= 1.0 => Ok(()),
             other => Err(other),
         }
