@@ -281,6 +281,20 @@ impl Api {
         self.http.get("/admin/role").await
     }
 
+    /// Polls `GET /admin/role` until the node reports `role` at `epoch`; returns that
+    /// answer. Anything else, a non-200 while the node rejoins included, is "not yet".
+    pub async fn wait_role(&self, role: &str, epoch: u64, deadline: Duration) -> Value {
+        eventually(deadline, &format!("{role} at epoch {epoch}"), || async {
+            let r = self.role().await.json;
+            if r["role"] == role && r["epoch"] == epoch {
+                Ok(r)
+            } else {
+                Err(r)
+            }
+        })
+        .await
+    }
+
     pub async fn promote(&self, epoch: u64) -> Response {
         self.http
             .post("/admin/promote", &json!({ "epoch": epoch }))

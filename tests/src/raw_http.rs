@@ -109,3 +109,33 @@ pub async fn trickle_body(
     trickle.abort();
     (head, body, started.elapsed())
 }
+
+/// Trickles an order of one SLOW-1 to `POST /orders` over `stream` (`extra_headers`,
+/// each ending in CRLF, go after the content type) and asserts what a slow body gets:
+/// 408 request_timeout within 4 s of its first byte, long before the body is done.
+pub async fn assert_trickled_order_times_out(stream: TcpStream, host: &str, extra_headers: &str) {
+    let order = crate::api::order_body("c-1", &[("SLOW-1", 1)], "tok_ok");
+    let body = serde_json::to_vec(&order).expect("json");
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n{extra_headers}content-length: {}\r\n\r\n",
+        body.len()
+    );
+    let (head, body, took) = trickle_body(stream, head, body).await;
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(body.contains("request_timeout"), "{body}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+}
+
+/// POSTs `len` bytes to `{base}/orders` with `client`, the way an application's HTTP
+/// library sends a body, and asserts that the 413 reaches it (the server read enough
+/// of the body for the client to see the answer rather than a reset).
+pub async fn assert_oversized_order_refused(client: &reqwest::Client, base: &str, len: usize) {
+    let r = client
+        .post(format!("{base}/orders"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; len])
+        .send()
+        .await
+        .expect("the 413 reaches reqwest");
+    assert_eq!(r.status(), 413);
+}

@@ -6,12 +6,12 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use system_tests::eventually;
 use system_tests::gateway::{metric, Gateway, GatewayOptions, TwoRegions};
 use system_tests::raw_http::{self, send_big};
 use system_tests::redis_state;
 use system_tests::tokens::{claims, write_jwks, SigningKey, AUDIENCE, ISSUER};
 use system_tests::workdir::WorkDir;
-use system_tests::{eventually, order_body};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -56,14 +56,7 @@ async fn an_oversized_body_gets_its_413_while_the_client_is_still_sending() {
     assert!(body.contains("payload_too_large"), "{body}");
 
     // And the same through reqwest (hyper's client), the way an application sends it
-    let r = reqwest::Client::new()
-        .post(format!("{}/orders", gw.url()))
-        .header("content-type", "application/json")
-        .body(vec![b' '; BIG])
-        .send()
-        .await
-        .expect("the 413 reaches reqwest");
-    assert_eq!(r.status(), 413);
+    raw_http::assert_oversized_order_refused(&reqwest::Client::new(), &gw.url(), BIG).await;
 
     // And nothing was written
     let after = redis_state::snapshot(&mut redis).await;
@@ -137,17 +130,9 @@ async fn slow_headers_and_trickled_bodies_time_out() {
     );
 
     // When an order's body trickles in a byte every 200 ms
-    let body = serde_json::to_vec(&order_body("c-1", &[("SLOW-1", 1)], "tok_ok")).expect("json");
-    let stream = connect_from("127.0.0.1", &gw).await.expect("connect");
-    let head = format!(
-        "POST /orders HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\nidempotency-key: slow-1\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    let (head, body, took) = raw_http::trickle_body(stream, head, body).await;
     // Then it gets 408 request_timeout at the request deadline, and nothing is written
-    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
-    assert!(body.contains("request_timeout"), "{body}");
-    assert!(took < Duration::from_secs(4), "{took:?}");
+    let stream = connect_from("127.0.0.1", &gw).await.expect("connect");
+    raw_http::assert_trickled_order_times_out(stream, "gw", "idempotency-key: slow-1\r\n").await;
     let after = redis_state::snapshot(&mut redis).await;
     redis_state::assert_unchanged(&before, &after, "a trickled order");
 }

@@ -12,7 +12,7 @@ use system_tests::poll::eventually;
 use system_tests::replicator::entries;
 use system_tests::replicator::Replicator;
 use system_tests::RedisServer;
-use system_tests::{order_body, HttpClient};
+use system_tests::{order_body, Api, HttpClient};
 
 const SETTLE: Duration = Duration::from_secs(20);
 const SKU: &str = "DRILL-1";
@@ -298,18 +298,7 @@ async fn hung_active_region_is_replaced_and_demoted_when_it_wakes() {
     // And when a wakes up, it is fenced and then demoted at the new epoch
     regions.a.node.resume();
     let a = regions.a.node.http();
-    eventually(SETTLE, "a demoted to standby at epoch 2", || {
-        let a = a.clone();
-        async move {
-            let r = a.get("/admin/role").await.json;
-            if r["role"] == "standby" && r["epoch"] == 2 {
-                Ok(())
-            } else {
-                Err(r)
-            }
-        }
-    })
-    .await;
+    Api::new(a.clone()).wait_role("standby", 2, SETTLE).await;
     assert_eq!(gw.regions().await["active"], "b");
 }
 
@@ -483,18 +472,7 @@ async fn partitioned_active_fences_itself_before_the_standby_acts() {
 
     // And when the link heals, a is demoted at the new epoch
     blackhole.cut(false);
-    eventually(SETTLE, "a demoted to standby at epoch 2", || {
-        let a = a.clone();
-        async move {
-            let r = a.get("/admin/role").await.json;
-            if r["role"] == "standby" && r["epoch"] == 2 {
-                Ok(())
-            } else {
-                Err(r)
-            }
-        }
-    })
-    .await;
+    Api::new(a.clone()).wait_role("standby", 2, SETTLE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use system_tests::api::{metric_sum, order_body, FLOW};
 use system_tests::redis_state::{self, DLQ, EVENTS};
 use system_tests::takeover::{projection_cursor, role_of, Takeover, CATCH_UP};
-use system_tests::{eventually, wait_until, Api, Region};
+use system_tests::{eventually, wait_until, Api, HttpClient, Region, Response};
 
 /// A rebuild of tens of thousands of events by a debug build on a loaded 2-core machine.
 const REBUILD: Duration = Duration::from_secs(90);
@@ -331,6 +331,16 @@ fn products(prefix: &str, count: usize) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A write after the rebuild: product AFTER put, which a paused region refuses.
+async fn put_after(api: &Api) -> Response {
+    api.http
+        .put(
+            "/api/v1/products/AFTER",
+            &json!({"name":"A","price":1,"stock":1}),
+        )
+        .await
+}
+
 #[tokio::test]
 async fn a_rebuild_cut_short_by_its_caller_finishes_and_unpauses() {
     // Given a region with history its read models do not reflect yet, one of them
@@ -376,13 +386,7 @@ async fn a_rebuild_cut_short_by_its_caller_finishes_and_unpauses() {
         }
     })
     .await;
-    let r = api
-        .http
-        .put(
-            "/api/v1/products/AFTER",
-            &json!({"name":"A","price":1,"stock":1}),
-        )
-        .await;
+    let r = put_after(&api).await;
     assert_eq!(r.status, 201, "{}", r.text);
 }
 
@@ -424,13 +428,7 @@ async fn a_node_killed_during_a_rebuild_does_not_leave_the_region_paused() {
     // Then writes go through again within seconds (the pause lapses by itself)
     let started = Instant::now();
     eventually(FLOW, "writes accepted again", || async {
-        let r = api
-            .http
-            .put(
-                "/api/v1/products/AFTER",
-                &json!({"name":"A","price":1,"stock":1}),
-            )
-            .await;
+        let r = put_after(&api).await;
         if r.status == 201 {
             Ok(())
         } else {
@@ -699,12 +697,7 @@ async fn a_lease_renewal_that_reaches_redis_after_its_deadline_opens_no_write_wi
         .await
         .expect("CLIENT PAUSE");
     let not_after = unix_ms() + 300;
-    let renewal = http
-        .post(
-            "/admin/lease",
-            &json!({"epoch": 1, "ttlMs": 800, "notAfterMs": not_after}),
-        )
-        .await;
+    let renewal = renew_lease(&http, json!(not_after)).await;
 
     // Then the renewal is refused with a stable code, and Redis' write window (what the
     // commit script checks) still ends where the first grant put it
@@ -722,24 +715,24 @@ async fn a_lease_renewal_that_reaches_redis_after_its_deadline_opens_no_write_wi
 
     // And a renewal that arrives in time opens it again, still within its bound
     let not_after = unix_ms() + 5_000;
-    let renewal = http
-        .post(
-            "/admin/lease",
-            &json!({"epoch": 1, "ttlMs": 800, "notAfterMs": not_after}),
-        )
-        .await;
+    let renewal = renew_lease(&http, json!(not_after)).await;
     assert_eq!(renewal.status, 200, "renewal in time: {}", renewal.text);
     let until: u64 = write_until(&mut conn).await;
     assert!(until > unix_ms() && until <= not_after, "window {until}");
 
     // And a malformed bound is refused as bad input
-    let bad = http
-        .post(
-            "/admin/lease",
-            &json!({"epoch": 1, "ttlMs": 800, "notAfterMs": "soon"}),
-        )
-        .await;
+    let bad = renew_lease(&http, json!("soon")).await;
     assert_eq!(bad.status, 400, "malformed notAfterMs: {}", bad.text);
+}
+
+/// `POST /admin/lease` for epoch 1, 800 ms, that the gateway counts on only until
+/// `not_after_ms` (a Unix time in ms; anything else to test the refusal of bad input).
+async fn renew_lease(http: &HttpClient, not_after_ms: Value) -> Response {
+    http.post(
+        "/admin/lease",
+        &json!({"epoch": 1, "ttlMs": 800, "notAfterMs": not_after_ms}),
+    )
+    .await
 }
 
 async fn write_until(conn: &mut MultiplexedConnection) -> u64 {

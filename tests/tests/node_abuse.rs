@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use system_tests::api::metric_sum;
 use system_tests::raw_http::{self, read_response, send_big};
 use system_tests::redis_state;
-use system_tests::{order_body, RedisOptions, Region};
+use system_tests::{RedisOptions, Region};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -50,14 +50,7 @@ async fn an_oversized_body_gets_its_413_while_the_client_is_still_sending() {
     // And the same through reqwest, the way an application sends it, on a client that
     // then goes on with its next request
     let client = reqwest::Client::new();
-    let r = client
-        .post(format!("{}/orders", region.node.url()))
-        .header("content-type", "application/json")
-        .body(vec![b' '; BIG])
-        .send()
-        .await
-        .expect("the 413 reaches reqwest");
-    assert_eq!(r.status(), 413);
+    raw_http::assert_oversized_order_refused(&client, &region.node.url(), BIG).await;
     let r = client
         .get(format!("{}/health/live", region.node.url()))
         .send()
@@ -167,19 +160,11 @@ async fn slow_clients_are_cut_off_after_the_timeouts_while_others_are_served() {
     drop(wr);
 
     // When an order's body trickles in a byte every 200 ms
-    let body = serde_json::to_vec(&order_body("c-1", &[("SLOW-1", 1)], "tok_ok")).expect("json");
+    // Then it gets 408 request_timeout at the body timeout, and nothing is written
     let stream = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
-    let head = format!(
-        "POST /orders HTTP/1.1\r\nhost: node\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    let (head, body, took) = raw_http::trickle_body(stream, head, body).await;
-    // Then it gets 408 request_timeout at the body timeout, and nothing is written
-    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
-    assert!(body.contains("request_timeout"), "{body}");
-    assert!(took < Duration::from_secs(4), "{took:?}");
+    raw_http::assert_trickled_order_times_out(stream, "node", "").await;
     let after = redis_state::snapshot(&mut redis).await;
     redis_state::assert_unchanged(&before, &after, "a trickled order");
     // And the operator sees why connections were closed

@@ -3,21 +3,29 @@
 
 use std::time::Duration;
 
+use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
 use system_tests::api::{metric_sum, order_body, FLOW, HAPPY_PATH_TO_SHIPPED};
 use system_tests::redis_state;
 use system_tests::{HttpClient, Region};
 use tokio::task::JoinSet;
 
-#[tokio::test]
-async fn bad_order_inputs_are_refused_without_writing() {
-    // Given a node with one product and an idle workflow
+/// A node with WIDGET-001 (50 in stock) and an idle workflow, a connection to its
+/// Redis, and a snapshot of that Redis: what every refusal must leave unchanged.
+async fn idle_region_with_a_widget() -> (Region, MultiplexedConnection, redis_state::Snapshot) {
     let region = Region::start().await;
-    let api = &region.api;
-    api.put_product("WIDGET-001", 1000, 50).await;
+    region.api.put_product("WIDGET-001", 1000, 50).await;
     let mut redis = region.redis.client().await;
     redis_state::wait_workflow_idle(&mut redis, FLOW).await;
     let before = redis_state::snapshot(&mut redis).await;
+    (region, redis, before)
+}
+
+#[tokio::test]
+async fn bad_order_inputs_are_refused_without_writing() {
+    // Given a node with one product and an idle workflow
+    let (region, mut redis, before) = idle_region_with_a_widget().await;
+    let api = &region.api;
 
     let valid = order_body("c-1", &[("WIDGET-001", 1)], "tok_ok");
     let with = |pointer: &str, value: Value| {
@@ -476,12 +484,8 @@ async fn role_stored_in_redis_wins_over_node_role() {
 #[tokio::test]
 async fn bad_product_inputs_are_refused_without_writing() {
     // Given a node with one product
-    let region = Region::start().await;
+    let (region, mut redis, before) = idle_region_with_a_widget().await;
     let api = &region.api;
-    api.put_product("WIDGET-001", 1000, 50).await;
-    let mut redis = region.redis.client().await;
-    redis_state::wait_workflow_idle(&mut redis, FLOW).await;
-    let before = redis_state::snapshot(&mut redis).await;
 
     let good = json!({"name": "Widget", "price": 1000, "currency": "USD", "stock": 10});
     let with = |field: &str, value: Value| {

@@ -105,6 +105,25 @@ impl Conformance {
         }
     }
 
+    /// [`Self::expect`] for a JSON body without extra headers.
+    async fn send_json(
+        &mut self,
+        method: Method,
+        template: &str,
+        path: &str,
+        body: Value,
+        status: u16,
+    ) -> Response {
+        self.expect(method, template, path, bytes(body), &[], status)
+            .await
+    }
+
+    /// [`Self::expect`] for a JSON body POSTed, without extra headers, to a path that
+    /// is its own template.
+    async fn post_json(&mut self, path: &str, body: Value, status: u16) -> Response {
+        self.send_json(Method::POST, path, path, body, status).await
+    }
+
     /// `method path` (`template` is its documented path) must answer `status`, which
     /// the document lists for it, with headers and a body that its response allows.
     async fn expect(
@@ -214,34 +233,13 @@ async fn exercise_public_api(c: &mut Conformance, api: &Api) {
     // Products
     let product = "/api/v1/products/{sku}";
     let body = json!({"name": "Gadget", "price": 250, "currency": "USD", "stock": 5});
-    c.expect(
-        M::PUT,
-        product,
-        "/api/v1/products/OA-1",
-        bytes(body.clone()),
-        &[],
-        201,
-    )
-    .await;
-    c.expect(
-        M::PUT,
-        product,
-        "/api/v1/products/OA-1",
-        bytes(body),
-        &[],
-        200,
-    )
-    .await;
+    c.send_json(M::PUT, product, "/api/v1/products/OA-1", body.clone(), 201)
+        .await;
+    c.send_json(M::PUT, product, "/api/v1/products/OA-1", body, 200)
+        .await;
     let bad = json!({"name": " ", "price": -1, "stock": 1.5});
     let r = c
-        .expect(
-            M::PUT,
-            product,
-            "/api/v1/products/OA-1",
-            bytes(bad),
-            &[],
-            400,
-        )
+        .send_json(M::PUT, product, "/api/v1/products/OA-1", bad, 400)
         .await;
     assert_eq!(r.error_code(), "validation_failed");
     let r = c
@@ -261,12 +259,9 @@ async fn exercise_public_api(c: &mut Conformance, api: &Api) {
         .await;
     let check = "/api/v1/products/check-availability";
     let lines = json!({"items": [{"product_id": "OA-1", "quantity": 9}]});
-    let r = c
-        .expect(M::POST, check, check, bytes(lines), &[], 200)
-        .await;
+    let r = c.post_json(check, lines, 200).await;
     assert_eq!(r.json["all_available"], false);
-    c.expect(M::POST, check, check, bytes(json!({"items": []})), &[], 400)
-        .await;
+    c.post_json(check, json!({"items": []}), 400).await;
 
     // Orders
     // tok_error: payment keeps failing, so the order stays CONFIRMED and can be cancelled.
@@ -289,20 +284,9 @@ async fn exercise_public_api(c: &mut Conformance, api: &Api) {
         .await;
     assert_eq!(r.error_code(), "idempotency_key_reused");
     let short = json!({"customerId": "c-oa", "items": [{"sku": "OA-1", "quantity": 99}], "shippingAddress": "1 Main St"});
-    let r = c
-        .expect(M::POST, "/orders", "/orders", bytes(short), &[], 400)
-        .await;
+    let r = c.post_json("/orders", short, 400).await;
     assert_eq!(r.error_code(), "products_unavailable");
-    let r = c
-        .expect(
-            M::POST,
-            "/orders",
-            "/orders",
-            bytes(json!({"items": 5})),
-            &[],
-            400,
-        )
-        .await;
+    let r = c.post_json("/orders", json!({"items": 5}), 400).await;
     assert_eq!(r.error_code(), "validation_failed");
     let huge = vec![b' '; 2 * 1024 * 1024];
     let r = c
@@ -317,18 +301,14 @@ async fn exercise_public_api(c: &mut Conformance, api: &Api) {
         .await;
     let cancel = "/orders/{orderId}/cancel";
     let path = format!("/orders/{order_id}/cancel");
-    let r = c
-        .expect(M::POST, cancel, &path, bytes(json!(5)), &[], 400)
-        .await;
+    let r = c.send_json(M::POST, cancel, &path, json!(5), 400).await;
     assert_eq!(r.error_code(), "validation_failed");
     let reason = json!({"reason": "changed my mind"});
     let r = c
-        .expect(M::POST, cancel, &path, bytes(reason.clone()), &[], 200)
+        .send_json(M::POST, cancel, &path, reason.clone(), 200)
         .await;
     assert_eq!(r.json["status"], "CANCELLED");
-    let r = c
-        .expect(M::POST, cancel, &path, bytes(reason), &[], 409)
-        .await;
+    let r = c.send_json(M::POST, cancel, &path, reason, 409).await;
     assert_eq!(r.error_code(), "invalid_state");
     c.expect(
         M::POST,
@@ -367,23 +347,21 @@ async fn exercise_public_api(c: &mut Conformance, api: &Api) {
     )
     .await;
     let r = c
-        .expect(
+        .send_json(
             M::POST,
             deliver,
             &format!("/shipments/{shipment}/deliver"),
-            bytes(json!({"deliveredAt": "yesterday"})),
-            &[],
+            json!({"deliveredAt": "yesterday"}),
             400,
         )
         .await;
     assert_eq!(r.error_code(), "validation_failed");
     let r = c
-        .expect(
+        .send_json(
             M::POST,
             deliver,
             &format!("/shipments/{shipment}/deliver"),
-            bytes(json!({"deliveredAt": "2026-11-30T12:00:00Z", "deliveryLocation": "front door"})),
-            &[],
+            json!({"deliveredAt": "2026-11-30T12:00:00Z", "deliveryLocation": "front door"}),
             200,
         )
         .await;
@@ -392,25 +370,15 @@ async fn exercise_public_api(c: &mut Conformance, api: &Api) {
     // Webhooks (the receiver does not exist: deliveries just keep failing meanwhile)
     let hooks = "/api/v1/webhooks";
     let r = c
-        .expect(
-            M::POST,
+        .post_json(
             hooks,
-            hooks,
-            bytes(json!({"url": "http://127.0.0.1:9/hook", "events": ["order.status_updated"]})),
-            &[],
+            json!({"url": "http://127.0.0.1:9/hook", "events": ["order.status_updated"]}),
             201,
         )
         .await;
     let hook = r.json["id"].as_str().expect("webhook id").to_string();
     let r = c
-        .expect(
-            M::POST,
-            hooks,
-            hooks,
-            bytes(json!({"url": "ftp://x", "events": ["nope"]})),
-            &[],
-            400,
-        )
+        .post_json(hooks, json!({"url": "ftp://x", "events": ["nope"]}), 400)
         .await;
     assert_eq!(r.error_code(), "validation_failed");
     c.expect(M::GET, hooks, hooks, None, &[], 200).await;

@@ -3,10 +3,28 @@
 
 use std::time::{Duration, Instant};
 
+use redis::aio::MultiplexedConnection;
 use system_tests::eventually;
 use system_tests::replicator::{add_events, entries, wait_groups_equal, xlen, Pair, Replicator};
 
 const EVENTS: u64 = 100_000;
+
+/// Delivers the next `count` entries of tandem:events to `consumer` of the workflow
+/// group, which leaves them pending until acknowledged.
+async fn deliver_to(conn: &mut MultiplexedConnection, consumer: &str, count: usize) {
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("workflow")
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg("tandem:events")
+        .arg(">")
+        .query_async(conn)
+        .await
+        .unwrap();
+}
 
 #[tokio::test]
 async fn sigkill_during_copy_resumes_without_gap_or_duplicate() {
@@ -25,31 +43,9 @@ async fn sigkill_during_copy_resumes_without_gap_or_duplicate() {
         .unwrap();
     for _ in 0..12 {
         // In chunks: one reply of 60,000 entries would exceed the client's response timeout.
-        let _: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg("workflow")
-            .arg("node-a-1")
-            .arg("COUNT")
-            .arg(5_000)
-            .arg("STREAMS")
-            .arg(s)
-            .arg(">")
-            .query_async(&mut peer)
-            .await
-            .unwrap();
+        deliver_to(&mut peer, "node-a-1", 5_000).await;
     }
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("workflow")
-        .arg("node-a-2")
-        .arg("COUNT")
-        .arg(50)
-        .arg("STREAMS")
-        .arg(s)
-        .arg(">")
-        .query_async(&mut peer)
-        .await
-        .unwrap();
+    deliver_to(&mut peer, "node-a-2", 50).await;
     // Acknowledge all but a scattering of the first consumer's entries.
     let pending: Vec<String> = entries(&mut peer, s)
         .await

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use system_tests::replicator::{conn, groups, wait_streams_equal, Replicator};
-use system_tests::{eventually, order_body, Api, Region};
+use system_tests::{eventually, order_body, Region};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -45,20 +45,6 @@ async fn shipped_in_a_and_copied_to_b(a: &Region, b: &Region) -> (String, serde_
     a.api.wait_status(&id, &["SHIPPED"], DEADLINE).await;
     let on_b = b.api.wait_status(&id, &["SHIPPED"], DEADLINE).await;
     (id, on_b)
-}
-
-/// Waits until the node reports standby at `epoch`; any other answer, a non-200 while
-/// it rejoins included, means "not yet".
-async fn wait_standby_at(api: &Api, epoch: u64) {
-    eventually(DEADLINE, &format!("demoted to standby@{epoch}"), || async {
-        let r = api.role().await;
-        if r.json["role"] == "standby" && r.json["epoch"] == epoch {
-            Ok(())
-        } else {
-            Err(r.text)
-        }
-    })
-    .await;
 }
 
 #[tokio::test]
@@ -117,7 +103,7 @@ async fn after_a_switchover_the_old_active_follows_the_new_one() {
     assert_eq!(r.status, 200, "promote b: {}", r.text);
 
     // Then a's replicator makes a the standby of b at epoch 2, with nothing quarantined
-    wait_standby_at(&a.api, 2).await;
+    a.api.wait_role("standby", 2, DEADLINE).await;
     assert_eq!(
         into_a
             .metric("tandem_replicator_quarantined_events_total")
@@ -167,7 +153,7 @@ async fn writes_the_new_active_never_received_are_quarantined_on_rejoin() {
     assert_eq!(r.status, 200, "promote b: {}", r.text);
 
     // Then a rejoins as b's standby and sets exactly the lost order's events aside
-    wait_standby_at(&a.api, 2).await;
+    a.api.wait_role("standby", 2, DEADLINE).await;
     let q = a.api.http.get("/admin/quarantine").await;
     assert_eq!(q.status, 200, "{}", q.text);
     let quarantined: Vec<&serde_json::Value> = q.json["events"]

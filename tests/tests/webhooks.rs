@@ -587,14 +587,8 @@ async fn a_receiver_that_keeps_failing_gets_its_events_parked_and_a_delete_stops
     // And the deleted webhook's cursor goes with it
     let group = format!("webhook:{broken_id}");
     eventually(FLOW, "the deleted webhook's group destroyed", || async {
-        let mut conn = conn.clone();
-        let info: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(redis_state::EVENTS)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let names: Vec<String> = info.groups.into_iter().map(|g| g.name).collect();
+        let groups = event_groups(&conn).await.expect("XINFO GROUPS");
+        let names: Vec<String> = groups.into_iter().map(|g| g.name).collect();
         if names.contains(&group) {
             Err(names)
         } else {
@@ -604,11 +598,10 @@ async fn a_receiver_that_keeps_failing_gets_its_events_parked_and_a_delete_stops
     .await;
 }
 
-/// The `(last-delivered-id, pending)` of a consumer group, if it exists.
-async fn group_position(
+/// The consumer groups of the event stream; `None` when XINFO fails (no stream yet).
+async fn event_groups(
     conn: &redis::aio::MultiplexedConnection,
-    group: &str,
-) -> Option<(String, usize)> {
+) -> Option<Vec<redis::streams::StreamInfoGroup>> {
     let mut conn = conn.clone();
     let info: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
         .arg("GROUPS")
@@ -616,7 +609,16 @@ async fn group_position(
         .query_async(&mut conn)
         .await
         .ok()?;
-    info.groups
+    Some(info.groups)
+}
+
+/// The `(last-delivered-id, pending)` of a consumer group, if it exists.
+async fn group_position(
+    conn: &redis::aio::MultiplexedConnection,
+    group: &str,
+) -> Option<(String, usize)> {
+    event_groups(conn)
+        .await?
         .into_iter()
         .find(|g| g.name == group)
         .map(|g| (g.last_delivered_id, g.pending))
