@@ -20,14 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10}
 
-need=()
-command -v redis-server >/dev/null || need+=(redis-server)
-command -v etcd >/dev/null || need+=(etcd-server)
-if [ ${#need[@]} -gt 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update </dev/null >/dev/null
-    apt-get install -y --no-install-recommends "${need[@]}" </dev/null >/dev/null
-fi
+. bench/lib.sh
+bench_need redis-server etcd:etcd-server
 if [ "${BUILD:-1}" = 1 ]; then
     cargo build --release -q --bins -p regional-node -p replicator -p gateway
 fi
@@ -49,14 +43,8 @@ done
 python3 - "$OUT" "$N" <<'PY'
 import re, sys
 
-def pct(v, p):
-    v = sorted(v)
-    return v[min(len(v) - 1, int(round(p * (len(v) - 1))))] if v else float("nan")
-
-def secs(s):
-    m = re.match(r"([0-9.]+)(ms|s|µs)", s)
-    x = float(m.group(1))
-    return {"ms": x / 1000, "s": x, "µs": x / 1e6}[m.group(2)]
+sys.path.insert(0, "bench")
+from rto import pct, secs
 
 rto = {"single": [], "controller": []}
 for line in open(sys.argv[1]):

@@ -14,39 +14,12 @@ CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-3}
 
-need=()
-for tool in redis-server wrk curl openssl; do
-    command -v "$tool" >/dev/null || need+=("$tool")
-done
-if [ ${#need[@]} -gt 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update </dev/null >/dev/null
-    apt-get install -y --no-install-recommends "${need[@]}" </dev/null >/dev/null
-fi
+. bench/lib.sh
+bench_need redis-server wrk curl openssl
 
 cargo build --release -p gateway -p regional-node 2>&1 | tail -1
 
-WORK=$(mktemp -d /tmp/tandem-bench-auth-XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_http() { # url
-    for _ in $(seq 1 200); do
-        if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "no answer from $1" >&2
-    tail -n 20 "$WORK"/*.log >&2 || true
-    return 1
-}
+bench_workdir tandem-bench-auth
 
 # Keys, JWKS and long-lived tokens, made here with openssl.
 openssl genrsa -traditional -out "$WORK/rsa.pem" 2048 2>/dev/null
@@ -127,7 +100,6 @@ for t in "$RS" "$ES"; do
     [ "$code" = 200 ] || { echo "token refused ($code)" >&2; tail "$WORK/gateway-on.log" >&2; exit 1; }
 done
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 run() { # name pid port [header] -> "rps cpu_us_per_request non2xx"
     local name=$1 pid=$2 port=$3 header=${4:-} before after out

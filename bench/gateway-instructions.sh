@@ -26,35 +26,15 @@ PATHS=${PATHS:-/health/live /api/v1/products/BENCH-1}
 GATEWAYS=${GATEWAYS:-gateway=target/release/gateway}
 BUILD=${BUILD:-1}
 
-command -v valgrind >/dev/null || {
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update </dev/null >/dev/null
-    apt-get install -y --no-install-recommends valgrind </dev/null >/dev/null
-}
+. bench/lib.sh
+bench_need valgrind
 if [ "$BUILD" = "1" ]; then
     cargo build --release -p gateway -p regional-node 2>&1 | tail -1
 fi
 
-WORK=$(mktemp -d /tmp/tandem-instr-XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_http() { # url (a proxy under valgrind starts slowly)
-    for _ in $(seq 1 600); do
-        if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    echo "no answer from $1" >&2
-    tail -n 20 "$WORK"/*.log >&2 || true
-    return 1
-}
+bench_workdir tandem-instr
+# A proxy under valgrind starts slowly: up to a minute.
+WAIT_HTTP_TRIES=600 WAIT_HTTP_SLEEP=0.1
 
 RA=$(free_port); RB=$(free_port); NA=$(free_port); NB=$(free_port)
 redis-server --port "$RA" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis-a.log" 2>&1 &

@@ -56,17 +56,8 @@ GATEWAYS=${GATEWAYS:-gateway=target/release/gateway}
 BUILD=${BUILD:-1}
 DRILL=${DRILL:-1}
 
-need=()
-command -v redis-server >/dev/null || need+=(redis-server)
-command -v nginx >/dev/null || need+=(nginx)
-command -v wrk >/dev/null || need+=(wrk)
-command -v curl >/dev/null || need+=(curl)
-command -v openssl >/dev/null || need+=(openssl)
-if [ ${#need[@]} -gt 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update </dev/null >/dev/null
-    apt-get install -y --no-install-recommends "${need[@]}" </dev/null >/dev/null
-fi
+. bench/lib.sh
+bench_need redis-server nginx wrk curl openssl
 
 if [ "$BUILD" = "1" ]; then
     cargo build --release -p gateway -p regional-node -p replicator 2>&1 | tail -1
@@ -74,36 +65,10 @@ if [ "$BUILD" = "1" ]; then
 fi
 RATE_BENCH=$PWD/target/release/rate_bench
 
-WORK=$(mktemp -d /tmp/tandem-bench-XXXXXX)
-PIDS=()
+bench_workdir tandem-bench
+# The gateway under measurement comes and goes (start_gateway, stop_gateway).
 GW_PID=""
-cleanup() {
-    [ -n "$GW_PID" ] && kill "$GW_PID" 2>/dev/null
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_http() { # url
-    for _ in $(seq 1 200); do
-        if curl -kfsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "no answer from $1; logs:" >&2
-    tail -n 20 "$WORK"/*.log "$WORK"/nginx/error.log 2>/dev/null >&2 || true
-    return 1
-}
-HZ=$(getconf CLK_TCK)
-cpu_ticks() { # pid... -> utime+stime of all, in clock ticks (-1: nothing to measure)
-    local t=0 p
-    if [ "$1" = "-1" ]; then echo -1; return; fi
-    for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
-    echo "$t"
-}
+bench_stop_more() { if [ -n "$GW_PID" ]; then kill "$GW_PID" 2>/dev/null; fi; }
 
 # One certificate for every TLS listener: a CA and a server certificate it signed for
 # 127.0.0.1 (ECDSA P-256), as the system tests make them.
@@ -153,7 +118,7 @@ start_gateway() { # binary scheme
         GATEWAY_HEALTH_TIMEOUT_MS=1000 GATEWAY_CONNECT_TIMEOUT_MS=1000 GATEWAY_LEASE_MS=5000 \
         RUST_LOG=warn "$1" >>"$WORK/gateway.log" 2>&1 &
     GW_PID=$!
-    wait_http "$2://127.0.0.1:$GW/gateway/health"
+    wait_http "$2://127.0.0.1:$GW/gateway/health" -k
 }
 stop_gateway() {
     kill "$GW_PID" 2>/dev/null || true
@@ -198,7 +163,7 @@ nginx -c "$WORK/nginx.conf" -g 'daemon off;' &
 NGINX_MASTER=$!
 PIDS+=($NGINX_MASTER)
 wait_http "http://127.0.0.1:$NG/health/live"
-wait_http "https://127.0.0.1:$NGS/health/live"
+wait_http "https://127.0.0.1:$NGS/health/live" -k
 # The master and its workers (the master does no request work, but it is nginx's).
 NGINX_PIDS="$NGINX_MASTER $(pgrep -P "$NGINX_MASTER" | tr '\n' ' ')"
 
@@ -230,7 +195,7 @@ EOF
     HAPROXY_PID=$!
     PIDS+=($HAPROXY_PID)
     wait_http "http://127.0.0.1:$HP/health/live"
-    wait_http "https://127.0.0.1:$HPS/health/live"
+    wait_http "https://127.0.0.1:$HPS/health/live" -k
     ALL_TARGETS="$ALL_TARGETS haproxy"
 fi
 GW_NAMES=""

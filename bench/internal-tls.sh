@@ -23,31 +23,9 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
 CONNS=${CONNS:-16}
 WORKERS=${WORKERS:-$(nproc)}
-WORK=$(mktemp -d /tmp/tandem-internal-tls-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_http() { # url [curl args...]
-    local url=$1; shift
-    for _ in $(seq 1 400); do
-        if curl -fsS -o /dev/null "$@" "$url" 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "no answer from $url; logs:" >&2
-    tail -n 20 "$WORK"/*.log >&2 || true
-    return 1
-}
-cpu_ticks() { # pid -> utime+stime in clock ticks
-    awk '{print $14 + $15}' "/proc/$1/stat"
-}
-HZ=$(getconf CLK_TCK)
+. bench/lib.sh
+bench_workdir tandem-internal-tls-bench
+WAIT_HTTP_TRIES=400
 
 # A CA, a server certificate for localhost/127.0.0.1 (both nodes) and a client
 # certificate (the gateway; also curl's, to wait for the nodes).

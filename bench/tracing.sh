@@ -31,27 +31,9 @@ if [ -z "${NEW:-}" ]; then
     NEW=$PWD/target/release
 fi
 
-WORK=$(mktemp -d /tmp/tandem-bench-tracing-XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() {
-    for _ in $(seq 1 400); do
-        curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "no answer from $1" >&2
-    tail -n 20 "$WORK"/*.log >&2 || true
-    return 1
-}
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-HZ=$(getconf CLK_TCK)
+. bench/lib.sh
+bench_workdir tandem-bench-tracing
+WAIT_HTTP_TRIES=400
 
 # An OTLP/HTTP sink: accepts POST /v1/traces and counts the bytes; answers 200.
 SINK=$(free_port)
