@@ -386,7 +386,7 @@ async fn a_rebuild_cut_short_by_its_caller_finishes_and_unpauses() {
         }
     })
     .await;
-    let r = put_after(&api).await;
+    let r = put_after(api).await;
     assert_eq!(r.status, 201, "{}", r.text);
 }
 
