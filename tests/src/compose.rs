@@ -446,15 +446,7 @@ impl Stack {
 
     /// The container id of `service`, or why there is none.
     pub async fn try_container(&self, service: &str) -> Result<String, String> {
-        let out = try_docker(&[
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=com.docker.compose.project={}", self.project),
-            "--filter",
-            &format!("label=com.docker.compose.service={service}"),
-        ])
-        .await?;
+        let out = self.container_ids(service).await?;
         let id = out.lines().next().unwrap_or("").trim().to_string();
         if id.is_empty() {
             return Err(format!("no container for service {service}"));
@@ -464,7 +456,16 @@ impl Stack {
 
     /// Whether `service` has a container in this project (running or not).
     pub async fn has_container(&self, service: &str) -> bool {
-        let out = docker(&[
+        let out = self
+            .container_ids(service)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        !out.trim().is_empty()
+    }
+
+    /// `docker ps -aq` of `service`'s containers in this project, one id a line.
+    async fn container_ids(&self, service: &str) -> Result<String, String> {
+        try_docker(&[
             "ps",
             "-aq",
             "--filter",
@@ -472,8 +473,7 @@ impl Stack {
             "--filter",
             &format!("label=com.docker.compose.service={service}"),
         ])
-        .await;
-        !out.trim().is_empty()
+        .await
     }
 
     async fn containers(&self, services: &[&str]) -> Vec<String> {

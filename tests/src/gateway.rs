@@ -762,22 +762,15 @@ impl TwoRegions {
             }
             env
         };
-        let node_a = RegionNode::start_with(
-            "a",
-            &node_url(&redis_a),
-            Some(&node_url(&redis_b)),
-            &env("a"),
-            links.https.clone(),
-        )
-        .await;
-        let node_b = RegionNode::start_with(
-            "b",
-            &node_url(&redis_b),
-            Some(&node_url(&redis_a)),
-            &env("b"),
-            links.https.clone(),
-        )
-        .await;
+        // Each region's node is given the peer's Redis too, for fencing.
+        let node = |region: &str, own: &RedisServer, peer: &RedisServer| {
+            let (own, peer) = (node_url(own), node_url(peer));
+            let (env, https) = (env(region), links.https.clone());
+            let region = region.to_string();
+            async move { RegionNode::start_with(&region, &own, Some(&peer), &env, https).await }
+        };
+        let node_a = node("a", &redis_a, &redis_b).await;
+        let node_b = node("b", &redis_b, &redis_a).await;
         let mut replicators = Vec::new();
         if replicate {
             let url = |r: &RedisServer| Links::redis_url(r, &links.replicator_login);
@@ -915,25 +908,10 @@ pub fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
     .expect("write extfile");
     let run = |args: &[&str]| {
-        let status = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("run openssl (apt-get install openssl)");
-        assert!(status.success(), "openssl {args:?} failed");
+        crate::tokens::openssl(dir, args);
     };
     let p = |p: &PathBuf| p.display().to_string();
-    run(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        &p(&ca_key),
-    ]);
+    crate::tokens::ec_p256_key(dir, &p(&ca_key));
     run(&[
         "req",
         "-x509",
@@ -947,15 +925,7 @@ pub fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         "-out",
         &p(&ca),
     ]);
-    run(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        &p(&key),
-    ]);
+    crate::tokens::ec_p256_key(dir, &p(&key));
     run(&[
         "req",
         "-new",

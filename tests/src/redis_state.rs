@@ -6,16 +6,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, Value as RedisValue};
 
-/// The event stream (eventlog::keys::EVENTS).
-pub const EVENTS: &str = "tandem:events";
-/// The dead-letter stream (eventlog::keys::DLQ).
-pub const DLQ: &str = "tandem:dlq";
-
-/// Every webhook's consumer group starts with this (eventlog::keys::WEBHOOK_GROUP_PREFIX).
-pub const WEBHOOK_GROUP_PREFIX: &str = "webhook:";
+/// The event stream, the dead-letter stream, and the prefix of every webhook's
+/// consumer group, as the node and the replicator name them.
+pub use eventlog::keys::{DLQ, EVENTS, WEBHOOK_GROUP_PREFIX};
 
 /// Derived-state key patterns that a rebuild must reproduce exactly. The projection
-/// cursor is left out on purpose: it is bookkeeping, not state a client can see.
+/// cursor is left out on purpose: it is bookkeeping, not state a client can see. Listed
+/// here, not taken from `eventlog::keys::DERIVED_PATTERNS`, so that a pattern dropped
+/// from the node's list is still checked.
 pub const DERIVED_PATTERNS: &[&str] = &[
     "tandem:order:*",
     "tandem:product:*",
@@ -122,35 +120,58 @@ pub async fn dump_key(conn: &mut MultiplexedConnection, key: &str) -> Option<Dum
 
 /// All entries of a stream: `(id, [(field, value)])`, oldest first.
 pub async fn stream_entries(conn: &mut MultiplexedConnection, key: &str) -> StreamEntries {
-    let raw: RedisValue = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .query_async(conn)
+    try_stream_entries(conn, key)
         .await
-        .expect("XRANGE");
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// All entries of a stream, `(id, [(field, value)])`, oldest first; read in pages so
+/// that a stream of 100,000 entries stays within a client's response timeout.
+pub async fn try_stream_entries(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+) -> Result<Vec<StreamEntry>, String> {
+    const PAGE: usize = 2000;
     let mut out = Vec::new();
-    let RedisValue::Array(entries) = raw else {
-        return out;
-    };
-    for entry in entries {
-        let RedisValue::Array(mut parts) = entry else {
-            continue;
+    let mut start = "-".to_string();
+    loop {
+        let raw: RedisValue = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(PAGE)
+            .query_async(conn)
+            .await
+            .map_err(|e| format!("XRANGE {stream}: {e}"))?;
+        let RedisValue::Array(items) = raw else {
+            return Ok(out);
         };
-        if parts.len() != 2 {
-            continue;
+        let n = items.len();
+        for item in items {
+            let RedisValue::Array(mut parts) = item else {
+                continue;
+            };
+            if parts.len() != 2 {
+                continue;
+            }
+            let fields_v = parts.pop().expect("two parts");
+            let id: String = redis::from_redis_value(parts.pop().expect("two parts"))
+                .map_err(|e| format!("{stream} entry id: {e}"))?;
+            let flat: Vec<Vec<u8>> = redis::from_redis_value(fields_v)
+                .map_err(|e| format!("{stream} entry {id}: {e}"))?;
+            let fields = flat
+                .chunks(2)
+                .filter(|c| c.len() == 2)
+                .map(|c| (String::from_utf8_lossy(&c[0]).into_owned(), c[1].clone()))
+                .collect();
+            out.push((id, fields));
         }
-        let fields_v = parts.pop().unwrap();
-        let id: String = redis::from_redis_value(parts.pop().unwrap()).expect("stream id");
-        let flat: Vec<Vec<u8>> = redis::from_redis_value(fields_v).expect("stream fields");
-        let fields = flat
-            .chunks(2)
-            .filter(|c| c.len() == 2)
-            .map(|c| (String::from_utf8_lossy(&c[0]).into_owned(), c[1].clone()))
-            .collect();
-        out.push((id, fields));
+        match out.last() {
+            Some((id, _)) if n == PAGE => start = format!("({id}"),
+            _ => return Ok(out),
+        }
     }
-    out
 }
 
 /// The parsed `event` envelopes of `tandem:events`, oldest first, with entry ids.

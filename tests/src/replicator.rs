@@ -384,38 +384,7 @@ pub async fn entries(
     conn: &mut MultiplexedConnection,
     stream: &str,
 ) -> Vec<crate::redis_state::StreamEntry> {
-    let mut out = Vec::new();
-    let mut start = "-".to_string();
-    loop {
-        let raw: Value = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await
-            .expect("XRANGE");
-        let Value::Array(items) = raw else { return out };
-        let n = items.len();
-        for item in items {
-            let Value::Array(mut parts) = item else {
-                continue;
-            };
-            let fields_v = parts.pop().unwrap_or(Value::Nil);
-            let id = s(&parts.pop().unwrap_or(Value::Nil));
-            let flat: Vec<Vec<u8>> = redis::from_redis_value(fields_v).expect("stream fields");
-            let fields = flat
-                .chunks(2)
-                .map(|c| (String::from_utf8_lossy(&c[0]).into_owned(), c[1].clone()))
-                .collect();
-            out.push((id, fields));
-        }
-        match out.last() {
-            Some((id, _)) if n == 1000 => start = format!("({id}"),
-            _ => return out,
-        }
-    }
+    crate::redis_state::stream_entries(conn, stream).await
 }
 
 pub async fn xlen(conn: &mut MultiplexedConnection, stream: &str) -> u64 {

@@ -34,7 +34,8 @@ pub struct SigningKey {
     pub public_pem: Vec<u8>,
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
+/// Runs `openssl args` in `dir`; its stdout. Panics with openssl's stderr when it fails.
+pub(crate) fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
     let out = std::process::Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -46,6 +47,22 @@ fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
+}
+
+/// Writes a fresh EC P-256 private key (SEC1 PEM) to `file` in `dir`.
+pub(crate) fn ec_p256_key(dir: &Path, file: &str) {
+    openssl(
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            file,
+        ],
+    );
 }
 
 impl SigningKey {
@@ -81,18 +98,7 @@ impl SigningKey {
     pub fn ec(dir: &Path, kid: &str) -> SigningKey {
         let sec1 = format!("{kid}.ec.pem");
         let pkcs8 = format!("{kid}.ec8.pem");
-        openssl(
-            dir,
-            &[
-                "ecparam",
-                "-name",
-                "prime256v1",
-                "-genkey",
-                "-noout",
-                "-out",
-                &sec1,
-            ],
-        );
+        ec_p256_key(dir, &sec1);
         openssl(
             dir,
             &["pkcs8", "-topk8", "-nocrypt", "-in", &sec1, "-out", &pkcs8],

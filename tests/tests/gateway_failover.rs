@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use system_tests::gateway::{metric, Blackhole, Gateway, GatewayOptions, RegionNode, TwoRegions};
-use system_tests::poll::eventually;
+use system_tests::poll::{eventually, wait_until};
 use system_tests::replicator::entries;
 use system_tests::replicator::Replicator;
 use system_tests::RedisServer;
@@ -185,19 +185,7 @@ async fn drill_setup(gateway_via_blackhole: bool) -> (TwoRegions, Gateway, Optio
     gw.wait_active("a", 1, SETTLE).await;
     gw.wait_healthy(&["a", "b"], SETTLE).await;
     gw.api().put_product(SKU, 100, 1_000_000).await;
-    let b = regions.b.node.http();
-    eventually(SETTLE, "product replicated to b", || {
-        let b = b.clone();
-        async move {
-            let r = b.get(&format!("/api/v1/products/{SKU}")).await;
-            if r.status == 200 {
-                Ok(())
-            } else {
-                Err(r.status)
-            }
-        }
-    })
-    .await;
+    wait_product_on_b(&regions.b.node.http()).await;
     (regions, gw, blackhole)
 }
 
@@ -231,6 +219,18 @@ fn recovery(seen: &[Seen], at: Instant, region: &str) -> (Duration, Duration) {
         .max()
         .unwrap_or_default();
     (first - at, longest)
+}
+
+/// Waits until region b serves the product the drills order, copied from a.
+async fn wait_product_on_b(b: &HttpClient) {
+    let path = format!("/api/v1/products/{SKU}");
+    wait_until(
+        SETTLE,
+        "product replicated to b",
+        || b.get(&path),
+        |r| r.status == 200,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,15 +367,7 @@ async fn a_returning_stale_active_quarantines_what_the_new_active_never_received
     gw.wait_healthy(&["a", "b"], SETTLE).await;
     gw.api().put_product(SKU, 100, 1_000).await;
     let b = node_b.http();
-    eventually(SETTLE, "product replicated to b", || async {
-        let r = b.get(&format!("/api/v1/products/{SKU}")).await;
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(r.status)
-        }
-    })
-    .await;
+    wait_product_on_b(&b).await;
 
     // When b's replicator is down, a acknowledges an order that b never receives
     replicator_b.kill();

@@ -199,6 +199,23 @@ impl ProcessBackend {
         }
     }
 
+    /// Signals every component in turn, even after one fails; the failures joined.
+    fn signal_all(
+        &self,
+        components: impl IntoIterator<Item = Component>,
+        signal: &str,
+    ) -> Result<(), String> {
+        let errors: Vec<String> = components
+            .into_iter()
+            .filter_map(|c| self.signal(c, signal).err())
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
     fn kill(&mut self, c: Component) {
         match c {
             Component::Node(r) => self.regions[idx(r)].node.kill(),
@@ -272,19 +289,7 @@ impl Backend for ProcessBackend {
                 }
                 Ok(())
             }
-            FaultKind::Pause(t) => {
-                let mut errors = Vec::new();
-                for c in Component::of(t) {
-                    if let Err(e) = self.signal(c, "STOP") {
-                        errors.push(e);
-                    }
-                }
-                if errors.is_empty() {
-                    Ok(())
-                } else {
-                    Err(errors.join("; "))
-                }
-            }
+            FaultKind::Pause(t) => self.signal_all(Component::of(t), "STOP"),
             FaultKind::Cut(link) => {
                 for p in self.links(link) {
                     p.cut();
@@ -320,19 +325,7 @@ impl Backend for ProcessBackend {
                 }
                 Ok(())
             }
-            FaultKind::Pause(t) => {
-                let mut errors = Vec::new();
-                for c in Component::of(t).into_iter().rev() {
-                    if let Err(e) = self.signal(c, "CONT") {
-                        errors.push(e);
-                    }
-                }
-                if errors.is_empty() {
-                    Ok(())
-                } else {
-                    Err(errors.join("; "))
-                }
-            }
+            FaultKind::Pause(t) => self.signal_all(Component::of(t).into_iter().rev(), "CONT"),
             FaultKind::Cut(link) => {
                 for p in self.links(link) {
                     p.heal();

@@ -9,7 +9,6 @@ use std::time::Duration;
 use eventlog::envelope::StreamId;
 use eventlog::{keys, Envelope};
 use redis::aio::MultiplexedConnection;
-use redis::Value;
 
 use crate::redis_state::{self, Dumped, StreamEntry};
 
@@ -112,15 +111,15 @@ impl RegionSnapshot {
             .query_async(&mut conn)
             .await
             .map_err(|e| format!("{url}: HGETALL epochs: {e}"))?;
-        let events = read_stream(&mut conn, keys::EVENTS)
+        let events = redis_state::try_stream_entries(&mut conn, keys::EVENTS)
             .await?
             .into_iter()
             .map(|(id, fields)| {
                 StoredEvent::new(&id, &field(&fields, "type"), &field(&fields, "event"))
             })
             .collect();
-        let dlq = read_stream(&mut conn, keys::DLQ).await?;
-        let quarantine = read_stream(&mut conn, keys::QUARANTINE)
+        let dlq = redis_state::try_stream_entries(&mut conn, keys::DLQ).await?;
+        let quarantine = redis_state::try_stream_entries(&mut conn, keys::QUARANTINE)
             .await?
             .into_iter()
             .map(|(id, fields)| Quarantined {
@@ -165,52 +164,4 @@ pub async fn connect(url: &str) -> Result<MultiplexedConnection, String> {
         .get_multiplexed_async_connection_with_config(&config)
         .await
         .map_err(|e| format!("connect to {url}: {e}"))
-}
-
-/// Every entry of a stream, read in pages: `(id, [(field, value)])`.
-pub async fn read_stream(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-) -> Result<Vec<StreamEntry>, String> {
-    const PAGE: usize = 2000;
-    let mut out = Vec::new();
-    let mut start = "-".to_string();
-    loop {
-        let raw: Value = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(PAGE)
-            .query_async(conn)
-            .await
-            .map_err(|e| format!("XRANGE {stream}: {e}"))?;
-        let Value::Array(items) = raw else {
-            return Ok(out);
-        };
-        let n = items.len();
-        for item in items {
-            let Value::Array(mut parts) = item else {
-                continue;
-            };
-            if parts.len() != 2 {
-                continue;
-            }
-            let fields_v = parts.pop().expect("two parts");
-            let id: String = redis::from_redis_value(parts.pop().expect("two parts"))
-                .map_err(|e| format!("{stream} entry id: {e}"))?;
-            let flat: Vec<Vec<u8>> = redis::from_redis_value(fields_v)
-                .map_err(|e| format!("{stream} entry {id}: {e}"))?;
-            let fields = flat
-                .chunks(2)
-                .filter(|c| c.len() == 2)
-                .map(|c| (String::from_utf8_lossy(&c[0]).into_owned(), c[1].clone()))
-                .collect();
-            out.push((id, fields));
-        }
-        match out.last() {
-            Some((id, _)) if n == PAGE => start = format!("({id}"),
-            _ => return Ok(out),
-        }
-    }
 }
