@@ -359,12 +359,11 @@ impl Controller {
                         lease.leased = rec.leased;
                         lease.recorded = rec.leased;
                         lease.stopped = false;
-                        // A lease granted just before this gateway (or the previous
-                        // controller) stopped may still run for a whole lease: nobody
-                        // knows when it was sent. Promoting before it ran out let the
-                        // old active commit up to 1.8 s into the new epoch (chaos seed
-                        // 6001, a killed and restarted gateway).
-                        lease.until = lease.until.max(Instant::now() + self.config.lease);
+                        // Nothing the previous controller granted can still run: every
+                        // lease it renewed and every window its promotions opened ended
+                        // by the end of its control (`renewal_ttl`, `promotion_bound`),
+                        // which came before this gateway could take the key.
+                        lease.until = lease.until.max(Instant::now());
                     }
                     self.routing.set_active(r, rec.epoch);
                     self.ready.store(true, Ordering::Release);
@@ -597,7 +596,13 @@ impl Controller {
             let epoch = self.allocate(above, &region.id).await?;
             match self
                 .api
-                .promote(&region.url, epoch, CONTROL_TIMEOUT, || self.acting())
+                .promote(
+                    &region.url,
+                    epoch,
+                    self.promotion_bound(),
+                    CONTROL_TIMEOUT,
+                    || self.acting(),
+                )
                 .await
             {
                 Ok(report) => return Ok((epoch, report)),
@@ -719,6 +724,24 @@ impl Controller {
         let left = until.checked_duration_since(latest_arrival)?;
         let ttl = self.config.lease.min(left);
         (ttl.as_millis() >= 1).then_some(ttl)
+    }
+
+    /// With etcd, the bound (wall clock) of the write window a promotion opens by itself
+    /// until its first lease: the end of this gateway's control, less the margin. So
+    /// that window nests in the control too, like every renewal, and the next
+    /// controller has nothing of this one's to wait out. A single gateway sends none
+    /// (the node's own grace applies; `bootstrap` waits out what a previous life of it
+    /// may have granted).
+    fn promotion_bound(&self) -> Option<std::time::SystemTime> {
+        let Authority::Etcd(election) = &self.authority else {
+            return None;
+        };
+        let left = election
+            .held_until()
+            .and_then(|until| until.checked_duration_since(Instant::now()))
+            .and_then(|left| left.checked_sub(self.config.lease_margin))
+            .unwrap_or_default();
+        Some(std::time::SystemTime::now() + left)
     }
 
     /// Sends one lease renewal to the active region, unless renewals are stopped.
@@ -953,7 +976,13 @@ impl Controller {
         }
         let report = match self
             .api
-            .promote(&to.url, epoch, CONTROL_TIMEOUT, || self.acting())
+            .promote(
+                &to.url,
+                epoch,
+                self.promotion_bound(),
+                CONTROL_TIMEOUT,
+                || self.acting(),
+            )
             .await
         {
             Ok(r) => r,

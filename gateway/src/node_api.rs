@@ -147,14 +147,20 @@ impl NodeApi {
     /// incomplete projection); the same epoch is asked again until it is done, or fails,
     /// or [`PROMOTION_DEADLINE`] passes, or `may_go_on` says the caller may no longer act
     /// (with several gateways: it lost control of failover).
+    /// `not_after` bounds the write window the promotion opens by itself (until the
+    /// first lease), by this gateway's wall clock; `None` leaves the node's own grace.
     pub async fn promote(
         &self,
         base: &str,
         epoch: u64,
+        not_after: Option<std::time::SystemTime>,
         timeout: Duration,
         may_go_on: impl Fn() -> bool,
     ) -> Result<RoleReport, NodeError> {
-        let body = serde_json::json!({ "epoch": epoch });
+        let mut body = serde_json::json!({ "epoch": epoch });
+        if let Some(t) = not_after {
+            body["notAfterMs"] = unix_ms(t).into();
+        }
         let deadline = tokio::time::Instant::now() + PROMOTION_DEADLINE;
         loop {
             let result = self
@@ -202,14 +208,10 @@ impl NodeApi {
         not_after: std::time::SystemTime,
         timeout: Duration,
     ) -> Result<RoleReport, NodeError> {
-        let not_after_ms = not_after
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
         let body = serde_json::json!({
             "epoch": epoch,
             "ttlMs": ttl.as_millis() as u64,
-            "notAfterMs": not_after_ms,
+            "notAfterMs": unix_ms(not_after),
         });
         self.call(Method::POST, base, "/admin/lease", Some(body), timeout)
             .await
@@ -281,4 +283,11 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// Milliseconds since the Unix epoch, as the nodes read `notAfterMs`.
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -30,7 +30,7 @@ use crate::workflow::Workflow;
 use eventlog::{keys, Role};
 use redis::Script;
 use std::sync::LazyLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Long enough for an old active polling our Redis to see the intent and fence: its
 /// view of us is at most `roles::VOUCH_TTL` (100 ms) old when it opens its write window
@@ -72,17 +72,26 @@ impl From<ProjectError> for PromotionError {
 }
 
 /// Promotes this region to active at `epoch`, or fails and leaves it as it was (no
-/// intent behind), within `limit`.
-pub async fn promote(wf: &Workflow, epoch: u64, limit: Duration) -> Result<(), PromotionError> {
+/// intent behind), within `limit`. `not_after` is the caller's bound (wall clock) of the
+/// write window the promotion opens by itself: a gateway sharing control through etcd
+/// sends the end of its control, so no window it opens outlives it (see `Roles::promoted`).
+pub async fn promote(
+    wf: &Workflow,
+    epoch: u64,
+    limit: Duration,
+    not_after: Option<SystemTime>,
+) -> Result<(), PromotionError> {
     // The limit itself is enforced by the last step's script against Redis' clock, so
     // the outcome is Redis' word: a promotion cut short here while its last script is
     // in flight could otherwise take effect after being reported failed. This timeout is
     // only the backstop for a Redis that stopped answering.
-    let result = match tokio::time::timeout(limit + BACKSTOP, promote_steps(wf, epoch, limit)).await
-    {
-        Ok(r) => r,
-        Err(_) => Err(PromotionError::TimedOut(limit)),
-    };
+    let result =
+        match tokio::time::timeout(limit + BACKSTOP, promote_steps(wf, epoch, limit, not_after))
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(PromotionError::TimedOut(limit)),
+        };
     if let Err(e) = &result {
         tracing::warn!(epoch, error = %e, "promotion failed; the region stays as it was");
         // An aborted promotion must not leave its intent behind: the replicator holds
@@ -104,7 +113,12 @@ pub async fn promote(wf: &Workflow, epoch: u64, limit: Duration) -> Result<(), P
     result
 }
 
-async fn promote_steps(wf: &Workflow, epoch: u64, limit: Duration) -> Result<(), PromotionError> {
+async fn promote_steps(
+    wf: &Workflow,
+    epoch: u64,
+    limit: Duration,
+    not_after: Option<SystemTime>,
+) -> Result<(), PromotionError> {
     let stored = wf.store.role().await?;
     if let Some(r) = stored {
         if r.role == Role::Active && r.epoch.0 == epoch {
@@ -172,7 +186,8 @@ async fn promote_steps(wf: &Workflow, epoch: u64, limit: Duration) -> Result<(),
             .arg(epoch)
             .arg(&wf.region)
             .arg(&now)
-            .arg(crate::roles::PROMOTION_GRACE.as_millis() as u64);
+            .arg(crate::roles::PROMOTION_GRACE.as_millis() as u64)
+            .arg(not_after.map_or(0, crate::roles::unix_ms));
         let reply: Vec<String> = wf.store.invoke(&take).await?;
         match reply.first().map(String::as_str) {
             Some("ok") => break,
@@ -191,7 +206,7 @@ async fn promote_steps(wf: &Workflow, epoch: u64, limit: Duration) -> Result<(),
             }
         }
     }
-    wf.roles.promoted(epoch).await;
+    wf.roles.promoted(epoch, not_after).await;
     // Entries a late group sync handed to the old active's consumers: ours now.
     take_over_all(wf).await?;
     tracing::info!(epoch, "promoted to active");
@@ -277,11 +292,12 @@ return 0
 });
 
 /// KEYS: role, intent, epochs, events, dlq, projection cursor. ARGV: epoch, region, at,
-/// grace ms. The promotion's last step, atomic: the intent must still stand and its
-/// deadline not have passed, no rebuild may be running, the epoch must be allowed and
-/// the projection must have reached the stream's end; then the epoch's start offsets are
-/// recorded, the role stored with a write window of `grace` (until the gateway's first
-/// lease), and the intent dropped.
+/// grace ms, bound (unix ms, 0 for none). The promotion's last step, atomic: the intent
+/// must still stand and its deadline not have passed, no rebuild may be running, the
+/// epoch must be allowed and the projection must have reached the stream's end; then the
+/// epoch's start offsets are recorded, the role stored with a write window of `grace`
+/// (until the gateway's first lease) that ends by `bound` at the latest (already closed
+/// when `bound` has passed), and the intent dropped.
 static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -308,7 +324,10 @@ if cursor ~= events then return {'behind', cursor, events} end
 local record = '{"at":"' .. ARGV[3] .. '","region":"' .. ARGV[2] .. '","startOffsets":{"'
   .. KEYS[5] .. '":"' .. top(KEYS[5]) .. '","' .. KEYS[4] .. '":"' .. events .. '"}}'
 redis.call('HSET', KEYS[3], ARGV[1], record)
-redis.call('HSET', KEYS[1], 'role', 'active', 'epoch', ARGV[1], 'write_until', now + tonumber(ARGV[4]))
+local window_end = now + tonumber(ARGV[4])
+local bound = tonumber(ARGV[5])
+if bound > 0 and bound < window_end then window_end = bound end
+redis.call('HSET', KEYS[1], 'role', 'active', 'epoch', ARGV[1], 'write_until', window_end)
 redis.call('HDEL', KEYS[1], 'demoted_from')
 redis.call('DEL', KEYS[2])
 return {'ok'}

@@ -447,11 +447,15 @@ impl Roles {
 
     /// Called once a promotion stored the active role at `epoch`: a fresh promotion
     /// starts unfenced (the gateway's next probe renews the lease).
-    pub async fn promoted(&self, epoch: u64) -> RoleState {
+    /// The window ends by `not_after` at the latest (as in Redis, see `promotion::PROMOTE`).
+    pub async fn promoted(&self, epoch: u64, not_after: Option<SystemTime>) -> RoleState {
         {
             let mut lease = self.lease.lock().expect("lease lock");
             if lease.enforced {
-                lease.until = Some(Instant::now() + PROMOTION_GRACE);
+                let left = not_after.map_or(PROMOTION_GRACE, |t| {
+                    t.duration_since(SystemTime::now()).unwrap_or_default()
+                });
+                lease.until = Some(Instant::now() + PROMOTION_GRACE.min(left));
             }
         }
         let state = self.refresh().await;
@@ -530,7 +534,7 @@ fn wall_deadline(ttl: Duration, not_after: Option<SystemTime>) -> Result<SystemT
     }
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)

@@ -725,6 +725,61 @@ async fn a_lease_renewal_that_reaches_redis_after_its_deadline_opens_no_write_wi
     assert_eq!(bad.status, 400, "malformed notAfterMs: {}", bad.text);
 }
 
+/// A promotion opens a write window by itself, until the gateway's first lease (2 s).
+/// A gateway sharing control through etcd may lose control right after it promoted, and
+/// the next controller promotes at once, counting on every window its predecessor opened
+/// having ended with its control. So `POST /admin/promote` takes the gateway's bound
+/// (`notAfterMs`) too, and the promotion's own window never ends after it.
+#[tokio::test]
+async fn a_promotions_own_write_window_ends_by_the_gateways_bound() {
+    // Given a region that was active and fenced by a lease (epoch 1), then demoted (2)
+    let region = Region::start().await;
+    let http = region.node.http();
+    region.api.put_product("BOUND-1", 100, 50).await;
+    let lease = http
+        .post("/admin/lease", &json!({"epoch": 1, "ttlMs": 800}))
+        .await;
+    assert_eq!(lease.status, 200, "lease: {}", lease.text);
+    assert_eq!(region.api.demote(2).await.status, 200);
+    let mut conn = region.redis.client().await;
+
+    // When it is promoted at epoch 3 by a gateway whose control ends 1 s from now
+    let not_after = unix_ms() + 1_000;
+    let promoted = http
+        .post(
+            "/admin/promote",
+            &json!({"epoch": 3, "notAfterMs": not_after}),
+        )
+        .await;
+    assert_eq!(promoted.status, 200, "promote: {}", promoted.text);
+
+    // Then Redis' write window (what the commit script checks) ends by that bound, not
+    // 2 s after the promotion
+    let until: u64 = write_until(&mut conn).await;
+    assert!(
+        until <= not_after,
+        "the promotion's window ends at {until}, after the bound {not_after}"
+    );
+
+    // And once the bound has passed, with no lease since, the region takes no order
+    let body = order_body("c-bound", &[("BOUND-1", 1)], "tok_ok");
+    // (the node's own 2 s grace would run about 1.3 s past the bound, past this deadline)
+    wait_until(
+        Duration::from_millis(1_600),
+        "an order refused after the promotion's bound",
+        || region.api.place_order(&body),
+        |r| r.status == 503,
+    )
+    .await;
+
+    // And a malformed bound is refused as bad input, the role unchanged
+    let bad = http
+        .post("/admin/promote", &json!({"epoch": 4, "notAfterMs": "soon"}))
+        .await;
+    assert_eq!(bad.status, 400, "malformed notAfterMs: {}", bad.text);
+    assert_eq!(region.api.role().await.json["epoch"], 3);
+}
+
 /// `POST /admin/lease` for epoch 1, 800 ms, that the gateway counts on only until
 /// `not_after_ms` (a Unix time in ms; anything else to test the refusal of bad input).
 async fn renew_lease(http: &HttpClient, not_after_ms: Value) -> Response {

@@ -134,6 +134,24 @@ fn outcome<T>(result: &Result<T, impl std::fmt::Display>) -> String {
     }
 }
 
+/// `notAfterMs` of a control call: the gateway's bound, by its wall clock, of the write
+/// window the call may open. Optional: older gateways, and a single gateway for its
+/// promotions, do not send it.
+fn not_after_of(body: &Value) -> Result<Option<std::time::SystemTime>, ApiError> {
+    match body.get("notAfterMs") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(|ms| Some(std::time::UNIX_EPOCH + Duration::from_millis(ms)))
+            .ok_or_else(|| {
+                ApiError::validation(
+                    "notAfterMs must be a unix time in milliseconds",
+                    vec!["notAfterMs".into()],
+                )
+            }),
+    }
+}
+
 pub async fn promote(
     _: Admin,
     State(st): State<AppState>,
@@ -141,7 +159,10 @@ pub async fn promote(
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
     let epoch = epoch_of(&body)?;
-    let result = start_promotion(&st, epoch).await;
+    // Bounds the write window the promotion opens until the first lease (a promotion
+    // may finish after the gateway that asked for it lost control).
+    let not_after = not_after_of(&body)?;
+    let result = start_promotion(&st, epoch, not_after).await;
     tracing::info!(
         caller = caller(&headers),
         action = "promote",
@@ -152,13 +173,17 @@ pub async fn promote(
     result
 }
 
-async fn start_promotion(st: &AppState, epoch: u64) -> Result<Json<Value>, ApiError> {
+async fn start_promotion(
+    st: &AppState,
+    epoch: u64,
+    not_after: Option<std::time::SystemTime>,
+) -> Result<Json<Value>, ApiError> {
     let (wf, limit) = (st.wf.clone(), st.config.promotion_timeout());
     let job = st
         .jobs
         .promotion
         .start(epoch, async move {
-            promotion::promote(&wf, epoch, limit)
+            promotion::promote(&wf, epoch, limit, not_after)
                 .await
                 .map_err(Arc::new)
         })
@@ -210,21 +235,8 @@ pub async fn lease(
         .and_then(Value::as_u64)
         .filter(|t| (1..=60_000).contains(t))
         .ok_or_else(|| ApiError::validation("ttlMs must be 1-60000", vec!["ttlMs".into()]))?;
-    // The gateway's bound of this renewal, by its wall clock (optional: older gateways
-    // do not send it). See `Roles::grant_lease`.
-    let not_after = match body.get("notAfterMs") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(
-            v.as_u64()
-                .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms))
-                .ok_or_else(|| {
-                    ApiError::validation(
-                        "notAfterMs must be a unix time in milliseconds",
-                        vec!["notAfterMs".into()],
-                    )
-                })?,
-        ),
-    };
+    // The gateway's bound of this renewal (see `Roles::grant_lease`).
+    let not_after = not_after_of(&body)?;
     let result = st
         .wf
         .roles
