@@ -62,34 +62,6 @@ pub fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-/// How often [`keep_a_timer_due_soon`] ticks: before any timer a request sets (the
-/// connect timeout, 200 ms by default, is the shortest).
-const TIMER_TICK: Duration = Duration::from_millis(100);
-
-/// Keeps a timer due within [`TIMER_TICK`] on this worker's runtime. Tokio wakes its own
-/// driver (an eventfd write, and later a spare `epoll_wait` return) whenever a timer is
-/// set to fire before the earliest one it knew of when it last went to sleep, or when it
-/// knew of none. A worker serving requests and nothing else had only far timers (idle
-/// connections' 30 s header timeout), so every request's deadline did that: 0.29 such
-/// writes per request at 3,000 requests/s (`strace -c`). With a tick always due soon,
-/// request timers are never the earliest. The price is 10 wakeups a second.
-async fn keep_a_timer_due_soon() {
-    let mut tick = tokio::time::interval(TIMER_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-    }
-}
-
-/// Aborts the task when dropped (when `serve` returns).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Serves until `shutdown` completes, then waits up to the grace period for open
 /// connections to finish their requests.
 pub async fn serve(
@@ -121,7 +93,6 @@ pub async fn serve(
     let registry = Arc::new(Registry::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
-    let _timer_due_soon = AbortOnDrop(tokio::spawn(keep_a_timer_due_soon()));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
