@@ -17,11 +17,14 @@
 #   env: SECONDS_PER_RUN=8 PATHS="/health/live /api/v1/products/BENCH-1"
 #        TARGETS="gateway nginx haproxy" GATEWAYS="gateway=target/release/gateway"
 #        BUILD=1 (0: use the binaries as they are)
+#        CACHE_SIM=1 (also simulate the caches: instruction-cache and data-cache misses
+#        per request, I1mr D1mr D1mw; valgrind's model of a 32 KiB I1 and this CPU's D1)
 # Needs: valgrind, redis-server, nginx, wrk, curl, python3; HAProxy when installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-8}
+CACHE_SIM=${CACHE_SIM:-0}
 PATHS=${PATHS:-/health/live /api/v1/products/BENCH-1}
 GATEWAYS=${GATEWAYS:-gateway=target/release/gateway}
 BUILD=${BUILD:-1}
@@ -72,15 +75,27 @@ count() { # pid url name
     non2xx=$(echo "$out" | grep -oE 'Non-2xx or 3xx responses: [0-9]+' | grep -oE '[0-9]+$' || echo 0)
     for _ in $(seq 1 300); do ls "$WORK"/cg.out.* >/dev/null 2>&1 && break; sleep 0.1; done
     sleep 1
-    ir=$(callgrind_annotate "$(ls "$WORK"/cg.out.* | head -n 1)" 2>/dev/null \
-        | awk '/PROGRAM TOTALS/ && !d {gsub(/,/, "", $1); print $1; d = 1}')
-    printf '%-10s %-28s %9s %12s %10s %7s\n' "$name" "${url#*[0-9]/}" "$n" "$ir" \
-        "$((ir / n))" "$non2xx"
+    # PROGRAM TOTALS: the event counts, each followed by its share "(100.0%)".
+    totals=$(callgrind_annotate "$(ls "$WORK"/cg.out.* | head -n 1)" 2>/dev/null \
+        | grep -m 1 'PROGRAM TOTALS' | sed 's/([^)]*)//g; s/,//g' || true)
+    ir=$(echo "$totals" | awk '{print $1}')
+    if [ "$CACHE_SIM" = "1" ]; then
+        # Events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
+        misses=$(echo "$totals" | awk -v n="$n" '{printf "%8.0f %8.1f %8.1f", $4 / n, $5 / n, $6 / n}')
+    else
+        misses=""
+    fi
+    printf '%-10s %-28s %9s %12s %10s %7s %s\n' "$name" "${url#*[0-9]/}" "$n" "$ir" \
+        "$((ir / n))" "$non2xx" "$misses"
 }
 # exec: the background job is valgrind itself, so $! is the pid callgrind_control needs.
-callgrind() { exec valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/cg.out" "$@"; }
+cache_flag=()
+[ "$CACHE_SIM" = "1" ] && cache_flag=(--cache-sim=yes)
+callgrind() { exec valgrind --tool=callgrind --instr-atstart=no "${cache_flag[@]}" --callgrind-out-file="$WORK/cg.out" "$@"; }
 
-printf '%-10s %-28s %9s %12s %10s %7s\n' proxy path requests instructions per_req non2xx
+header=""
+[ "$CACHE_SIM" = "1" ] && header="    I1mr     D1mr     D1mw"
+printf '%-10s %-28s %9s %12s %10s %7s %s\n' proxy path requests instructions per_req non2xx "$header"
 # The gateway first: it makes region a active and writes the product the reads ask for.
 for target in ${TARGETS:-gateway nginx haproxy}; do
     case $target in
