@@ -19,12 +19,15 @@
 #        BUILD=1 (0: use the binaries as they are)
 #        CACHE_SIM=1 (also simulate the caches: instruction-cache and data-cache misses
 #        per request, I1mr D1mr D1mw; valgrind's model of a 32 KiB I1 and this CPU's D1)
+#        KEEP_PROFILES=DIR (keep each callgrind profile as DIR/<proxy>-<path>.cg, for
+#        callgrind_annotate)
 # Needs: valgrind, redis-server, nginx, wrk, curl, python3; HAProxy when installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-8}
 CACHE_SIM=${CACHE_SIM:-0}
+KEEP_PROFILES=${KEEP_PROFILES:-}
 PATHS=${PATHS:-/health/live /api/v1/products/BENCH-1}
 GATEWAYS=${GATEWAYS:-gateway=target/release/gateway}
 BUILD=${BUILD:-1}
@@ -79,6 +82,10 @@ count() { # pid url name
     totals=$(callgrind_annotate "$(ls "$WORK"/cg.out.* | head -n 1)" 2>/dev/null \
         | grep -m 1 'PROGRAM TOTALS' | sed 's/([^)]*)//g; s/,//g' || true)
     ir=$(echo "$totals" | awk '{print $1}')
+    if [ -n "$KEEP_PROFILES" ]; then
+        mkdir -p "$KEEP_PROFILES"
+        cp "$(ls "$WORK"/cg.out.* | head -n 1)" "$KEEP_PROFILES/$name-$(basename "$url").cg"
+    fi
     if [ "$CACHE_SIM" = "1" ]; then
         # Events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
         misses=$(echo "$totals" | awk -v n="$n" '{printf "%8.0f %8.1f %8.1f", $4 / n, $5 / n, $6 / n}')

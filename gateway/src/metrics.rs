@@ -160,7 +160,7 @@ impl Metrics {
         let connections_closed = IntCounterVec::new(
             Opts::new(
                 "tandem_gateway_connections_closed_total",
-                "Client connections the gateway closed itself: idle past the timeout (idle) or to make room at the cap (evicted).",
+                "Client connections the gateway closed itself: no whole first request head within the header read timeout (header_timeout), idle past the timeout (idle) or to make room at the cap (evicted).",
             ),
             &["reason"],
         )

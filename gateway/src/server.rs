@@ -11,7 +11,7 @@
 //! profiles). Routing state, metrics and the failover controller are shared.
 
 use crate::config::ConnectionLimits;
-use crate::connections::{linger, Admission, ClientStream, ConnState, Registry};
+use crate::connections::{linger, Admission, ClientStream, CloseReason, ConnState, Registry};
 use crate::error::GatewayError;
 use crate::proxy::{Body, UpstreamClient};
 use crate::upstream::Upstream;
@@ -75,15 +75,14 @@ pub async fn serve(
         &shared.config.regions,
         shared.node_tls.as_ref(),
     ));
-    let limits = shared.connections.limits().clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper answers 431 itself when the request head does not fit its buffer. Its
-    // header read timeout also bounds the wait for the next request on a kept-alive
-    // connection.
+    // header read timeout is off: the connection's idle watcher enforces the same limit
+    // (see [`crate::connections`]) without a timer per request.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(shared.config.max_header_bytes.max(8192) + 1024);
     builder
         .http2()
@@ -179,7 +178,7 @@ async fn connection(c: Connection, stream: TcpStream, admission: Admission) {
         service_fn(move |req: Request<Incoming>| {
             let ctx = ctx.clone();
             async move {
-                let _in_flight = ctx.state.begin();
+                let _in_flight = ctx.state.begin(req.version() == Version::HTTP_2);
                 // HTTP/1 only: an HTTP/2 stream is reset on its own, the connection goes on.
                 let unread_body = req.version() <= Version::HTTP_11 && !req.body().is_end_stream();
                 let resp = dispatch(&ctx.shared, &ctx.client, req, ctx.peer, ctx.is_tls).await;
@@ -285,6 +284,10 @@ impl Driver<'_> {
                 result = conn.as_mut() => return result,
                 reason = &mut idle, if closing.is_none() => {
                     shared.metrics.connections_closed.with_label_values(&[reason.label()]).inc();
+                    if reason == CloseReason::HeaderTimeout {
+                        // Nothing to finish; hyper would wait on for the head's last bytes.
+                        return Ok(());
+                    }
                     conn.as_mut().graceful_shutdown();
                     // A response still being written gets the request deadline to finish.
                     closing = Some(tokio::time::Instant::now() + shared.config.request_timeout);

@@ -28,6 +28,52 @@ async fn connect_from(from: &str, gw: &Gateway) -> std::io::Result<TcpStream> {
         .await
 }
 
+/// Sends `head` a byte every 100 ms until the gateway closes the connection (or answers
+/// before closing it); how long that took from the first byte. Panics if it never does.
+async fn trickle_until_closed(mut stream: TcpStream, head: &[u8]) -> Duration {
+    let started = Instant::now();
+    for b in head.iter() {
+        if stream.write_all(&[*b]).await.is_err() {
+            return started.elapsed();
+        }
+        let mut probe = [0u8; 512];
+        let read = tokio::time::timeout(Duration::from_millis(100), stream.read(&mut probe));
+        // Closed, or an answer (hyper may send 408 before closing): either way it ends
+        if read.await.is_ok() {
+            return started.elapsed();
+        }
+    }
+    panic!("a slowloris connection was kept open for the whole head");
+}
+
+/// Reads one answer with a `content-length` body off a kept-alive connection.
+async fn read_one_answer(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .expect("a content-length answer");
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let mut buf = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!("no whole answer: {other:?} after {text:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_body_gets_its_413_while_the_client_is_still_sending() {
     // Given a gateway with the default 1 MiB body limit
@@ -86,35 +132,37 @@ async fn slow_headers_and_trickled_bodies_time_out() {
     let before = redis_state::snapshot(&mut redis).await;
 
     // When a client sends its request head one byte every 100 ms (slowloris)
-    let started = Instant::now();
-    let mut slow = connect_from("127.0.0.1", &gw).await.expect("connect");
     let head = b"GET /api/v1/products/SLOW-1 HTTP/1.1\r\nhost: gw\r\nx-padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
-    let mut closed_after = None;
-    for b in head.iter() {
-        if slow.write_all(&[*b]).await.is_err() {
-            closed_after = Some(started.elapsed());
-            break;
-        }
-        let mut probe = [0u8; 512];
-        match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut probe)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                closed_after = Some(started.elapsed());
-                break;
-            }
-            Ok(Ok(_)) => {
-                // hyper may answer 408 before closing; either way the connection ends
-                closed_after = Some(started.elapsed());
-                break;
-            }
-            Err(_) => {}
-        }
-    }
+    let slow = connect_from("127.0.0.1", &gw).await.expect("connect");
+    let closed_after = trickle_until_closed(slow, head).await;
     // Then the gateway closes it after about a second, though bytes kept coming
-    let closed_after = closed_after.expect("a slowloris connection was kept open");
     assert!(
         closed_after >= Duration::from_millis(900) && closed_after < Duration::from_secs(4),
         "closed after {closed_after:?}"
     );
+
+    // When a client on a kept-alive connection is answered, then trickles its next head
+    let mut kept = connect_from("127.0.0.1", &gw).await.expect("connect");
+    kept.write_all(b"GET /api/v1/products/SLOW-1 HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .expect("send");
+    let answer = read_one_answer(&mut kept).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Then that head gets the same header read timeout from the answer on
+    let closed_after = trickle_until_closed(kept, head).await;
+    assert!(
+        closed_after >= Duration::from_millis(900) && closed_after < Duration::from_secs(4),
+        "kept-alive connection closed after {closed_after:?}"
+    );
+
+    // And the operator sees those closes for what they were
+    let metrics = gw.metrics().await;
+    let header_timeouts = metric(
+        &metrics,
+        "tandem_gateway_connections_closed_total",
+        &[("reason", "header_timeout")],
+    );
+    assert!(header_timeouts >= Some(1.0), "{metrics}");
 
     // When a client connects and sends nothing at all (not even enough to tell HTTP/1 from HTTP/2)
     let mut silent = connect_from("127.0.0.1", &gw).await.expect("connect");
