@@ -46,6 +46,7 @@ pub mod openapi;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod slow_attempts;
 pub mod tls;
 pub mod upstream;
 

@@ -9,6 +9,7 @@ use crate::limits::{header_bytes, ClientKey};
 use crate::metrics::{method_label, Route, NO_REGION_LABEL};
 use crate::node_api::error_chain;
 use crate::routing::{Region, Routing, Tried};
+use crate::slow_attempts;
 use crate::upstream::{Added, Head, SendBody, Target, Upstream, UpstreamError};
 use crate::Shared;
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
@@ -34,9 +35,6 @@ const RETRY_BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
     .with_min_delay(Duration::from_millis(25))
     .with_max_delay(Duration::from_millis(200))
     .without_max_times();
-/// An attempt still unanswered after this starts watching for a failover or for its
-/// region turning unhealthy (see [`Failure::Overtaken`]).
-const WATCH_AFTER: Duration = Duration::from_millis(50);
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_REGION: HeaderName = HeaderName::from_static("x-region");
@@ -565,9 +563,8 @@ async fn exchange(
         };
 
         tried = tried.with(target);
-        let attempt_deadline = cfg
-            .attempt_timeout
-            .min(deadline.saturating_duration_since(Instant::now()));
+        // `now` from the top of the loop: a clock read costs as much as a header lookup.
+        let attempt_ends = now + cfg.attempt_timeout.min(deadline - now);
         let to = Target {
             index: target,
             authority: region.authority.as_str(),
@@ -576,14 +573,24 @@ async fn exchange(
         let sent = client.send(to, head, upstream_body);
         tokio::pin!(sent);
         // Most answers come quickly: only a slow one pays for watching the topology.
-        let first = WATCH_AFTER.min(attempt_deadline);
-        let outcome = match tokio::time::timeout(first, &mut sent).await {
-            Ok(r) => Some(Ok(r)),
-            Err(_) => {
+        // Most answers come quickly: only a slow one pays for watching the topology and
+        // for a timer of its own (an attempt with little time left has one at once).
+        let answered = if attempt_ends >= now + slow_attempts::WOKEN_WITHIN {
+            tokio::select! {
+                biased;
+                r = &mut sent => Some(r),
+                () = client.slow.a_while() => None,
+            }
+        } else {
+            None
+        };
+        let outcome = match answered {
+            Some(r) => Some(Ok(r)),
+            None => {
                 let changes = changes.get_or_insert_with(|| routing.subscribe());
                 tokio::select! {
                     biased;
-                    r = tokio::time::timeout(attempt_deadline - first, &mut sent) => Some(r),
+                    r = tokio::time::timeout_at(attempt_ends.into(), &mut sent) => Some(r),
                     _ = overtaken(routing, changes, target, is_read), if idempotent => None,
                 }
             }

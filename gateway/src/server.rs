@@ -89,6 +89,8 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(shared.config.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
+    // Stopped only after the last connection is drained: its requests need the sweeps.
+    let sweeps = tokio::spawn(client.slow.clone().run_sweeps());
     let registry = Arc::new(Registry::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -141,6 +143,7 @@ pub async fn serve(
         );
         connections.abort_all();
     }
+    sweeps.abort();
 }
 
 /// What a connection's task needs besides its stream.

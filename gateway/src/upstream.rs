@@ -28,6 +28,7 @@
 
 use crate::body::{full_body, Body, BoxError};
 use crate::config::RegionConfig;
+use crate::slow_attempts::SlowAttempts;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper::http::{
@@ -151,6 +152,8 @@ pub struct Upstream {
     tls: Vec<Option<(TlsConnector, ServerName<'static>)>>,
     /// Idle connections by region index, the most recently used last.
     idle: Mutex<Vec<Vec<Idle>>>,
+    /// This worker's attempts waiting long for their answer.
+    pub slow: Arc<SlowAttempts>,
 }
 
 struct Idle {
@@ -306,6 +309,7 @@ impl Upstream {
             connect_timeout,
             tls,
             idle: Mutex::new((0..regions.len()).map(|_| Vec::new()).collect()),
+            slow: Arc::default(),
         }
     }
 
