@@ -572,7 +572,6 @@ async fn exchange(
         };
         let sent = client.send(to, head, upstream_body);
         tokio::pin!(sent);
-        // Most answers come quickly: only a slow one pays for watching the topology.
         // Most answers come quickly: only a slow one pays for watching the topology and
         // for a timer of its own (an attempt with little time left has one at once).
         let answered = if attempt_ends >= now + slow_attempts::WOKEN_WITHIN {
