@@ -90,6 +90,7 @@ RA=$(free_port); RB=$(free_port); NA=$(free_port); NB=$(free_port)
 NG=$(free_port); NGS=$(free_port); HP=$(free_port); HPS=$(free_port); GW=$(free_port)
 redis-server --port "$RA" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis-a.log" 2>&1 &
 PIDS+=($!)
+REDIS_A_PID=$!
 redis-server --port "$RB" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis-b.log" 2>&1 &
 PIDS+=($!)
 sleep 0.3
@@ -100,6 +101,7 @@ start_node() { # region port redis_port role
     PIDS+=($!)
 }
 start_node a "$NA" "$RA" standby
+NODE_A_PID=$!
 start_node b "$NB" "$RB" standby
 wait_http "http://127.0.0.1:$NA/health/live"
 wait_http "http://127.0.0.1:$NB/health/live"
@@ -229,16 +231,22 @@ import json, sys
 r = json.loads(sys.argv[1]); c0, c1, hz = map(int, sys.argv[2:5])
 cpu = (c1 - c0) * 1e6 / hz / max(1, r["ok"] + r["non2xx"]) if c0 >= 0 else -1
 print(sys.argv[5], r["ok"] / max(r["elapsed_s"], 1e-9), r["p50_us"] / 1000, r["p99_us"] / 1000,
-      f"{cpu:.2f}", r["non2xx"], r["errors"])
+      f"{cpu:.2f}", r["non2xx"], r["errors"], -1)
 PY
         tail -n 1 "$RESULTS"
     done
+    # At saturation the node and Redis behind the proxy share the cores with it: their
+    # CPU per request is recorded too, since a proxy that makes them work harder (fewer
+    # requests per wakeup, more upstream connections) lowers everyone's requests/s.
+    local b0 b1
     c0=$(cpu_ticks "$@")
+    b0=$(cpu_ticks "$NODE_A_PID" "$REDIS_A_PID")
     out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "$url" 2>&1)
     c1=$(cpu_ticks "$@")
-    python3 - "$out" "$c0" "$c1" "$HZ" "$label $target $path sat $round" >>"$RESULTS" <<'PY'
+    b1=$(cpu_ticks "$NODE_A_PID" "$REDIS_A_PID")
+    python3 - "$out" "$c0" "$c1" "$HZ" "$label $target $path sat $round" "$b0" "$b1" >>"$RESULTS" <<'PY'
 import re, sys
-t = sys.argv[1]; c0, c1, hz = map(int, sys.argv[2:5])
+t = sys.argv[1]; c0, c1, hz = map(int, sys.argv[2:5]); b0, b1 = map(int, sys.argv[6:8])
 def ms(v):
     m = re.match(r"([\d.]+)(us|ms|s)", v)
     n, u = float(m.group(1)), m.group(2)
@@ -251,13 +259,13 @@ errs = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
 sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
 cpu = (c1 - c0) * 1e6 / hz / max(1, reqs) if c0 >= 0 else -1
 print(sys.argv[5], rps, p50, p99, f"{cpu:.2f}", errs.group(1) if errs else 0,
-      sum(map(int, sock.groups())) if sock else 0)
+      sum(map(int, sock.groups())) if sock else 0, f"{(b1 - b0) * 1e6 / hz / max(1, reqs):.2f}")
 PY
     tail -n 1 "$RESULTS"
 }
 
 echo
-echo "results: scheme target path load round rps p50_ms p99_ms cpu_us_per_req non2xx errors"
+echo "results: scheme target path load round rps p50_ms p99_ms cpu_us_per_req non2xx errors behind_cpu_us_per_req"
 echo "workers per proxy: $WORKERS; $(nproc) cores; targets: $TARGETS"
 read -ra target_list <<<"$TARGETS"
 n_targets=${#target_list[@]}
@@ -301,8 +309,8 @@ proxies = [t for t in targets if t != "direct"]
 # (scheme, path, load, target) -> round -> (rps, p50, p99, cpu)
 data = collections.defaultdict(dict)
 bad = collections.Counter()
-for scheme, target, path, load, rnd, rps, p50, p99, cpu, non2xx, errors in rows:
-    data[(scheme, path, load, target)][rnd] = tuple(map(float, (rps, p50, p99, cpu)))
+for scheme, target, path, load, rnd, rps, p50, p99, cpu, non2xx, errors, behind in rows:
+    data[(scheme, path, load, target)][rnd] = tuple(map(float, (rps, p50, p99, cpu, behind)))
     bad[target] += int(non2xx) + int(errors)
 def fmt(vals, digits):
     if not vals:
@@ -317,6 +325,8 @@ def series(scheme, path, load, target, metric):
         return [v[0] for v in d.values()]
     if metric == "cpu":
         return [v[3] for v in d.values() if v[3] >= 0]
+    if metric == "behind":
+        return [v[4] for v in d.values() if v[4] >= 0]
     i = 1 if metric in ("p50", "add50") else 2
     base = data.get((scheme, path, load, "direct"), {})
     if metric.startswith("add"):
@@ -333,7 +343,8 @@ head = f"{'scheme':6} {'path':26} {'load':9} {'metric':14}" + "".join(f" {c:>24}
 comp = [(g, o) for g in gateways for o in ("nginx", "haproxy") if o in targets and g in targets]
 head += "".join(f" {g + '/' + o:>16}" for g, o in comp)
 print("medians over rounds [min..max]; ratios of medians (CPU and rps: gateway/other; added")
-print("latency: gateway minus other, ms); CPU = proxy's utime+stime per completed request")
+print("latency: gateway minus other, ms); CPU = proxy's utime+stime per completed request;")
+print("behind = the node's and Redis's CPU per request (saturated runs)")
 print(head)
 print("-" * len(head))
 metrics = [("cpu", "cpu us/req", 2), ("add50", "p50 added ms", 3), ("add99", "p99 added ms", 3),
@@ -342,7 +353,8 @@ for scheme in dict.fromkeys(k[0] for k in data):
     for path in dict.fromkeys(k[1] for k in data):
         for load in loads:
             label = "saturated" if load == "sat" else f"{load[4:]}/s"
-            ms = [("rps", "requests/s", 0), ("cpu", "cpu us/req", 2)] if load == "sat" else metrics
+            ms = [("rps", "requests/s", 0), ("cpu", "cpu us/req", 2),
+                  ("behind", "behind us/req", 2)] if load == "sat" else metrics
             for key, name, digits in ms:
                 line = f"{scheme:6} {path:26} {label:9} {name:14}"
                 vals = {}
@@ -350,7 +362,7 @@ for scheme in dict.fromkeys(k[0] for k in data):
                     vals[c] = [] if (c == "direct" and key in ("cpu", "add50", "add99")) else series(scheme, path, load, c, key)
                     line += f" {fmt(vals[c], digits):>24}"
                 for g, o in comp:
-                    if key in ("rps", "cpu"):
+                    if key in ("rps", "cpu", "behind"):
                         cell = ratio(vals[g], vals[o])
                     elif key.startswith("add"):
                         cell = diff(vals[g], vals[o])

@@ -8,6 +8,8 @@
 //! - [`connections`]: connection caps, idle and slow-header timeouts, lingering close.
 //! - [`proxy`]: forwarding a request: header hygiene, retries, the request's deadline.
 //! - [`upstream`]: each worker's pooled HTTP/1.1 connections to the regions.
+//! - [`slow_attempts`]: each worker's watch over upstream attempts slow to answer.
+//! - [`workers`]: spreading client connections evenly over the worker threads.
 //! - [`routing`]: the region table; which region gets a read or a write.
 //! - [`health`]: active probes with rise/fall thresholds.
 //! - [`failover`]: epochs, leases, promotion after the lease lapses, planned switchover.
@@ -49,6 +51,7 @@ pub mod server;
 pub mod slow_attempts;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 use auth::Authenticator;
 use config::Config;
@@ -248,7 +251,9 @@ impl Application {
         } else {
             1
         };
-        for n in 1..extra_workers {
+        let mut workers = workers::Workers::ends(extra_workers, &shared.metrics).into_iter();
+        let first = workers.next().expect("one worker at least");
+        for (n, worker) in (1..extra_workers).zip(workers) {
             let listener = match server::bind_shared(addr).and_then(|l| l.into_std()) {
                 Ok(l) => l,
                 Err(e) => {
@@ -269,7 +274,7 @@ impl Application {
                         let stopped = async move {
                             let _ = stop.wait_for(|s| *s).await;
                         };
-                        server::serve(listener, shared, tls, stopped).await;
+                        server::serve(listener, worker, shared, tls, stopped).await;
                     });
                 });
             match thread {
@@ -298,7 +303,7 @@ impl Application {
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        server::serve(self.listener, shared.clone(), self.tls, stopped).await;
+        server::serve(self.listener, first, shared.clone(), self.tls, stopped).await;
         let _ = stopper.await;
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {

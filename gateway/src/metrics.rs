@@ -48,6 +48,7 @@ pub struct Metrics {
     pub jwks_fetches: IntCounterVec,
     pub jwks_keys: IntGauge,
     pub connections_open: IntGauge,
+    pub worker_connections: IntGaugeVec,
     pub connections_refused: IntCounterVec,
     pub connections_closed: IntCounterVec,
     pub lingering_closes: IntCounter,
@@ -149,6 +150,14 @@ impl Metrics {
             "Client connections open (lingering ones included).",
         )
         .expect("metric");
+        let worker_connections = IntGaugeVec::new(
+            Opts::new(
+                "tandem_gateway_worker_connections",
+                "Client connections each worker thread serves (connections being handed from one worker to another included).",
+            ),
+            &["worker"],
+        )
+        .expect("metric");
         let connections_refused = IntCounterVec::new(
             Opts::new(
                 "tandem_gateway_connections_refused_total",
@@ -184,6 +193,7 @@ impl Metrics {
             Box::new(jwks_fetches.clone()),
             Box::new(jwks_keys.clone()),
             Box::new(connections_open.clone()),
+            Box::new(worker_connections.clone()),
             Box::new(connections_refused.clone()),
             Box::new(connections_closed.clone()),
             Box::new(lingering_closes.clone()),
@@ -226,6 +236,7 @@ impl Metrics {
             jwks_fetches,
             jwks_keys,
             connections_open,
+            worker_connections,
             connections_refused,
             connections_closed,
             lingering_closes,

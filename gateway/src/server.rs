@@ -8,13 +8,15 @@
 //! Thread per core, as nginx's workers: each worker thread runs its own single-threaded
 //! runtime with its own `SO_REUSEPORT` listener and its own upstream pool, so a request
 //! never hops between threads (work stealing and cross-thread wake-ups showed in
-//! profiles). Routing state, metrics and the failover controller are shared.
+//! profiles). Routing state, metrics and the failover controller are shared. A worker
+//! busier than another hands new connections over ([`workers`](crate::workers)).
 
 use crate::config::ConnectionLimits;
 use crate::connections::{linger, Admission, ClientStream, CloseReason, ConnState, Registry};
 use crate::error::GatewayError;
 use crate::proxy::{Body, UpstreamClient};
 use crate::upstream::Upstream;
+use crate::workers::{Seat, Worker};
 use crate::{admin, proxy, Shared};
 use hyper::body::{Body as _, Incoming};
 use hyper::http::{Request, Response, Version};
@@ -66,6 +68,7 @@ pub fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// connections to finish their requests.
 pub async fn serve(
     listener: TcpListener,
+    mut worker: Worker,
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
@@ -96,9 +99,12 @@ pub async fn serve(
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, peer, seat) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+                Ok((stream, peer)) => match worker.place(stream, peer) {
+                    Some((stream, seat)) => (stream, peer, seat),
+                    None => continue,
+                },
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -106,6 +112,7 @@ pub async fn serve(
                     continue;
                 }
             },
+            (stream, peer, seat) = worker.handed_over() => (stream, peer, seat),
             // Reap finished connection tasks as they end.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = &mut shutdown => break,
@@ -126,9 +133,11 @@ pub async fn serve(
             },
             stream,
             admission,
+            seat,
         ));
     }
     drop(listener);
+    drop(worker);
     let _ = stop_tx.send(true);
     let grace = shared.config.shutdown_grace;
     tracing::info!(
@@ -158,7 +167,7 @@ struct Connection {
 
 /// Serves one client connection: TLS, HTTP/1.1 or HTTP/2, closes it when idle, when
 /// room is needed or at shutdown, and lingers when an answer left before the body.
-async fn connection(c: Connection, stream: TcpStream, admission: Admission) {
+async fn connection(c: Connection, stream: TcpStream, admission: Admission, _seat: Seat) {
     let Connection {
         shared,
         client,

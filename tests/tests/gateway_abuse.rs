@@ -351,3 +351,74 @@ async fn the_rate_limit_follows_the_token_subject_when_auth_is_on() {
     assert_eq!(&anonymous[..3], &[401, 401, 401], "{anonymous:?}");
     assert!(anonymous[3..].contains(&429), "{anonymous:?}");
 }
+
+/// The per-worker connection gauges, as a `/metrics` answer gives them.
+fn worker_connections(metrics_text: &str, workers: usize) -> Vec<f64> {
+    (0..workers)
+        .map(|w| {
+            metric(
+                metrics_text,
+                "tandem_gateway_worker_connections",
+                &[("worker", &w.to_string())],
+            )
+            .expect("a gauge for every worker")
+        })
+        .collect()
+}
+
+/// `GET /metrics` over `stream`, a kept-alive connection.
+async fn metrics_over(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: gateway\r\n\r\n")
+        .await
+        .expect("send");
+    read_one_answer(stream).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_alive_connections_are_spread_evenly_over_the_workers() {
+    // Given a gateway with two worker threads and no other client connected: the
+    // kernel picks a worker's listener by a hash of each connection's addresses, which
+    // alone leaves a few long connections lopsided
+    let regions = TwoRegions::start(false).await;
+    let gw =
+        Gateway::start(GatewayOptions::new(&regions.regions()).env("GATEWAY_WORKERS", 2)).await;
+    gw.wait_active("a", 1, SETTLE).await;
+    let mut kept = vec![connect_from("127.0.0.1", &gw).await.expect("connect")];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let counts = worker_connections(&metrics_over(&mut kept[0]).await, 2);
+        if counts.iter().sum::<f64>() == 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "other connections still counted: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // When clients open 31 more kept-alive connections, one after another
+    for n in 2..=32 {
+        let mut stream = connect_from("127.0.0.1", &gw).await.expect("connect");
+        let counts = worker_connections(&metrics_over(&mut stream).await, 2);
+        kept.push(stream);
+
+        // Then after each, as the operator's gauges show, every connection is counted
+        // once and neither worker serves more than one more than the other
+        assert_eq!(counts.iter().sum::<f64>(), n as f64, "{counts:?}");
+        assert!(
+            (counts[0] - counts[1]).abs() <= 1.0,
+            "connection {n}: workers serve {counts:?}"
+        );
+    }
+
+    // And every connection is still served (a handed-over one included)
+    for (i, stream) in kept.iter_mut().enumerate() {
+        let answer = metrics_over(stream).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "connection {i}: {answer:.80}"
+        );
+    }
+}
