@@ -3,8 +3,8 @@
 //! Every worker has its own `SO_REUSEPORT` listener, and the kernel picks the listener
 //! for a new connection by a hash of its addresses. That spreads many short connections
 //! well and a few long ones badly: the handful of kept-alive connections a load
-//! balancer opens can all hash to one worker and leave the other cores idle (16
-//! benchmark connections once split 12 to 4 over two workers). So a worker that
+//! balancer opens can all hash to one worker and leave the other cores idle (in one
+//! benchmark run of 16 connections, one worker did 78% of the work). So a worker that
 //! accepts a connection while it serves more than the least busy worker hands the
 //! connection to that worker, and no worker serves more than one connection more than
 //! another (connections that close aside). The cost is per connection, never per
