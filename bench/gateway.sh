@@ -24,7 +24,8 @@
 #   2. saturation with wrk (closed loop, -t THREADS -c CONNS): requests/s;
 #   and for both, CPU per request of the proxy's processes (utime+stime from
 #   /proc/PID/stat of every process of the proxy, before and after, divided by the
-#   requests the load generator completed).
+#   requests the load generator completed); at saturation also the CPU per request of
+#   the node and Redis behind the proxy ("behind"), who share the cores with it.
 # Rounds are interleaved, and the target order rotates each round (the first and last
 # places of a round fare differently on a shared machine). The summary gives medians
 # over rounds with [min..max], and ratios gateway/nginx and gateway/HAProxy; `uptime`
@@ -306,7 +307,7 @@ rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 targets = sys.argv[2].split()
 gateways = sys.argv[3].split()
 proxies = [t for t in targets if t != "direct"]
-# (scheme, path, load, target) -> round -> (rps, p50, p99, cpu)
+# (scheme, path, load, target) -> round -> (rps, p50, p99, cpu, behind)
 data = collections.defaultdict(dict)
 bad = collections.Counter()
 for scheme, target, path, load, rnd, rps, p50, p99, cpu, non2xx, errors, behind in rows:
