@@ -73,6 +73,12 @@ impl ConnState {
         InFlight(self.clone())
     }
 
+    /// No request has begun on this connection yet (none at all, or a head still
+    /// coming in): closing it cuts no answer short.
+    pub fn never_served(&self) -> bool {
+        self.served.load(Ordering::Relaxed) == NOT_SERVED
+    }
+
     /// The answer left before the request body was read: read on after closing.
     pub fn linger_on_close(&self) {
         self.linger.store(true, Ordering::Relaxed);

@@ -296,8 +296,10 @@ impl Driver<'_> {
                 result = conn.as_mut() => return result,
                 reason = &mut idle, if closing.is_none() => {
                     shared.metrics.connections_closed.with_label_values(&[reason.label()]).inc();
-                    if reason == CloseReason::HeaderTimeout {
-                        // Nothing to finish; hyper would wait on for the head's last bytes.
+                    if reason == CloseReason::HeaderTimeout || state.never_served() {
+                        // Nothing to finish; hyper would wait on for the head's last bytes
+                        // (an evicted slowloris connection stayed open up to the request
+                        // deadline).
                         return Ok(());
                     }
                     conn.as_mut().graceful_shutdown();

@@ -265,8 +265,9 @@ async fn floods_of_idle_and_slow_connections_do_not_lock_real_clients_out() {
     // And every flood connection is closed by the gateway within the header timeout
     let mut all: Vec<TcpStream> = idle.into_iter().chain(slow).collect();
     let started = Instant::now();
-    for s in all.iter_mut() {
+    for (idx, s) in all.iter_mut().enumerate() {
         let mut probe = [0u8; 256];
+        let local = s.local_addr().expect("local address");
         let left = Duration::from_secs(8).saturating_sub(started.elapsed());
         match tokio::time::timeout(left, s.read(&mut probe)).await {
             Ok(Ok(0)) | Ok(Err(_)) => {}
@@ -275,10 +276,18 @@ async fn floods_of_idle_and_slow_connections_do_not_lock_real_clients_out() {
                 let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut probe)).await;
                 assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
             }
-            Err(_) => panic!(
-                "a flood connection is still open after {:?}",
-                started.elapsed()
-            ),
+            Err(_) => {
+                // What the operator would see: which closes the gateway counted.
+                let metrics = gw.metrics().await;
+                let counts: Vec<&str> = metrics
+                    .lines()
+                    .filter(|l| l.contains("connections") && !l.starts_with('#'))
+                    .collect();
+                panic!(
+                    "flood connection {idx} (from {local}) is still open after {:?}: {counts:#?}",
+                    started.elapsed()
+                )
+            }
         }
     }
     eventually(SETTLE, "open connections back to almost none", || {
