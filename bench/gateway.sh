@@ -25,7 +25,8 @@
 #   and for both, CPU per request of the proxy's processes (utime+stime from
 #   /proc/PID/stat of every process of the proxy, before and after, divided by the
 #   requests the load generator completed); at saturation also the CPU per request of
-#   the node and Redis behind the proxy ("behind"), who share the cores with it.
+#   the node and Redis behind the proxy ("behind"), who share the cores with it, and of
+#   the whole machine ("machine", from /proc/stat).
 # Rounds are interleaved, and the target order rotates each round (the first and last
 # places of a round fare differently on a shared machine). The summary gives medians
 # over rounds with [min..max], and ratios gateway/nginx and gateway/HAProxy; `uptime`
@@ -232,22 +233,26 @@ import json, sys
 r = json.loads(sys.argv[1]); c0, c1, hz = map(int, sys.argv[2:5])
 cpu = (c1 - c0) * 1e6 / hz / max(1, r["ok"] + r["non2xx"]) if c0 >= 0 else -1
 print(sys.argv[5], r["ok"] / max(r["elapsed_s"], 1e-9), r["p50_us"] / 1000, r["p99_us"] / 1000,
-      f"{cpu:.2f}", r["non2xx"], r["errors"], -1)
+      f"{cpu:.2f}", r["non2xx"], r["errors"], -1, -1)
 PY
         tail -n 1 "$RESULTS"
     done
     # At saturation the node and Redis behind the proxy share the cores with it: their
     # CPU per request is recorded too, since a proxy that makes them work harder (fewer
     # requests per wakeup, more upstream connections) lowers everyone's requests/s.
-    local b0 b1
+    # And the whole machine's (the `cpu` line of /proc/stat: every process, interrupts),
+    # of which the proxy's share says how much its own CPU can move requests/s.
+    local b0 b1 m0 m1
     c0=$(cpu_ticks "$@")
     b0=$(cpu_ticks "$NODE_A_PID" "$REDIS_A_PID")
+    m0=$(machine_ticks)
     out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "$url" 2>&1)
     c1=$(cpu_ticks "$@")
     b1=$(cpu_ticks "$NODE_A_PID" "$REDIS_A_PID")
-    python3 - "$out" "$c0" "$c1" "$HZ" "$label $target $path sat $round" "$b0" "$b1" >>"$RESULTS" <<'PY'
+    m1=$(machine_ticks)
+    python3 - "$out" "$c0" "$c1" "$HZ" "$label $target $path sat $round" "$b0" "$b1" "$m0" "$m1" >>"$RESULTS" <<'PY'
 import re, sys
-t = sys.argv[1]; c0, c1, hz = map(int, sys.argv[2:5]); b0, b1 = map(int, sys.argv[6:8])
+t = sys.argv[1]; c0, c1, hz = map(int, sys.argv[2:5]); b0, b1, m0, m1 = map(int, sys.argv[6:10])
 def ms(v):
     m = re.match(r"([\d.]+)(us|ms|s)", v)
     n, u = float(m.group(1)), m.group(2)
@@ -260,13 +265,14 @@ errs = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
 sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
 cpu = (c1 - c0) * 1e6 / hz / max(1, reqs) if c0 >= 0 else -1
 print(sys.argv[5], rps, p50, p99, f"{cpu:.2f}", errs.group(1) if errs else 0,
-      sum(map(int, sock.groups())) if sock else 0, f"{(b1 - b0) * 1e6 / hz / max(1, reqs):.2f}")
+      sum(map(int, sock.groups())) if sock else 0, f"{(b1 - b0) * 1e6 / hz / max(1, reqs):.2f}",
+      f"{(m1 - m0) * 1e6 / hz / max(1, reqs):.2f}")
 PY
     tail -n 1 "$RESULTS"
 }
 
 echo
-echo "results: scheme target path load round rps p50_ms p99_ms cpu_us_per_req non2xx errors behind_cpu_us_per_req"
+echo "results: scheme target path load round rps p50_ms p99_ms cpu_us_per_req non2xx errors behind_cpu_us_per_req machine_cpu_us_per_req"
 echo "workers per proxy: $WORKERS; $(nproc) cores; targets: $TARGETS"
 read -ra target_list <<<"$TARGETS"
 n_targets=${#target_list[@]}
@@ -307,11 +313,11 @@ rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 targets = sys.argv[2].split()
 gateways = sys.argv[3].split()
 proxies = [t for t in targets if t != "direct"]
-# (scheme, path, load, target) -> round -> (rps, p50, p99, cpu, behind)
+# (scheme, path, load, target) -> round -> (rps, p50, p99, cpu, behind, machine)
 data = collections.defaultdict(dict)
 bad = collections.Counter()
-for scheme, target, path, load, rnd, rps, p50, p99, cpu, non2xx, errors, behind in rows:
-    data[(scheme, path, load, target)][rnd] = tuple(map(float, (rps, p50, p99, cpu, behind)))
+for scheme, target, path, load, rnd, rps, p50, p99, cpu, non2xx, errors, behind, machine in rows:
+    data[(scheme, path, load, target)][rnd] = tuple(map(float, (rps, p50, p99, cpu, behind, machine)))
     bad[target] += int(non2xx) + int(errors)
 def fmt(vals, digits):
     if not vals:
@@ -328,6 +334,8 @@ def series(scheme, path, load, target, metric):
         return [v[3] for v in d.values() if v[3] >= 0]
     if metric == "behind":
         return [v[4] for v in d.values() if v[4] >= 0]
+    if metric == "machine":
+        return [v[5] for v in d.values() if v[5] >= 0]
     i = 1 if metric in ("p50", "add50") else 2
     base = data.get((scheme, path, load, "direct"), {})
     if metric.startswith("add"):
@@ -345,7 +353,8 @@ comp = [(g, o) for g in gateways for o in ("nginx", "haproxy") if o in targets a
 head += "".join(f" {g + '/' + o:>16}" for g, o in comp)
 print("medians over rounds [min..max]; ratios of medians (CPU and rps: gateway/other; added")
 print("latency: gateway minus other, ms); CPU = proxy's utime+stime per completed request;")
-print("behind = the node's and Redis's CPU per request (saturated runs)")
+print("behind = the node's and Redis's CPU per request, machine = all of the machine's")
+print("(saturated runs)")
 print(head)
 print("-" * len(head))
 metrics = [("cpu", "cpu us/req", 2), ("add50", "p50 added ms", 3), ("add99", "p99 added ms", 3),
@@ -355,7 +364,8 @@ for scheme in dict.fromkeys(k[0] for k in data):
         for load in loads:
             label = "saturated" if load == "sat" else f"{load[4:]}/s"
             ms = [("rps", "requests/s", 0), ("cpu", "cpu us/req", 2),
-                  ("behind", "behind us/req", 2)] if load == "sat" else metrics
+                  ("behind", "behind us/req", 2),
+                  ("machine", "machine us/req", 2)] if load == "sat" else metrics
             for key, name, digits in ms:
                 line = f"{scheme:6} {path:26} {label:9} {name:14}"
                 vals = {}
@@ -363,7 +373,7 @@ for scheme in dict.fromkeys(k[0] for k in data):
                     vals[c] = [] if (c == "direct" and key in ("cpu", "add50", "add99")) else series(scheme, path, load, c, key)
                     line += f" {fmt(vals[c], digits):>24}"
                 for g, o in comp:
-                    if key in ("rps", "cpu", "behind"):
+                    if key in ("rps", "cpu", "behind", "machine"):
                         cell = ratio(vals[g], vals[o])
                     elif key.startswith("add"):
                         cell = diff(vals[g], vals[o])

@@ -14,6 +14,8 @@
 #                           the tails of WORK's logs and fails
 #   cpu_ticks PID...        utime+stime of the processes together, in clock ticks (HZ a
 #                           second); -1 when the first PID is -1 (nothing to measure)
+#   machine_ticks           the whole machine's busy time (user, nice, system, irq,
+#                           softirq of /proc/stat's `cpu` line; not idle, iowait, steal)
 
 bench_need() {
     local need=() tool
@@ -58,6 +60,10 @@ wait_http() {
 }
 
 HZ=$(getconf CLK_TCK)
+machine_ticks() {
+    awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat
+}
+
 cpu_ticks() {
     local t=0 p
     if [ "$1" = "-1" ]; then echo -1; return; fi
