@@ -108,7 +108,7 @@ impl ConnState {
                     return CloseReason::Evicted;
                 }
                 if idle_for >= limit {
-                    return if self.served.load(Ordering::Relaxed) == NOT_SERVED {
+                    return if self.never_served() {
                         CloseReason::HeaderTimeout
                     } else {
                         CloseReason::Idle

@@ -12,7 +12,7 @@
 //! busier than another hands new connections over ([`workers`](crate::workers)).
 
 use crate::config::ConnectionLimits;
-use crate::connections::{linger, Admission, ClientStream, CloseReason, ConnState, Registry};
+use crate::connections::{linger, Admission, ClientStream, ConnState, Registry};
 use crate::error::GatewayError;
 use crate::proxy::{Body, UpstreamClient};
 use crate::upstream::Upstream;
@@ -296,10 +296,10 @@ impl Driver<'_> {
                 result = conn.as_mut() => return result,
                 reason = &mut idle, if closing.is_none() => {
                     shared.metrics.connections_closed.with_label_values(&[reason.label()]).inc();
-                    if reason == CloseReason::HeaderTimeout || state.never_served() {
-                        // Nothing to finish; hyper would wait on for the head's last bytes
-                        // (an evicted slowloris connection stayed open up to the request
-                        // deadline).
+                    if state.never_served() {
+                        // A header timeout, or evicted before any request: nothing to
+                        // finish, and hyper's graceful shutdown would wait for the head's
+                        // last bytes (an evicted slowloris stayed up to the request deadline).
                         return Ok(());
                     }
                     conn.as_mut().graceful_shutdown();

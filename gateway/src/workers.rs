@@ -137,8 +137,8 @@ impl Worker {
         }
     }
 
-    /// The next connection another worker handed to this one. Pending forever once
-    /// every other worker is gone (a worker's own sender lives as long as it does).
+    /// The next connection another worker handed to this one. The senders live as
+    /// long as any worker or seat does, so the inbox ends only when this worker drops.
     pub async fn handed_over(&mut self) -> (TcpStream, SocketAddr, Seat) {
         loop {
             let Some(h) = self.inbox.recv().await else {
@@ -168,7 +168,7 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
-    /// `n` accepted connections on `listener` (their client ends kept alive in `keep`).
+    /// One connection accepted on `listener` (its client end kept open in `keep`).
     async fn accepted(
         listener: &TcpListener,
         keep: &mut Vec<TcpStream>,
