@@ -67,8 +67,16 @@ impl ConnState {
     /// Marks a request in flight until the guard drops (also when the client vanishes
     /// and the request's future is dropped).
     pub fn begin(self: &Arc<Self>, http2: bool) -> InFlight {
-        self.served
-            .store(if http2 { HTTP2 } else { HTTP1 }, Ordering::Relaxed);
+        let protocol = if http2 { HTTP2 } else { HTTP1 };
+        let was = self.served.load(Ordering::Relaxed);
+        if was != protocol {
+            self.served.store(protocol, Ordering::Relaxed);
+            if was == NOT_SERVED {
+                // The watcher sleeps toward the header read timeout, and the idle limit
+                // that applies from now on may be shorter: it must look again.
+                self.wake.notify_one();
+            }
+        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
     }
@@ -504,5 +512,29 @@ mod tests {
         drop((first, second, third));
         assert_eq!(conns.open.load(Ordering::Acquire), 0);
         assert!(conns.admit(&reg, a).is_some(), "places are given back");
+    }
+
+    #[tokio::test]
+    async fn an_idle_limit_shorter_than_the_header_timeout_applies_after_the_first_request() {
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_millis(200),
+            ..limits(10, 10)
+        };
+        let state = Arc::new(ConnState::default());
+        let started = Instant::now();
+        let watcher = tokio::spawn({
+            let state = state.clone();
+            async move { state.idle_expired(&limits).await }
+        });
+        // The watcher is asleep toward the header read timeout when the request comes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(state.begin(false));
+        let reason = tokio::time::timeout(Duration::from_secs(3), watcher)
+            .await
+            .expect("closed within the idle limit, not the header read timeout")
+            .expect("watcher");
+        assert_eq!(reason, CloseReason::Idle);
+        assert!(started.elapsed() >= Duration::from_millis(300));
     }
 }

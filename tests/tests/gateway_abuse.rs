@@ -1,7 +1,7 @@
 //! Bad input and abuse at the gateway: an oversized body still gets its 413 while the
 //! client is sending, slow headers and trickled bodies time out, floods of idle and
 //! slow connections do not lock real clients out, and the rate limit follows the
-//! authenticated client.
+//! authenticated client; an answer still moving to a slow reader is not idleness.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -430,4 +430,140 @@ async fn kept_alive_connections_are_spread_evenly_over_the_workers() {
             "connection {i}: {answer:.80}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_keeps_its_connection_while_a_long_answer_is_still_moving() {
+    // Given a gateway that closes connections idle for 2 s, and pages of 1,000 events
+    // (about half a megabyte each)
+    let regions = TwoRegions::start(false).await;
+    let gw = Gateway::start(
+        GatewayOptions::new(&regions.regions()).env("GATEWAY_IDLE_TIMEOUT_MS", IDLE_MS),
+    )
+    .await;
+    gw.wait_active("a", 1, SETTLE).await;
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..10 {
+        let api = gw.api();
+        writers.spawn(async move {
+            for i in 0..100 {
+                api.put_product(&format!("SLOW-{w}-{i:03}"), 100, 1).await;
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.expect("product writer");
+    }
+
+    // When a client with a small window asks for eight pages at once (pipelined: more
+    // than the kernel's buffers hold, so the gateway writes the whole time) and reads
+    // slowly for two idle timeouts, then at full speed
+    let mut stream = small_window_client(gw.port());
+    let ask = "GET /api/events?limit=1000 HTTP/1.1\r\nhost: gateway\r\n\r\n".repeat(PAGES);
+    stream.write_all(ask.as_bytes()).await.expect("send");
+    let slow_for = Duration::from_millis(2 * IDLE_MS);
+    let (answers, total, slow_part) = read_slowly(&mut stream, PAGES, slow_for).await;
+
+    // Then every answer arrives whole
+    for (i, head) in answers.iter().enumerate() {
+        assert!(head.starts_with("HTTP/1.1 200"), "answer {i}: {head}");
+    }
+    assert!(
+        total > 2 * slow_part,
+        "only {total} bytes in all, {slow_part} of them read slowly: the gateway may have \
+         finished writing before the slow part ended"
+    );
+    // And the connection was not closed as idle meanwhile: it serves the next request
+    let answer = metrics_over(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:.80}");
+    assert_eq!(
+        metric(
+            &answer,
+            "tandem_gateway_connections_closed_total",
+            &[("reason", "idle")]
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "a connection was closed as idle"
+    );
+
+    // And once really idle, it is closed after the idle timeout
+    let mut rest = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle connection stayed open: {closed:?}"
+    );
+}
+
+/// Long enough that the gateway's writes to the reader below come well within it: the
+/// kernel wakes a blocked writer when a third of its send buffer is free again, which
+/// here is a few hundred milliseconds apart.
+const IDLE_MS: u64 = 2000;
+const PAGES: usize = 8;
+
+/// A connection to the gateway with a 4 KiB receive buffer and 536-byte segments, which
+/// keeps the gateway's send buffer small (on loopback, 64 KiB segments let the kernel
+/// take a megabyte at once).
+fn small_window_client(port: u16) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.set_tcp_mss(536).expect("TCP_MAXSEG");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    socket.connect(&addr.into()).expect("connect");
+    socket.set_nonblocking(true).expect("non-blocking");
+    TcpStream::from_std(socket.into()).expect("tokio stream")
+}
+
+/// Reads `count` `content-length` answers, 8 KiB every 20 ms for `slow_for`, then as
+/// fast as they come: their heads, the bytes read in all and those read slowly.
+async fn read_slowly(
+    stream: &mut TcpStream,
+    count: usize,
+    slow_for: Duration,
+) -> (Vec<String>, usize, usize) {
+    let mut got = Vec::new();
+    let mut heads = Vec::new();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    let (mut total, mut slow_part) = (0, 0);
+    while heads.len() < count {
+        // A head is short: only the start of what is buffered can hold it.
+        let start = &got[..got.len().min(8192)];
+        if let Some(end) = start.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_string();
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or_else(|| panic!("not a content-length answer: {head}"));
+            if got.len() >= end + 4 + length {
+                got.drain(..end + 4 + length);
+                heads.push(head);
+                continue;
+            }
+        }
+        let slow = started.elapsed() < slow_for;
+        let mut buf = vec![0u8; if slow { 8 * 1024 } else { 256 * 1024 }];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                got.extend_from_slice(&buf[..n]);
+                total += n;
+            }
+            other => panic!(
+                "cut off after {} answers and {total} bytes: {other:?}",
+                heads.len()
+            ),
+        }
+        if slow {
+            slow_part = total;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    (heads, total, slow_part)
 }
