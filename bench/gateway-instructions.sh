@@ -16,7 +16,8 @@
 # Usage: bash bench/gateway-instructions.sh
 #   env: SECONDS_PER_RUN=8 PATHS="/health/live /api/v1/products/BENCH-1"
 #        TARGETS="gateway nginx haproxy" GATEWAYS="gateway=target/release/gateway"
-#        BUILD=1 (0: use the binaries as they are)
+#        BUILD=1 (scripts/build-release.sh, the gateway with PGO as shipped; 0: use the
+#        binaries as they are)
 #        CACHE_SIM=1 (also simulate the caches: instruction-cache and data-cache misses
 #        per request, I1mr D1mr D1mw; valgrind's model of a 32 KiB I1 and this CPU's D1)
 #        KEEP_PROFILES=DIR (keep each callgrind profile as DIR/<proxy>-<path>.cg, for
@@ -35,7 +36,8 @@ BUILD=${BUILD:-1}
 . bench/lib.sh
 bench_need valgrind
 if [ "$BUILD" = "1" ]; then
-    cargo build --release -p gateway -p regional-node 2>&1 | tail -1
+    # As shipped: the gateway with profile-guided optimization.
+    scripts/build-release.sh 2>&1 | tail -1
 fi
 
 bench_workdir tandem-instr

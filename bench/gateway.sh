@@ -38,7 +38,8 @@
 #        PATHS="/health/live /api/v1/products/BENCH-1" TARGETS="direct nginx haproxy gateway"
 #        GATEWAYS="gateway=target/release/gateway" (several "name=binary" compare builds,
 #        each started in turn on the same port and state)
-#        BUILD=1 (0: use the binaries as they are) DRILL=1 (then the failover drills)
+#        BUILD=1 (scripts/build-release.sh, the gateway with PGO as shipped; 0: use the
+#        binaries as they are) DRILL=1 (then the failover drills)
 # Needs: redis-server, nginx, wrk, curl, python3, openssl (installed with apt-get when
 # missing); HAProxy is used when installed.
 set -euo pipefail
@@ -62,7 +63,8 @@ DRILL=${DRILL:-1}
 bench_need redis-server nginx wrk curl openssl
 
 if [ "$BUILD" = "1" ]; then
-    cargo build --release -p gateway -p regional-node -p replicator 2>&1 | tail -1
+    # As shipped: the gateway with profile-guided optimization.
+    scripts/build-release.sh 2>&1 | tail -1
     cargo build --release -p system-tests --bin rate_bench 2>&1 | tail -1
 fi
 RATE_BENCH=$PWD/target/release/rate_bench
@@ -205,8 +207,9 @@ fi
 GW_NAMES=""
 for g in $GATEWAYS; do GW_NAMES="$GW_NAMES ${g%%=*}"; done
 TARGETS=${TARGETS:-$ALL_TARGETS$GW_NAMES}
-# "gateway" in TARGETS means every build in GATEWAYS.
-TARGETS=$(echo " $TARGETS " | sed "s/ gateway / $GW_NAMES /" | xargs)
+# "gateway" in TARGETS means every build in GATEWAYS (each once, even when one of them
+# is itself named gateway).
+TARGETS=$(echo " $TARGETS " | sed "s/ gateway / $GW_NAMES /" | xargs -n1 | awk '!seen[$0]++' | xargs)
 
 # The product the read path asks for, written once through the first gateway build.
 first_gw=${GATEWAYS%% *}

@@ -11,7 +11,7 @@
 # either way. The Rust binaries are not compiled in a container: cargo builds them on
 # the host (Debian bookworm, the base's glibc) and each image copies its one binary.
 #
-#   cargo build --release --bins -p regional-node -p replicator -p gateway
+#   scripts/build-release.sh                     # cargo build --release, the gateway with PGO
 #   deploy/build-images.sh                       # tag :local, from target/release
 #   deploy/build-images.sh --bin-dir target/debug --tag test
 #
@@ -74,7 +74,7 @@ command -v objcopy >/dev/null || die "objcopy is missing (Debian: apt-get instal
 docker info >/dev/null 2>&1 || die "the Docker engine does not answer (docker info failed)"
 for s in "${SERVICES[@]}"; do
     [ -x "$BIN_DIR/$s" ] || die "$BIN_DIR/$s is missing: run
-  cargo build --release --bins -p regional-node -p replicator -p gateway
+  scripts/build-release.sh   (or: cargo build --release --bins -p regional-node -p replicator -p gateway)
 or pass --bin-dir with the directory that holds the binaries"
 done
 

@@ -1,7 +1,9 @@
 //! The deployment files as their tools read them: Prometheus' config and alert rules
 //! through `promtool` (with the rules' unit tests), `docker-compose.yml` through every
-//! compose tool on the machine, and the Grafana dashboard's JSON. What they do on a
-//! running stack is `compose_stack.rs`'s business.
+//! compose tool on the machine, the Grafana dashboard's JSON, and the command line of
+//! `scripts/build-release.sh` (the build itself, with PGO, takes minutes and is run by
+//! hand and by `bench/gateway.sh`). What they do on a running stack is
+//! `compose_stack.rs`'s business.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -311,4 +313,35 @@ fn gateways_override_parses_and_runs_two_hardened_gateways_and_etcd() {
             "{out}"
         );
     }
+}
+
+#[test]
+fn release_build_script_explains_itself_and_refuses_unknown_arguments() {
+    let script = workspace_root().join("scripts/build-release.sh");
+    let syntax = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .expect("bash -n scripts/build-release.sh");
+    assert!(syntax.status.success(), "{syntax:?}");
+    let help = Command::new("bash")
+        .arg(&script)
+        .arg("--help")
+        .output()
+        .expect("run scripts/build-release.sh --help");
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(help.status.success(), "{help:?}");
+    assert!(
+        text.contains("--no-pgo") && text.contains("profile-guided"),
+        "{text}"
+    );
+
+    let wrong = Command::new("bash")
+        .arg(&script)
+        .arg("--fast")
+        .output()
+        .expect("run scripts/build-release.sh --fast");
+    assert_eq!(wrong.status.code(), Some(64), "{wrong:?}");
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("unknown argument '--fast'"), "{err}");
 }
