@@ -4,7 +4,8 @@
 # tokens), product reads with wrk, rounds interleaved; requests/s and gateway CPU per
 # request (utime+stime from /proc/PID/stat), as ratios to auth off measured in the run.
 #
-# Usage: bash bench/gateway-auth.sh        (env: DURATION=10s CONNS=64 THREADS=2 ROUNDS=3)
+# Usage: bash bench/gateway-auth.sh        (env: DURATION=10s CONNS=64 THREADS=2 ROUNDS=3
+#        GATEWAY_BIN=target/release/gateway, BUILD=1: cargo build first, 0: do not)
 # Needs: redis-server, wrk, curl, openssl, python3 (installed with apt-get when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,48 +14,19 @@ DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-3}
+GATEWAY_BIN=${GATEWAY_BIN:-target/release/gateway}
 
 . bench/lib.sh
 bench_need redis-server wrk curl openssl
 
-cargo build --release -p gateway -p regional-node 2>&1 | tail -1
+if [ "${BUILD:-1}" = 1 ]; then
+    cargo build --release -p gateway -p regional-node 2>&1 | tail -1
+fi
 
 bench_workdir tandem-bench-auth
 
-# Keys, JWKS and long-lived tokens, made here with openssl.
-openssl genrsa -traditional -out "$WORK/rsa.pem" 2048 2>/dev/null
-openssl ecparam -name prime256v1 -genkey -noout -out "$WORK/ec.pem"
-python3 - "$WORK" <<'PY'
-import base64, json, subprocess, sys, time
-work = sys.argv[1]
-b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-def run(*args, data=None):
-    return subprocess.run(["openssl", *args], input=data, capture_output=True, check=True).stdout
-modulus = run("rsa", "-in", f"{work}/rsa.pem", "-noout", "-modulus").decode().strip().split("=")[1]
-point = run("ec", "-in", f"{work}/ec.pem", "-pubout", "-outform", "DER")[-65:]
-jwks = {"keys": [
-    {"kty": "RSA", "kid": "rsa-1", "alg": "RS256", "use": "sig", "n": b64(bytes.fromhex(modulus)), "e": "AQAB"},
-    {"kty": "EC", "kid": "ec-1", "alg": "ES256", "use": "sig", "crv": "P-256", "x": b64(point[1:33]), "y": b64(point[33:])},
-]}
-open(f"{work}/jwks.json", "w").write(json.dumps(jwks))
-now = int(time.time())
-claims = {"iss": "https://idp.bench/", "aud": "tandem-api", "sub": "bench", "scope": "orders:read", "iat": now, "exp": now + 86400}
-def der_to_raw(der):
-    # ECDSA-Sig-Value ::= SEQUENCE { r INTEGER, s INTEGER } -> r || s, 32 bytes each
-    i = 2 if der[1] < 0x80 else 3
-    out = b""
-    for _ in range(2):
-        n = der[i + 1]
-        out += der[i + 2:i + 2 + n].lstrip(b"\0").rjust(32, b"\0")
-        i += 2 + n
-    return out
-for alg, kid, key in (("RS256", "rsa-1", "rsa.pem"), ("ES256", "ec-1", "ec.pem")):
-    signing_input = (b64(json.dumps({"alg": alg, "kid": kid, "typ": "JWT"}).encode()) + "." + b64(json.dumps(claims).encode())).encode()
-    sig = run("dgst", "-sha256", "-sign", f"{work}/{key}", data=signing_input)
-    if alg == "ES256":
-        sig = der_to_raw(sig)
-    open(f"{work}/{alg}.token", "w").write(signing_input.decode() + "." + b64(sig))
-PY
+# Keys, JWKS and long-lived tokens (bench/lib.sh).
+make_jwks "$WORK" https://idp.bench/ tandem-api bench orders:read
 
 RA=$(free_port); RB=$(free_port); NA=$(free_port); NB=$(free_port); OFF=$(free_port); ON=$(free_port)
 for port in "$RA" "$RB"; do
@@ -80,7 +52,7 @@ start_gateway() { # name port [auth env...]
         GATEWAY_PRIMARY=a GATEWAY_STATE_DIR="$WORK/state-$name" \
         GATEWAY_NODE_TOKEN=bench GATEWAY_ADMIN_TOKEN=bench \
         GATEWAY_RATE_LIMIT_PER_SEC=0 RUST_LOG=warn "$@" \
-        target/release/gateway >"$WORK/gateway-$name.log" 2>&1 &
+        "$GATEWAY_BIN" >"$WORK/gateway-$name.log" 2>&1 &
     PIDS+=($!)
     eval "PID_$name=$!"
     wait_http "http://127.0.0.1:$port/gateway/health"

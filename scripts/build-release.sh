@@ -11,7 +11,8 @@
 # How: the gateway is built once more with instrumentation (target/pgo-generate), run
 # in front of a real regional node and Redis on free loopback ports while wrk and curl
 # drive its hot paths over plain HTTP and TLS (health checks, product reads and
-# writes, orders, unknown paths), stopped with SIGTERM so it writes its profile, and
+# writes, orders, unknown paths) and with access tokens checked (RS256 and ES256
+# against a JWKS; no token, a bad one), stopped with SIGTERM so it writes its profile, and
 # built a last time from that profile (target/pgo); that binary replaces
 # target/release/gateway. Paths the training does not run (failover, retries) are
 # laid out as cold code: correct, a little slower, and rare.
@@ -87,12 +88,19 @@ done
 wait_http "http://127.0.0.1:$NA/health/live"
 wait_http "http://127.0.0.1:$NB/health/live"
 
-train() { # scheme
-    local scheme=$1 base="$1://127.0.0.1:$GW" tls=() pid i
+# Keys, a JWKS and a token signed with each key, for the run with access tokens.
+make_jwks "$WORK" https://idp.pgo/ tandem-api pgo "orders:read orders:write"
+
+train() { # scheme [auth]
+    local scheme=$1 base="$1://127.0.0.1:$GW" extra=() pid i
     if [ "$scheme" = https ]; then
-        tls=(GATEWAY_TLS_CERT="$WORK/server.pem" GATEWAY_TLS_KEY="$WORK/server.key")
+        extra=(GATEWAY_TLS_CERT="$WORK/server.pem" GATEWAY_TLS_KEY="$WORK/server.key")
     fi
-    env "${tls[@]}" GATEWAY_LISTEN=127.0.0.1:$GW \
+    if [ "${2:-}" = auth ]; then
+        extra+=(GATEWAY_AUTH_JWKS="$WORK/jwks.json" GATEWAY_AUTH_ISSUER=https://idp.pgo/
+            GATEWAY_AUTH_AUDIENCE=tandem-api)
+    fi
+    env "${extra[@]}" GATEWAY_LISTEN=127.0.0.1:$GW \
         GATEWAY_REGIONS="a=http://127.0.0.1:$NA,b=http://127.0.0.1:$NB" GATEWAY_PRIMARY=a \
         GATEWAY_STATE_DIR="$WORK/gateway-state" GATEWAY_NODE_TOKEN=pgo GATEWAY_ADMIN_TOKEN=pgo \
         GATEWAY_RATE_LIMIT_PER_SEC=10000000 GATEWAY_RATE_LIMIT_BURST=10000000 \
@@ -101,6 +109,21 @@ train() { # scheme
     pid=$!
     PIDS+=($pid)
     wait_http "$base/gateway/health" -k
+    if [ "${2:-}" = auth ]; then
+        say "training over $scheme with access tokens"
+        for alg in RS256 ES256; do
+            wrk -t2 -c16 -d"${SECONDS_PER_PATH}s" -H "Authorization: Bearer $(cat "$WORK/$alg.token")" \
+                "$base/api/v1/products/PGO-1" >/dev/null
+        done
+        for i in $(seq 1 20); do
+            curl -sS -k -o /dev/null "$base/api/v1/products/PGO-1"
+            curl -sS -k -o /dev/null -H "Authorization: Bearer not.a.token" "$base/api/v1/products/PGO-1"
+        done
+        curl -fsS -k -o /dev/null -H "Authorization: Bearer $(cat "$WORK/ES256.token")" \
+            "$base/api/v1/products/PGO-1" || die "the trained gateway refused a good token"
+        stop_training "$pid"
+        return
+    fi
     say "training over $scheme"
     for i in $(seq 1 50); do
         curl -fsS -k -o /dev/null -X PUT -H 'content-type: application/json' \
@@ -118,11 +141,15 @@ train() { # scheme
     done
     # A new connection per request: accept, hand-over, TLS handshakes.
     wrk -t2 -c16 -d1s -H 'Connection: close' "$base/health/live" >/dev/null
-    kill -TERM "$pid"
-    wait "$pid" || die "the instrumented gateway did not stop cleanly (see $WORK/gateway.log)"
+    stop_training "$pid"
+}
+stop_training() { # pid
+    kill -TERM "$1"
+    wait "$1" || die "the instrumented gateway did not stop cleanly (see $WORK/gateway.log)"
 }
 train http
 train https
+train http auth
 
 shopt -s nullglob
 raws=("$RAW"/*.profraw)
