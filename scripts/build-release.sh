@@ -64,10 +64,9 @@ RUSTFLAGS="-Cprofile-generate=$RAW" CARGO_TARGET_DIR=target/pgo-generate \
 # Build scripts ran instrumented too; only the gateway's own runs count.
 rm -rf "$RAW"
 
-# One certificate for the TLS run (as bench/gateway.sh makes it).
+# A self-signed certificate for the TLS run (wrk does not check it, curl runs with -k).
 (
     cd "$WORK"
-    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >server.ext
     openssl ecparam -name prime256v1 -genkey -noout -out server.key 2>/dev/null
     openssl req -new -x509 -key server.key -subj /CN=localhost -days 1 \
         -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -out server.pem 2>/dev/null
@@ -156,6 +155,7 @@ raws=("$RAW"/*.profraw)
 [ ${#raws[@]} -gt 0 ] || die "the instrumented gateway wrote no profile into $RAW"
 "$profdata" merge -o "$WORK/gateway.profdata" "${raws[@]}"
 
+# The profile is new each time, so target/pgo's dependencies are built again with it.
 say "building the gateway from its profile (target/pgo)"
 RUSTFLAGS="-Cprofile-use=$WORK/gateway.profdata" CARGO_TARGET_DIR=target/pgo \
     cargo build --release -p gateway
