@@ -9,6 +9,12 @@ use serde_json::Value;
 
 /// Per-request timeout; a request that hangs fails the test instead of the suite.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a pooled connection may wait for reuse: under the gateway's 30 s limit on an
+/// idle HTTP/1.1 connection (the node's is 75 s). With reqwest's default of 90 s, a test
+/// running longer than 30 s could send on a connection the gateway was closing that
+/// very moment ("error sending request"), the race any client with a longer pool
+/// timeout than the server's has.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone)]
 pub struct Response {
@@ -72,6 +78,7 @@ impl HttpClient {
         let client = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .pool_max_idle_per_host(16)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build()
             .expect("build reqwest client");
         HttpClient {
@@ -93,7 +100,8 @@ impl HttpClient {
             .tls_built_in_root_certs(false)
             .add_root_certificate(ca)
             .timeout(REQUEST_TIMEOUT)
-            .pool_max_idle_per_host(16);
+            .pool_max_idle_per_host(16)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT);
         if let Some((cert, key)) = &tls.identity {
             let mut pem = read(cert);
             pem.extend(read(key));
