@@ -53,14 +53,7 @@ async fn read_one_answer(stream: &mut TcpStream) -> String {
     loop {
         let text = String::from_utf8_lossy(&got).to_string();
         if let Some(end) = text.find("\r\n\r\n") {
-            let length = text[..end]
-                .lines()
-                .find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse::<usize>().ok())?
-                })
-                .expect("a content-length answer");
+            let length = raw_http::content_length(&text[..end]).expect("a content-length answer");
             if got.len() >= end + 4 + length {
                 return text;
             }
@@ -533,13 +526,7 @@ async fn read_slowly(
         let start = &got[..got.len().min(8192)];
         if let Some(end) = start.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&got[..end]).to_string();
-            let length = head
-                .lines()
-                .find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse::<usize>().ok())?
-                })
+            let length = raw_http::content_length(&head)
                 .unwrap_or_else(|| panic!("not a content-length answer: {head}"));
             if got.len() >= end + 4 + length {
                 got.drain(..end + 4 + length);
